@@ -1,0 +1,426 @@
+"""The engine: prefill, draft, verify, accept, compact, update.
+
+One call of :meth:`Engine.generate` (``stream`` is the same code path)::
+
+    prompt ids -> prefix KV from the prefix cache -> prefill the rest -> first token (root)
+    loop: draft = drafter.propose(...) pruned by the lookahead policy
+          logits = model([root] + draft, tree mask, positions)       # one forward
+          accepted, bonus = accept(draft, logits)                     # greedy or sampling
+          compact KV to prefix + root + accepted;  root = bonus
+    -> drafter / session store learn the call
+
+Greedy output equals plain one-token-at-a-time greedy decoding; sampling output has exactly
+the plain sampling distribution (model-free drafts, sample-and-match acceptance).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from agentspec import chat
+from agentspec.config import SamplingParams, SpeculationConfig
+from agentspec.draft.base import SOURCE_NAMES, Drafter, DraftTree
+from agentspec.kvcache import PrefixCache, TreeKVCache
+from agentspec.stats import SpecStats
+from agentspec.verify import accept_greedy, accept_sampling, sample_token, tree_inputs
+
+logger = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 2048  # prompt tokens per prefill forward (bounds attention memory)
+RECYCLE_TOP_K = 8
+
+
+@dataclass
+class GenerationResult:
+    """What one generation produced."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    prompt_tokens: int
+    stats: SpecStats = field(default_factory=SpecStats)
+
+
+class GenerationStream:
+    """Iterate for text deltas; ``result`` holds the :class:`GenerationResult` once done.
+
+    ``close()`` cancels the generation (e.g. when an HTTP client disconnects).
+    """
+
+    def __init__(self, deltas: Iterator[str]) -> None:
+        self._deltas = deltas
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._deltas)
+
+    def close(self) -> None:
+        self._deltas.close()
+
+    def __enter__(self) -> GenerationStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Engine:
+    """Lossless tree-speculative generation on a Hugging Face causal LM.
+
+    Build with :meth:`from_pretrained`; the constructor takes ready objects (tests pass a tiny
+    model and a scripted drafter).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        drafter: Drafter | None = None,
+        policy: Any | None = None,
+        sessions: Any | None = None,
+        speculation: SpeculationConfig | None = None,
+        model_name: str = "model",
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.drafter = drafter
+        self.policy = policy  # LookaheadPolicy: select(tree) -> tree, observe(k, seconds)
+        self.sessions = sessions  # SessionManager: ensure_loaded(id), record(id, prompt, output, stats)
+        self.speculation = speculation or SpeculationConfig()
+        self.model_name = model_name
+        self.context_window = int(getattr(model.config, "max_position_embeddings", 8192))
+        self.num_layers = int(model.config.num_hidden_layers)
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.prefix_cache = PrefixCache(self.speculation.prefix_cache_bytes)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._lock = threading.RLock()
+        self._request_ids = itertools.count()
+        self._observe = getattr(drafter, "observe", None)  # recycling table feed, if the drafter has one
+        self._fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | None = None,
+        *,
+        dtype: str = "float32",
+        quantize: str | None = None,
+        store: Any | None = None,
+        speculation: SpeculationConfig | None = None,
+        threads: int | None = None,
+        drafter: Drafter | None = None,
+    ) -> Engine:
+        """Load ``model`` (default SmolLM2-135M-Instruct, or a local dir / .gguf) and its drafters.
+
+        ``store``: a session store URL, a store object, or ``None`` for in-memory sessions.
+        ``quantize="int8"``: dynamic int8 weights in the linear layers (CPU).
+        """
+        from agentspec.model import load_model, resolve_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        source = resolve_model(model)
+        hf_model, tokenizer = load_model(model, dtype=dtype)
+        if quantize:
+            from agentspec.quantize import quantize_model
+
+            hf_model = quantize_model(hf_model, quantize)
+        speculation = speculation or SpeculationConfig()
+        if drafter is None:
+            from agentspec.draft.builder import SuffixDrafter
+
+            drafter = SuffixDrafter()
+        engine = cls(hf_model, tokenizer, drafter=drafter, speculation=speculation, model_name=source.name)
+        if speculation.adaptive:
+            from agentspec.lookahead import LookaheadPolicy
+
+            engine.policy = LookaheadPolicy.for_engine(engine)
+        from agentspec.sessions import SessionManager
+
+        engine.sessions = SessionManager.open(store, drafter, engine.fingerprint)
+        return engine
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable hash of the tokenizer's vocabulary: token ids are only shared between equal ones."""
+        if self._fingerprint is None:
+            vocab = sorted(self.tokenizer.get_vocab().items())
+            self._fingerprint = hashlib.sha1(repr(vocab).encode()).hexdigest()[:16]
+        return self._fingerprint
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompt: str | Sequence[dict] | Sequence[int], **kwargs: Any) -> GenerationResult:
+        """Generate a completion. See :meth:`stream` for the arguments."""
+        stream = self.stream(prompt, **kwargs)
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    def stream(
+        self,
+        prompt: str | Sequence[dict] | Sequence[int],
+        *,
+        session: str | None = None,
+        tools: Sequence[dict] | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: Sequence[str] | str = (),
+        seed: int | None = None,
+        speculate: bool | None = None,
+    ) -> GenerationStream:
+        """Stream text deltas of a completion.
+
+        ``prompt``: a string (one user message, chat template applied), OpenAI-style messages,
+        or raw prompt token ids. ``session`` names the agent session whose cache drafts for it.
+        ``speculate=False`` decodes one token per step (the baseline through the same code).
+        Raises ``ValueError`` at once for bad input; the engine stays usable.
+        """
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, stop, seed)
+        params.validate()
+        prompt_ids = self.encode_prompt(prompt, tools)
+        if len(prompt_ids) >= self.context_window:
+            raise ValueError(
+                f"prompt is {len(prompt_ids)} tokens but the context window is {self.context_window} tokens"
+            )
+        spec = self.speculation.enabled if speculate is None else speculate
+        stream = GenerationStream(iter(()))
+        stream._deltas = self._text_deltas(stream, prompt_ids, session, params, spec and self.drafter is not None)
+        return stream
+
+    def encode_prompt(self, prompt: str | Sequence[dict] | Sequence[int], tools: Sequence[dict] | None = None) -> list[int]:
+        """Prompt token ids for a string, a message list or ready ids; ``ValueError`` if empty."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("prompt is empty")
+            prompt = [{"role": "user", "content": prompt}]
+        prompt = list(prompt)
+        if not prompt:
+            raise ValueError("prompt is empty: expected a string, messages or token ids")
+        if all(isinstance(t, int) for t in prompt):
+            return prompt
+        return chat.prompt_ids(self.tokenizer, prompt, tools)
+
+    def count_tokens(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> int:
+        return len(chat.prompt_ids(self.tokenizer, messages, tools))
+
+    # ------------------------------------------------------------------ text layer
+    def _text_deltas(
+        self, stream: GenerationStream, prompt_ids: list[int], session: str | None,
+        params: SamplingParams, speculate: bool,
+    ) -> Iterator[str]:
+        """Decode token steps into text deltas, cut at stop strings, hold back partial ones."""
+        stops = [s for s in params.stop if s]
+        hold = max((len(s) for s in stops), default=1) - 1
+        output: list[int] = []
+        sent = 0
+        text = ""
+        stats = SpecStats(prompt_tokens=len(prompt_ids))
+        steps = self._token_steps(prompt_ids, session, params, speculate, stats)
+        try:
+            for new_tokens in steps:
+                output.extend(new_tokens)
+                text = self.tokenizer.decode(output, skip_special_tokens=True)
+                cut = _first_stop(text, stops)
+                if cut is not None:
+                    text = text[:cut]
+                    stats.finish_reason = "stop"
+                    break
+                safe = len(text) - hold if stops else len(text)
+                if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its rest
+                    safe = min(safe, len(text) - 1)
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+        finally:
+            steps.close()
+        if len(text) > sent:
+            yield text[sent:]
+        stream.result = GenerationResult(text, output, stats.finish_reason, len(prompt_ids), stats)
+
+    # ------------------------------------------------------------------ token layer
+    def _token_steps(
+        self, prompt_ids: list[int], session: str | None, params: SamplingParams, speculate: bool,
+        stats: SpecStats,
+    ) -> Iterator[list[int]]:
+        """Yield the tokens committed by each step, counting into ``stats``.
+
+        ``stats.finish_reason`` ends as "stop" / "length"; it stays "" when the generation is
+        cancelled or interrupted, and then nothing is recorded in the session store.
+        """
+        request_id = f"req-{next(self._request_ids)}"
+        generator = None
+        if not params.greedy and params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed)
+        max_new = min(params.max_new_tokens, self.context_window - len(prompt_ids))
+        output: list[int] = []
+        cache: TreeKVCache | None = None
+        try:
+            with self._lock:
+                if self.sessions is not None and session is not None:
+                    self.sessions.ensure_loaded(session)
+                if speculate:
+                    self.drafter.start_request(request_id, session, prompt_ids)
+                t0 = time.perf_counter()
+                cache, logits = self._prefill(prompt_ids, stats)
+                root = sample_token(logits, params, generator)
+                stats.prefill_seconds = time.perf_counter() - t0
+                if speculate:
+                    self.drafter.accept(request_id, DraftTree(), [], [root])
+            output.append(root)
+            stats.output_tokens = 1
+            yield [root]
+            done = root in self.eos_ids or len(output) >= max_new
+            while not done:
+                with self._lock:
+                    t0 = time.perf_counter()
+                    new_tokens = self._step(request_id, cache, root, params, generator, stats, speculate,
+                                            room=max_new - len(output))
+                    stats.decode_seconds += time.perf_counter() - t0
+                done = new_tokens[-1] in self.eos_ids
+                output.extend(new_tokens)
+                stats.output_tokens = len(output)
+                root = new_tokens[-1]
+                done = done or len(output) >= max_new
+                yield new_tokens
+            stats.finish_reason = "stop" if output[-1] in self.eos_ids else "length"
+        finally:
+            with self._lock:
+                if speculate:
+                    self.drafter.stop_request(request_id)
+                if cache is not None and self.speculation.prefix_cache_bytes > 0:
+                    # the cache holds KV of prompt + output[:-1] (the last root is not computed)
+                    self.prefix_cache.insert(prompt_ids + output[:-1], cache)
+                if stats.finish_reason and self.sessions is not None and session is not None:
+                    self.sessions.record(session, prompt_ids, output, stats)
+
+    def _prefill(self, prompt_ids: list[int], stats: SpecStats) -> tuple[TreeKVCache, torch.Tensor]:
+        """Fill the KV cache for the prompt (reusing a cached prefix); logits of the last position."""
+        reused, cache = self.prefix_cache.match(prompt_ids)
+        reused = min(reused, len(prompt_ids) - 1)  # at least one token must run for its logits
+        if cache is None:
+            cache = TreeKVCache(self.num_layers, capacity=len(prompt_ids) + 256)
+        cache.truncate(reused)
+        stats.prefill_tokens = len(prompt_ids) - reused
+        logits = None
+        with torch.no_grad():
+            for start in range(reused, len(prompt_ids), PREFILL_CHUNK):
+                chunk = prompt_ids[start : start + PREFILL_CHUNK]
+                out = self.model(
+                    input_ids=torch.tensor([chunk], device=self.device),
+                    position_ids=torch.arange(start, start + len(chunk), device=self.device)[None],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1,
+                )
+                logits = out.logits[0, -1]
+        return cache, logits
+
+    def _step(
+        self, request_id: str, cache: TreeKVCache, root: int, params: SamplingParams,
+        generator: torch.Generator | None, stats: SpecStats, speculate: bool, room: int,
+    ) -> list[int]:
+        """One verification step: draft, verify, accept, compact, update. Returns committed tokens."""
+        past = cache.length
+        tree = self._draft(request_id, past, room) if speculate else DraftTree()
+        t0 = time.perf_counter()
+        logits = self._verify(cache, root, tree, past)
+        if self.policy is not None and speculate:
+            self.policy.observe(1 + len(tree), time.perf_counter() - t0)
+        if params.greedy:
+            accepted, bonus = accept_greedy(tree, logits)
+        else:
+            accepted, bonus = accept_sampling(tree, logits, params, generator)
+        cache.compact(past, [0] + [1 + i for i in accepted])
+        new_tokens = _truncate([tree.tokens[i] for i in accepted] + [bonus], room, self.eos_ids)
+        accepted = accepted[: len(new_tokens)]
+        stats.steps += 1
+        stats.drafted_tokens += len(tree)
+        stats.accepted_tokens += len(accepted)
+        for i in accepted:
+            name = SOURCE_NAMES.get(tree.sources[i], str(tree.sources[i]))
+            stats.accepted_by_source[name] = stats.accepted_by_source.get(name, 0) + 1
+        if speculate:
+            self.drafter.accept(request_id, tree, accepted, new_tokens)
+            if self._observe is not None and len(tree):
+                top = logits.topk(RECYCLE_TOP_K, dim=-1).indices
+                self._observe([root, *tree.tokens], top.cpu().numpy())
+        return new_tokens
+
+    def _draft(self, request_id: str, past: int, room: int) -> DraftTree:
+        # the tree must fit the window: deepest node at position past + depth < context_window
+        budget = min(self.speculation.max_draft_tokens, room, self.context_window - past - 2)
+        if budget <= 0:
+            return DraftTree()
+        tree = self.drafter.propose(request_id, budget)
+        if self.policy is not None and len(tree):
+            tree = self.policy.select(tree)
+        return tree
+
+    def _verify(self, cache: TreeKVCache, root: int, tree: DraftTree, past: int) -> torch.Tensor:
+        """One forward over ``[root] + tree``: logits ``[1 + n, V]`` (fp32)."""
+        with torch.no_grad():
+            if not len(tree):
+                out = self.model(
+                    input_ids=torch.tensor([[root]], device=self.device),
+                    position_ids=torch.tensor([[past]], device=self.device),
+                    past_key_values=cache, use_cache=True,
+                )
+            else:
+                inputs = tree_inputs(root, tree, past, self.dtype)
+                out = self.model(
+                    input_ids=inputs.input_ids.to(self.device),
+                    position_ids=inputs.position_ids.to(self.device),
+                    attention_mask=inputs.attention_mask.to(self.device),
+                    past_key_values=cache, use_cache=True,
+                )
+            return out.logits[0].float()
+
+    def forward_cost(self, k: int, past: int = 1000) -> float:
+        """Seconds of one forward over ``k`` tree tokens after ``past`` cached tokens (a chain)."""
+        cache, _ = self._prefill(list(range(1, past + 1)), SpecStats())
+        tree = DraftTree(tokens=list(range(3, 2 + k)), parents=list(range(-1, k - 2)),
+                         probs=[1.0] * (k - 1), sources=[0] * (k - 1))
+        t0 = time.perf_counter()
+        self._verify(cache, 1, tree, past)
+        return time.perf_counter() - t0
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, getattr(tokenizer, "eos_token_id", None), model.config.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _truncate(tokens: list[int], room: int, eos_ids: set[int]) -> list[int]:
+    """At most ``room`` tokens, ending at the first EOS if there is one."""
+    tokens = tokens[:room]
+    for i, tok in enumerate(tokens):
+        if tok in eos_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for s in stops if (i := text.find(s)) >= 0]
+    return min(hits) if hits else None

@@ -1,0 +1,181 @@
+"""KV cache for tree verification, and a prefix cache of recent prompts' KV.
+
+``TreeKVCache`` is a transformers ``Cache`` whose layers write into preallocated buffers
+(no ``torch.cat`` per step, gpt-fast style) and can *compact*: after verification keep the
+committed prefix plus the accepted path, drop the rejected tree rows.
+
+``PrefixCache`` keeps the KV of recent sequences (bounded by bytes, LRU) so an agent's next
+prompt, which extends the previous prompt and completion, only prefills its new tokens.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class TreeKVLayer(DynamicLayer):
+    """One layer's K/V in a growable buffer: ``keys = buf[..., :length, :]`` (a view)."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        self._k: torch.Tensor | None = None  # [B, Hkv, capacity, D]
+        self._v: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self._k = key_states.new_empty(b, h, self.capacity, d)
+        self._v = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def _reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, 2 * self.capacity)
+        k = self._k.new_empty(*self._k.shape[:2], capacity, self._k.shape[-1])
+        v = self._v.new_empty(*self._v.shape[:2], capacity, self._v.shape[-1])
+        k[..., : self.length, :] = self._k[..., : self.length, :]
+        v[..., : self.length, :] = self._v[..., : self.length, :]
+        self._k, self._v, self.capacity = k, v, capacity
+
+    def _refresh_views(self) -> None:
+        self.keys = self._k[..., : self.length, :]
+        self.values = self._v[..., : self.length, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        self._reserve(self.length + n)
+        self._k[..., self.length : self.length + n, :] = key_states
+        self._v[..., self.length : self.length + n, :] = value_states
+        self.length += n
+        self._refresh_views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions."""
+        self.length = min(self.length, length)
+        if self.is_initialized:
+            self._refresh_views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove < 0:
+            self.truncate(self.length + tokens_to_remove)
+
+    def keep(self, start: int, positions: torch.Tensor) -> None:
+        """Keep ``[0, start)`` and then the rows ``positions`` (ascending, all >= start)."""
+        n = positions.numel()
+        if n:
+            self._k[..., start : start + n, :] = self._k.index_select(-2, positions)
+            self._v[..., start : start + n, :] = self._v.index_select(-2, positions)
+        self.length = start + n
+        self._refresh_views()
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self._k.element_size() * self._k.numel() + self._v.element_size() * self._v.numel()
+
+
+class TreeKVCache(Cache):
+    """A ``Cache`` of :class:`TreeKVLayer` s: growable buffers with tree compaction."""
+
+    def __init__(self, num_layers: int, capacity: int = 256) -> None:
+        super().__init__(layers=[TreeKVLayer(capacity) for _ in range(num_layers)])
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def truncate(self, length: int) -> None:
+        for layer in self.layers:
+            layer.truncate(length)
+
+    def compact(self, start: int, keep_offsets: Sequence[int]) -> None:
+        """After verifying a tree appended at ``start``: keep rows ``start + keep_offsets``."""
+        positions = torch.as_tensor([start + i for i in keep_offsets], dtype=torch.long)
+        if positions.numel() and bool((positions == torch.arange(start, start + len(positions))).all()):
+            self.truncate(start + len(positions))  # the accepted rows are already in place
+            return
+        for layer in self.layers:
+            layer.keep(start, positions.to(layer.device) if layer.is_initialized else positions)
+
+    def copy_prefix(self, length: int) -> TreeKVCache:
+        """A new cache holding a copy of the first ``length`` positions."""
+        out = TreeKVCache(len(self.layers), capacity=max(256, length + 256))
+        for src, dst in zip(self.layers, out.layers):
+            if src.is_initialized and length:
+                dst.update(src._k[..., :length, :], src._v[..., :length, :])
+        return out
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+class PrefixCache:
+    """Recent sequences' KV, bounded by bytes with LRU eviction.
+
+    ``match(tokens)`` finds the entry sharing the longest common prefix with ``tokens`` and
+    *takes* it (an agent loop extends the same sequence call after call, so the entry is moved
+    to the new request rather than copied); ``insert(tokens, cache)`` gives it back, longer.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[int, tuple[tuple[int, ...], TreeKVCache]] = OrderedDict()
+        self._next_key = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def nbytes(self) -> int:
+        return sum(cache.nbytes() for _, cache in self._entries.values())
+
+    def match(self, tokens: Sequence[int]) -> tuple[int, TreeKVCache | None]:
+        """Take the entry with the longest common prefix: ``(prefix length, cache)`` or ``(0, None)``."""
+        best_key, best_len = None, 0
+        for key, (seq, _) in self._entries.items():
+            n = _common_prefix(seq, tokens)
+            if n > best_len:
+                best_key, best_len = key, n
+        if best_key is None:
+            return 0, None
+        _, cache = self._entries.pop(best_key)
+        cache.truncate(best_len)
+        return best_len, cache
+
+    def insert(self, tokens: Sequence[int], cache: TreeKVCache) -> None:
+        """Keep ``cache`` (holding KV of ``tokens``) as the most recent entry, then evict to budget."""
+        if self.max_bytes <= 0:
+            return
+        tokens = tuple(tokens[: cache.length])
+        for key, (seq, _) in list(self._entries.items()):  # drop entries this one covers
+            if len(seq) <= len(tokens) and tokens[: len(seq)] == seq:
+                del self._entries[key]
+        self._entries[self._next_key] = (tokens, cache)
+        self._next_key += 1
+        while len(self._entries) > 1 and self.nbytes() > self.max_bytes:
+            self._entries.popitem(last=False)
+        if self.nbytes() > self.max_bytes:
+            self._entries.clear()
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -1,0 +1,176 @@
+"""Engine mechanics on a tiny random Llama: lossless greedy, KV compaction, errors, streaming."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from agentspec.config import SpeculationConfig
+from agentspec.draft.base import DraftTree, Source
+from agentspec.engine import Engine
+
+
+class ScriptedDrafter:
+    """Drafts a noisy tree around a known continuation: right and wrong branches, random shapes."""
+
+    def __init__(self, truth: Sequence[int], vocab: int, seed: int = 0, width: int = 3, depth: int = 6):
+        self.truth, self.vocab, self.rng = list(truth), vocab, random.Random(seed)
+        self.width, self.depth = width, depth
+        self.context: dict[str, list[int]] = {}
+        self.stopped: list[str] = []
+        self.accepted_calls = 0
+
+    def start_request(self, request_id, session_id, prompt_ids):
+        self.context[request_id] = []
+
+    def propose(self, request_id, budget):
+        done = len(self.context[request_id])
+        tree = DraftTree()
+        frontier = [(-1, done)]  # (parent node, index into truth it should continue)
+        while frontier and len(tree) < budget:
+            parent, pos = frontier.pop(0)
+            for b in range(self.width):
+                if len(tree) >= budget:
+                    break
+                right = b == 0 and pos < len(self.truth) and self.rng.random() < 0.8
+                tok = self.truth[pos] if right else self.rng.randrange(self.vocab)
+                siblings = {tree.tokens[i] for i, p in enumerate(tree.parents) if p == parent}
+                if tok in siblings:
+                    continue
+                tree.tokens.append(tok)
+                tree.parents.append(parent)
+                tree.probs.append(0.5)
+                tree.sources.append(int(Source.SESSION if right else Source.RECYCLED))
+                depth = tree.depths()[-1]
+                if depth < self.depth:
+                    frontier.append((len(tree) - 1, pos + 1 if right else 10**9))
+        tree.check_integrity()
+        return tree
+
+    def accept(self, request_id, tree, accepted, new_tokens):
+        self.context[request_id].extend(new_tokens)
+        self.accepted_calls += 1
+
+    def stop_request(self, request_id):
+        self.stopped.append(request_id)
+
+    def add_history(self, session_id, prompt_ids, output_ids):
+        pass
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def make_engine(model, tokenizer, drafter, **spec) -> Engine:
+    spec.setdefault("adaptive", False)
+    return Engine(model, tokenizer, drafter=drafter, speculation=SpeculationConfig(**spec))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_equals_plain_decoding(tiny_model, default_tokenizer, seed):
+    rng = random.Random(seed)
+    prompt = [rng.randrange(3, 512) for _ in range(rng.randrange(5, 40))]
+    truth = hf_greedy(tiny_model, prompt, 40)
+    drafter = ScriptedDrafter(truth, 512, seed=seed)
+    engine = make_engine(tiny_model, default_tokenizer, drafter, prefix_cache_bytes=0)
+    engine.eos_ids = set()
+    result = engine.generate(prompt, max_new_tokens=40)
+    assert result.token_ids == truth
+    assert result.stats.steps < 40  # the right branches were accepted
+    assert 1 + result.stats.accepted_tokens + result.stats.steps in (40, 41)
+    assert result.stats.accepted_by_source.get("session", 0) == result.stats.accepted_tokens
+
+
+def test_prefix_cache_reuse_keeps_output(tiny_model, default_tokenizer):
+    prompt = list(range(10, 60))
+    truth = hf_greedy(tiny_model, prompt, 20)
+    engine = make_engine(tiny_model, default_tokenizer, ScriptedDrafter(truth, 512), prefix_cache_bytes=2**26)
+    engine.eos_ids = set()
+    first = engine.generate(prompt, max_new_tokens=20)
+    assert first.stats.prefill_tokens == len(prompt)
+    # the next agent call extends the previous prompt and completion
+    prompt2 = prompt + first.token_ids + [7, 8, 9]
+    truth2 = hf_greedy(tiny_model, prompt2, 15)
+    engine.drafter = ScriptedDrafter(truth2, 512, seed=3)
+    second = engine.generate(prompt2, max_new_tokens=15)
+    assert second.token_ids == truth2
+    assert second.stats.prefill_tokens == len(prompt2) - (len(prompt) + 20 - 1)
+
+
+def test_speculation_off_is_plain_decoding(tiny_model, default_tokenizer):
+    prompt = list(range(100, 130))
+    truth = hf_greedy(tiny_model, prompt, 12)
+    engine = make_engine(tiny_model, default_tokenizer, ScriptedDrafter(truth, 512))
+    engine.eos_ids = set()
+    result = engine.generate(prompt, max_new_tokens=12, speculate=False)
+    assert result.token_ids == truth
+    assert result.stats.steps == 11 and result.stats.drafted_tokens == 0
+
+
+def test_stream_deltas_join_to_text(tiny_model, default_tokenizer):
+    prompt = list(range(200, 230))
+    engine = make_engine(tiny_model, default_tokenizer, ScriptedDrafter(hf_greedy(tiny_model, prompt, 25), 512))
+    engine.eos_ids = set()
+    stream = engine.stream(prompt, max_new_tokens=25)
+    deltas = list(stream)
+    assert "".join(deltas) == stream.result.text
+    assert stream.result.text == default_tokenizer.decode(stream.result.token_ids, skip_special_tokens=True)
+
+
+def test_bad_input_errors_and_engine_stays_usable(tiny_model, default_tokenizer):
+    engine = make_engine(tiny_model, default_tokenizer, None)
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate("")
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([])
+    with pytest.raises(ValueError, match=r"2000 tokens.*1024 tokens"):
+        engine.generate([5] * 2000)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate([5, 6], max_new_tokens=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate([5, 6], max_new_tokens=-3)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate([5, 6], temperature=-0.5)
+    assert len(engine.generate([5, 6, 7], max_new_tokens=3).token_ids) >= 1
+
+
+def test_keyboard_interrupt_leaves_engine_usable(tiny_model, default_tokenizer):
+    prompt = list(range(300, 320))
+    truth = hf_greedy(tiny_model, prompt, 10)
+    drafter = ScriptedDrafter(truth, 512)
+    engine = make_engine(tiny_model, default_tokenizer, drafter)
+    engine.eos_ids = set()
+    original = engine._verify
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    engine._verify = flaky
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(prompt, max_new_tokens=10)
+    engine._verify = original
+    assert drafter.stopped  # the interrupted request was cleaned up
+    drafter.rng = random.Random(0)
+    assert engine.generate(prompt, max_new_tokens=10).token_ids == truth
+
+
+def test_stop_strings_cut_text(tiny_model, default_tokenizer):
+    prompt = list(range(40, 70))
+    engine = make_engine(tiny_model, default_tokenizer, ScriptedDrafter(hf_greedy(tiny_model, prompt, 30), 512))
+    engine.eos_ids = set()
+    full = engine.generate(prompt, max_new_tokens=30).text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = engine.generate(prompt, max_new_tokens=30, stop=[stop])
+    assert cut.text == full[: full.find(stop)]
+    assert cut.finish_reason == "stop"
