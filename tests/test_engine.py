@@ -174,3 +174,79 @@ def test_stop_strings_cut_text(tiny_model, default_tokenizer):
     cut = engine.generate(prompt, max_new_tokens=30, stop=[stop])
     assert cut.text == full[: full.find(stop)]
     assert cut.finish_reason == "stop"
+
+
+class ContextTreeDrafter:
+    """After the first token ``a``, drafts the fixed tree ``trees[a]``: deterministic given the context,
+    so sample-and-match acceptance must be lossless."""
+
+    def __init__(self, trees: dict[int, DraftTree]):
+        self.trees = trees
+
+    def start_request(self, request_id, session_id, prompt_ids):
+        self.out: list[int] = []
+
+    def propose(self, request_id, budget):
+        return self.trees.get(self.out[0], DraftTree()) if len(self.out) == 1 else DraftTree()
+
+    def accept(self, request_id, tree, accepted, new_tokens):
+        self.out.extend(new_tokens)
+
+    def stop_request(self, request_id):
+        pass
+
+    def add_history(self, session_id, prompt_ids, output_ids):
+        pass
+
+
+def test_sampling_matches_plain_distribution(tiny_model, default_tokenizer):
+    """Chi-square: three tokens sampled through draft trees follow the model's exact joint law."""
+    from scipy.stats import chisquare
+
+    from agentspec.config import SamplingParams
+    from agentspec.verify import process_logits
+
+    params = SamplingParams(temperature=0.8, top_k=4)
+    prompt = [11, 42, 99, 7, 5]
+
+    def dist(ids):
+        with torch.no_grad():
+            return process_logits(tiny_model(torch.tensor([ids])).logits[0, -1], params)
+
+    def support(p):
+        return sorted(torch.nonzero(p).flatten().tolist(), key=lambda t: -float(p[t]))
+
+    exact: dict[tuple[int, int, int], float] = {}
+    trees: dict[int, DraftTree] = {}
+    p0 = dist(prompt)
+    for a in support(p0):
+        p1 = dist(prompt + [a])
+        tree = DraftTree()
+        for rank_b, b in enumerate(support(p1)):
+            p2 = dist(prompt + [a, b])
+            for c in support(p2):
+                exact[(a, b, c)] = float(p0[a] * p1[b] * p2[c])
+            if rank_b in (1, 2):  # draft 2 of 4 candidates per level: some accepted, some not
+                tree.tokens.append(b), tree.parents.append(-1), tree.probs.append(0.3), tree.sources.append(0)
+                parent = len(tree) - 1
+                for c in support(p2)[:2]:
+                    tree.tokens.append(c), tree.parents.append(parent), tree.probs.append(0.1)
+                    tree.sources.append(0)
+        trees[a] = tree
+    engine = make_engine(tiny_model, default_tokenizer, ContextTreeDrafter(trees), prefix_cache_bytes=0)
+    engine.eos_ids = set()
+    n = 2000
+    counts = dict.fromkeys(exact, 0)
+    accepted = 0
+    for seed in range(n):
+        result = engine.generate(prompt, max_new_tokens=3, temperature=0.8, top_k=4, seed=seed)
+        counts[tuple(result.token_ids)] += 1
+        accepted += result.stats.accepted_tokens
+    assert accepted > 0.1 * n
+    # merge rare outcomes so every chi-square bin expects >= 5
+    keys = sorted(exact, key=lambda k: -exact[k])
+    big = [k for k in keys if exact[k] * n >= 5]
+    rest = [k for k in keys if exact[k] * n < 5]
+    observed = [counts[k] for k in big] + ([sum(counts[k] for k in rest)] if rest else [])
+    expected = [exact[k] * n for k in big] + ([sum(exact[k] for k in rest) * n] if rest else [])
+    assert chisquare(observed, expected, sum_check=False).pvalue > 1e-3
