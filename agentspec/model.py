@@ -136,3 +136,7 @@ def load_model(
     )
     hf_model.eval()
     return hf_model, AutoTokenizer.from_pretrained(path)
+
+
+if __name__ == "__main__":  # `python -m agentspec.model`: convert the default model once
+    print(f"default model ready at {materialize(resolve_model())}")

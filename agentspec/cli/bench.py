@@ -1,0 +1,81 @@
+"""``agentspec bench``: live (model) or teacher-forced (``--simulate``) benchmarks on recorded sessions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from agentspec.cli.options import ModelOptions, model_options
+
+console = Console(stderr=True)
+
+
+def _default_paths() -> list[Path]:
+    from agentspec.trajectories import default_data_dir
+
+    data = Path(default_data_dir())
+    paths = [data / "swe_agent", data / "tau_bench" / "gpt-4o-airline.json"]
+    return [p for p in paths if p.exists()] or [data]
+
+
+def _load(paths: list[Path], limit: int | None):
+    from agentspec.trajectories import load_sessions
+
+    sessions = []
+    for path in paths:
+        sessions += load_sessions(path, limit=limit, on_error=lambda p, why: console.print(f"[yellow]skipped {p}: {why}"))
+    if not sessions:
+        console.print(f"[red]error:[/red] no sessions could be read from {', '.join(map(str, paths))}")
+        raise typer.Exit(1)
+    return sessions
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @model_options
+    def bench(
+        paths: list[Path] = typer.Argument(None, help="Trajectory files or folders (default: ../shared/data "
+                                           "SWE-agent and tau-bench sessions)."),
+        simulate: bool = typer.Option(False, "--simulate", help="Teacher-forced drafting only: no model forward."),
+        limit: int = typer.Option(None, help="Sessions per path (default: live 2, simulate all)."),
+        calls: int = typer.Option(4, help="Live: calls per session."),
+        max_new_tokens: int = typer.Option(128, help="Live: tokens generated per call."),
+        max_context: int = typer.Option(4096, help="Live: prompt + output budget (oldest turns dropped)."),
+        methods: str = typer.Option("hf,hf_pld,agentspec", help="Live: comma-separated methods to compare."),
+        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+        options: ModelOptions = None,
+    ) -> None:
+        """Benchmark agentspec on recorded agent sessions.
+
+        Live: replays each call's recorded prompt through plain HF greedy `generate`, HF prompt lookup
+        (10 tokens) and agentspec, interleaved in one process, and reports decode tokens/s, tokens per
+        verification step, speedups and how many outputs equal plain greedy.
+        --simulate: the teacher-forced drafting benchmark (the recorded completion decides acceptance)
+        with the modelled speedup on the DESIGN.md fp32 cost curve.
+        """
+        paths = paths or _default_paths()
+        if simulate:
+            from agentspec.simulate import run_simulation_cli
+
+            run_simulation_cli(_load(paths, limit), as_json=as_json, model=options.model)
+            return
+        from tqdm import tqdm
+
+        from agentspec.bench import render_live, run_live
+
+        sessions = _load(paths, limit or 2)
+        engine = options.engine()
+        chosen = [m.strip() for m in methods.split(",") if m.strip()]
+        total = sum(min(len(s.calls), calls) for s in sessions)
+        with tqdm(total=total, desc="calls", unit="call", file=console.file) as bar:
+            report = run_live(engine, sessions, max_new_tokens=max_new_tokens, max_context=max_context,
+                              calls_per_session=calls, methods=chosen, on_call=lambda r: bar.update())
+        if as_json:
+            print(json.dumps(report.to_dict(), indent=2))
+        else:
+            Console().print(render_live(report))
+            for note in report.skipped:
+                console.print(f"[yellow]skipped[/yellow] {note}")
