@@ -1,0 +1,485 @@
+// Compiled core of agentspec.draft.suffix_tree: a depth-limited suffix tree over token sequences.
+//
+// Same algorithm, same API and same drafts as PySuffixTree (the pure-Python twin, which is the
+// specification; read its docstring for the invariants). Nodes live in flat arrays; a node's
+// label is seqs[seq][start, start + length). Children are found through one open-addressing
+// hash table keyed by (parent, first token) and enumerated through a doubly linked list kept in
+// count order (except under the root).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <deque>
+#include <queue>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr int32_t ROOT = 0;
+constexpr int32_t NONE = -1;
+
+struct Node {
+    int32_t count = 0;        // suffixes reaching this edge = sum(children counts) + suffixes ending here
+    int32_t parent = NONE;
+    int32_t seq = NONE;       // label = seqs[seq][start, start + length)
+    int32_t start = 0;
+    int32_t length = 0;
+    int32_t token = NONE;     // first token of the label (the key in the parent's child index)
+    int32_t first = NONE;     // children, highest count first (unordered under the root)
+    int32_t last = NONE;
+    int32_t next = NONE;      // siblings
+    int32_t prev = NONE;
+};
+
+// (parent, token) -> child, linear probing, backward-shift deletion.
+class ChildIndex {
+  public:
+    ChildIndex() { clear(); }
+    int32_t get(int32_t parent, int32_t token) const {
+        uint64_t key = make_key(parent, token);
+        for (size_t i = slot(key);; i = (i + 1) & mask_) {
+            if (keys_[i] == EMPTY) return NONE;
+            if (keys_[i] == key) return vals_[i];
+        }
+    }
+    void put(int32_t parent, int32_t token, int32_t child) {
+        if ((size_ + 1) * 10 > keys_.size() * 7) rehash(keys_.size() * 2);
+        uint64_t key = make_key(parent, token);
+        size_t i = slot(key);
+        for (; keys_[i] != EMPTY; i = (i + 1) & mask_) {
+            if (keys_[i] == key) { vals_[i] = child; return; }
+        }
+        keys_[i] = key;
+        vals_[i] = child;
+        ++size_;
+    }
+    void erase(int32_t parent, int32_t token) {
+        uint64_t key = make_key(parent, token);
+        size_t i = slot(key);
+        for (; keys_[i] != key; i = (i + 1) & mask_) {
+            if (keys_[i] == EMPTY) return;
+        }
+        size_t j = i;
+        while (true) {
+            j = (j + 1) & mask_;
+            if (keys_[j] == EMPTY) break;
+            size_t home = slot(keys_[j]);
+            // move keys_[j] back to the hole at i unless its home lies cyclically in (i, j]
+            bool in_range = (i <= j) ? (home > i && home <= j) : (home > i || home <= j);
+            if (!in_range) {
+                keys_[i] = keys_[j];
+                vals_[i] = vals_[j];
+                i = j;
+            }
+        }
+        keys_[i] = EMPTY;
+        --size_;
+    }
+    void clear() {
+        keys_.assign(1024, EMPTY);
+        vals_.assign(1024, NONE);
+        mask_ = 1023;
+        size_ = 0;
+    }
+    size_t size() const { return size_; }
+    size_t bytes() const { return keys_.capacity() * sizeof(uint64_t) + vals_.capacity() * sizeof(int32_t); }
+
+  private:
+    static constexpr uint64_t EMPTY = ~0ull;
+    static uint64_t make_key(int32_t parent, int32_t token) {
+        return (static_cast<uint64_t>(static_cast<uint32_t>(parent)) << 32) | static_cast<uint32_t>(token);
+    }
+    size_t slot(uint64_t key) const {
+        key ^= key >> 33;
+        key *= 0xff51afd7ed558ccdull;
+        key ^= key >> 33;
+        key *= 0xc4ceb9fe1a85ec53ull;
+        key ^= key >> 33;
+        return static_cast<size_t>(key) & mask_;
+    }
+    void rehash(size_t capacity) {
+        std::vector<uint64_t> old_keys(capacity, EMPTY);
+        std::vector<int32_t> old_vals(capacity, NONE);
+        old_keys.swap(keys_);
+        old_vals.swap(vals_);
+        mask_ = capacity - 1;
+        size_ = 0;
+        for (size_t i = 0; i < old_keys.size(); ++i) {
+            if (old_keys[i] == EMPTY) continue;
+            size_t j = slot(old_keys[i]);
+            while (keys_[j] != EMPTY) j = (j + 1) & mask_;
+            keys_[j] = old_keys[i];
+            vals_[j] = old_vals[i];
+            ++size_;
+        }
+    }
+    std::vector<uint64_t> keys_;
+    std::vector<int32_t> vals_;
+    size_t mask_ = 0;
+    size_t size_ = 0;
+};
+
+struct Draft {
+    std::vector<int32_t> tokens;
+    std::vector<int32_t> parents;
+    std::vector<double> probs;
+    double score = 0.0;
+    int match_len = 0;
+};
+
+struct Candidate {
+    double prob;
+    int64_t order;
+    int32_t token, node, off, parent;
+};
+
+struct CandidateLess {  // priority_queue pops the highest prob, then the lowest order
+    bool operator()(const Candidate& a, const Candidate& b) const {
+        if (a.prob != b.prob) return a.prob < b.prob;
+        return a.order > b.order;
+    }
+};
+
+struct Sequence {
+    int64_t id;
+    std::vector<int32_t> tokens;
+    std::deque<int32_t> active;  // nodes where this sequence's live suffixes end
+};
+
+class SuffixTree {
+  public:
+    explicit SuffixTree(int max_depth) : max_depth_(max_depth) {
+        if (max_depth < 1) throw std::invalid_argument("max_depth must be >= 1, got " + std::to_string(max_depth));
+        reset_nodes();
+    }
+
+    void extend(int64_t seq_id, const std::vector<int32_t>& tokens) {
+        int32_t s = seq_index(seq_id);
+        seqs_[s].tokens.reserve(seqs_[s].tokens.size() + tokens.size());
+        for (int32_t tok : tokens) append_internal(s, tok);
+    }
+
+    void append(int64_t seq_id, int32_t token) { append_internal(seq_index(seq_id), token); }
+
+    int64_t num_tokens() const {
+        int64_t n = 0;
+        for (const auto& s : seqs_) n += static_cast<int64_t>(s.tokens.size());
+        return n;
+    }
+    int64_t num_sequences() const { return static_cast<int64_t>(seqs_.size()); }
+    int64_t num_nodes() const { return static_cast<int64_t>(nodes_.size()); }
+
+    std::vector<int64_t> seq_ids() const {
+        std::vector<int64_t> out;
+        for (const auto& s : seqs_) out.push_back(s.id);
+        return out;
+    }
+
+    std::vector<int32_t> get_sequence(int64_t seq_id) const {
+        auto it = ids_.find(seq_id);
+        if (it == ids_.end()) throw py::key_error("no sequence " + std::to_string(seq_id) + " in this tree");
+        return seqs_[it->second].tokens;
+    }
+
+    void remove(int64_t seq_id) {
+        auto it = ids_.find(seq_id);
+        if (it == ids_.end()) throw py::key_error("no sequence " + std::to_string(seq_id) + " in this tree");
+        seqs_.erase(seqs_.begin() + it->second);
+        rebuild();
+    }
+
+    int evict(int64_t max_tokens) {
+        int64_t total = num_tokens();
+        size_t dropped = 0;
+        while (dropped < seqs_.size() && total > max_tokens) total -= seqs_[dropped++].tokens.size();
+        if (dropped) {
+            seqs_.erase(seqs_.begin(), seqs_.begin() + dropped);
+            rebuild();
+        }
+        return static_cast<int>(dropped);
+    }
+
+    void rebuild() {
+        std::vector<Sequence> old;
+        old.swap(seqs_);
+        reset_nodes();
+        for (auto& s : old) {
+            int32_t idx = seq_index(s.id);
+            seqs_[idx].tokens.reserve(s.tokens.size());
+            for (int32_t tok : s.tokens) append_internal(idx, tok);
+        }
+    }
+
+    Draft speculate(const std::vector<int32_t>& full_context, int budget, double alpha, double beta,
+                    double min_prob) const {
+        size_t n = full_context.size() > static_cast<size_t>(max_depth_) ? max_depth_ : full_context.size();
+        const int32_t* context = full_context.data() + (full_context.size() - n);
+        Draft best;
+        for (size_t p = 1; p <= n; ++p) {
+            int32_t node = ROOT, off = 0;
+            bool ok = true;
+            for (size_t i = n - p; i < n; ++i) {
+                int32_t tok = context[i];
+                const Node& nd = nodes_[node];
+                if (off == nd.length) {
+                    node = index_.get(node, tok);
+                    if (node == NONE) { ok = false; break; }
+                    off = 1;
+                } else {
+                    if (seqs_[nd.seq].tokens[nd.start + off] != tok) { ok = false; break; }
+                    ++off;
+                }
+            }
+            if (!ok) break;
+            int limit = static_cast<int>(alpha * static_cast<double>(p) + beta);
+            if (budget < limit) limit = budget;
+            if (limit <= 0) continue;
+            Draft draft = grow(node, off, limit, min_prob);
+            if (draft.score > best.score) {
+                draft.match_len = static_cast<int>(p);
+                best = std::move(draft);
+            }
+        }
+        return best;
+    }
+
+    void check_integrity() const {
+        std::vector<int64_t> expected(nodes_.size(), 0), ends(nodes_.size(), 0);
+        for (const auto& sq : seqs_) {
+            const auto& seq = sq.tokens;
+            for (size_t s = 0; s < seq.size(); ++s) {
+                expected[ROOT] += 1;
+                size_t end = std::min(seq.size(), s + static_cast<size_t>(max_depth_));
+                int32_t node = ROOT, off = 0;
+                for (size_t i = s; i < end; ++i) {
+                    const Node& nd = nodes_[node];
+                    if (off == nd.length) {
+                        node = index_.get(node, seq[i]);
+                        if (node == NONE) fail("suffix at " + std::to_string(s) + " of a sequence is missing");
+                        expected[node] += 1;
+                        off = 1;
+                    } else if (seqs_[nd.seq].tokens[nd.start + off] != seq[i]) {
+                        fail("label mismatch at node " + std::to_string(node));
+                    } else {
+                        ++off;
+                    }
+                }
+                if (off != nodes_[node].length) fail("a suffix ends inside the label of node " + std::to_string(node));
+                ends[node] += 1;
+            }
+        }
+        for (size_t node = 0; node < nodes_.size(); ++node) {
+            const Node& nd = nodes_[node];
+            if (nd.count != expected[node]) fail("node " + std::to_string(node) + " has a wrong count");
+            int64_t kids = 0;
+            int32_t child = nd.first, prev = NONE;
+            while (child != NONE) {
+                const Node& c = nodes_[child];
+                if (c.parent != static_cast<int32_t>(node) || c.prev != prev) fail("broken child list");
+                if (index_.get(static_cast<int32_t>(node), c.token) != child) fail("child not indexed");
+                if (node != ROOT && prev != NONE && nodes_[prev].count < c.count) fail("children not ordered");
+                kids += c.count;
+                prev = child;
+                child = c.next;
+            }
+            if (nd.last != prev) fail("wrong last child");
+            if (node != ROOT && kids + ends[node] != nd.count) fail("children counts + ends != count");
+        }
+        if (index_.size() != nodes_.size() - 1) fail("child index size does not match the nodes");
+    }
+
+    int64_t estimate_memory() const {
+        int64_t bytes = static_cast<int64_t>(nodes_.capacity() * sizeof(Node) + index_.bytes());
+        for (const auto& s : seqs_) bytes += s.tokens.capacity() * sizeof(int32_t) + sizeof(Sequence) + 64;
+        return bytes;
+    }
+
+    int max_depth() const { return max_depth_; }
+
+  private:
+    [[noreturn]] static void fail(const std::string& msg) { throw py::value_error(msg); }
+
+    void reset_nodes() {
+        nodes_.assign(1, Node());
+        index_.clear();
+        ids_.clear();
+        for (size_t i = 0; i < seqs_.size(); ++i) ids_[seqs_[i].id] = static_cast<int32_t>(i);
+    }
+
+    int32_t seq_index(int64_t seq_id) {
+        auto it = ids_.find(seq_id);
+        if (it != ids_.end()) return it->second;
+        int32_t idx = static_cast<int32_t>(seqs_.size());
+        seqs_.push_back(Sequence{seq_id, {}, {}});
+        ids_[seq_id] = idx;
+        return idx;
+    }
+
+    int32_t new_node(int32_t count, int32_t parent, int32_t seq, int32_t start, int32_t length, int32_t token) {
+        Node nd;
+        nd.count = count; nd.parent = parent; nd.seq = seq; nd.start = start; nd.length = length; nd.token = token;
+        nodes_.push_back(nd);
+        return static_cast<int32_t>(nodes_.size() - 1);
+    }
+
+    void link_last(int32_t parent, int32_t node) {
+        int32_t last = nodes_[parent].last;
+        nodes_[node].prev = last;
+        nodes_[node].next = NONE;
+        if (last == NONE) nodes_[parent].first = node; else nodes_[last].next = node;
+        nodes_[parent].last = node;
+    }
+
+    void replace_child(int32_t parent, int32_t old, int32_t nw) {
+        int32_t prev = nodes_[old].prev, nxt = nodes_[old].next;
+        nodes_[nw].prev = prev;
+        nodes_[nw].next = nxt;
+        if (prev == NONE) nodes_[parent].first = nw; else nodes_[prev].next = nw;
+        if (nxt == NONE) nodes_[parent].last = nw; else nodes_[nxt].prev = nw;
+        nodes_[old].prev = nodes_[old].next = NONE;
+    }
+
+    void bubble_up(int32_t node) {
+        int32_t parent = nodes_[node].parent;
+        if (parent == ROOT) return;
+        int32_t prev = nodes_[node].prev;
+        while (prev != NONE && nodes_[prev].count < nodes_[node].count) {
+            int32_t pp = nodes_[prev].prev, nn = nodes_[node].next;
+            if (pp == NONE) nodes_[parent].first = node; else nodes_[pp].next = node;
+            if (nn == NONE) nodes_[parent].last = prev; else nodes_[nn].prev = prev;
+            nodes_[node].prev = pp; nodes_[node].next = prev;
+            nodes_[prev].prev = node; nodes_[prev].next = nn;
+            prev = pp;
+        }
+    }
+
+    void append_internal(int32_t s, int32_t token) {
+        Sequence& sq = seqs_[s];
+        sq.tokens.push_back(token);
+        const int32_t n = static_cast<int32_t>(sq.tokens.size());
+        sq.active.push_back(ROOT);
+        if (sq.active.size() > static_cast<size_t>(max_depth_)) sq.active.pop_front();
+        nodes_[ROOT].count += 1;
+        for (size_t i = 0; i < sq.active.size(); ++i) {
+            int32_t node = sq.active[i];
+            int32_t child = index_.get(node, token);
+            if (child == NONE) {
+                if (node != ROOT && nodes_[node].count == 1) {
+                    Node& nd = nodes_[node];
+                    nd.length += 1;
+                    nd.seq = s;
+                    nd.start = n - nd.length;
+                } else {
+                    int32_t leaf = new_node(1, node, s, n - 1, 1, token);
+                    index_.put(node, token, leaf);
+                    link_last(node, leaf);
+                    sq.active[i] = leaf;
+                }
+            } else if (node != ROOT && nodes_[node].count == nodes_[child].count + 1 && nodes_[child].length > 1) {
+                Node& nd = nodes_[node];
+                nd.length += 1;
+                nd.seq = s;
+                nd.start = n - nd.length;
+                index_.erase(node, token);
+                Node& c = nodes_[child];
+                c.start += 1;
+                c.length -= 1;
+                c.token = seqs_[c.seq].tokens[c.start];
+                index_.put(node, c.token, child);
+            } else if (nodes_[child].length == 1) {
+                nodes_[child].count += 1;
+                bubble_up(child);
+                sq.active[i] = child;
+            } else {
+                const Node c0 = nodes_[child];
+                int32_t mid = new_node(c0.count + 1, node, c0.seq, c0.start, 1, token);
+                index_.put(node, token, mid);
+                replace_child(node, child, mid);
+                Node& c = nodes_[child];
+                c.parent = mid;
+                c.start += 1;
+                c.length -= 1;
+                c.token = seqs_[c.seq].tokens[c.start];
+                index_.put(mid, c.token, child);
+                nodes_[mid].first = nodes_[mid].last = child;
+                bubble_up(mid);
+                sq.active[i] = mid;
+            }
+        }
+    }
+
+    Draft grow(int32_t node, int32_t off, int limit, double min_prob) const {
+        Draft draft;
+        std::priority_queue<Candidate, std::vector<Candidate>, CandidateLess> heap;
+        int64_t order = 0;
+        auto expand = [&](int32_t nd_id, int32_t of, double prob, int32_t parent) {
+            const Node& nd = nodes_[nd_id];
+            if (of < nd.length) {
+                heap.push(Candidate{prob, order++, seqs_[nd.seq].tokens[nd.start + of], nd_id, of + 1, parent});
+                return;
+            }
+            double denom = static_cast<double>(nd.count);
+            for (int32_t child = nd.first; child != NONE; child = nodes_[child].next) {
+                double pr = prob * static_cast<double>(nodes_[child].count) / denom;
+                if (pr < min_prob) break;
+                heap.push(Candidate{pr, order++, nodes_[child].token, child, 1, parent});
+            }
+        };
+        expand(node, off, 1.0, -1);
+        while (!heap.empty() && static_cast<int>(draft.tokens.size()) < limit) {
+            Candidate c = heap.top();
+            heap.pop();
+            draft.tokens.push_back(c.token);
+            draft.parents.push_back(c.parent);
+            draft.probs.push_back(c.prob);
+            draft.score += c.prob;
+            expand(c.node, c.off, c.prob, static_cast<int32_t>(draft.tokens.size()) - 1);
+        }
+        return draft;
+    }
+
+    int max_depth_;
+    std::vector<Node> nodes_;
+    ChildIndex index_;
+    std::vector<Sequence> seqs_;  // oldest first
+    std::unordered_map<int64_t, int32_t> ids_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_suffix_core, m) {
+    m.doc() = "Compiled suffix tree core of agentspec.draft.suffix_tree (see PySuffixTree for the spec).";
+    py::class_<Draft>(m, "Draft")
+        .def(py::init<>())
+        .def_readonly("tokens", &Draft::tokens)
+        .def_readonly("parents", &Draft::parents)
+        .def_readonly("probs", &Draft::probs)
+        .def_readonly("score", &Draft::score)
+        .def_readonly("match_len", &Draft::match_len)
+        .def("__repr__", [](const Draft& d) {
+            return "Draft(tokens=" + py::repr(py::cast(d.tokens)).cast<std::string>() + ", score=" +
+                   std::to_string(d.score) + ", match_len=" + std::to_string(d.match_len) + ")";
+        });
+    py::class_<SuffixTree>(m, "SuffixTree")
+        .def(py::init<int>(), py::arg("max_depth") = 64)
+        .def("extend", &SuffixTree::extend, py::arg("seq_id"), py::arg("tokens"))
+        .def("append", &SuffixTree::append, py::arg("seq_id"), py::arg("token"))
+        .def("speculate", &SuffixTree::speculate, py::arg("context"), py::arg("budget"), py::arg("alpha") = 1.0,
+             py::arg("beta") = 0.0, py::arg("min_prob") = 0.1)
+        .def("seq_ids", &SuffixTree::seq_ids)
+        .def("get_sequence", &SuffixTree::get_sequence, py::arg("seq_id"))
+        .def("remove", &SuffixTree::remove, py::arg("seq_id"))
+        .def("evict", &SuffixTree::evict, py::arg("max_tokens"))
+        .def("rebuild", &SuffixTree::rebuild)
+        .def("check_integrity", &SuffixTree::check_integrity)
+        .def("estimate_memory", &SuffixTree::estimate_memory)
+        .def_property_readonly("num_tokens", &SuffixTree::num_tokens)
+        .def_property_readonly("num_sequences", &SuffixTree::num_sequences)
+        .def_property_readonly("num_nodes", &SuffixTree::num_nodes)
+        .def_property_readonly("max_depth", &SuffixTree::max_depth);
+}
