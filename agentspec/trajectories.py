@@ -1,0 +1,392 @@
+"""Recorded agent trajectories -> sessions of ordered LLM calls.
+
+An *LLM call* is one pair ``(messages the agent sent, completion it got back)``; the calls of
+one trajectory form one agent *session*, in order. :func:`load_sessions` reads a file or a
+folder and detects the format of each file:
+
+==========================  ===================================================================
+SWE-agent ``.traj``         JSON object with ``history`` (and ``trajectory`` steps). One call per
+                            non-demo assistant message; prompt = the step's ``query`` when every
+                            step has one, else ``history`` up to the message (demonstrations
+                            marked ``is_demo`` stay in the prompt but never become calls).
+mini-swe-agent              JSON object with ``"trajectory_format": "mini-swe-agent-1"`` and a
+``.traj.json``              linear ``messages`` chat; one call per assistant message.
+tau-bench                   JSON list of ``{task_id, trial, traj}``; one session per trajectory,
+                            one call per assistant message (text or tool calls).
+OpenHands                   a folder of ``prompt_NNN.log`` / ``response_NNN.log``; the prompt text
+                            is one user message; one session per folder.
+generic JSONL               one call a line: ``{"session": id, "messages": [...],
+                            "completion": "text" | assistant message}``; lines of one session
+                            in call order (a JSON list of such records works too).
+==========================  ===================================================================
+
+Files that are malformed or of no known format are reported through ``on_error(path, reason)``
+and skipped; documentation files (LICENSE, README, ``*.md``) are ignored silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentspec import chat
+
+logger = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+ErrorCallback = Callable[[str, str], None]
+
+MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
+IGNORED_NAMES = re.compile(r"^(LICEN[CS]E|COPYING|NOTICE|README)(\..*)?$|\.md$|^\.", re.IGNORECASE)
+OPENHANDS_RE = re.compile(r"^(prompt|response)_(\d+)\.log$")
+DATA_ENV = "AGENTSPEC_DATA"
+
+
+class TrajectoryFormatError(ValueError):
+    """A trajectory file that cannot be read; the message says why."""
+
+
+@dataclass
+class Call:
+    """One recorded LLM call: the prompt ``messages`` and the assistant ``completion`` message."""
+
+    messages: list[Message]
+    completion: Message  # {"role": "assistant", "content": str | None, "tool_calls"?: [...]}
+
+    @property
+    def completion_text(self) -> str:
+        """The completion as text (tool calls rendered Hermes-style, see :mod:`agentspec.chat`)."""
+        return chat.assistant_text(self.completion)
+
+
+@dataclass
+class Session:
+    """The calls of one recorded trajectory, in order (one agent session)."""
+
+    id: str
+    source: str  # the file or folder it came from
+    calls: list[Call] = field(default_factory=list)
+    format: str = ""  # swe-agent | mini-swe-agent | tau-bench | openhands | jsonl
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _clean(message: Any, where: str) -> Message:
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise TrajectoryFormatError(f"{where}: expected a message dict with a 'role', got {message!r:.80}")
+    return {k: message[k] for k in MESSAGE_KEYS if k in message}
+
+
+def _clean_all(messages: Iterable[Any], where: str) -> list[Message]:
+    return [_clean(m, f"{where} message {i}") for i, m in enumerate(messages)]
+
+
+def _completion(value: Any, where: str) -> Message:
+    if isinstance(value, str):
+        return {"role": "assistant", "content": value}
+    if isinstance(value, dict):
+        message = _clean({"role": "assistant", **value}, where)
+        message["role"] = "assistant"
+        return message
+    raise TrajectoryFormatError(f"{where}: completion must be a string or an assistant message, got {value!r:.80}")
+
+
+def _calls_from_chat(messages: Sequence[Any], where: str, skip_demo: bool = False) -> list[Call]:
+    """One call per assistant message of a linear chat: prompt = the messages before it."""
+    if not isinstance(messages, list):
+        raise TrajectoryFormatError(f"{where}: expected a list of messages, got {type(messages).__name__}")
+    cleaned = _clean_all(messages, where)
+    calls = []
+    for i, message in enumerate(cleaned):
+        if message["role"] != "assistant" or i == 0:
+            continue
+        if skip_demo and messages[i].get("is_demo"):
+            continue  # a demonstration was shown to the model, not generated by it
+        calls.append(Call(cleaned[:i], message))
+    return calls
+
+
+# ---------------------------------------------------------------------------------------- readers
+def _read_swe_agent(path: Path, data: dict) -> list[Session]:
+    history = data.get("history")
+    steps = data.get("trajectory") if isinstance(data.get("trajectory"), list) else []
+    queries = [s.get("query") for s in steps if isinstance(s, dict)]
+    have_queries = bool(queries) and all(isinstance(q, list) and q for q in queries)
+    if isinstance(history, list) and history:
+        calls = _calls_from_chat(history, "history", skip_demo=True)
+        if have_queries and len(queries) == len(calls):
+            calls = [Call(_clean_all(q, f"step {k} query"), c.completion)
+                     for k, (q, c) in enumerate(zip(queries, calls))]
+    elif have_queries:
+        calls = [
+            Call(_clean_all(q, f"step {k} query"), _completion(s.get("response") or "", f"step {k}"))
+            for k, (q, s) in enumerate(zip(queries, steps))
+        ]
+    else:
+        raise TrajectoryFormatError("SWE-agent trajectory with neither a 'history' nor step 'query' messages")
+    return [Session(path.name.removesuffix(".traj"), str(path), calls, "swe-agent")]
+
+
+def _read_mini_swe_agent(path: Path, data: dict) -> list[Session]:
+    calls = _calls_from_chat(data.get("messages"), "messages")
+    sid = str(data.get("instance_id") or path.name.removesuffix(".json").removesuffix(".traj"))
+    return [Session(sid, str(path), calls, "mini-swe-agent")]
+
+
+def _read_tau_bench(path: Path, data: list, limit: int | None) -> list[Session]:
+    sessions = []
+    for index, record in enumerate(data[:limit] if limit is not None else data):
+        if not isinstance(record, dict) or not isinstance(record.get("traj"), list):
+            raise TrajectoryFormatError(f"record {index}: expected an object with a 'traj' message list")
+        if "task_id" in record:
+            sid = f"{path.stem}/task-{record['task_id']}/trial-{record.get('trial', index)}"
+        else:
+            sid = f"{path.stem}/{index}"
+        sessions.append(Session(sid, str(path), _calls_from_chat(record["traj"], f"record {index}"), "tau-bench"))
+    return sessions
+
+
+def _read_records(path: Path, records: Iterable[tuple[str, Any]], on_error: ErrorCallback) -> list[Session]:
+    """Generic records ``{"session", "messages", "completion"}``, grouped by session in file order."""
+    records = list(records)
+    if not any(isinstance(r, dict) and "messages" in r and "completion" in r for _, r in records):
+        first = records[0][1] if records else None
+        keys = sorted(first) if isinstance(first, dict) else type(first).__name__
+        hint = " (Spec-Bench questions: prompts only, no recorded completions)" if "turns" in keys else ""
+        raise TrajectoryFormatError(
+            f"unknown format: records with keys {keys}{hint}; expected {{'session', 'messages', 'completion'}}"
+        )
+    by_id: dict[str, Session] = {}
+    for where, record in records:
+        try:
+            if not isinstance(record, dict) or "messages" not in record or "completion" not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise TrajectoryFormatError(f"expected {{'session', 'messages', 'completion'}}, got {keys}")
+            messages = record["messages"]
+            if not isinstance(messages, list) or not messages:
+                raise TrajectoryFormatError("'messages' must be a non-empty list")
+            call = Call(_clean_all(messages, "messages"), _completion(record["completion"], "completion"))
+        except TrajectoryFormatError as exc:
+            on_error(f"{path}:{where}", str(exc))
+            continue
+        sid = str(record.get("session", path.stem))
+        by_id.setdefault(sid, Session(sid, str(path), [], "jsonl")).calls.append(call)
+    if not by_id:
+        raise TrajectoryFormatError("no valid {'session', 'messages', 'completion'} records")
+    return list(by_id.values())
+
+
+def _read_jsonl(path: Path, text: str, on_error: ErrorCallback) -> list[Session]:
+    records, bad = [], []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"line {lineno}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            bad.append((f"{path}:line {lineno}", f"not valid JSON ({exc.msg})"))
+    if not records:
+        raise TrajectoryFormatError("empty file" if not bad else "no line is valid JSON")
+    sessions = _read_records(path, records, on_error)
+    for where, reason in bad:
+        on_error(where, reason)
+    return sessions
+
+
+def _read_openhands(folder: Path, on_error: ErrorCallback) -> list[Session]:
+    files: dict[str, dict[int, Path]] = {"prompt": {}, "response": {}}
+    for entry in folder.iterdir():
+        m = OPENHANDS_RE.match(entry.name)
+        if m:
+            files[m.group(1)][int(m.group(2))] = entry
+    calls = []
+    for number in sorted(files["prompt"]):
+        prompt_path = files["prompt"][number]
+        response_path = files["response"].get(number)
+        if response_path is None:
+            on_error(str(prompt_path), f"no response_{number:03d}.log beside it; call skipped")
+            continue
+        prompt = prompt_path.read_text(encoding="utf-8", errors="replace")
+        response = response_path.read_text(encoding="utf-8", errors="replace")
+        calls.append(Call([{"role": "user", "content": prompt}], {"role": "assistant", "content": response}))
+    if not calls:
+        raise TrajectoryFormatError("OpenHands folder with no prompt_NNN.log / response_NNN.log pair")
+    return [Session(f"{folder.parent.name}/{folder.name}", str(folder), calls, "openhands")]
+
+
+def read_file(
+    path: str | os.PathLike, limit: int | None = None, on_error: ErrorCallback | None = None
+) -> list[Session]:
+    """Sessions of one trajectory file (format detected from its content); raises
+    :class:`TrajectoryFormatError` when the file is malformed or of no known format."""
+    path = Path(path)
+    on_error = _log_error if on_error is None else on_error
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TrajectoryFormatError(f"cannot read: {exc}") from exc
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path, text, on_error)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _read_jsonl(path, text, on_error)  # JSON lines under another suffix
+        raise TrajectoryFormatError(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
+    if isinstance(data, dict):
+        if str(data.get("trajectory_format", "")).startswith("mini-swe-agent"):
+            return _read_mini_swe_agent(path, data)
+        if "history" in data or "trajectory" in data:
+            return _read_swe_agent(path, data)
+        if "messages" in data and "completion" in data:
+            return _read_records(path, [("record 0", data)], on_error)
+        raise TrajectoryFormatError(
+            f"unknown trajectory format: a JSON object with keys {sorted(data)[:8]}; expected a SWE-agent "
+            "'history', a mini-swe-agent 'trajectory_format', or a {'messages', 'completion'} record"
+        )
+    if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
+        if "traj" in data[0]:
+            return _read_tau_bench(path, data, limit)
+        if "messages" in data[0] and "completion" in data[0]:
+            return _read_records(path, [(f"record {i}", r) for i, r in enumerate(data)], on_error)
+    raise TrajectoryFormatError(
+        f"unknown trajectory format: JSON {type(data).__name__}; expected a tau-bench list of {{'traj'}} records "
+        "or a list of {'messages', 'completion'} records"
+    )
+
+
+# ---------------------------------------------------------------------------------------- loading
+def _log_error(path: str, reason: str) -> None:
+    logger.warning("skipped %s: %s", path, reason)
+
+
+def _is_openhands(folder: Path) -> bool:
+    return any(OPENHANDS_RE.match(p.name) for p in folder.iterdir() if p.is_file())
+
+
+def _walk(root: Path) -> Iterable[Path]:
+    """Trajectory files and OpenHands folders under ``root``, in sorted order."""
+    if root.is_file() or _is_openhands(root):
+        yield root
+        return
+    for entry in sorted(root.iterdir()):
+        if IGNORED_NAMES.search(entry.name):
+            continue
+        if entry.is_dir():
+            yield from _walk(entry)
+        elif entry.is_file():
+            yield entry
+
+
+def load_sessions(
+    path: str | os.PathLike | Sequence[str | os.PathLike],
+    limit: int | None = None,
+    on_error: ErrorCallback | None = None,
+) -> list[Session]:
+    """Read the trajectories in a file, a folder (recursively) or a list of them.
+
+    ``limit`` caps the number of sessions returned. Each unreadable file or record is reported
+    as ``on_error(path, reason)`` (default: a logged warning) and skipped; sessions with no call
+    are reported too. Session ids are unique (a ``#2`` suffix is added to repeats).
+    Raises ``FileNotFoundError`` if a path does not exist.
+    """
+    on_error = _log_error if on_error is None else on_error
+    roots = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
+    sessions: list[Session] = []
+    seen: dict[str, int] = {}
+    for root in roots:
+        if not root.exists():
+            raise FileNotFoundError(f"trajectory path {str(root)!r} does not exist")
+        for item in _walk(root):
+            if limit is not None and len(sessions) >= limit:
+                return sessions
+            try:
+                if item.is_dir():
+                    found = _read_openhands(item, on_error)
+                else:
+                    found = read_file(item, None if limit is None else limit - len(sessions), on_error)
+            except TrajectoryFormatError as exc:
+                on_error(str(item), str(exc))
+                continue
+            for session in found:
+                if not session.calls:
+                    on_error(session.source, f"session {session.id!r} has no assistant call")
+                    continue
+                n = seen.get(session.id, 0) + 1
+                seen[session.id] = n
+                if n > 1:
+                    session.id = f"{session.id}#{n}"
+                sessions.append(session)
+    return sessions[:limit] if limit is not None else sessions
+
+
+def default_data_dir() -> Path:
+    """Where trajectories live: ``$AGENTSPEC_DATA``, else ``../shared/data`` next to the repo or
+    the working directory, else the small samples in ``tests/data`` (or the bundled sample)."""
+    repo = Path(__file__).resolve().parents[1]
+    candidates = [os.environ.get(DATA_ENV), repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
+                  Path.cwd() / "shared" / "data"]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    tests_data = repo / "tests" / "data"
+    if tests_data.is_dir() and any(tests_data.iterdir()):
+        return tests_data
+    return Path(__file__).resolve().parent / "samples"
+
+
+# ---------------------------------------------------------------------------------------- tokens
+def eos_token_id(tokenizer) -> int:
+    """The id that ends a completion (the tokenizer's EOS, e.g. ``<|im_end|>`` for SmolLM2)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token_id")
+    return int(eos)
+
+
+def tokenize_call(tokenizer, call: Call, max_prompt_tokens: int | None = None) -> tuple[list[int], list[int]] | None:
+    """``(prompt_ids, completion_ids)`` of one call, or ``None`` if the prompt cannot fit.
+
+    The prompt is the chat template over ``call.messages`` (generation prompt included); when
+    ``max_prompt_tokens`` is set, the oldest turns are dropped to fit (system prompt and task
+    kept, see :func:`agentspec.chat.fit_messages`). The completion is the recorded assistant
+    text (tool calls rendered) plus EOS.
+    """
+    ids = chat.prompt_ids(tokenizer, call.messages)
+    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+        messages = chat.fit_messages(call.messages, lambda m: len(chat.prompt_ids(tokenizer, m)), max_prompt_tokens)
+        if messages is None:
+            return None
+        ids = chat.prompt_ids(tokenizer, messages)
+    completion = tokenizer.encode(chat.assistant_text(call.completion), add_special_tokens=False)
+    return ids, completion + [eos_token_id(tokenizer)]
+
+
+def tokenize_sessions(
+    tokenizer,
+    sessions: Sequence[Session],
+    max_prompt_tokens: int | None = None,
+    on_skip: ErrorCallback | None = None,
+) -> list[list[tuple[list[int], list[int]]]]:
+    """Token ids of every call, one list per session (same order as ``sessions``).
+
+    Calls whose prompt cannot fit ``max_prompt_tokens`` are reported as
+    ``on_skip("<session id> call <k>", reason)`` and left out.
+    """
+    on_skip = _log_error if on_skip is None else on_skip
+    out = []
+    for session in sessions:
+        calls = []
+        for k, call in enumerate(session.calls):
+            pair = tokenize_call(tokenizer, call, max_prompt_tokens)
+            if pair is None:
+                on_skip(f"{session.id} call {k}", f"prompt does not fit {max_prompt_tokens} tokens")
+                continue
+            calls.append(pair)
+        out.append(calls)
+    return out
