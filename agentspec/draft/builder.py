@@ -1,0 +1,254 @@
+"""SuffixDrafter: the default drafter, built from suffix trees and the Token Recycling table.
+
+Sources (each node of a proposed tree is tagged with one, see :class:`Source`):
+
+* REQUEST -- a tree of the live request: its prompt and its output so far;
+* SESSION -- a tree per session: what each earlier call added (the new part of its prompt, and
+  its output);
+* GLOBAL  -- one tree of the outputs of all requests of all sessions;
+* RECYCLED -- each token's top-k successors seen in the target's logits (anisotropic branches).
+
+Each suffix tree proposes its best draft for the context tail; the drafts are merged into one
+trie whose node probabilities are *calibrated*: the conditional probability of each node given
+its parent (``count(child) / count(node)``) goes through an :class:`AcceptanceCalibrator`
+learned online from what the target accepted, and path probabilities are products of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agentspec.draft.base import DraftTree, Source
+from agentspec.draft.recycling import RecyclingTable, add_recycled_branches
+from agentspec.draft.suffix_tree import make_suffix_tree
+from agentspec.lookahead import AcceptanceCalibrator
+
+
+@dataclass
+class DrafterConfig:
+    """Settings of :class:`SuffixDrafter`; every source can be switched off."""
+
+    max_depth: int = 64  # suffix tree depth (tokens of context matched, tokens drafted)
+    alpha: float = 1.0  # a draft for a match of p tokens has at most alpha * p + beta nodes
+    beta: float = 0.0
+    min_prob: float = 0.1  # stop growing a draft under this (uncalibrated) path probability
+    use_request: bool = True
+    use_session: bool = True
+    use_global: bool = True
+    calibrate: bool = True  # map estimates to observed acceptance (per source, online)
+    recycle: bool = True  # add Token Recycling branches when the table knows successors
+    recycle_rank_probs: tuple[float, ...] = (0.45, 0.25, 0.15, 0.05)  # prior acceptance by rank
+    session_max_tokens: int = 262_144  # per session tree, oldest calls evicted first
+    global_max_tokens: int = 1_048_576  # global output tree
+    max_sessions: int = 128  # session trees kept in memory (least recently used dropped)
+    backend: str = "auto"  # suffix tree core: auto | cpp | python
+
+
+@dataclass
+class _Request:
+    session_id: str | None
+    prompt: list[int]
+    tree: object
+    output: list[int] = field(default_factory=list)
+    features: dict = field(default_factory=dict)  # path key -> (source, cond prob, match_len)
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt + self.output
+
+
+@dataclass
+class _Session:
+    tree: object
+    last_prompt: list[int] = field(default_factory=list)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _path_keys(tree: DraftTree) -> list[tuple]:
+    """A hashable key per node: its token path from the root."""
+    keys: list[tuple] = []
+    for tok, p in zip(tree.tokens, tree.parents):
+        keys.append((keys[p] if p >= 0 else ()) + (tok,))
+    return keys
+
+
+class SuffixDrafter:
+    """Drafter protocol implementation over request / session / global suffix trees + recycling."""
+
+    def __init__(self, config: DrafterConfig | None = None, calibrator: AcceptanceCalibrator | None = None,
+                 recycler: RecyclingTable | None = None) -> None:
+        self.config = config or DrafterConfig()
+        self.calibrator = calibrator or AcceptanceCalibrator()
+        self.recycler = recycler if recycler is not None else (RecyclingTable() if self.config.recycle else None)
+        self._requests: dict[str, _Request] = {}
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._global = make_suffix_tree(self.config.max_depth, self.config.backend)
+        self._seq_ids = itertools.count()
+
+    # ------------------------------------------------------------------ request lifecycle
+    def start_request(self, request_id: str, session_id: str | None, prompt_ids: Sequence[int]) -> None:
+        """Begin a request whose context is ``prompt_ids`` (builds its request tree)."""
+        if request_id in self._requests:
+            raise ValueError(f"request {request_id!r} is already active")
+        prompt = [int(t) for t in prompt_ids]
+        tree = make_suffix_tree(self.config.max_depth, self.config.backend)
+        if self.config.use_request:
+            tree.extend(0, prompt)
+        self._requests[request_id] = _Request(session_id, prompt, tree)
+
+    def _request(self, request_id: str) -> _Request:
+        req = self._requests.get(request_id)
+        if req is None:
+            raise KeyError(f"unknown request {request_id!r}; call start_request first")
+        return req
+
+    def _session(self, session_id: str | None, create: bool = False) -> _Session | None:
+        if session_id is None:
+            return None
+        sess = self._sessions.get(session_id)
+        if sess is None and create:
+            sess = self._sessions[session_id] = _Session(make_suffix_tree(self.config.max_depth, self.config.backend))
+            while len(self._sessions) > self.config.max_sessions:
+                self._sessions.popitem(last=False)
+        if sess is not None:
+            self._sessions.move_to_end(session_id)
+        return sess
+
+    def propose(self, request_id: str, budget: int) -> DraftTree:
+        """A calibrated tree of at most ``budget`` nodes continuing the request's context."""
+        req = self._request(request_id)
+        if budget <= 0:
+            return DraftTree()
+        cfg = self.config
+        context = req.context[-cfg.max_depth :]
+        sources = []
+        if cfg.use_request:
+            sources.append((Source.REQUEST, req.tree))
+        sess = self._session(req.session_id)
+        if cfg.use_session and sess is not None:
+            sources.append((Source.SESSION, sess.tree))
+        if cfg.use_global:
+            sources.append((Source.GLOBAL, self._global))
+        drafts = [
+            (int(src), tree.speculate(context, budget, cfg.alpha, cfg.beta, cfg.min_prob)) for src, tree in sources
+        ]
+        tree, feats = self._merge([(s, d) for s, d in drafts if len(d.tokens)], budget)
+        if self.recycler is not None and len(tree) < budget and context:
+            tree, feats = self._recycle(tree, feats, context[-1], budget)
+        req.features = dict(zip(_path_keys(tree), feats))
+        return tree
+
+    def _cond(self, source: int, prob: float, match_len: int) -> float:
+        return self.calibrator.predict(source, prob, match_len) if self.config.calibrate else prob
+
+    def _merge(self, drafts: list, budget: int) -> tuple[DraftTree, list]:
+        """Union trie of the drafts; conditional probabilities calibrated, the best per node kept."""
+        tokens: list[int] = []
+        parents: list[int] = []
+        cond: list[float] = []
+        srcs: list[int] = []
+        feats: list[tuple] = []
+        index: dict[tuple[int, int], int] = {}
+        for source, d in drafts:
+            local: list[int] = []
+            dprobs = list(d.probs)
+            for tok, par, pr in zip(d.tokens, d.parents, dprobs):
+                mp = local[par] if par >= 0 else -1
+                r = pr / dprobs[par] if par >= 0 else pr
+                q = self._cond(source, r, d.match_len)
+                j = index.get((mp, tok))
+                if j is None:
+                    j = index[(mp, tok)] = len(tokens)
+                    tokens.append(tok)
+                    parents.append(mp)
+                    cond.append(q)
+                    srcs.append(source)
+                    feats.append((source, r, d.match_len))
+                elif q > cond[j]:
+                    cond[j], srcs[j], feats[j] = q, source, (source, r, d.match_len)
+                local.append(j)
+        probs: list[float] = []
+        for q, p in zip(cond, parents):
+            probs.append(q * (probs[p] if p >= 0 else 1.0))
+        tree = DraftTree(tokens, parents, probs, srcs)
+        if len(tree) > budget:
+            keep = sorted(range(len(tree)), key=lambda i: (-probs[i], i))[:budget]
+            keep.sort()
+            tree = tree.subtree(keep)
+            feats = [feats[i] for i in keep]
+        return tree, feats
+
+    def _recycle(self, tree: DraftTree, feats: list, root_token: int, budget: int) -> tuple[DraftTree, list]:
+        base = self.config.recycle_rank_probs
+        rank_probs = [self._cond(int(Source.RECYCLED), p, 0) for p in base]
+        out = add_recycled_branches(tree, root_token, self.recycler, rank_probs, budget)
+        feats = list(feats)
+        for i in range(len(tree), len(out)):
+            parent_prob = out.probs[out.parents[i]] if out.parents[i] >= 0 else 1.0
+            ratio = out.probs[i] / parent_prob if parent_prob > 0 else 0.0
+            rank = min(range(len(rank_probs)), key=lambda r: abs(rank_probs[r] - ratio))
+            feats.append((int(Source.RECYCLED), base[rank], 0))
+        return out, feats
+
+    def accept(self, request_id: str, tree: DraftTree, accepted: Sequence[int], new_tokens: Sequence[int]) -> None:
+        """Extend the request tree with ``new_tokens``; learn acceptance from the verified ``tree``."""
+        req = self._request(request_id)
+        new = [int(t) for t in new_tokens]
+        if self.config.use_request:
+            req.tree.extend(0, new)
+        req.output.extend(new)
+        if self.config.calibrate and len(tree):
+            ok = set(int(i) for i in accepted)
+            for i, key in enumerate(_path_keys(tree)):
+                p = tree.parents[i]
+                if p >= 0 and p not in ok:
+                    continue  # the parent was rejected: this node was never tested
+                feat = req.features.get(key)
+                if feat is not None:
+                    self.calibrator.update(feat[0], feat[1], feat[2], i in ok)
+        req.features = {}
+
+    def observe(self, token_ids: Sequence[int], topk_successor_ids: np.ndarray) -> None:
+        """Recycling feed: ``topk_successor_ids[i]`` are the top-k next tokens after ``token_ids[i]``."""
+        if self.recycler is not None:
+            self.recycler.observe(token_ids, topk_successor_ids)
+
+    def stop_request(self, request_id: str) -> None:
+        """Finish a request: it joins its session tree, its output joins the global tree."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            raise KeyError(f"unknown request {request_id!r}")
+        self.add_history(req.session_id, req.prompt, req.output)
+
+    def add_history(self, session_id: str | None, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> None:
+        """Add a finished call (from a store or another process) as ``stop_request`` would."""
+        cfg = self.config
+        output = [int(t) for t in output_ids]
+        sess = self._session(session_id, create=True)
+        if sess is not None:
+            prompt = [int(t) for t in prompt_ids]
+            new_part = prompt[_common_prefix(prompt, sess.last_prompt):]
+            sess.tree.extend(next(self._seq_ids), new_part + output)
+            sess.last_prompt = prompt + output
+            if sess.tree.num_tokens > cfg.session_max_tokens:
+                sess.tree.evict(cfg.session_max_tokens * 3 // 4)
+        if output:
+            self._global.extend(next(self._seq_ids), output)
+            if self._global.num_tokens > cfg.global_max_tokens:
+                self._global.evict(cfg.global_max_tokens * 3 // 4)
+
+    def forget_session(self, session_id: str) -> None:
+        """Drop a session's tree from memory (the store keeps its history)."""
+        self._sessions.pop(session_id, None)

@@ -1,0 +1,199 @@
+"""Adaptive lookahead: what a forward pass costs, how often drafts are accepted, which tree to verify.
+
+* :class:`CostCurve` -- ``c(k)``, seconds of one forward over ``k`` tree tokens (root included),
+  piecewise linear between measured points, kept fresh from observed step times (EMA).
+* :class:`AcceptanceCalibrator` -- maps a drafter's probability estimate to the acceptance rate
+  actually observed, online, per source (Beta-smoothed bins).
+* :class:`LookaheadPolicy` -- picks the subtree (closed under parents) that maximises
+  ``(expected accepted + 1) / c(1 + size)``; the empty tree when plain decoding (``1 / c(1)``)
+  wins.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from agentspec.draft.base import DraftTree
+
+logger = logging.getLogger(__name__)
+
+# Default model, fp32, 2 CPU threads, 1000-token context (DESIGN.md): (k tree tokens, seconds)
+FP32_CPU_CURVE: tuple[tuple[int, float], ...] = ((1, 0.065), (8, 0.110), (32, 0.181), (64, 0.296), (128, 0.498))
+
+
+class CostCurve:
+    """``c(k)``: seconds of one verification forward over ``k`` tokens, piecewise linear in ``k``."""
+
+    def __init__(self, points: Sequence[tuple[int, float]] = FP32_CPU_CURVE, ema: float = 0.05) -> None:
+        pts = sorted((int(k), float(s)) for k, s in points)
+        if not pts or pts[0][0] < 1 or any(s <= 0 for _, s in pts):
+            raise ValueError(f"expected points (k >= 1, seconds > 0), got {points!r}")
+        if len({k for k, _ in pts}) != len(pts):
+            raise ValueError(f"duplicate k in cost points {points!r}")
+        self.ks = [k for k, _ in pts]
+        self.costs = [s for _, s in pts]
+        self.ema = float(ema)
+
+    def __call__(self, k: int) -> float:
+        """Interpolated cost; flat below the first point, linear extrapolation above the last."""
+        ks, cs = self.ks, self.costs
+        if k <= ks[0] or len(ks) == 1:
+            return cs[0] if k <= ks[0] else cs[0] * k / ks[0]
+        for i in range(1, len(ks)):
+            if k <= ks[i] or i == len(ks) - 1:
+                k0, k1, c0, c1 = ks[i - 1], ks[i], cs[i - 1], cs[i]
+                return c0 + (c1 - c0) * (k - k0) / (k1 - k0)
+        raise AssertionError("unreachable")
+
+    def observe(self, k: int, seconds: float) -> None:
+        """Nudge the knots around ``k`` towards an observed step time (EMA with weight ``ema``)."""
+        if seconds <= 0 or self.ema <= 0:
+            return
+        ratio = seconds / self(k)
+        ks = self.ks
+        if k <= ks[0]:
+            weights = {0: 1.0}
+        elif k >= ks[-1]:
+            weights = {len(ks) - 1: 1.0}
+        else:
+            j = next(i for i, kk in enumerate(ks) if kk >= k)
+            w = (ks[j] - k) / (ks[j] - ks[j - 1])
+            weights = {j - 1: w, j: 1.0 - w}
+        for i, w in weights.items():
+            self.costs[i] *= 1.0 + self.ema * w * (min(ratio, 4.0) - 1.0)
+
+    def points(self) -> list[tuple[int, float]]:
+        return list(zip(self.ks, self.costs))
+
+    @classmethod
+    def measure(cls, forward_fn: Callable[[int], float | None], ks: Sequence[int] = (1, 8, 32, 64),
+                repeats: int = 3) -> CostCurve:
+        """Time ``forward_fn(k)`` (median of ``repeats``). It may return its own seconds, else it is timed."""
+        import time
+
+        points = []
+        for k in ks:
+            samples = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                out = forward_fn(k)
+                samples.append(float(out) if out else time.perf_counter() - t0)
+            points.append((k, statistics.median(samples)))
+        return cls(points)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"points": self.points()}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostCurve:
+        return cls([tuple(p) for p in json.loads(Path(path).read_text())["points"]])
+
+    @classmethod
+    def cached(
+        cls, key: str, forward_fn: Callable[[int], float | None], ks: Sequence[int] = (1, 8, 32, 64)
+    ) -> CostCurve:
+        """The curve stored as ``$AGENTSPEC_HOME/cost_curves/<key>.json``, measured once if missing."""
+        from agentspec.model import agentspec_home
+
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
+        path = agentspec_home() / "cost_curves" / f"{safe}.json"
+        if path.is_file():
+            try:
+                return cls.load(path)
+            except (ValueError, KeyError, TypeError) as exc:
+                logger.warning("ignoring unreadable cost curve %s (%s)", path, exc)
+        curve = cls.measure(forward_fn, ks)
+        curve.save(path)
+        return curve
+
+
+class AcceptanceCalibrator:
+    """Online map from (source, probability estimate, match length) to the observed acceptance rate.
+
+    Each bucket keeps Beta-smoothed counts: ``predict = (accepted + w*p) / (seen + w)``, where the
+    prior ``p`` is the estimate itself, so an empty bucket returns the estimate unchanged. Old
+    evidence decays once a bucket holds ``max_count`` observations.
+    """
+
+    def __init__(self, num_bins: int = 10, prior_weight: float = 8.0, max_count: float = 2000.0,
+                 match_edges: Sequence[int] = (2, 4, 8, 16, 32)) -> None:
+        self.num_bins = int(num_bins)
+        self.prior_weight = float(prior_weight)
+        self.max_count = float(max_count)
+        self.match_edges = tuple(match_edges)
+        self._seen: dict[tuple[int, int, int], float] = {}
+        self._accepted: dict[tuple[int, int, int], float] = {}
+
+    def _key(self, source: int, prob: float, match_len: int) -> tuple[int, int, int]:
+        b = min(int(prob * self.num_bins), self.num_bins - 1)
+        m = sum(1 for e in self.match_edges if match_len >= e)
+        return int(source), b, m
+
+    def predict(self, source: int, prob: float, match_len: int = 0) -> float:
+        """Calibrated acceptance probability of an estimate ``prob`` in [0, 1]."""
+        key = self._key(source, prob, match_len)
+        seen = self._seen.get(key, 0.0)
+        return (self._accepted.get(key, 0.0) + self.prior_weight * prob) / (seen + self.prior_weight)
+
+    def update(self, source: int, prob: float, match_len: int, accepted: bool) -> None:
+        """Record one verified guess."""
+        key = self._key(source, prob, match_len)
+        seen = self._seen.get(key, 0.0) + 1.0
+        acc = self._accepted.get(key, 0.0) + (1.0 if accepted else 0.0)
+        if seen > self.max_count:
+            seen, acc = seen * 0.5, acc * 0.5
+        self._seen[key], self._accepted[key] = seen, acc
+
+    def to_dict(self) -> dict:
+        return {f"{s}/{b}/{m}": [self._accepted[(s, b, m)], n] for (s, b, m), n in self._seen.items()}
+
+
+class LookaheadPolicy:
+    """Prune a draft tree to the subtree that maximises ``(expected accepted + 1) / c(1 + size)``."""
+
+    def __init__(self, cost: CostCurve | None = None, max_tokens: int | None = None) -> None:
+        self.cost = cost or CostCurve()
+        self.max_tokens = max_tokens
+
+    @classmethod
+    def for_engine(cls, engine) -> LookaheadPolicy:
+        """A policy with the engine's cost curve, measured once per model/dtype/device and cached."""
+        import torch
+
+        dtype = str(engine.dtype).replace("torch.", "")
+        key = f"{engine.model_name}-{dtype}-{engine.device}-t{torch.get_num_threads()}"
+        return cls(CostCurve.cached(key, engine.forward_cost))
+
+    def select(self, tree: DraftTree) -> DraftTree:
+        """The best subtree closed under parents (maybe empty).
+
+        Path probabilities are made non-increasing (``p_i <- min(p_i, p_parent)``); then for each
+        size ``k`` the best subtree is the ``k`` most probable nodes, so one sort decides it.
+        """
+        n = len(tree)
+        if n == 0:
+            return tree
+        eff: list[float] = []
+        for i, p in enumerate(tree.parents):
+            q = max(0.0, float(tree.probs[i]))
+            eff.append(min(q, eff[p]) if p >= 0 else q)
+        order = sorted(range(n), key=lambda i: (-eff[i], i))
+        limit = n if self.max_tokens is None else min(n, self.max_tokens)
+        best_k, best_value, gained = 0, 1.0 / self.cost(1), 0.0
+        for k in range(1, limit + 1):
+            gained += eff[order[k - 1]]
+            value = (gained + 1.0) / self.cost(1 + k)
+            if value > best_value:
+                best_k, best_value = k, value
+        if best_k == n:
+            return tree
+        return tree.subtree(order[:best_k])
+
+    def observe(self, k: int, seconds: float) -> None:
+        """Feed an observed verification time for ``k`` tree tokens into the cost curve."""
+        self.cost.observe(k, seconds)
