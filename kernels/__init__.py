@@ -2,7 +2,7 @@
 
 ``tree_attention(q, k, v, tree_mask, prefix_len)`` picks the backend (Triton on CUDA, else torch);
 ``register_attention()`` makes it available to transformers as ``attn_implementation="agentspec_tree"``.
-The Triton module (``agentspec.kernels.tree_attention``) is imported only when it is used.
+The Triton module (``agentspec.kernels.triton_tree``) is imported only when it is used.
 """
 
 from .dispatch import ATTN_NAME, register_attention, tree_attention, tree_attention_forward, triton_available

@@ -30,7 +30,7 @@ ATTN_NAME = "agentspec_tree"
 def triton_available() -> bool:
     """True when the Triton kernel module imports (triton installed and importable)."""
     try:
-        from . import tree_attention as _  # noqa: F401  (imports triton)
+        from . import triton_tree as _  # noqa: F401  (imports triton)
     except Exception:  # ImportError, or a broken triton install
         return False
     return True
@@ -46,7 +46,7 @@ def tree_attention(
     or [B, T, T] bool (True = node i sees node j), prefix_len = P. Returns [B, H, T, D] in q's dtype.
     """
     if q.is_cuda and triton_available():
-        from .tree_attention import triton_tree_attention
+        from .triton_tree import triton_tree_attention
 
         return triton_tree_attention(q, k, v, tree_mask, prefix_len, scale)
     return split_tree_attention(q, k, v, tree_mask, prefix_len, scale)

@@ -1,0 +1,300 @@
+"""Tree attention: split (LSE-merged) reference == masked softmax, Triton (interpreter) == reference,
+and the registered transformers attention gives SDPA's logits on a tiny Llama."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from agentspec.kernels import dispatch
+from agentspec.kernels.reference import masked_attention, split_tree_attention
+
+
+def tree_mask_from_parents(parents: list[int]) -> torch.Tensor:
+    """[T, T] bool: node i sees itself and its ancestors (parents[i] < i, -1 = root)."""
+    t = len(parents)
+    mask = torch.zeros(t, t, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            mask[i] = mask[p]
+        mask[i, i] = True
+    return mask
+
+
+def random_parents(t: int, rng: random.Random) -> list[int]:
+    return [-1] + [rng.randrange(i) for i in range(1, t)]
+
+
+TREES = {
+    "single": [-1],
+    "chain": [-1, 0, 1, 2, 3],
+    "star": [-1, 0, 0, 0, 0, 0],
+    "binary": [-1, 0, 0, 1, 1, 2, 2],
+    "forest": [-1, -1, 0, 1, -1, 4],  # several roots (siblings of the committed prefix)
+    "random20": random_parents(20, random.Random(1)),
+}
+
+
+def qkv(b: int, h: int, hkv: int, t: int, p: int, d: int, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, t, d, generator=g)
+    k = torch.randn(b, hkv, p + t, d, generator=g)
+    v = torch.randn(b, hkv, p + t, d, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def sdpa_tree(q, k, v, tree_mask, p):
+    """Independent check: torch SDPA with the full [T, P+T] bool mask and repeated kv heads."""
+    n_rep = q.shape[1] // k.shape[1]
+    t = q.shape[2]
+    full = torch.cat([torch.ones(*tree_mask.shape[:-1], p, dtype=torch.bool), tree_mask], dim=-1)
+    full = full.reshape(-1, 1, t, p + t)
+    k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=full)
+
+
+# ---------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("tree", list(TREES))
+@pytest.mark.parametrize("b,h,hkv,p,d", [(1, 1, 1, 0, 8), (2, 4, 2, 7, 16), (1, 6, 1, 33, 32), (3, 4, 4, 1, 8)])
+def test_split_reference_equals_masked_softmax(tree, b, h, hkv, p, d):
+    mask = tree_mask_from_parents(TREES[tree])
+    q, k, v = qkv(b, h, hkv, len(mask), p, d)
+    plain = masked_attention(q, k, v, mask, p)
+    split = split_tree_attention(q, k, v, mask, p)
+    assert plain.shape == q.shape and split.dtype == q.dtype
+    torch.testing.assert_close(split, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain, sdpa_tree(q, k, v, mask, p), atol=1e-5, rtol=0)
+
+
+def test_per_batch_tree_masks():
+    rng = random.Random(3)
+    masks = torch.stack([tree_mask_from_parents(random_parents(9, rng)) for _ in range(3)])  # [B, T, T]
+    q, k, v = qkv(3, 4, 2, 9, 5, 8)
+    split = split_tree_attention(q, k, v, masks, 5)
+    torch.testing.assert_close(split, masked_attention(q, k, v, masks, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(split, sdpa_tree(q, k, v, masks, 5), atol=1e-5, rtol=0)
+    # each batch row really uses its own mask
+    assert not torch.allclose(split[0], split_tree_attention(q, k, v, masks[1], 5)[0], atol=1e-3)
+
+
+def test_tree_mask_changes_the_output():
+    q, k, v = qkv(1, 2, 1, 5, 4, 8)
+    chain, star = tree_mask_from_parents(TREES["chain"]), tree_mask_from_parents([-1, 0, 0, 0, 0])
+    a, b = split_tree_attention(q, k, v, chain, 4), split_tree_attention(q, k, v, star, 4)
+    torch.testing.assert_close(a[:, :, :2], b[:, :, :2], atol=1e-6, rtol=0)  # rows 0, 1 see the same keys
+    assert (a[:, :, 2:] - b[:, :, 2:]).abs().amax() > 1e-3
+
+
+def test_rows_that_see_nothing_give_zero_not_nan():
+    q, k, v = qkv(1, 2, 1, 3, 4, 8)  # P = 4 prefix keys, then 3 tree keys
+    mask = torch.zeros(3, 3, dtype=torch.bool)
+    tree_k, tree_v = k[:, :, 4:], v[:, :, 4:]
+    assert torch.equal(split_tree_attention(q, tree_k, tree_v, mask, 0), torch.zeros_like(q))
+    assert torch.equal(masked_attention(q, tree_k, tree_v, mask, 0), torch.zeros_like(q))
+    # with a prefix, an empty tree row is attention over the prefix alone
+    prefix_k, prefix_v = k[:, :, :4].expand(-1, 2, -1, -1), v[:, :, :4].expand(-1, 2, -1, -1)  # 1 -> 2 heads
+    only_prefix = F.scaled_dot_product_attention(q, prefix_k, prefix_v)
+    torch.testing.assert_close(split_tree_attention(q, k, v, mask, 4), only_prefix, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "shapes,mask_shape,p,match",
+    [
+        (((1, 4, 3, 8), (1, 3, 7, 8)), (3, 3), 4, "Hkv dividing H"),
+        (((1, 4, 3, 8), (1, 2, 7, 8)), (3, 3), 5, "prefix_len"),
+        (((1, 4, 3, 8), (1, 2, 7, 8)), (2, 2), 4, "tree_mask"),
+        (((1, 4, 3), (1, 2, 7, 8)), (3, 3), 4, "4D"),
+    ],
+)
+def test_bad_shapes_raise_with_the_shapes(shapes, mask_shape, p, match):
+    q, k = torch.zeros(shapes[0]), torch.zeros(shapes[1])
+    with pytest.raises(ValueError, match=match):
+        split_tree_attention(q, k, k, torch.ones(mask_shape, dtype=torch.bool), p)
+
+
+def test_dispatch_on_cpu_is_the_reference():
+    mask = tree_mask_from_parents(TREES["binary"])
+    q, k, v = qkv(2, 4, 2, 7, 9, 16)
+    assert torch.equal(dispatch.tree_attention(q, k, v, mask, 9), split_tree_attention(q, k, v, mask, 9))
+
+
+# ---------------------------------------------------------------- Triton (interpreter on CPU)
+
+
+# triton decides interpreter vs compiled when it is first imported (its tl.* library functions are
+# jitted then), and importing transformers' models imports triton. So the interpreter cases run in
+# a fresh process with TRITON_INTERPRET=1 set from the start; in this process they are skipped.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@pytest.fixture(scope="module")
+def triton_kernel():
+    """agentspec.kernels.triton_tree in triton's interpreter (CPU tensors)."""
+    if not INTERPRETING:
+        pytest.skip("run by test_triton_kernel_in_interpreter_subprocess (needs TRITON_INTERPRET=1 at start-up)")
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+    from agentspec.kernels import triton_tree
+
+    assert triton_tree.INTERPRET
+    return triton_tree
+
+
+@pytest.mark.skipif(INTERPRETING, reason="this process is the interpreter run")
+def test_triton_kernel_in_interpreter_subprocess():
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton_interp"]
+    run = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                         timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
+@pytest.mark.parametrize(
+    "b,h,hkv,tree,p,d",
+    [
+        (1, 2, 1, "binary", 5, 8),  # GQA 2:1, head dim padded to 16
+        (2, 4, 2, "random20", 19, 16),  # two query blocks, prefix not a multiple of the key block
+        (1, 2, 2, "chain", 0, 16),  # no prefix: tree part only
+        (1, 3, 1, "forest", 40, 24),  # several key blocks, D not a power of two
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_interp_matches_reference(triton_kernel, b, h, hkv, tree, p, d, dtype):
+    mask = tree_mask_from_parents(TREES[tree])
+    q, k, v = qkv(b, h, hkv, len(mask), p, d, dtype, seed=p + d)
+    got = triton_kernel.triton_tree_attention(q, k, v, mask, p)
+    want = split_tree_attention(q, k, v, mask, p)  # fp32 maths on the same (rounded) inputs
+    assert got.dtype == dtype and got.shape == q.shape
+    atol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0)
+
+
+def test_triton_interp_batched_mask_and_empty_rows(triton_kernel):
+    rng = random.Random(5)
+    masks = torch.stack([tree_mask_from_parents(random_parents(6, rng)) for _ in range(2)])
+    masks[1, 3] = False  # a row with no tree key: prefix only
+    q, k, v = qkv(2, 2, 1, 6, 3, 16)
+    got = triton_kernel.triton_tree_attention(q, k, v, masks, 3)
+    torch.testing.assert_close(got, split_tree_attention(q, k, v, masks, 3), atol=1e-5, rtol=0)
+    empty = triton_kernel.triton_tree_attention(q, k[:, :, 3:], v[:, :, 3:], torch.zeros(6, 6, dtype=torch.bool), 0)
+    assert torch.equal(empty, torch.zeros_like(q))
+
+
+# ---------------------------------------------------------------- transformers integration
+
+
+def _tree_forward_inputs(parents: list[int], past: int, dtype: torch.dtype, vocab: int, seed: int = 0):
+    """ids [1, T], position_ids [1, T] (past + depth) and a float 4D mask [1, 1, T, past + T] (0 / dtype min)."""
+    t = len(parents)
+    tree = tree_mask_from_parents(parents)
+    depth = tree.sum(-1) - 1  # number of ancestors
+    allowed = torch.cat([torch.ones(t, past, dtype=torch.bool), tree], dim=-1)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    ids = torch.randint(3, vocab, (1, t), generator=torch.Generator().manual_seed(seed))
+    return ids, (past + depth)[None], mask[None, None]
+
+
+def _prefill_then_tree(model, prompt, tree_ids, positions, mask, spy=None):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        first = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits
+        second = model(input_ids=tree_ids, position_ids=positions, attention_mask=mask,
+                       past_key_values=cache, use_cache=True).logits
+    return first, second
+
+
+@pytest.fixture
+def tree_model(tiny_model, monkeypatch):
+    """A copy of the tiny Llama on attn_implementation="agentspec_tree", counting tree-path calls."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert dispatch.register_attention() == "agentspec_tree"
+    assert ALL_ATTENTION_FUNCTIONS["agentspec_tree"] is dispatch.tree_attention_forward
+    calls = []
+    real = dispatch.tree_attention
+
+    def counting(q, k, v, tree_mask, prefix_len, scale=None):
+        calls.append((tuple(q.shape), prefix_len))
+        return real(q, k, v, tree_mask, prefix_len, scale)
+
+    monkeypatch.setattr(dispatch, "tree_attention", counting)
+    model = copy.deepcopy(tiny_model)
+    model.config._attn_implementation = "agentspec_tree"
+    return model, calls
+
+
+@pytest.mark.parametrize("tree", ["chain", "binary", "random20"])
+def test_registered_attention_matches_sdpa_logits(tiny_model, tree_model, tree):
+    model, calls = tree_model
+    parents, past = TREES[tree], 11
+    prompt = torch.randint(3, 512, (1, past), generator=torch.Generator().manual_seed(7))
+    ids, positions, mask = _tree_forward_inputs(parents, past, torch.float32, 512)
+    want = _prefill_then_tree(tiny_model, prompt, ids, positions, mask)
+    got = _prefill_then_tree(model, prompt, ids, positions, mask)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)  # causal prefill (no mask given)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)  # tree-masked step
+    n_layers = model.config.num_hidden_layers
+    # prefill: P = 0 with the causal mask as tree; tree step: P = past with the tree mask
+    assert calls == [((1, 4, past, 16), 0)] * n_layers + [((1, 4, len(parents), 16), past)] * n_layers
+
+
+def test_registered_attention_bool_mask_and_padding_fallback(tiny_model, tree_model):
+    model, calls = tree_model
+    ids = torch.randint(3, 512, (2, 10), generator=torch.Generator().manual_seed(2))
+    pad = torch.ones(2, 10, dtype=torch.long)
+    pad[1, :3] = 0  # left padding in row 1
+
+    def prefill_and_step(m):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=m.config)
+        with torch.no_grad():
+            first = m(input_ids=ids[:, :9], attention_mask=pad[:, :9], past_key_values=cache).logits
+            step = m(input_ids=ids[:, 9:], attention_mask=pad, past_key_values=cache).logits
+        return first, step
+
+    (want_1, want_2), (got_1, got_2) = prefill_and_step(tiny_model), prefill_and_step(model)
+    torch.testing.assert_close(got_1[0], want_1[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_1[1, 3:], want_1[1, 3:], atol=1e-5, rtol=0)  # padded rows are don't-care
+    torch.testing.assert_close(got_2, want_2, atol=1e-5, rtol=0)
+    n_layers = model.config.num_hidden_layers
+    # prefill: P = 0, the padded causal mask is the "tree" part; step: padded prefix -> masked-softmax fallback
+    assert calls == [((2, 4, 9, 16), 0)] * n_layers
+    # a bool 4D tree mask gives the same logits as the float one
+    parents, past = TREES["binary"], 0
+    tids, positions, fmask = _tree_forward_inputs(parents, past, torch.float32, 512)
+    with torch.no_grad():
+        a = model(input_ids=tids, position_ids=positions, attention_mask=fmask).logits
+        b = model(input_ids=tids, position_ids=positions, attention_mask=fmask == 0).logits
+        c = tiny_model(input_ids=tids, position_ids=positions, attention_mask=fmask == 0).logits
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
+
+
+def test_dropout_is_refused():
+    q, k, v = qkv(1, 2, 1, 3, 2, 8)
+    with pytest.raises(ValueError, match="dropout"):
+        dispatch.tree_attention_forward(torch.nn.Module(), q, k, v, None, dropout=0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernel)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_cuda_matches_reference(dtype):
+    pytest.importorskip("triton", reason="triton is not installed")
+    assert dispatch.triton_available()
+    mask = tree_mask_from_parents(random_parents(70, random.Random(0)))
+    q, k, v = (x.cuda() for x in qkv(2, 8, 2, 70, 300, 64, dtype))
+    got = dispatch.tree_attention(q, k, v, mask.cuda(), 300)
+    want = split_tree_attention(q, k, v, mask.cuda(), 300)
+    atol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0)
