@@ -1,0 +1,398 @@
+"""Replay recorded agent trajectories through agentspec, one engine session per trajectory.
+
+Two modes, one report (:class:`ReplayReport`, a :class:`CallRecord` per call):
+
+* ``simulate``: teacher-forced drafting (no model forward). The recorded completion decides
+  how many drafted tokens are accepted; the drafting code is :mod:`agentspec.simulate`'s.
+* ``live``: the engine generates each call from its recorded prompt (fitted to the window
+  minus ``max_new_tokens`` by dropping the oldest turns), with ``session`` = trajectory id,
+  calls in order, so the session's suffix trees grow as the agent's did. ``baseline=True``
+  also runs plain HF ``generate`` (greedy) on the same prompt ids right before each call,
+  for side-by-side speedups and a token-for-token identity check.
+
+Typical use::
+
+    sessions = load_sessions("../shared/data/swe_agent", limit=2)
+    report = replay_live(Engine.from_pretrained(), sessions, max_new_tokens=64, baseline=True)
+    Console().print(render_summary(report)); plot_report(report, "replay.png")
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentspec import chat
+from agentspec.trajectories import Session, tokenize_call
+
+MODES = ("simulate", "live")
+
+
+@dataclass
+class CallRecord:
+    """What one replayed call did. Timing and baseline fields are ``None`` where not measured."""
+
+    session: str
+    index: int  # call index within the session (0-based, recorded order)
+    prompt_tokens: int
+    output_tokens: int
+    steps: int  # verification steps (target forwards in the decode loop)
+    drafted: int = 0
+    accepted: int = 0
+    fitted: bool = False  # the prompt was shortened to fit the window
+    prefill_seconds: float | None = None
+    decode_seconds: float | None = None
+    total_seconds: float | None = None
+    baseline_tokens: int | None = None
+    baseline_decode_seconds: float | None = None
+    baseline_total_seconds: float | None = None
+    identical: bool | None = None  # live output == plain greedy output, token for token
+    modelled_seconds: float | None = None  # simulate: step costs on the fp32 cost curve
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.output_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of output tokens that came from accepted drafts."""
+        return self.accepted / self.output_tokens if self.output_tokens else 0.0
+
+
+@dataclass
+class ReplayReport:
+    """All replayed calls plus what was skipped and why."""
+
+    mode: str
+    calls: list[CallRecord] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "<where>: <reason>"
+    info: dict[str, Any] = field(default_factory=dict)  # model, settings, simulation extras
+
+    def _sum(self, name: str) -> float:
+        return sum(getattr(c, name) or 0 for c in self.calls)
+
+    @property
+    def sessions(self) -> int:
+        return len({c.session for c in self.calls})
+
+    @property
+    def output_tokens(self) -> int:
+        return int(self._sum("output_tokens"))
+
+    @property
+    def tokens_per_step(self) -> float:
+        steps = self._sum("steps")
+        return self.output_tokens / steps if steps else 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        return self._sum("accepted") / self.output_tokens if self.output_tokens else 0.0
+
+    @property
+    def drafted_per_step(self) -> float:
+        steps = self._sum("steps")
+        return self._sum("drafted") / steps if steps else 0.0
+
+    def decode_speedup(self) -> float | None:
+        """Decode tokens/s of agentspec over plain HF greedy (live with baseline only).
+
+        Decode tokens exclude the first token of each call (it comes out of prefill)."""
+        calls = [c for c in self.calls if c.baseline_decode_seconds and c.decode_seconds]
+        if not calls:
+            return None
+        ours = sum(max(c.output_tokens - 1, 0) for c in calls) / sum(c.decode_seconds for c in calls)
+        base = sum(max(c.baseline_tokens - 1, 0) for c in calls) / sum(c.baseline_decode_seconds for c in calls)
+        return ours / base if base else None
+
+    def end_to_end_speedup(self) -> float | None:
+        """Wall time of plain HF ``generate`` over agentspec's, whole calls (prefill included)."""
+        calls = [c for c in self.calls if c.baseline_total_seconds and c.total_seconds]
+        if not calls:
+            return None
+        return sum(c.baseline_total_seconds for c in calls) / sum(c.total_seconds for c in calls)
+
+    def modelled_speedup(self) -> float | None:
+        """Simulate: completion tokens x c(1) / sum of modelled step costs (see data/README.md)."""
+        if "modelled_speedup" in self.info:
+            return self.info["modelled_speedup"]
+        return None
+
+    def to_dict(self) -> dict:
+        calls = [asdict(c) | {"tokens_per_step": c.tokens_per_step, "hit_rate": c.hit_rate} for c in self.calls]
+        return {
+            "mode": self.mode,
+            "summary": {
+                "sessions": self.sessions, "calls": len(self.calls), "output_tokens": self.output_tokens,
+                "tokens_per_step": self.tokens_per_step, "drafted_per_step": self.drafted_per_step,
+                "hit_rate": self.hit_rate, "decode_speedup": self.decode_speedup(),
+                "end_to_end_speedup": self.end_to_end_speedup(), "modelled_speedup": self.modelled_speedup(),
+                "identical": sum(bool(c.identical) for c in self.calls if c.identical is not None),
+                "compared": sum(c.identical is not None for c in self.calls),
+                "skipped": len(self.skipped),
+            },
+            "info": self.info,
+            "calls": calls,
+            "skipped": self.skipped,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`to_dict` as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+# ---------------------------------------------------------------------------------------- live
+def _hf_generate(engine, prompt_ids: list[int], max_new_tokens: int):
+    # the plain-HF baseline lives with the benchmarks; one implementation for both tools
+    from agentspec.bench import hf_generate
+
+    return hf_generate(engine.model, prompt_ids, max_new_tokens, engine.eos_ids)
+
+
+def replay_live(
+    engine,
+    sessions: Sequence[Session],
+    *,
+    max_new_tokens: int = 128,
+    max_context: int | None = None,
+    baseline: bool = False,
+    on_call: Callable[[CallRecord | None], None] | None = None,
+) -> ReplayReport:
+    """Generate every recorded call with ``engine``, session by session, calls in order.
+
+    The prompt of each call is the recorded one, fitted to ``min(max_context, window) -
+    max_new_tokens`` tokens (oldest turns dropped; a call that cannot fit is skipped with a
+    note). ``on_call`` gets each :class:`CallRecord` (``None`` for a skipped call).
+    """
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    window = min(max_context or engine.context_window, engine.context_window)
+    budget = window - max_new_tokens
+    if budget <= 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a {window}-token window")
+    report = ReplayReport("live", info={"model": getattr(engine, "model_name", ""), "max_new_tokens": max_new_tokens,
+                                        "window": window, "baseline": baseline})
+    for session in sessions:
+        for index, call in enumerate(session.calls):
+            record = _live_call(engine, session, index, call, budget, max_new_tokens, baseline, report)
+            if on_call:
+                on_call(record)
+    return report
+
+
+def _live_call(engine, session: Session, index: int, call, budget: int, max_new_tokens: int, baseline: bool,
+               report: ReplayReport) -> CallRecord | None:
+    where = f"{session.id} call {index}"
+    try:
+        prompt_ids = chat.prompt_ids(engine.tokenizer, call.messages)
+        full = len(prompt_ids)
+        if full > budget:  # drop the oldest turns (system prompt and task kept)
+            pair = tokenize_call(engine.tokenizer, call, budget)
+            if pair is None:
+                report.skipped.append(f"{where}: prompt of {full} tokens cannot be fitted to {budget} tokens")
+                return None
+            prompt_ids = pair[0]
+    except Exception as exc:  # e.g. a message the chat template rejects: skip the call, keep going
+        report.skipped.append(f"{where}: cannot render the prompt ({exc})")
+        return None
+    record = CallRecord(session.id, index, len(prompt_ids), 0, 0, fitted=len(prompt_ids) < full)
+    if baseline:
+        ids, decode, total, _ = _hf_generate(engine, prompt_ids, max_new_tokens)
+        record.baseline_tokens, record.baseline_decode_seconds, record.baseline_total_seconds = len(ids), decode, total
+    t0 = time.perf_counter()
+    try:
+        result = engine.generate(prompt_ids, session=session.id, max_new_tokens=max_new_tokens)
+    except ValueError as exc:
+        report.skipped.append(f"{where}: {exc}")
+        return None
+    record.total_seconds = time.perf_counter() - t0
+    stats = result.stats
+    record.output_tokens = len(result.token_ids)
+    record.steps, record.drafted, record.accepted = stats.steps, stats.drafted_tokens, stats.accepted_tokens
+    record.prefill_seconds, record.decode_seconds = stats.prefill_seconds, stats.decode_seconds
+    if baseline:
+        record.identical = result.token_ids == ids
+    report.calls.append(record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------- simulate
+class _CallRecorder:
+    """A drafter proxy: :func:`agentspec.simulate.simulate_sessions` drives the real drafter
+    through it, and it turns the calls it sees into :class:`CallRecord` s (the simulation
+    itself stays in one place, :mod:`agentspec.simulate`)."""
+
+    def __init__(self, inner, order: list[tuple[str, int]], cost, on_call) -> None:
+        self._inner = inner
+        self._order = iter(order)  # (session id, call index) of each call, in simulation order
+        self._cost = cost
+        self._on_call = on_call
+        self._open: dict[str, CallRecord] = {}
+        self.records: list[CallRecord] = []
+
+    def start_request(self, request_id: str, session_id: str | None, prompt_ids) -> None:
+        sid, index = next(self._order)
+        self._open[request_id] = CallRecord(sid, index, len(prompt_ids), 0, 0, modelled_seconds=0.0)
+        self._inner.start_request(request_id, session_id, prompt_ids)
+
+    def propose(self, request_id: str, budget: int):
+        return self._inner.propose(request_id, budget)
+
+    def accept(self, request_id: str, tree, accepted, new_tokens) -> None:
+        r = self._open[request_id]
+        r.steps += 1
+        r.drafted += len(tree)
+        r.accepted += len(accepted)
+        r.output_tokens += len(new_tokens)
+        r.modelled_seconds += self._cost(1 + len(tree))
+        self._inner.accept(request_id, tree, accepted, new_tokens)
+
+    def stop_request(self, request_id: str) -> None:
+        self._inner.stop_request(request_id)
+        record = self._open.pop(request_id)
+        self.records.append(record)
+        if self._on_call:
+            self._on_call(record)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+def replay_simulate(
+    sessions: Sequence[Session],
+    tokenizer,
+    *,
+    max_prompt_tokens: int | None = None,
+    drafter_factory: Callable[[], Any] | None = None,
+    policy: bool = True,
+    budget: int = 32,
+    on_call: Callable[[CallRecord | None], None] | None = None,
+) -> ReplayReport:
+    """Teacher-forced drafting over ``sessions`` (no model forward), via
+    :func:`agentspec.simulate.simulate_sessions`, with a :class:`CallRecord` per call.
+
+    Prompts are tokenised with ``tokenizer`` (fitted to ``max_prompt_tokens`` if given), the
+    completion is the recorded one plus EOS. ``policy=False`` verifies every proposed tree as is.
+    The modelled speedup uses the fp32 cost curve of DESIGN.md.
+    """
+    from agentspec.lookahead import CostCurve
+    from agentspec.simulate import simulate_sessions
+
+    report = ReplayReport("simulate", info={"max_prompt_tokens": max_prompt_tokens, "policy": policy,
+                                            "budget": budget})
+    tokenized, order = [], []
+    for session in sessions:
+        calls = []
+        for index, call in enumerate(session.calls):
+            where = f"{session.id} call {index}"
+            try:
+                pair = tokenize_call(tokenizer, call, max_prompt_tokens)
+            except Exception as exc:  # e.g. a message the chat template rejects
+                report.skipped.append(f"{where}: cannot render the prompt ({exc})")
+                pair = None
+            else:
+                if pair is None:
+                    report.skipped.append(f"{where}: prompt cannot be fitted to {max_prompt_tokens} tokens")
+            if pair is None:
+                if on_call:
+                    on_call(None)
+                continue
+            calls.append(pair)
+            order.append((session.id, index))
+        if calls:
+            tokenized.append(calls)
+    if drafter_factory is None:
+        from agentspec.draft.builder import SuffixDrafter
+
+        drafter_factory = SuffixDrafter
+    cost = CostCurve()
+    recorder: list[_CallRecorder] = []
+
+    def factory():
+        recorder.append(_CallRecorder(drafter_factory(), order, cost, on_call))
+        return recorder[-1]
+
+    sim = simulate_sessions(tokenized, drafter_factory=factory, cost_curve=cost, policy=policy, budget=budget)
+    report.calls = recorder[0].records if recorder else []
+    report.info["modelled_speedup"] = sim.speedup
+    report.info["simulation"] = sim.to_dict()
+    return report
+
+
+# ---------------------------------------------------------------------------------------- output
+def render_summary(report: ReplayReport):
+    """A rich table: calls, tokens, tokens per step, hit rate, speedups where measured."""
+    from rich.table import Table
+
+    table = Table(title=f"agentspec replay ({report.mode}): {report.sessions} sessions, {len(report.calls)} calls")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("calls replayed", str(len(report.calls))),
+        ("calls skipped", str(len(report.skipped))),
+        ("prompts fitted (oldest turns dropped)", str(sum(c.fitted for c in report.calls))),
+        ("output tokens", f"{report.output_tokens:,}"),
+        ("tokens / verification step", f"{report.tokens_per_step:.2f}"),
+        ("drafted / step", f"{report.drafted_per_step:.1f}"),
+        ("hit rate (tokens from drafts)", f"{report.hit_rate:.1%}"),
+    ]
+    for label, value in (("modelled speedup (fp32 cost curve)", report.modelled_speedup()),
+                         ("decode speedup vs HF greedy", report.decode_speedup()),
+                         ("end-to-end speedup vs HF greedy", report.end_to_end_speedup())):
+        if value is not None:
+            rows.append((label, f"{value:.2f}x"))
+    compared = [c for c in report.calls if c.identical is not None]
+    if compared:
+        rows.append(("identical to HF greedy", f"{sum(c.identical for c in compared)}/{len(compared)}"))
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def plot_report(report: ReplayReport, path: str | Path) -> Path:
+    """Save a PNG: tokens per verification step vs call index within the session (one faint line
+    per session, the mean in bold), and the cumulative hit rate over all calls in replay order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    by_session: dict[str, list[CallRecord]] = {}
+    for c in report.calls:
+        by_session.setdefault(c.session, []).append(c)
+    for calls in by_session.values():
+        left.plot([c.index for c in calls], [c.tokens_per_step for c in calls], color="tab:blue", alpha=0.25, lw=1)
+    sums: dict[int, list[float]] = {}
+    for c in report.calls:
+        sums.setdefault(c.index, []).append(c.tokens_per_step)
+    xs = sorted(sums)
+    left.plot(xs, [sum(sums[x]) / len(sums[x]) for x in xs], color="tab:blue", lw=2.5, label="mean over sessions")
+    left.axhline(1.0, color="grey", ls=":", lw=1)
+    left.set(xlabel="call index within the session", ylabel="tokens per verification step",
+             title="Tokens per step by position in the session")
+    left.legend(loc="upper left")
+
+    accepted = output = 0
+    cumulative = []
+    boundaries = []
+    for i, c in enumerate(report.calls):
+        if i and c.session != report.calls[i - 1].session:
+            boundaries.append(i)
+        accepted += c.accepted
+        output += c.output_tokens
+        cumulative.append(accepted / output if output else 0.0)
+    right.plot(range(len(cumulative)), cumulative, color="tab:green", lw=2)
+    for b in boundaries:
+        right.axvline(b, color="grey", alpha=0.2, lw=0.8)
+    right.set(xlabel="call (replay order; grey lines = new session)", ylabel="cumulative hit rate",
+              title="Share of output tokens from accepted drafts", ylim=(0, 1))
+    fig.suptitle(f"agentspec replay ({report.mode}): {report.sessions} sessions, {len(report.calls)} calls")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
