@@ -11,9 +11,10 @@ keys ``P .. P+T-1`` under the tree mask, giving ``(O_t, L_t)``; and merges them 
 ``w = sigmoid(L_p - L_t)``, ``O = w O_p + (1 - w) O_t``. Rows that see no key give 0.
 
 This module imports triton at the top: import it lazily (``agentspec.kernels.dispatch`` does, only
-when it uses it). triton decides at ``@triton.jit`` time whether kernels run compiled or in its
-numpy interpreter: with ``TRITON_INTERPRET=1`` set before this module is imported, the kernel runs
-on CPU tensors (slow; for tests). ``INTERPRET`` records the mode this module was imported under.
+when it uses it). triton picks compiled or interpreted kernels when it is first imported in the
+process (its ``tl`` library functions are jitted then), so ``TRITON_INTERPRET=1`` must be set before
+anything imports triton (importing transformers' models does); the kernel then runs on CPU tensors
+(slow; for tests). ``INTERPRET`` records the mode.
 """
 
 from __future__ import annotations
@@ -101,7 +102,6 @@ def _tree_attention_fwd(
     out = w * o_p + (1.0 - w) * o_t
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=q_mask)
-
 
 
 def triton_tree_attention(
