@@ -113,52 +113,85 @@ class CostCurve:
 
 
 class AcceptanceCalibrator:
-    """Online map from (source, probability estimate, match length) to the observed acceptance rate.
+    """Online map from a drafter's estimate to the observed acceptance rate, per source.
 
-    Each bucket keeps Beta-smoothed counts: ``predict = (accepted + w*p) / (seen + w)``, where the
-    prior ``p`` is the estimate itself, so an empty bucket returns the estimate unchanged. Old
-    evidence decays once a bucket holds ``max_count`` observations.
+    Buckets: (source, estimate bin, match-length bin, support bin), where the match length is the
+    number of context tokens the draft matched (plus the node's depth) and the support is how
+    often the matched context occurred. Each bucket keeps Beta-smoothed counts:
+    ``predict = (accepted + w*p) / (seen + w)`` with the estimate ``p`` itself as the prior, so an
+    empty bucket returns the estimate unchanged. Old evidence decays once a bucket is full.
     """
 
     def __init__(self, num_bins: int = 10, prior_weight: float = 8.0, max_count: float = 2000.0,
-                 match_edges: Sequence[int] = (2, 4, 8, 16, 32)) -> None:
+                 match_edges: Sequence[int] = (2, 4, 8, 16, 32),
+                 support_edges: Sequence[int] = (2, 3, 5, 9, 17)) -> None:
         self.num_bins = int(num_bins)
         self.prior_weight = float(prior_weight)
         self.max_count = float(max_count)
         self.match_edges = tuple(match_edges)
-        self._seen: dict[tuple[int, int, int], float] = {}
-        self._accepted: dict[tuple[int, int, int], float] = {}
+        self.support_edges = tuple(support_edges)
+        self._seen: dict[tuple[int, ...], float] = {}
+        self._accepted: dict[tuple[int, ...], float] = {}
 
-    def _key(self, source: int, prob: float, match_len: int) -> tuple[int, int, int]:
-        b = min(int(prob * self.num_bins), self.num_bins - 1)
+    def _key(self, source: int, prob: float, match_len: int, support: int, agree: int, conflict: int
+             ) -> tuple[int, ...]:
+        b = min(max(int(prob * self.num_bins), 0), self.num_bins - 1)
         m = sum(1 for e in self.match_edges if match_len >= e)
-        return int(source), b, m
+        s = sum(1 for e in self.support_edges if support >= e)
+        return int(source), b, m, s, min(int(agree), 3), min(int(conflict), 1)
 
-    def predict(self, source: int, prob: float, match_len: int = 0) -> float:
-        """Calibrated acceptance probability of an estimate ``prob`` in [0, 1]."""
-        key = self._key(source, prob, match_len)
+    def predict(self, source: int, prob: float, match_len: int = 0, support: int = 0, agree: int = 1,
+                conflict: int = 0) -> float:
+        """Calibrated acceptance probability of an estimate ``prob`` in [0, 1].
+
+        ``agree``: how many sources proposed this node; ``conflict``: whether another source
+        proposed a different token at the same place.
+        """
+        key = self._key(source, prob, match_len, support, agree, conflict)
         seen = self._seen.get(key, 0.0)
         return (self._accepted.get(key, 0.0) + self.prior_weight * prob) / (seen + self.prior_weight)
 
-    def update(self, source: int, prob: float, match_len: int, accepted: bool) -> None:
-        """Record one verified guess."""
-        key = self._key(source, prob, match_len)
+    def update(self, source: int, prob: float, match_len: int, support: int, agree: int, conflict: int,
+               accepted: bool) -> None:
+        """Record one verified guess (a node whose parent was accepted), features as in ``predict``."""
+        key = self._key(source, prob, match_len, support, agree, conflict)
         seen = self._seen.get(key, 0.0) + 1.0
         acc = self._accepted.get(key, 0.0) + (1.0 if accepted else 0.0)
         if seen > self.max_count:
             seen, acc = seen * 0.5, acc * 0.5
         self._seen[key], self._accepted[key] = seen, acc
 
-    def to_dict(self) -> dict:
-        return {f"{s}/{b}/{m}": [self._accepted[(s, b, m)], n] for (s, b, m), n in self._seen.items()}
+    def to_dict(self) -> dict[str, list[float]]:
+        """``{"source/bin/match/support": [accepted, seen]}`` (for inspection and persistence)."""
+        return {"/".join(map(str, k)): [self._accepted[k], n] for k, n in self._seen.items()}
 
 
 class LookaheadPolicy:
-    """Prune a draft tree to the subtree that maximises ``(expected accepted + 1) / c(1 + size)``."""
+    """Prune a draft tree to the subtree worth verifying.
 
-    def __init__(self, cost: CostCurve | None = None, max_tokens: int | None = None) -> None:
+    ``objective="ratio"`` maximises ``(expected accepted + 1) / c(1 + size)`` step by step.
+    ``objective="rate"`` (default) maximises the long-run rate ``sum(accepted + 1) / sum(c)``:
+    by Dinkelbach's argument each step then maximises ``(E + 1) - rate * c(1 + size)``, where
+    ``rate`` is the running ratio of expected tokens to cost over recent steps (an EMA, starting
+    at plain decoding's ``1 / c(1)``). A step with weak drafts then drafts less than its own
+    best ratio would, and a step with strong drafts more.
+    """
+
+    def __init__(self, cost: CostCurve | None = None, max_tokens: int | None = None,
+                 objective: str = "rate", ema: float = 0.02) -> None:
+        if objective not in ("ratio", "rate"):
+            raise ValueError(f"objective must be 'ratio' or 'rate', got {objective!r}")
         self.cost = cost or CostCurve()
         self.max_tokens = max_tokens
+        self.objective = objective
+        self.ema = float(ema)
+        self._tokens = 1.0  # EMA of expected tokens per step
+        self._seconds = self.cost(1)  # EMA of modelled seconds per step
+
+    @property
+    def rate(self) -> float:
+        """Running expected tokens per second of the selected trees."""
+        return self._tokens / self._seconds
 
     @classmethod
     def for_engine(cls, engine) -> LookaheadPolicy:
@@ -176,23 +209,28 @@ class LookaheadPolicy:
         size ``k`` the best subtree is the ``k`` most probable nodes, so one sort decides it.
         """
         n = len(tree)
-        if n == 0:
-            return tree
         eff: list[float] = []
         for i, p in enumerate(tree.parents):
             q = max(0.0, float(tree.probs[i]))
             eff.append(min(q, eff[p]) if p >= 0 else q)
         order = sorted(range(n), key=lambda i: (-eff[i], i))
         limit = n if self.max_tokens is None else min(n, self.max_tokens)
-        best_k, best_value, gained = 0, 1.0 / self.cost(1), 0.0
+        rate = self.rate
+        best_k, best_e, gained = 0, 0.0, 0.0
+        best_value = self._value(1.0, self.cost(1), rate)
         for k in range(1, limit + 1):
             gained += eff[order[k - 1]]
-            value = (gained + 1.0) / self.cost(1 + k)
+            value = self._value(gained + 1.0, self.cost(1 + k), rate)
             if value > best_value:
-                best_k, best_value = k, value
+                best_k, best_e, best_value = k, gained, value
+        self._tokens += self.ema * (best_e + 1.0 - self._tokens)
+        self._seconds += self.ema * (self.cost(1 + best_k) - self._seconds)
         if best_k == n:
             return tree
         return tree.subtree(order[:best_k])
+
+    def _value(self, tokens: float, seconds: float, rate: float) -> float:
+        return tokens / seconds if self.objective == "ratio" else tokens - rate * seconds
 
     def observe(self, k: int, seconds: float) -> None:
         """Feed an observed verification time for ``k`` tree tokens into the cost curve."""

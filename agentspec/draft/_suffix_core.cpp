@@ -9,7 +9,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
-#include <deque>
+#include <memory>
 #include <queue>
 #include <stdexcept>
 #include <string>
@@ -48,7 +48,7 @@ class ChildIndex {
         }
     }
     void put(int32_t parent, int32_t token, int32_t child) {
-        if ((size_ + 1) * 10 > keys_.size() * 7) rehash(keys_.size() * 2);
+        if ((size_ + 1) * 5 > keys_.size() * 4) rehash(keys_.size() * 2);
         uint64_t key = make_key(parent, token);
         size_t i = slot(key);
         for (; keys_[i] != EMPTY; i = (i + 1) & mask_) {
@@ -124,10 +124,59 @@ class ChildIndex {
     size_t size_ = 0;
 };
 
+// Nodes in fixed-size blocks: ids are stable, growth never copies, slack is under one block.
+class NodePool {
+  public:
+    static constexpr int SHIFT = 14;
+    static constexpr size_t BLOCK = size_t(1) << SHIFT;
+    Node& operator[](int32_t i) { return blocks_[i >> SHIFT][i & (BLOCK - 1)]; }
+    const Node& operator[](int32_t i) const { return blocks_[i >> SHIFT][i & (BLOCK - 1)]; }
+    size_t size() const { return size_; }
+    void push_back(const Node& nd) {
+        if ((size_ >> SHIFT) == blocks_.size()) blocks_.emplace_back(new Node[BLOCK]);
+        (*this)[static_cast<int32_t>(size_)] = nd;
+        ++size_;
+    }
+    void reset() {
+        blocks_.clear();
+        size_ = 0;
+        push_back(Node());
+    }
+    size_t bytes() const { return blocks_.size() * BLOCK * sizeof(Node); }
+
+  private:
+    std::vector<std::unique_ptr<Node[]>> blocks_;
+    size_t size_ = 0;
+};
+
+// The nodes where the live suffixes of one sequence end, oldest first (at most max_depth).
+class ActiveRing {
+  public:
+    explicit ActiveRing(int capacity) : buf_(capacity, ROOT) {}
+    size_t size() const { return size_; }
+    int32_t& operator[](size_t i) {
+        size_t j = head_ + i;
+        return buf_[j >= buf_.size() ? j - buf_.size() : j];
+    }
+    void push_root() {  // add the new empty suffix; drop the oldest one when full
+        if (size_ == buf_.size()) {
+            buf_[head_] = ROOT;
+            head_ = head_ + 1 == buf_.size() ? 0 : head_ + 1;
+        } else {
+            (*this)[size_++] = ROOT;
+        }
+    }
+
+  private:
+    std::vector<int32_t> buf_;
+    size_t head_ = 0, size_ = 0;
+};
+
 struct Draft {
     std::vector<int32_t> tokens;
     std::vector<int32_t> parents;
     std::vector<double> probs;
+    std::vector<int32_t> supports;  // occurrences of the context + path before each node
     double score = 0.0;
     int match_len = 0;
 };
@@ -135,7 +184,7 @@ struct Draft {
 struct Candidate {
     double prob;
     int64_t order;
-    int32_t token, node, off, parent;
+    int32_t token, node, off, parent, support;
 };
 
 struct CandidateLess {  // priority_queue pops the highest prob, then the lowest order
@@ -148,7 +197,7 @@ struct CandidateLess {  // priority_queue pops the highest prob, then the lowest
 struct Sequence {
     int64_t id;
     std::vector<int32_t> tokens;
-    std::deque<int32_t> active;  // nodes where this sequence's live suffixes end
+    ActiveRing active;  // nodes where this sequence's live suffixes end
 };
 
 class SuffixTree {
@@ -227,7 +276,7 @@ class SuffixTree {
                 int32_t tok = context[i];
                 const Node& nd = nodes_[node];
                 if (off == nd.length) {
-                    node = index_.get(node, tok);
+                    node = find_child(node, tok);
                     if (node == NONE) { ok = false; break; }
                     off = 1;
                 } else {
@@ -274,7 +323,7 @@ class SuffixTree {
             }
         }
         for (size_t node = 0; node < nodes_.size(); ++node) {
-            const Node& nd = nodes_[node];
+            const Node& nd = nodes_[static_cast<int32_t>(node)];
             if (nd.count != expected[node]) fail("node " + std::to_string(node) + " has a wrong count");
             int64_t kids = 0;
             int32_t child = nd.first, prev = NONE;
@@ -294,7 +343,7 @@ class SuffixTree {
     }
 
     int64_t estimate_memory() const {
-        int64_t bytes = static_cast<int64_t>(nodes_.capacity() * sizeof(Node) + index_.bytes());
+        int64_t bytes = static_cast<int64_t>(nodes_.bytes() + index_.bytes());
         for (const auto& s : seqs_) bytes += s.tokens.capacity() * sizeof(int32_t) + sizeof(Sequence) + 64;
         return bytes;
     }
@@ -305,7 +354,7 @@ class SuffixTree {
     [[noreturn]] static void fail(const std::string& msg) { throw py::value_error(msg); }
 
     void reset_nodes() {
-        nodes_.assign(1, Node());
+        nodes_.reset();
         index_.clear();
         ids_.clear();
         for (size_t i = 0; i < seqs_.size(); ++i) ids_[seqs_[i].id] = static_cast<int32_t>(i);
@@ -315,9 +364,21 @@ class SuffixTree {
         auto it = ids_.find(seq_id);
         if (it != ids_.end()) return it->second;
         int32_t idx = static_cast<int32_t>(seqs_.size());
-        seqs_.push_back(Sequence{seq_id, {}, {}});
+        seqs_.push_back(Sequence{seq_id, {}, ActiveRing(max_depth_)});
         ids_[seq_id] = idx;
         return idx;
+    }
+
+    // Child of ``node`` whose label starts with ``token``: the first (most frequent) child and
+    // single-child nodes are checked directly; the hash index only serves wider nodes.
+    int32_t find_child(int32_t node, int32_t token) const {
+        const Node& nd = nodes_[node];
+        if (nd.first == NONE) return NONE;
+        if (node != ROOT) {
+            if (nodes_[nd.first].token == token) return nd.first;
+            if (nd.first == nd.last) return NONE;
+        }
+        return index_.get(node, token);
     }
 
     int32_t new_node(int32_t count, int32_t parent, int32_t seq, int32_t start, int32_t length, int32_t token) {
@@ -362,12 +423,11 @@ class SuffixTree {
         Sequence& sq = seqs_[s];
         sq.tokens.push_back(token);
         const int32_t n = static_cast<int32_t>(sq.tokens.size());
-        sq.active.push_back(ROOT);
-        if (sq.active.size() > static_cast<size_t>(max_depth_)) sq.active.pop_front();
+        sq.active.push_root();
         nodes_[ROOT].count += 1;
         for (size_t i = 0; i < sq.active.size(); ++i) {
             int32_t node = sq.active[i];
-            int32_t child = index_.get(node, token);
+            int32_t child = find_child(node, token);
             if (child == NONE) {
                 if (node != ROOT && nodes_[node].count == 1) {
                     Node& nd = nodes_[node];
@@ -406,7 +466,8 @@ class SuffixTree {
                 c.length -= 1;
                 c.token = seqs_[c.seq].tokens[c.start];
                 index_.put(mid, c.token, child);
-                nodes_[mid].first = nodes_[mid].last = child;
+                nodes_[mid].first = child;
+                nodes_[mid].last = child;
                 bubble_up(mid);
                 sq.active[i] = mid;
             }
@@ -420,14 +481,15 @@ class SuffixTree {
         auto expand = [&](int32_t nd_id, int32_t of, double prob, int32_t parent) {
             const Node& nd = nodes_[nd_id];
             if (of < nd.length) {
-                heap.push(Candidate{prob, order++, seqs_[nd.seq].tokens[nd.start + of], nd_id, of + 1, parent});
+                heap.push(Candidate{prob, order++, seqs_[nd.seq].tokens[nd.start + of], nd_id, of + 1, parent,
+                                    nd.count});
                 return;
             }
             double denom = static_cast<double>(nd.count);
             for (int32_t child = nd.first; child != NONE; child = nodes_[child].next) {
                 double pr = prob * static_cast<double>(nodes_[child].count) / denom;
                 if (pr < min_prob) break;
-                heap.push(Candidate{pr, order++, nodes_[child].token, child, 1, parent});
+                heap.push(Candidate{pr, order++, nodes_[child].token, child, 1, parent, nd.count});
             }
         };
         expand(node, off, 1.0, -1);
@@ -437,6 +499,7 @@ class SuffixTree {
             draft.tokens.push_back(c.token);
             draft.parents.push_back(c.parent);
             draft.probs.push_back(c.prob);
+            draft.supports.push_back(c.support);
             draft.score += c.prob;
             expand(c.node, c.off, c.prob, static_cast<int32_t>(draft.tokens.size()) - 1);
         }
@@ -444,7 +507,7 @@ class SuffixTree {
     }
 
     int max_depth_;
-    std::vector<Node> nodes_;
+    NodePool nodes_;
     ChildIndex index_;
     std::vector<Sequence> seqs_;  // oldest first
     std::unordered_map<int64_t, int32_t> ids_;
@@ -459,6 +522,7 @@ PYBIND11_MODULE(_suffix_core, m) {
         .def_readonly("tokens", &Draft::tokens)
         .def_readonly("parents", &Draft::parents)
         .def_readonly("probs", &Draft::probs)
+        .def_readonly("supports", &Draft::supports)
         .def_readonly("score", &Draft::score)
         .def_readonly("match_len", &Draft::match_len)
         .def("__repr__", [](const Draft& d) {
@@ -469,8 +533,19 @@ PYBIND11_MODULE(_suffix_core, m) {
         .def(py::init<int>(), py::arg("max_depth") = 64)
         .def("extend", &SuffixTree::extend, py::arg("seq_id"), py::arg("tokens"))
         .def("append", &SuffixTree::append, py::arg("seq_id"), py::arg("token"))
-        .def("speculate", &SuffixTree::speculate, py::arg("context"), py::arg("budget"), py::arg("alpha") = 1.0,
-             py::arg("beta") = 0.0, py::arg("min_prob") = 0.1)
+        .def(
+            "speculate",
+            [](const SuffixTree& tree, const py::sequence& context, int budget, double alpha, double beta,
+               double min_prob) {
+                size_t n = py::len(context), d = static_cast<size_t>(tree.max_depth());
+                std::vector<int32_t> tail;
+                tail.reserve(n < d ? n : d);
+                for (size_t i = n > d ? n - d : 0; i < n; ++i) tail.push_back(context[i].cast<int32_t>());
+                py::gil_scoped_release release;
+                return tree.speculate(tail, budget, alpha, beta, min_prob);
+            },
+            py::arg("context"), py::arg("budget"), py::arg("alpha") = 1.0, py::arg("beta") = 0.0,
+            py::arg("min_prob") = 0.1)
         .def("seq_ids", &SuffixTree::seq_ids)
         .def("get_sequence", &SuffixTree::get_sequence, py::arg("seq_id"))
         .def("remove", &SuffixTree::remove, py::arg("seq_id"))

@@ -150,38 +150,52 @@ class SuffixDrafter:
         req.features = dict(zip(_path_keys(tree), feats))
         return tree
 
-    def _cond(self, source: int, prob: float, match_len: int) -> float:
-        return self.calibrator.predict(source, prob, match_len) if self.config.calibrate else prob
+    def _cond(self, source: int, prob: float, match_len: int = 0, support: int = 0, agree: int = 1,
+              conflict: int = 0) -> float:
+        if not self.config.calibrate:
+            return prob
+        return self.calibrator.predict(source, prob, match_len, support, agree, conflict)
 
     def _merge(self, drafts: list, budget: int) -> tuple[DraftTree, list]:
-        """Union trie of the drafts; conditional probabilities calibrated, the best per node kept."""
+        """Union trie of the drafts with calibrated conditional probabilities.
+
+        A node proposed by several sources keeps the proposal with the highest raw conditional
+        probability; how many sources agree on it, and whether another source proposed a
+        different token at the same place, are calibration features too.
+        """
         tokens: list[int] = []
         parents: list[int] = []
-        cond: list[float] = []
-        srcs: list[int] = []
-        feats: list[tuple] = []
+        props: list[list[tuple]] = []  # per node: (source, cond prob, match length, support)
         index: dict[tuple[int, int], int] = {}
         for source, d in drafts:
             local: list[int] = []
+            depth: list[int] = []
             dprobs = list(d.probs)
-            for tok, par, pr in zip(d.tokens, d.parents, dprobs):
+            for tok, par, pr, sup in zip(d.tokens, d.parents, dprobs, d.supports):
                 mp = local[par] if par >= 0 else -1
+                depth.append(depth[par] + 1 if par >= 0 else 0)
                 r = pr / dprobs[par] if par >= 0 else pr
-                q = self._cond(source, r, d.match_len)
                 j = index.get((mp, tok))
                 if j is None:
                     j = index[(mp, tok)] = len(tokens)
                     tokens.append(tok)
                     parents.append(mp)
-                    cond.append(q)
-                    srcs.append(source)
-                    feats.append((source, r, d.match_len))
-                elif q > cond[j]:
-                    cond[j], srcs[j], feats[j] = q, source, (source, r, d.match_len)
+                    props.append([])
+                props[j].append((source, r, d.match_len + depth[-1], sup))  # match once the parent is accepted
                 local.append(j)
+        proposing: dict[int, set[int]] = {}  # parent -> sources proposing some child there
+        for j, p in enumerate(parents):
+            proposing.setdefault(p, set()).update(f[0] for f in props[j])
         probs: list[float] = []
-        for q, p in zip(cond, parents):
-            probs.append(q * (probs[p] if p >= 0 else 1.0))
+        srcs: list[int] = []
+        feats: list[tuple] = []
+        for j, p in enumerate(parents):
+            mine = {f[0] for f in props[j]}
+            best = max(props[j], key=lambda f: f[1])
+            feat = (*best, len(mine), int(bool(proposing[p] - mine)))
+            probs.append(self._cond(*feat) * (probs[p] if p >= 0 else 1.0))
+            srcs.append(best[0])
+            feats.append(feat)
         tree = DraftTree(tokens, parents, probs, srcs)
         if len(tree) > budget:
             keep = sorted(range(len(tree)), key=lambda i: (-probs[i], i))[:budget]
@@ -199,7 +213,7 @@ class SuffixDrafter:
             parent_prob = out.probs[out.parents[i]] if out.parents[i] >= 0 else 1.0
             ratio = out.probs[i] / parent_prob if parent_prob > 0 else 0.0
             rank = min(range(len(rank_probs)), key=lambda r: abs(rank_probs[r] - ratio))
-            feats.append((int(Source.RECYCLED), base[rank], 0))
+            feats.append((int(Source.RECYCLED), base[rank], 0, 0, 1, 0))
         return out, feats
 
     def accept(self, request_id: str, tree: DraftTree, accepted: Sequence[int], new_tokens: Sequence[int]) -> None:
@@ -217,7 +231,7 @@ class SuffixDrafter:
                     continue  # the parent was rejected: this node was never tested
                 feat = req.features.get(key)
                 if feat is not None:
-                    self.calibrator.update(feat[0], feat[1], feat[2], i in ok)
+                    self.calibrator.update(*feat, i in ok)
         req.features = {}
 
     def observe(self, token_ids: Sequence[int], topk_successor_ids: np.ndarray) -> None:

@@ -36,6 +36,7 @@ class Draft:
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
     probs: list[float] = field(default_factory=list)
+    supports: list[int] = field(default_factory=list)  # occurrences of context + path before each node
     score: float = 0.0  # sum of path probabilities = expected accepted tokens
     match_len: int = 0  # context tokens matched in the tree
 
@@ -250,14 +251,14 @@ class PySuffixTree:
     def _grow(self, node: int, off: int, limit: int, min_prob: float) -> Draft:
         """Best-first tree from a matched position: at most ``limit`` nodes, path prob >= min_prob."""
         draft = Draft()
-        heap: list[tuple[float, int, int, int, int, int]] = []  # (-prob, order, token, node, off, parent)
+        heap: list[tuple] = []  # (-prob, order, token, node, off, parent, support)
         order = 0
 
         def expand(nd: int, of: int, prob: float, parent: int) -> None:
             nonlocal order
             if of < self._length[nd]:
                 tok = self._seqs[self._seq[nd]][self._start[nd] + of]
-                heapq.heappush(heap, (-prob, order, tok, nd, of + 1, parent))
+                heapq.heappush(heap, (-prob, order, tok, nd, of + 1, parent, self._count[nd]))
                 order += 1
                 return
             child, denom = self._first[nd], self._count[nd]
@@ -265,16 +266,17 @@ class PySuffixTree:
                 pr = prob * self._count[child] / denom
                 if pr < min_prob:
                     break
-                heapq.heappush(heap, (-pr, order, self._token[child], child, 1, parent))
+                heapq.heappush(heap, (-pr, order, self._token[child], child, 1, parent, denom))
                 order += 1
                 child = self._next[child]
 
         expand(node, off, 1.0, -1)
         while heap and len(draft.tokens) < limit:
-            neg, _, tok, nd, of, parent = heapq.heappop(heap)
+            neg, _, tok, nd, of, parent, support = heapq.heappop(heap)
             draft.tokens.append(tok)
             draft.parents.append(parent)
             draft.probs.append(-neg)
+            draft.supports.append(support)
             draft.score += -neg
             expand(nd, of, -neg, len(draft.tokens) - 1)
         return draft

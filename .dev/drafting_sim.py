@@ -1,0 +1,33 @@
+"""Teacher-forced drafting benchmark on the shared data.
+
+python .dev/drafting_sim.py tau|swe [preset] [key=value ...]
+presets: reference (SuffixDecoding-like: request + global trees, no policy, no calibration),
+         default (SuffixDrafter defaults + LookaheadPolicy on the fp32 curve)
+"""
+import json
+import sys
+
+sys.path.insert(0, ".dev")
+from drafting_data import load  # noqa: E402
+
+from agentspec.draft.builder import DrafterConfig, SuffixDrafter  # noqa: E402
+from agentspec.simulate import simulate_sessions  # noqa: E402
+
+name = sys.argv[1]
+preset = sys.argv[2] if len(sys.argv) > 2 else "default"
+over = dict(a.split("=", 1) for a in sys.argv[3:])
+sessions = load("tau", 60) if name == "tau" else load("swe", None)
+cfg = DrafterConfig()
+policy = True
+if preset == "reference":
+    cfg = DrafterConfig(use_session=False, calibrate=False, recycle=False)
+    policy = False
+budget = int(over.pop("budget", 32))
+if "policy" in over:
+    policy = over.pop("policy") == "1"
+for k, v in over.items():
+    cur = getattr(cfg, k)
+    setattr(cfg, k, type(cur)(v) if not isinstance(cur, bool) else v == "1")
+rep = simulate_sessions(sessions, lambda: SuffixDrafter(cfg), policy=policy, budget=budget)
+d = rep.to_dict()
+print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()}))

@@ -1,0 +1,94 @@
+"""SuffixDrafter (request / session / global trees) and Token Recycling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agentspec.draft.base import DraftTree, Source
+from agentspec.draft.builder import DrafterConfig, SuffixDrafter
+from agentspec.draft.recycling import RecyclingTable, add_recycled_branches
+
+
+def _drafter(**kw) -> SuffixDrafter:
+    return SuffixDrafter(DrafterConfig(backend="python", **kw))
+
+
+def test_request_tree_drafts_from_the_prompt():
+    d = _drafter(calibrate=False, recycle=False)
+    d.start_request("r", None, [1, 2, 3, 4, 5, 9, 1, 2])
+    tree = d.propose("r", 8)
+    tree.check_integrity()
+    assert tree.tokens[:2] == [3, 4] and tree.parents[:2] == [-1, 0]
+    assert all(s == Source.REQUEST for s in tree.sources)
+    d.accept("r", tree, [0, 1], [3, 4, 5])
+    assert d.propose("r", 8).tokens[:1] == [9]
+    d.stop_request("r")
+    with pytest.raises(KeyError):
+        d.propose("r", 8)
+
+
+def test_session_and_global_trees_learn_finished_calls():
+    d = _drafter(calibrate=False, recycle=False)
+    d.add_history("s1", [7, 7], [40, 41, 42, 43])
+    d.start_request("a", "s2", [9, 40, 41])  # other session: only the global tree knows 42 43
+    tree = d.propose("a", 8)
+    assert tree.tokens[:2] == [42, 43] and tree.sources[0] == Source.GLOBAL
+    d.stop_request("a")
+    d.add_history("s3", [1, 2, 3, 4], [5])
+    d.start_request("b", "s3", [1, 2, 3, 4, 5, 6, 1, 2, 3])
+    tree = d.propose("b", 8)
+    assert Source.SESSION in tree.sources or Source.REQUEST in tree.sources
+    assert tree.tokens[0] == 4
+
+
+def test_merge_respects_budget_and_invariants():
+    d = _drafter(recycle=False)
+    for i in range(6):
+        d.add_history(None, [], [1, 2, 10 + i % 3, 20 + i % 2, 30])
+    d.start_request("r", None, [5, 1, 2, 11, 21, 30, 1, 2])
+    for budget in (1, 2, 3, 32):
+        tree = d.propose("r", budget)
+        tree.check_integrity()
+        assert 0 < len(tree) <= budget
+        for i, p in enumerate(tree.parents):
+            assert 0 <= tree.probs[i] <= 1
+            if p >= 0:
+                assert tree.probs[i] <= tree.probs[p] + 1e-12
+    assert len(d.propose("r", 0)) == 0
+
+
+def test_calibration_lowers_estimates_that_keep_failing():
+    d = _drafter(recycle=False, use_global=False, use_session=False)
+    d.start_request("r", None, [1, 2, 3, 1, 2, 3, 1, 2])
+    first = d.propose("r", 1)
+    for _ in range(50):
+        tree = d.propose("r", 1)
+        d.accept("r", tree, [], [99])  # always rejected
+        d._requests["r"].output.clear()  # keep the same context
+    assert d.propose("r", 1).probs[0] < 0.5 * first.probs[0]
+
+
+def test_recycling_table_and_anisotropic_branches():
+    table = RecyclingTable(k=3)
+    table.observe([5, 7], np.array([[6, 8, 9], [1, 2, 3]]))
+    assert table.successors(5) == [6, 8, 9] and table.successors(4) == []
+    with pytest.raises(ValueError):
+        table.observe([5], np.array([[1, 2], [3, 4]]))
+    spine = DraftTree(tokens=[6, 7], parents=[-1, 0], probs=[0.9, 0.8], sources=[0, 0])
+    tree = add_recycled_branches(spine, 5, table, [0.5, 0.2, 0.1], budget=5)
+    tree.check_integrity()
+    assert tree.tokens[:2] == [6, 7] and len(tree) == 5
+    added = list(zip(tree.tokens[2:], tree.parents[2:], tree.sources[2:]))
+    # 6 is already the spine child of the root, so the root gets 8 (rank 1) and 9; node 1 (token 7) gets 1
+    assert (1, 1, Source.RECYCLED) in added and (8, -1, Source.RECYCLED) in added
+    assert all(tree.probs[i] <= tree.probs[tree.parents[i]] for i in range(2, 5) if tree.parents[i] >= 0)
+
+
+def test_drafter_observe_feeds_recycling():
+    d = _drafter(use_global=False, use_session=False)
+    d.start_request("r", None, [3, 4])
+    d.observe([4], np.array([[50, 51]]))
+    tree = d.propose("r", 4)
+    tree.check_integrity()
+    assert tree.tokens and set(tree.sources) == {Source.RECYCLED} and tree.tokens[0] == 50
