@@ -1,0 +1,212 @@
+"""Replay: simulate and live modes, report, plot and the ``agentspec replay`` command."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from agentspec import replay as replay_mod
+from agentspec.replay import ReplayReport, plot_report, render_summary, replay_live, replay_simulate
+from agentspec.stats import SpecStats
+from agentspec.trajectories import Session, load_sessions
+
+DATA = Path(__file__).parent / "data"
+
+
+# ------------------------------------------------------------------------------ a fake engine
+@dataclass
+class FakeResult:
+    token_ids: list[int]
+    stats: SpecStats
+
+
+@dataclass
+class FakeEngine:
+    """The Engine API surface replay uses; refuses prompts over the window like the real one."""
+
+    tokenizer: object
+    context_window: int = 8192
+    model_name: str = "fake"
+    eos_ids: set = field(default_factory=lambda: {2})
+    seen: list = field(default_factory=list)
+
+    def generate(self, prompt, *, session=None, max_new_tokens=256, **_):
+        assert all(isinstance(t, int) for t in prompt)
+        if len(prompt) + max_new_tokens > self.context_window:
+            raise AssertionError(f"replay sent {len(prompt)} + {max_new_tokens} tokens into {self.context_window}")
+        self.seen.append((session, len(prompt)))
+        n = max_new_tokens
+        stats = SpecStats(prompt_tokens=len(prompt), output_tokens=n, steps=n // 2, drafted_tokens=n,
+                          accepted_tokens=n // 2, prefill_seconds=0.1, decode_seconds=0.2)
+        return FakeResult(list(range(n)), stats)
+
+
+@pytest.fixture()
+def fake_engine(default_tokenizer):
+    return FakeEngine(default_tokenizer)
+
+
+# ------------------------------------------------------------------------------ live
+def test_live_replays_every_call_in_order_under_the_trajectory_id(fake_engine):
+    sessions = load_sessions(DATA / "jsonl") + load_sessions(DATA / "mini_swe_agent")
+    seen = []
+    report = replay_live(fake_engine, sessions, max_new_tokens=8, on_call=seen.append)
+    expected = [(s.id, k) for s in sessions for k in range(len(s.calls))]
+    assert [(c.session, c.index) for c in report.calls] == expected
+    assert [sid for sid, _ in fake_engine.seen] == [sid for sid, _ in expected]
+    assert seen == report.calls and report.skipped == []
+    assert report.output_tokens == 8 * len(expected)
+    assert report.tokens_per_step == pytest.approx(2.0) and report.hit_rate == pytest.approx(0.5)
+    assert report.decode_speedup() is None and report.end_to_end_speedup() is None  # no baseline
+
+
+def test_live_fits_long_prompts_and_skips_what_cannot_fit(fake_engine):
+    fake_engine.context_window = 2048  # tau-bench prompts here run to 5,503 tokens
+    sessions = load_sessions(DATA / "tau_bench", limit=1)
+    report = replay_live(fake_engine, sessions, max_new_tokens=16)
+    assert len(report.calls) + len(report.skipped) == len(sessions[0].calls) == 15
+    assert len(report.calls) >= 12 and sum(c.fitted for c in report.calls) >= 8  # old turns dropped
+    assert report.calls[0].fitted is False and report.calls[-1].fitted is True
+    assert all("cannot be fitted to 2032 tokens" in note for note in report.skipped)  # a huge last tool output
+    assert all(c.prompt_tokens <= 2048 - 16 for c in report.calls)
+    # OpenHands prompts (949, 1034, 1058 tokens) are one user message: nothing to drop
+    fake_engine.context_window = 1000
+    report = replay_live(fake_engine, load_sessions(DATA / "openhands"), max_new_tokens=16)
+    assert [c.index for c in report.calls] == [0]
+    assert len(report.skipped) == 2 and report.skipped[0].startswith("BrowsingAgent/test_browse_internet call 1: ")
+    assert "1034 tokens cannot be fitted to 984 tokens" in report.skipped[0]
+
+
+def test_live_baseline_gives_speedups_and_identity(fake_engine, monkeypatch):
+    calls = []
+
+    def fake_hf(engine, prompt_ids, max_new_tokens):
+        calls.append(len(prompt_ids))
+        ids = list(range(max_new_tokens)) if len(calls) % 2 else [7] * max_new_tokens
+        return ids, 0.4, 0.6, max_new_tokens - 1  # decode s, total s, steps
+
+    monkeypatch.setattr(replay_mod, "_hf_generate", fake_hf)
+    sessions = load_sessions(DATA / "jsonl")
+    report = replay_live(fake_engine, sessions, max_new_tokens=8, baseline=True)
+    assert calls == [c.prompt_tokens for c in report.calls]  # same prompt ids, same calls
+    assert [c.identical for c in report.calls] == [True, False, True]
+    assert report.decode_speedup() == pytest.approx(2.0)  # 7 tokens in 0.2 s vs 0.4 s
+    assert report.to_dict()["summary"]["identical"] == 2
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"max_new_tokens": 0}, "max_new_tokens must be positive"),
+    ({"max_new_tokens": 64, "max_context": 64}, "leaves no room"),
+])
+def test_live_rejects_bad_settings(fake_engine, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        replay_live(fake_engine, load_sessions(DATA / "jsonl"), **kwargs)
+
+
+# ------------------------------------------------------------------------------ simulate
+def test_simulate_records_match_the_shared_simulation(default_tokenizer):
+    sessions = load_sessions(DATA / "swe_agent") + load_sessions(DATA / "jsonl")
+    ticks = []
+    report = replay_simulate(sessions, default_tokenizer, on_call=ticks.append)
+    sim = report.info["simulation"]
+    n_calls = sum(len(s.calls) for s in sessions)
+    assert len(report.calls) == len(ticks) == sim["calls"] == n_calls
+    assert [(c.session, c.index) for c in report.calls] == [(s.id, k) for s in sessions for k in range(len(s.calls))]
+    assert report.output_tokens == sim["completion_tokens"]
+    assert sum(c.steps for c in report.calls) == sim["steps"]
+    assert sum(c.accepted for c in report.calls) == sim["accepted_tokens"]
+    assert sum(c.drafted for c in report.calls) == sim["drafted_tokens"]
+    assert report.modelled_speedup() == pytest.approx(sim["speedup"])
+    assert report.tokens_per_step > 1.2 and 0 < report.hit_rate < 1  # repetition is found and used
+    # each step commits its accepted tokens plus one bonus token (none when the drafts ran to the end)
+    assert all(c.steps + c.accepted - 1 <= c.output_tokens <= c.steps + c.accepted for c in report.calls)
+
+
+def test_simulate_skips_calls_that_cannot_fit(default_tokenizer):
+    sessions = load_sessions(DATA / "jsonl")
+    ticks = []
+    report = replay_simulate(sessions, default_tokenizer, max_prompt_tokens=10, on_call=ticks.append)
+    assert report.calls == [] and len(report.skipped) == 3 and ticks == [None] * 3
+    assert report.tokens_per_step == 0.0 and report.hit_rate == 0.0
+
+
+# ------------------------------------------------------------------------------ output
+def _small_report() -> ReplayReport:
+    from agentspec.replay import CallRecord
+
+    calls = [CallRecord("a", 0, 100, 10, 10), CallRecord("a", 1, 150, 20, 5, drafted=30, accepted=15),
+             CallRecord("b", 0, 90, 8, 4, drafted=8, accepted=4)]
+    return ReplayReport("simulate", calls=calls, skipped=["x call 3: too long"], info={"modelled_speedup": 1.5})
+
+
+def test_report_json_round_trip(tmp_path):
+    report = _small_report()
+    report.save(tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["summary"]["calls"] == 3 and data["summary"]["sessions"] == 2
+    assert data["summary"]["tokens_per_step"] == pytest.approx(38 / 19)
+    assert data["summary"]["hit_rate"] == pytest.approx(19 / 38)
+    assert data["calls"][1]["tokens_per_step"] == 4.0 and data["skipped"] == ["x call 3: too long"]
+
+
+def test_summary_table_and_plot(tmp_path):
+    from rich.console import Console
+
+    report = _small_report()
+    console = Console(record=True, width=100)
+    console.print(render_summary(report))
+    text = console.export_text()
+    assert "2.00" in text and "50.0%" in text and "1.50x" in text
+    out = plot_report(report, tmp_path / "p.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------ CLI
+@pytest.fixture()
+def cli():
+    from agentspec.cli import app
+
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, ["replay", *map(str, args)])
+
+
+def test_cli_simulate_writes_report_and_plot(cli, tmp_path):
+    result = cli(DATA / "jsonl", DATA / "mini_swe_agent", "--report", tmp_path / "r.json", "--plot", tmp_path / "p.png")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["mode"] == "simulate" and data["summary"]["calls"] == 7
+    assert (tmp_path / "p.png").stat().st_size > 0
+    assert "tokens / verification step" in result.output
+
+
+def test_cli_skips_bad_files_and_fails_only_when_nothing_replays(cli, tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    result = cli(tmp_path)
+    assert result.exit_code == 1
+    assert "bad.json" in result.output and "not valid JSON" in result.output
+    (tmp_path / "good.jsonl").write_text((DATA / "jsonl/weather.jsonl").read_text())
+    result = cli(tmp_path, "--limit", "1")
+    assert result.exit_code == 0, result.output
+    assert "bad.json" in result.output and "1 sessions" in result.output
+    assert cli(tmp_path / "missing.traj").exit_code == 1
+
+
+def test_cli_rejects_unknown_mode(cli):
+    result = cli(DATA / "jsonl", "--mode", "fast")
+    assert result.exit_code == 2 and "simulate" in result.output
+
+
+# ------------------------------------------------------------------------------ the real model
+@pytest.mark.model
+def test_live_on_the_real_model_matches_plain_greedy(default_engine):
+    session = load_sessions(DATA / "tau_bench", limit=1)[0]
+    short = Session(session.id, session.source, session.calls[:2], session.format)
+    report = replay_live(default_engine, [short], max_new_tokens=8, max_context=1536, baseline=True)
+    assert report.skipped == [] and len(report.calls) == 2
+    assert all(c.identical for c in report.calls)
+    assert all(c.output_tokens > 0 and c.prompt_tokens <= 1536 - 8 for c in report.calls)
+    assert any(c.fitted for c in report.calls) or report.calls[-1].prompt_tokens > report.calls[0].prompt_tokens
