@@ -19,11 +19,13 @@ import functools
 
 import torch
 
+from .cpu import cpu_tree_attention
 from .reference import partial_attention, split_tree_attention
 
 __all__ = ["ATTN_NAME", "register_attention", "tree_attention", "tree_attention_forward", "triton_available"]
 
 ATTN_NAME = "agentspec_tree"
+MAX_TREE_QUERIES = 256  # longer query blocks (prefill chunks) go to transformers' SDPA
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,6 +51,8 @@ def tree_attention(
         from .triton_tree import triton_tree_attention
 
         return triton_tree_attention(q, k, v, tree_mask, prefix_len, scale)
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
+        return cpu_tree_attention(q, k, v, tree_mask, prefix_len, scale)
     return split_tree_attention(q, k, v, tree_mask, prefix_len, scale)
 
 
@@ -86,6 +90,11 @@ def tree_attention_forward(
     if dropout:
         raise ValueError(f"{ATTN_NAME} attention is for inference; got dropout={dropout} (use model.eval())")
     t, s = query.shape[2], key.shape[2]
+    if t > MAX_TREE_QUERIES:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
     mask = _bool_mask(attention_mask, t, s, getattr(module, "is_causal", True), query.device)
     p = s - t  # committed prefix length when the last T keys are the queries' own
     if p >= 0 and mask.shape[1] == 1 and bool(mask[..., :p].all()):

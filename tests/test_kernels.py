@@ -120,10 +120,14 @@ def test_bad_shapes_raise_with_the_shapes(shapes, mask_shape, p, match):
         split_tree_attention(q, k, k, torch.ones(mask_shape, dtype=torch.bool), p)
 
 
-def test_dispatch_on_cpu_is_the_reference():
+def test_dispatch_on_cpu_is_the_fast_cpu_path():
+    from agentspec.kernels.cpu import cpu_tree_attention
+
     mask = tree_mask_from_parents(TREES["binary"])
     q, k, v = qkv(2, 4, 2, 7, 9, 16)
-    assert torch.equal(dispatch.tree_attention(q, k, v, mask, 9), split_tree_attention(q, k, v, mask, 9))
+    assert torch.equal(dispatch.tree_attention(q, k, v, mask, 9), cpu_tree_attention(q, k, v, mask, 9))
+    torch.testing.assert_close(cpu_tree_attention(q, k, v, mask, 9), split_tree_attention(q, k, v, mask, 9),
+                               atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- Triton (interpreter on CPU)
@@ -298,3 +302,21 @@ def test_triton_cuda_matches_reference(dtype):
     want = split_tree_attention(q, k, v, mask.cuda(), 300)
     atol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("heads,kv_heads,prefix,t", [(9, 3, 50, 7), (4, 4, 0, 5), (8, 2, 33, 1), (6, 3, 128, 16)])
+def test_cpu_fast_path_matches_masked_softmax(heads, kv_heads, prefix, t):
+    from agentspec.kernels.cpu import cpu_tree_attention
+    from agentspec.kernels.reference import masked_attention
+
+    g = torch.Generator().manual_seed(heads * 100 + prefix)
+    q = torch.randn(1, heads, t, 16, generator=g)
+    k = torch.randn(1, kv_heads, prefix + t, 16, generator=g)
+    v = torch.randn(1, kv_heads, prefix + t, 16, generator=g)
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, t)]
+    mask = torch.zeros(t, t, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        mask[i] = mask[p] if p >= 0 else mask[i]
+        mask[i, i] = True
+    expected = masked_attention(q, k, v, mask, prefix)
+    torch.testing.assert_close(cpu_tree_attention(q, k, v, mask, prefix), expected, atol=1e-5, rtol=1e-5)
