@@ -210,3 +210,15 @@ def test_live_on_the_real_model_matches_plain_greedy(default_engine):
     assert all(c.identical for c in report.calls)
     assert all(c.output_tokens > 0 and c.prompt_tokens <= 1536 - 8 for c in report.calls)
     assert any(c.fitted for c in report.calls) or report.calls[-1].prompt_tokens > report.calls[0].prompt_tokens
+
+
+def test_swebench_example_runs(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "examples" / "swebench_replay.py"
+    out = subprocess.run([sys.executable, str(script), str(DATA / "swe_agent"), "--limit", "1", "--plot",
+                          str(tmp_path / "p.png")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "1 sessions, 4 calls" in out.stdout and "tokens / verification step" in out.stdout
+    assert (tmp_path / "p.png").is_file()
