@@ -150,9 +150,10 @@ class Engine:
             from agentspec.lookahead import LookaheadPolicy
 
             engine.policy = LookaheadPolicy.for_engine(engine)
-        from agentspec.sessions import SessionManager
+        if store is not None:  # without a store the drafter keeps sessions in memory by itself
+            from agentspec.sessions import SessionManager
 
-        engine.sessions = SessionManager.open(store, drafter, engine.fingerprint)
+            engine.sessions = SessionManager.open(store, drafter, engine.fingerprint)
         return engine
 
     @property
@@ -392,8 +393,12 @@ class Engine:
             return out.logits[0].float()
 
     def forward_cost(self, k: int, past: int = 1000) -> float:
-        """Seconds of one forward over ``k`` tree tokens after ``past`` cached tokens (a chain)."""
-        cache, _ = self._prefill(list(range(1, past + 1)), SpecStats())
+        """Seconds of one verification forward over ``k`` tree tokens (a chain) after ``past`` cached tokens."""
+        if getattr(self, "_cost_cache", None) is None or self._cost_cache[0] != past:
+            cache, _ = self._prefill(list(range(1, past + 1)), SpecStats())
+            self._cost_cache = (past, cache)
+        cache = self._cost_cache[1]
+        cache.truncate(past)
         tree = DraftTree(tokens=list(range(3, 2 + k)), parents=list(range(-1, k - 2)),
                          probs=[1.0] * (k - 1), sources=[0] * (k - 1))
         t0 = time.perf_counter()

@@ -26,7 +26,8 @@ def _load(paths: list[Path], limit: int | None):
 
     sessions = []
     for path in paths:
-        sessions += load_sessions(path, limit=limit, on_error=lambda p, why: console.print(f"[yellow]skipped {p}: {why}"))
+        sessions += load_sessions(path, limit=limit,
+                                  on_error=lambda p, why: console.print(f"[yellow]skipped {p}: {why}"))
     if not sessions:
         console.print(f"[red]error:[/red] no sessions could be read from {', '.join(map(str, paths))}")
         raise typer.Exit(1)
@@ -46,6 +47,9 @@ def register(app: typer.Typer) -> None:
         max_context: int = typer.Option(4096, help="Live: prompt + output budget (oldest turns dropped)."),
         methods: str = typer.Option("hf,hf_pld,agentspec", help="Live: comma-separated methods to compare."),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+        cost_curve: str = typer.Option(None, "--cost-curve", help="Simulate: forward cost curve as 'k:ms,...' "
+                                       "(e.g. 1:65,8:110,32:181) or a JSON file of [k, seconds] pairs "
+                                       "(default: the DESIGN.md fp32 curve)."),
         options: ModelOptions = None,
     ) -> None:
         """Benchmark agentspec on recorded agent sessions.
@@ -58,9 +62,7 @@ def register(app: typer.Typer) -> None:
         """
         paths = paths or _default_paths()
         if simulate:
-            from agentspec.simulate import run_simulation_cli
-
-            run_simulation_cli(_load(paths, limit), as_json=as_json, model=options.model)
+            _simulate(_load(paths, limit), options.model, cost_curve, as_json)
             return
         from tqdm import tqdm
 
@@ -79,3 +81,33 @@ def register(app: typer.Typer) -> None:
             Console().print(render_live(report))
             for note in report.skipped:
                 console.print(f"[yellow]skipped[/yellow] {note}")
+
+
+def parse_cost_curve(spec: str | None):
+    """``'1:65,8:110'`` (milliseconds) or a JSON file of ``[k, seconds]`` pairs -> CostCurve."""
+    from agentspec.lookahead import CostCurve
+
+    if spec is None:
+        return CostCurve()
+    if Path(spec).is_file():
+        return CostCurve.load(spec)
+    try:
+        points = [(int(k), float(ms) / 1000) for k, ms in (item.split(":") for item in spec.split(","))]
+    except ValueError as exc:
+        raise typer.BadParameter(f"expected 'k:ms,k:ms,...' or a JSON file, got {spec!r}") from exc
+    return CostCurve(points)
+
+
+def _simulate(sessions, model: str | None, cost_curve: str | None, as_json: bool) -> None:
+    """Teacher-forced drafting over ``sessions``: the same simulation as ``agentspec replay --mode simulate``."""
+    from agentspec.model import load_tokenizer
+    from agentspec.simulate import simulate_sessions
+    from agentspec.trajectories import tokenize_sessions
+
+    cost = parse_cost_curve(cost_curve)
+    tokenized = tokenize_sessions(load_tokenizer(model), sessions)
+    report = simulate_sessions(tokenized, cost_curve=cost, progress=not as_json)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        Console().print(report.render(f"teacher-forced drafting: {len(sessions)} sessions"))
