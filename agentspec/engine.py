@@ -206,7 +206,9 @@ class Engine:
         stream._deltas = self._text_deltas(stream, prompt_ids, session, params, spec and self.drafter is not None)
         return stream
 
-    def encode_prompt(self, prompt: str | Sequence[dict] | Sequence[int], tools: Sequence[dict] | None = None) -> list[int]:
+    def encode_prompt(
+        self, prompt: str | Sequence[dict] | Sequence[int], tools: Sequence[dict] | None = None
+    ) -> list[int]:
         """Prompt token ids for a string, a message list or ready ids; ``ValueError`` if empty."""
         if isinstance(prompt, str):
             if not prompt.strip():
