@@ -42,8 +42,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Replay recorded agent trajectories, one agent session per trajectory, calls in order.
 
-        Exits non-zero only if nothing could be replayed; unreadable files and calls that cannot
-        fit the window are skipped with a note.
+        Unreadable files and calls that cannot fit the window are skipped with a note; the exit status is non-zero
+        only if nothing could be replayed.
         """
         from tqdm import tqdm
 
