@@ -113,56 +113,50 @@ class CostCurve:
 
 
 class AcceptanceCalibrator:
-    """Online map from a drafter's estimate to the observed acceptance rate, per source.
+    """Online map from a drafter's probability estimate to the observed acceptance rate.
 
-    Buckets: (source, estimate bin, match-length bin, support bin), where the match length is the
-    number of context tokens the draft matched (plus the node's depth) and the support is how
-    often the matched context occurred. Each bucket keeps Beta-smoothed counts:
-    ``predict = (accepted + w*p) / (seen + w)`` with the estimate ``p`` itself as the prior, so an
-    empty bucket returns the estimate unchanged. Old evidence decays once a bucket is full.
+    A bucket is ``(source, estimate bin, *features)``: ``features`` are small integers the
+    drafter chooses (already bucketed: match length, support, agreement between sources...).
+    Each bucket keeps Beta-smoothed counts, ``predict = (accepted + w*p) / (seen + w)``, with the
+    estimate ``p`` itself as the prior, so an empty bucket returns the estimate unchanged. Old
+    evidence decays once a bucket holds ``max_count`` observations.
     """
 
-    def __init__(self, num_bins: int = 10, prior_weight: float = 8.0, max_count: float = 2000.0,
-                 match_edges: Sequence[int] = (2, 4, 8, 16, 32),
-                 support_edges: Sequence[int] = (2, 3, 5, 9, 17)) -> None:
+    def __init__(self, num_bins: int = 10, prior_weight: float = 8.0, max_count: float = 2000.0) -> None:
         self.num_bins = int(num_bins)
         self.prior_weight = float(prior_weight)
         self.max_count = float(max_count)
-        self.match_edges = tuple(match_edges)
-        self.support_edges = tuple(support_edges)
         self._seen: dict[tuple[int, ...], float] = {}
         self._accepted: dict[tuple[int, ...], float] = {}
 
-    def _key(self, source: int, prob: float, match_len: int, support: int, agree: int, conflict: int
-             ) -> tuple[int, ...]:
-        b = min(max(int(prob * self.num_bins), 0), self.num_bins - 1)
-        m = sum(1 for e in self.match_edges if match_len >= e)
-        s = sum(1 for e in self.support_edges if support >= e)
-        return int(source), b, m, s, min(int(agree), 3), min(int(conflict), 1)
+    def _key(self, source: int, prob: float, features: Sequence[int]) -> tuple[int, ...]:
+        return (int(source), min(max(int(prob * self.num_bins), 0), self.num_bins - 1), *features)
 
-    def predict(self, source: int, prob: float, match_len: int = 0, support: int = 0, agree: int = 1,
-                conflict: int = 0) -> float:
+    def predict(self, source: int, prob: float, features: Sequence[int] = ()) -> float:
         """Calibrated acceptance probability of an estimate ``prob`` in [0, 1].
 
-        ``agree``: how many sources proposed this node; ``conflict``: whether another source
-        proposed a different token at the same place.
+        Hierarchical smoothing: the estimate is the prior of the coarse bucket (source, bin),
+        whose prediction is the prior of the fine bucket (source, bin, *features).
         """
-        key = self._key(source, prob, match_len, support, agree, conflict)
-        seen = self._seen.get(key, 0.0)
-        return (self._accepted.get(key, 0.0) + self.prior_weight * prob) / (seen + self.prior_weight)
+        fine = self._key(source, prob, features)
+        estimate = min(max(float(prob), 0.0), 1.0)
+        for key in (fine[:2], fine) if features else (fine,):
+            seen = self._seen.get(key, 0.0)
+            estimate = (self._accepted.get(key, 0.0) + self.prior_weight * estimate) / (seen + self.prior_weight)
+        return estimate
 
-    def update(self, source: int, prob: float, match_len: int, support: int, agree: int, conflict: int,
-               accepted: bool) -> None:
-        """Record one verified guess (a node whose parent was accepted), features as in ``predict``."""
-        key = self._key(source, prob, match_len, support, agree, conflict)
-        seen = self._seen.get(key, 0.0) + 1.0
-        acc = self._accepted.get(key, 0.0) + (1.0 if accepted else 0.0)
-        if seen > self.max_count:
-            seen, acc = seen * 0.5, acc * 0.5
-        self._seen[key], self._accepted[key] = seen, acc
+    def update(self, source: int, prob: float, features: Sequence[int], accepted: bool) -> None:
+        """Record one verified guess (a node whose parent was accepted)."""
+        fine = self._key(source, prob, features)
+        for key in (fine[:2], fine) if features else (fine,):
+            seen = self._seen.get(key, 0.0) + 1.0
+            acc = self._accepted.get(key, 0.0) + (1.0 if accepted else 0.0)
+            if seen > self.max_count:
+                seen, acc = seen * 0.5, acc * 0.5
+            self._seen[key], self._accepted[key] = seen, acc
 
     def to_dict(self) -> dict[str, list[float]]:
-        """``{"source/bin/match/support": [accepted, seen]}`` (for inspection and persistence)."""
+        """``{"source/bin/features...": [accepted, seen]}`` (for inspection and persistence)."""
         return {"/".join(map(str, k)): [self._accepted[k], n] for k, n in self._seen.items()}
 
 
@@ -187,6 +181,7 @@ class LookaheadPolicy:
         self.ema = float(ema)
         self._tokens = 1.0  # EMA of expected tokens per step
         self._seconds = self.cost(1)  # EMA of modelled seconds per step
+        self._cost_table: tuple = (None, [])
 
     @property
     def rate(self) -> float:
@@ -216,18 +211,26 @@ class LookaheadPolicy:
         order = sorted(range(n), key=lambda i: (-eff[i], i))
         limit = n if self.max_tokens is None else min(n, self.max_tokens)
         rate = self.rate
+        costs = self._costs(limit + 1)
         best_k, best_e, gained = 0, 0.0, 0.0
-        best_value = self._value(1.0, self.cost(1), rate)
+        best_value = self._value(1.0, costs[1], rate)
         for k in range(1, limit + 1):
             gained += eff[order[k - 1]]
-            value = self._value(gained + 1.0, self.cost(1 + k), rate)
+            value = self._value(gained + 1.0, costs[1 + k], rate)
             if value > best_value:
                 best_k, best_e, best_value = k, gained, value
         self._tokens += self.ema * (best_e + 1.0 - self._tokens)
-        self._seconds += self.ema * (self.cost(1 + best_k) - self._seconds)
+        self._seconds += self.ema * (costs[1 + best_k] - self._seconds)
         if best_k == n:
             return tree
         return tree.subtree(order[:best_k])
+
+    def _costs(self, k_max: int) -> list[float]:
+        """``[c(0), ..., c(k_max)]``, recomputed only when the curve changed."""
+        version = (tuple(self.cost.costs), k_max)
+        if self._cost_table[0] != version:
+            self._cost_table = (version, [self.cost(k) for k in range(k_max + 1)])
+        return self._cost_table[1]
 
     def _value(self, tokens: float, seconds: float, rate: float) -> float:
         return tokens / seconds if self.objective == "ratio" else tokens - rate * seconds

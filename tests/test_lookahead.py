@@ -75,8 +75,9 @@ def test_calibrator_learns_per_source():
     cal = AcceptanceCalibrator()
     assert cal.predict(0, 0.8) == pytest.approx(0.8)  # no evidence: the estimate itself
     for i in range(400):
-        cal.update(0, 0.8, 0, 0, 1, 0, i % 4 == 0)  # 25% accepted
-        cal.update(2, 0.8, 0, 0, 1, 0, True)
-    assert cal.predict(0, 0.8) == pytest.approx(0.25, abs=0.03)
-    assert cal.predict(2, 0.8) > 0.95
+        cal.update(0, 0.8, (1, 2), i % 4 == 0)  # 25% accepted
+        cal.update(2, 0.8, (1, 2), True)
+    assert cal.predict(0, 0.8, (1, 2)) == pytest.approx(0.25, abs=0.03)
+    assert cal.predict(0, 0.8, (1, 3)) == pytest.approx(0.25, abs=0.05)  # unseen features: the coarse bucket
+    assert cal.predict(2, 0.8, (1, 2)) > 0.95
     assert cal.predict(1, 0.8) == pytest.approx(0.8)

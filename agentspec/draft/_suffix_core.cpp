@@ -285,6 +285,9 @@ class SuffixTree {
                 }
             }
             if (!ok) break;
+            const Node& at = nodes_[node];
+            // a single occurrence with nothing after it: longer matches are that same occurrence
+            if (at.count == 1 && off == at.length && at.first == NONE) break;
             int limit = static_cast<int>(alpha * static_cast<double>(p) + beta);
             if (budget < limit) limit = budget;
             if (limit <= 0) continue;

@@ -95,3 +95,14 @@ class Drafter(Protocol):
 
     def add_history(self, session_id: str | None, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> None:
         """Add a finished call from elsewhere (a store, another process) as ``stop_request`` would."""
+
+
+class RecyclingDrafter(Drafter, Protocol):
+    """A drafter that also learns from the target's logits (Token Recycling).
+
+    Optional: the engine calls ``observe`` only when the drafter has it (``getattr``).
+    """
+
+    def observe(self, token_ids: Sequence[int], topk_successor_ids) -> None:
+        """``topk_successor_ids[i]`` (int array ``[n, k]``) is the top-k of the target's logits after
+        ``token_ids[i]``, for every verified tree node (the root included), accepted or not."""

@@ -17,6 +17,7 @@ learned online from what the target accepted, and path probabilities are product
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ class DrafterConfig:
     """Settings of :class:`SuffixDrafter`; every source can be switched off."""
 
     max_depth: int = 64  # suffix tree depth (tokens of context matched, tokens drafted)
-    alpha: float = 1.0  # a draft for a match of p tokens has at most alpha * p + beta nodes
+    alpha: float = 2.0  # a draft for a match of p tokens has at most alpha * p + beta nodes
     beta: float = 0.0
     min_prob: float = 0.1  # stop growing a draft under this (uncalibrated) path probability
     use_request: bool = True
@@ -45,6 +46,7 @@ class DrafterConfig:
     recycle_rank_probs: tuple[float, ...] = (0.45, 0.25, 0.15, 0.05)  # prior acceptance by rank
     session_max_tokens: int = 262_144  # per session tree, oldest calls evicted first
     global_max_tokens: int = 1_048_576  # global output tree
+    global_prompt_tail: int = 8  # prompt tokens stored before each output (how outputs begin)
     max_sessions: int = 128  # session trees kept in memory (least recently used dropped)
     backend: str = "auto"  # suffix tree core: auto | cpp | python
 
@@ -55,7 +57,8 @@ class _Request:
     prompt: list[int]
     tree: object
     output: list[int] = field(default_factory=list)
-    features: dict = field(default_factory=dict)  # path key -> (source, cond prob, match_len)
+    features: dict = field(default_factory=dict)  # path key -> calibration features of the node
+    state: int = 0  # bucket of the tokens accepted at the previous step (0, 1-2, 3+)
 
     @property
     def context(self) -> list[int]:
@@ -74,6 +77,14 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+MATCH_EDGES = (2, 4, 8, 16, 32)  # calibration buckets of the match length (+ depth)
+SUPPORT_EDGES = (2, 3, 5, 9, 17)  # ... of the number of occurrences behind a guess
+STATE_EDGES = (1, 4, 12)  # ... of the tokens accepted at the previous step
+
+
+_BIN_CENTRES = tuple((b + 0.5) / 10 for b in range(10))  # calibration bins of count(child) / count(node)
 
 
 def _path_keys(tree: DraftTree) -> list[tuple]:
@@ -96,6 +107,7 @@ class SuffixDrafter:
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._global = make_suffix_tree(self.config.max_depth, self.config.backend)
         self._seq_ids = itertools.count()
+        self._memo: dict[tuple, float] = {}
 
     # ------------------------------------------------------------------ request lifecycle
     def start_request(self, request_id: str, session_id: str | None, prompt_ids: Sequence[int]) -> None:
@@ -131,6 +143,7 @@ class SuffixDrafter:
         req = self._request(request_id)
         if budget <= 0:
             return DraftTree()
+        self._memo: dict[tuple, float] = {}  # calibrated probabilities of this proposal
         cfg = self.config
         context = req.context[-cfg.max_depth :]
         sources = []
@@ -144,57 +157,75 @@ class SuffixDrafter:
         drafts = [
             (int(src), tree.speculate(context, budget, cfg.alpha, cfg.beta, cfg.min_prob)) for src, tree in sources
         ]
-        tree, feats = self._merge([(s, d) for s, d in drafts if len(d.tokens)], budget)
+        tree, feats = self._merge([(s, d) for s, d in drafts if len(d.tokens)], budget, req.state)
         if self.recycler is not None and len(tree) < budget and context:
             tree, feats = self._recycle(tree, feats, context[-1], budget)
         req.features = dict(zip(_path_keys(tree), feats))
         return tree
 
-    def _cond(self, source: int, prob: float, match_len: int = 0, support: int = 0, agree: int = 1,
-              conflict: int = 0) -> float:
+    def _cond(self, feat: tuple) -> float:
+        """Calibrated conditional probability of a node from its features ``(source, prob, *buckets)``."""
         if not self.config.calibrate:
-            return prob
-        return self.calibrator.predict(source, prob, match_len, support, agree, conflict)
+            return feat[1]
+        q = self._memo.get(feat)
+        if q is None:
+            q = self._memo[feat] = self.calibrator.predict(feat[0], feat[1], feat[2:])
+        return q
 
-    def _merge(self, drafts: list, budget: int) -> tuple[DraftTree, list]:
+    def _merge(self, drafts: list, budget: int, state: int = 0) -> tuple[DraftTree, list]:
         """Union trie of the drafts with calibrated conditional probabilities.
 
-        A node proposed by several sources keeps the proposal with the highest raw conditional
-        probability; how many sources agree on it, and whether another source proposed a
-        different token at the same place, are calibration features too.
+        Each proposal of a node is described by discrete features (source, bin of
+        ``count(child) / count(node)``, match length, support, how many sources agree on the
+        node, whether another source proposed a different token at the same place, the state of
+        the request); the node keeps the proposal with the highest calibrated probability.
         """
         tokens: list[int] = []
         parents: list[int] = []
-        props: list[list[tuple]] = []  # per node: (source, cond prob, match length, support)
+        props: list[list[tuple]] = []  # per node: (source, prob bin centre, match bucket, support bucket)
         index: dict[tuple[int, int], int] = {}
         for source, d in drafts:
             local: list[int] = []
             depth: list[int] = []
             dprobs = list(d.probs)
             for tok, par, pr, sup in zip(d.tokens, d.parents, dprobs, d.supports):
-                mp = local[par] if par >= 0 else -1
-                depth.append(depth[par] + 1 if par >= 0 else 0)
-                r = pr / dprobs[par] if par >= 0 else pr
+                if par >= 0:
+                    mp, dep, r = local[par], depth[par] + 1, pr / dprobs[par]  # r = count(child) / count(node)
+                else:
+                    mp, dep, r = -1, 0, pr
+                depth.append(dep)
                 j = index.get((mp, tok))
                 if j is None:
                     j = index[(mp, tok)] = len(tokens)
                     tokens.append(tok)
                     parents.append(mp)
                     props.append([])
-                props[j].append((source, r, d.match_len + depth[-1], sup))  # match once the parent is accepted
+                # the match length once the parent is accepted is match_len + depth
+                props[j].append((source, _BIN_CENTRES[min(int(r * 10), 9)],
+                                 bisect_right(MATCH_EDGES, d.match_len + dep), bisect_right(SUPPORT_EDGES, sup)))
                 local.append(j)
+        multi = len(drafts) > 1
         proposing: dict[int, set[int]] = {}  # parent -> sources proposing some child there
-        for j, p in enumerate(parents):
-            proposing.setdefault(p, set()).update(f[0] for f in props[j])
+        if multi:
+            for j, p in enumerate(parents):
+                proposing.setdefault(p, set()).update(f[0] for f in props[j])
         probs: list[float] = []
         srcs: list[int] = []
         feats: list[tuple] = []
         for j, p in enumerate(parents):
-            mine = {f[0] for f in props[j]}
-            best = max(props[j], key=lambda f: f[1])
-            feat = (*best, len(mine), int(bool(proposing[p] - mine)))
-            probs.append(self._cond(*feat) * (probs[p] if p >= 0 else 1.0))
-            srcs.append(best[0])
+            if multi:
+                mine = {f[0] for f in props[j]}
+                agree, conflict = len(mine), int(len(proposing[p]) > len(mine))
+            else:
+                agree, conflict = 1, 0
+            q, feat = -1.0, ()
+            for option in props[j]:
+                f = (*option, agree, conflict, state)
+                qf = self._cond(f)
+                if qf > q:
+                    q, feat = qf, f
+            probs.append(min(1.0, q) * (probs[p] if p >= 0 else 1.0))
+            srcs.append(feat[0])
             feats.append(feat)
         tree = DraftTree(tokens, parents, probs, srcs)
         if len(tree) > budget:
@@ -206,14 +237,14 @@ class SuffixDrafter:
 
     def _recycle(self, tree: DraftTree, feats: list, root_token: int, budget: int) -> tuple[DraftTree, list]:
         base = self.config.recycle_rank_probs
-        rank_probs = [self._cond(int(Source.RECYCLED), p, 0) for p in base]
+        rank_probs = [self._cond((int(Source.RECYCLED), p, r)) for r, p in enumerate(base)]
         out = add_recycled_branches(tree, root_token, self.recycler, rank_probs, budget)
         feats = list(feats)
         for i in range(len(tree), len(out)):
             parent_prob = out.probs[out.parents[i]] if out.parents[i] >= 0 else 1.0
             ratio = out.probs[i] / parent_prob if parent_prob > 0 else 0.0
             rank = min(range(len(rank_probs)), key=lambda r: abs(rank_probs[r] - ratio))
-            feats.append((int(Source.RECYCLED), base[rank], 0, 0, 1, 0))
+            feats.append((int(Source.RECYCLED), base[rank], rank))
         return out, feats
 
     def accept(self, request_id: str, tree: DraftTree, accepted: Sequence[int], new_tokens: Sequence[int]) -> None:
@@ -223,6 +254,7 @@ class SuffixDrafter:
         if self.config.use_request:
             req.tree.extend(0, new)
         req.output.extend(new)
+        req.state = bisect_right(STATE_EDGES, len(accepted))
         if self.config.calibrate and len(tree):
             ok = set(int(i) for i in accepted)
             for i, key in enumerate(_path_keys(tree)):
@@ -231,7 +263,7 @@ class SuffixDrafter:
                     continue  # the parent was rejected: this node was never tested
                 feat = req.features.get(key)
                 if feat is not None:
-                    self.calibrator.update(*feat, i in ok)
+                    self.calibrator.update(feat[0], feat[1], feat[2:], i in ok)
         req.features = {}
 
     def observe(self, token_ids: Sequence[int], topk_successor_ids: np.ndarray) -> None:
@@ -259,7 +291,9 @@ class SuffixDrafter:
             if sess.tree.num_tokens > cfg.session_max_tokens:
                 sess.tree.evict(cfg.session_max_tokens * 3 // 4)
         if output:
-            self._global.extend(next(self._seq_ids), output)
+            tail = cfg.global_prompt_tail
+            head = [int(t) for t in prompt_ids[max(0, len(prompt_ids) - tail) :]] if tail > 0 else []
+            self._global.extend(next(self._seq_ids), head + output)
             if self._global.num_tokens > cfg.global_max_tokens:
                 self._global.evict(cfg.global_max_tokens * 3 // 4)
 

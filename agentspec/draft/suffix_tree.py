@@ -291,6 +291,8 @@ class PySuffixTree:
             node, off = self._match(context, p)
             if node == NONE:
                 break  # a longer suffix cannot occur if this one does not
+            if self._count[node] == 1 and off == self._length[node] and self._first[node] == NONE:
+                break  # a single occurrence with nothing after it: longer matches are that same occurrence
             limit = min(int(budget), int(alpha * p + beta))
             if limit <= 0:
                 continue
