@@ -20,7 +20,7 @@ sessions = load("tau", 60) if name == "tau" else load("swe", None)
 cfg = DrafterConfig()
 policy = True
 if preset == "reference":
-    cfg = DrafterConfig(use_session=False, calibrate=False, recycle=False)
+    cfg = DrafterConfig(alpha=1.0, use_session=False, calibrate=False, recycle=False, global_prompt_tail=0)
     policy = False
 budget = int(over.pop("budget", 32))
 if "policy" in over:
