@@ -95,7 +95,7 @@ class CostCurve:
 
     @classmethod
     def cached(
-        cls, key: str, forward_fn: Callable[[int], float | None], ks: Sequence[int] = (1, 8, 32, 64)
+        cls, key: str, forward_fn: Callable[[int], float | None], ks: Sequence[int] = (1, 8, 32), repeats: int = 2
     ) -> CostCurve:
         """The curve stored as ``$AGENTSPEC_HOME/cost_curves/<key>.json``, measured once if missing."""
         from agentspec.model import agentspec_home
@@ -107,7 +107,7 @@ class CostCurve:
                 return cls.load(path)
             except (ValueError, KeyError, TypeError) as exc:
                 logger.warning("ignoring unreadable cost curve %s (%s)", path, exc)
-        curve = cls.measure(forward_fn, ks)
+        curve = cls.measure(forward_fn, ks, repeats)
         curve.save(path)
         return curve
 
