@@ -131,3 +131,18 @@ def test_make_suffix_tree_backends():
     assert isinstance(make_suffix_tree(8, "python"), PySuffixTree)
     with pytest.raises(ValueError):
         make_suffix_tree(8, "java")
+
+
+def test_falls_back_to_python_twin_with_a_warning(monkeypatch, caplog):
+    import sys
+
+    import agentspec.draft.suffix_tree as st
+
+    monkeypatch.setitem(sys.modules, "agentspec.draft._suffix_core", None)  # import now fails
+    monkeypatch.setattr(st, "_CORE_WARNED", False)
+    with caplog.at_level("WARNING"):
+        tree = st.make_suffix_tree(8)
+    assert isinstance(tree, PySuffixTree) and "Python twin" in caplog.text
+    assert not st.compiled_available()
+    with pytest.raises(ImportError):
+        st.make_suffix_tree(8, "cpp")
