@@ -19,6 +19,7 @@ is built, else this twin; both produce identical drafts (tests check it).
 from __future__ import annotations
 
 import heapq
+import importlib
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -359,7 +360,7 @@ _CORE_WARNED = False
 def compiled_available() -> bool:
     """Whether the compiled core ``agentspec.draft._suffix_core`` can be imported."""
     try:
-        from agentspec.draft import _suffix_core  # noqa: F401
+        importlib.import_module("agentspec.draft._suffix_core")
     except ImportError:
         return False
     return True
