@@ -22,9 +22,11 @@ for i, s in enumerate(seqs):
 dt = time.perf_counter() - t0
 print(f"append: {n_tok} tokens, {dt / n_tok * 1e6:.2f} us/token, nodes/token {t.num_nodes / n_tok:.2f}, "
       f"bytes/token {t.estimate_memory() / n_tok:.1f}")
-t0 = time.perf_counter()
-t.rebuild()
-dt = time.perf_counter() - t0
+dt = float("inf")
+for _ in range(3):  # best of 3: the machine is shared
+    t0 = time.perf_counter()
+    t.rebuild()
+    dt = min(dt, time.perf_counter() - t0)
 print(f"rebuild: {n_tok / dt / 1e3:.0f}k tokens/s, bytes/token {t.estimate_memory() / n_tok:.1f}")
 times = []
 for s in sessions[:20]:

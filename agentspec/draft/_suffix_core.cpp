@@ -80,6 +80,11 @@ class ChildIndex {
         keys_[i] = EMPTY;
         --size_;
     }
+    void reserve(size_t entries) {  // capacity for ``entries`` without growing past the load limit
+        size_t capacity = keys_.size();
+        while (entries * 5 > capacity * 4) capacity *= 2;
+        if (capacity != keys_.size()) rehash(capacity);
+    }
     void clear() {
         keys_.assign(1024, EMPTY);
         vals_.assign(1024, NONE);
@@ -257,6 +262,9 @@ class SuffixTree {
         std::vector<Sequence> old;
         old.swap(seqs_);
         reset_nodes();
+        size_t total = 0;
+        for (const auto& s : old) total += s.tokens.size();
+        index_.reserve(total + total / 2);  // about 1.5 nodes per token on agent text
         for (auto& s : old) {
             int32_t idx = seq_index(s.id);
             seqs_[idx].tokens.reserve(s.tokens.size());

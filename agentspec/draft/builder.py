@@ -60,9 +60,11 @@ class _Request:
     features: dict = field(default_factory=dict)  # path key -> calibration features of the node
     state: int = 0  # bucket of the tokens accepted at the previous step (0, 1-2, 3+)
 
-    @property
-    def context(self) -> list[int]:
-        return self.prompt + self.output
+    def tail(self, n: int) -> list[int]:
+        """The last ``n`` tokens of the context (prompt + output so far)."""
+        if len(self.output) >= n:
+            return self.output[len(self.output) - n :]
+        return self.prompt[max(0, len(self.prompt) - n + len(self.output)) :] + self.output
 
 
 @dataclass
@@ -145,7 +147,7 @@ class SuffixDrafter:
             return DraftTree()
         self._memo: dict[tuple, float] = {}  # calibrated probabilities of this proposal
         cfg = self.config
-        context = req.context[-cfg.max_depth :]
+        context = req.tail(cfg.max_depth)
         sources = []
         if cfg.use_request:
             sources.append((Source.REQUEST, req.tree))
