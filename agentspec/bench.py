@@ -14,9 +14,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from agentspec import chat
+from agentspec.baselines import hf_generate
 
 METHODS = ("hf", "hf_pld", "agentspec")
 METHOD_LABELS = {"hf": "HF greedy", "hf_pld": "HF prompt lookup", "agentspec": "agentspec"}
@@ -90,36 +89,6 @@ class LiveReport:
             "calls": [asdict(c) for c in self.calls],
             "skipped": self.skipped,
         }
-
-
-class _StepTimer:
-    """A transformers streamer that records when each step's tokens arrive."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-def hf_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int], **kwargs):
-    """Plain HF ``generate`` (greedy): ``(new token ids, decode seconds, total seconds, steps)``."""
-    timer = _StepTimer()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
-            temperature=None, top_p=None, top_k=None, eos_token_id=sorted(eos_ids),
-            pad_token_id=sorted(eos_ids)[0], streamer=timer, **kwargs,
-        )
-    total = time.perf_counter() - t0
-    ids = out[0, len(prompt_ids):].tolist()
-    # put() #0 is the prompt, #1 the first token (end of prefill), then one per decode step
-    decode = timer.times[-1] - timer.times[1] if len(timer.times) > 2 else 0.0
-    return ids, decode, total, max(len(timer.times) - 2, 0)
 
 
 def bench_call(engine, prompt_ids: list[int], session: str, methods: Sequence[str], max_new_tokens: int,

@@ -146,8 +146,7 @@ class ReplayReport:
 
 # ---------------------------------------------------------------------------------------- live
 def _hf_generate(engine, prompt_ids: list[int], max_new_tokens: int):
-    # the plain-HF baseline lives with the benchmarks; one implementation for both tools
-    from agentspec.bench import hf_generate
+    from agentspec.baselines import hf_generate
 
     return hf_generate(engine.model, prompt_ids, max_new_tokens, engine.eos_ids)
 

@@ -10,29 +10,34 @@ import pytest
 import torch
 
 from agentspec import chat
+from agentspec.baselines import plain_attention
 
 pytestmark = pytest.mark.model
 
 N_PROMPTS = 50
 MAX_NEW = 20
-PROMPT_BUDGET = 1024
+PROMPT_BUDGET = 2048
 NEAR_TIE = 1e-3
 
 
 def real_prompts(tokenizer) -> list[tuple[str, list[int]]]:
-    """Up to 50 prompts spread over every session of the data folder (or the bundled samples)."""
+    """50 prompts, round-robin over the sessions (call 0 of each, then call 1, ...) of every source."""
     from agentspec.trajectories import default_data_dir, load_sessions
 
-    sessions = load_sessions(default_data_dir())
-    calls = [(s.id, i, c) for s in sessions for i, c in enumerate(s.calls)]
-    stride = max(1, len(calls) // N_PROMPTS)
-    prompts = []
-    for sid, i, call in calls[::stride]:
-        messages = chat.fit_messages(call.messages, lambda m: len(chat.prompt_ids(tokenizer, m)), PROMPT_BUDGET)
-        if messages is not None:
-            prompts.append((f"{sid}#{i}", chat.prompt_ids(tokenizer, messages)))
-        if len(prompts) == N_PROMPTS:
-            break
+    data = default_data_dir()
+    sessions = []
+    for sub in ("swe_agent", "tau_bench", "openhands"):
+        if (data / sub).exists():
+            sessions += load_sessions(data / sub, limit=20)
+    sessions = sessions or load_sessions(data)
+    prompts: list[tuple[str, list[int]]] = []
+    for index in range(max(len(s.calls) for s in sessions)):
+        for session in sessions:
+            if index >= len(session.calls) or len(prompts) == N_PROMPTS:
+                continue
+            ids = chat.prompt_ids(tokenizer, session.calls[index].messages)
+            if len(ids) <= PROMPT_BUDGET:
+                prompts.append((f"{session.id}#{index}", ids))
     return prompts
 
 
@@ -45,7 +50,7 @@ def test_greedy_identical_to_hf_on_real_prompts(default_engine):
     for name, ids in prompts:
         ours = engine.generate(ids, session="fidelity", max_new_tokens=MAX_NEW)
         drafted += ours.stats.drafted_tokens
-        with torch.no_grad():
+        with torch.no_grad(), plain_attention(engine.model):
             out = engine.model.generate(
                 torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False, temperature=None, top_p=None,
                 top_k=None, eos_token_id=sorted(engine.eos_ids), pad_token_id=sorted(engine.eos_ids)[0],
