@@ -6,6 +6,8 @@ than 1e-3 (batched tree verification and one-token decoding round differently in
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -15,13 +17,15 @@ from agentspec.baselines import plain_attention
 pytestmark = pytest.mark.model
 
 N_PROMPTS = 50
-MAX_NEW = 20
-PROMPT_BUDGET = 2048
+MAX_NEW = 16
+PROMPT_BUDGET = 1536
+N_SPEC_BENCH = 20
 NEAR_TIE = 1e-3
 
 
 def real_prompts(tokenizer) -> list[tuple[str, list[int]]]:
-    """50 prompts, round-robin over the sessions (call 0 of each, then call 1, ...) of every source."""
+    """50 prompts: agent calls round-robin over the sessions of every source (call 0 of each, then
+    call 1, ...), topped up with Spec-Bench questions when ../shared/data has them."""
     from agentspec.trajectories import default_data_dir, load_sessions
 
     data = default_data_dir()
@@ -30,14 +34,22 @@ def real_prompts(tokenizer) -> list[tuple[str, list[int]]]:
         if (data / sub).exists():
             sessions += load_sessions(data / sub, limit=20)
     sessions = sessions or load_sessions(data)
+    questions = data / "spec_bench" / "question.jsonl"
+    agent_prompts = N_PROMPTS - (N_SPEC_BENCH if questions.exists() else 0)
     prompts: list[tuple[str, list[int]]] = []
     for index in range(max(len(s.calls) for s in sessions)):
         for session in sessions:
-            if index >= len(session.calls) or len(prompts) == N_PROMPTS:
+            if index >= len(session.calls) or len(prompts) == agent_prompts:
                 continue
             ids = chat.prompt_ids(tokenizer, session.calls[index].messages)
             if len(ids) <= PROMPT_BUDGET:
                 prompts.append((f"{session.id}#{index}", ids))
+    if questions.exists():
+        lines = questions.read_text().splitlines()
+        for line in lines[:: len(lines) // N_SPEC_BENCH][:N_SPEC_BENCH]:
+            q = json.loads(line)
+            messages = [{"role": "user", "content": q["turns"][0]}]
+            prompts.append((f"spec_bench/{q['question_id']}", chat.prompt_ids(tokenizer, messages)))
     return prompts
 
 
