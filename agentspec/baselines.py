@@ -47,3 +47,40 @@ def hf_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[
     # put() #0 is the prompt, #1 the first token (end of prefill), then one per decode step
     decode = timer.times[-1] - timer.times[1] if len(timer.times) > 2 else 0.0
     return ids, decode, total, max(len(timer.times) - 2, 0)
+
+
+class LlamaCppBaseline:
+    """llama.cpp (``llama-cpp-python``, an optional extra) on a GGUF file: the CPU peer a user would
+    otherwise pick. It keeps the previous call's KV and re-evaluates only the tokens after the
+    longest common prefix (its automatic prefix reuse)."""
+
+    def __init__(self, gguf_path: str, n_ctx: int = 8192, n_threads: int | None = None) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise ImportError("the llama.cpp baseline needs: pip install 'agentspec[llamacpp]'") from exc
+        import os
+
+        self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
+                         verbose=False)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]):
+        """Greedy: ``(new token ids, decode seconds, total seconds, steps)``."""
+        ids: list[int] = []
+        t0 = time.perf_counter()
+        first = t0
+        # generate() re-evaluates only the tokens after the longest prefix shared with its current state
+        for token in self.llm.generate(prompt_ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            if not ids:
+                first = time.perf_counter()
+            ids.append(int(token))
+            if token in eos_ids or len(ids) >= max_new_tokens:
+                break
+        end = time.perf_counter()
+        return ids, end - first, end - t0, max(len(ids) - 1, 0)
+
+
+def llamacpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None

@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field
 from agentspec import chat
 from agentspec.baselines import hf_generate
 
-METHODS = ("hf", "hf_pld", "agentspec")
-METHOD_LABELS = {"hf": "HF greedy", "hf_pld": "HF prompt lookup", "agentspec": "agentspec"}
+METHODS = ("hf", "hf_pld", "agentspec", "llamacpp")
+METHOD_LABELS = {"hf": "HF greedy", "hf_pld": "HF prompt lookup", "agentspec": "agentspec",
+                 "llamacpp": "llama.cpp (GGUF, prefix reuse)"}
 
 
 @dataclass
@@ -92,10 +93,14 @@ class LiveReport:
 
 
 def bench_call(engine, prompt_ids: list[int], session: str, methods: Sequence[str], max_new_tokens: int,
-               result: CallResult) -> None:
+               result: CallResult, llamacpp=None) -> None:
     """Run one call under every method, filling ``result``."""
     for method in methods:
-        if method == "agentspec":
+        if method == "llamacpp":
+            ids, decode, total, steps = llamacpp.generate(prompt_ids, max_new_tokens, engine.eos_ids)
+            result.token_ids[method], result.decode_seconds[method] = ids, decode
+            result.total_seconds[method], result.steps[method] = total, steps
+        elif method == "agentspec":
             t0 = time.perf_counter()
             out = engine.generate(prompt_ids, session=session, max_new_tokens=max_new_tokens)
             result.total_seconds[method] = time.perf_counter() - t0
@@ -125,6 +130,15 @@ def run_live(
 ) -> LiveReport:
     """Benchmark ``sessions`` (from :func:`agentspec.trajectories.load_sessions`) call by call."""
     report = LiveReport(methods=list(methods), totals={m: MethodTotals() for m in methods})
+    llamacpp = None
+    if "llamacpp" in methods:
+        from agentspec.baselines import LlamaCppBaseline
+        from agentspec.model import resolve_model
+
+        source = resolve_model(engine.model_source)
+        if not source.is_gguf:
+            raise ValueError("the llama.cpp baseline needs a GGUF model (the default one is)")
+        llamacpp = LlamaCppBaseline(str(source.path), n_ctx=min(max_context, engine.context_window))
     budget = min(max_context, engine.context_window) - max_new_tokens
     for session in sessions:
         for index, call in enumerate(session.calls[:calls_per_session]):
@@ -134,7 +148,7 @@ def run_live(
                 continue
             prompt_ids = chat.prompt_ids(engine.tokenizer, messages)
             result = CallResult(session.id, index, len(prompt_ids))
-            bench_call(engine, prompt_ids, session.id, methods, max_new_tokens, result)
+            bench_call(engine, prompt_ids, session.id, methods, max_new_tokens, result, llamacpp)
             _add(report, result)
             if on_call:
                 on_call(result)

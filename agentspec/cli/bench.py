@@ -45,7 +45,8 @@ def register(app: typer.Typer) -> None:
         calls: int = typer.Option(4, help="Live: calls per session."),
         max_new_tokens: int = typer.Option(128, help="Live: tokens generated per call."),
         max_context: int = typer.Option(4096, help="Live: prompt + output budget (oldest turns dropped)."),
-        methods: str = typer.Option("hf,hf_pld,agentspec", help="Live: comma-separated methods to compare."),
+        methods: str = typer.Option(None, help="Live: comma-separated methods among hf, hf_pld, agentspec, "
+                                    "llamacpp (default: all, llamacpp where llama-cpp-python is installed)."),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
         cost_curve: str = typer.Option(None, "--cost-curve", help="Simulate: forward cost curve as 'k:ms,...' "
                                        "(e.g. 1:65,8:110,32:181) or a JSON file of [k, seconds] pairs "
@@ -70,7 +71,17 @@ def register(app: typer.Typer) -> None:
 
         sessions = _load(paths, limit or 2)
         engine = options.engine()
-        chosen = [m.strip() for m in methods.split(",") if m.strip()]
+        from agentspec.baselines import llamacpp_available
+        from agentspec.bench import METHODS
+
+        if methods is None:
+            chosen = [m for m in METHODS if m != "llamacpp" or llamacpp_available()]
+        else:
+            chosen = [m.strip() for m in methods.split(",") if m.strip()]
+        unknown = sorted(set(chosen) - set(METHODS))
+        if unknown:
+            raise typer.BadParameter(f"unknown methods {unknown}; expected some of {list(METHODS)}",
+                                     param_hint="--methods")
         total = sum(min(len(s.calls), calls) for s in sessions)
         with tqdm(total=total, desc="calls", unit="call", file=console.file) as bar:
             report = run_live(engine, sessions, max_new_tokens=max_new_tokens, max_context=max_context,
