@@ -25,7 +25,7 @@ NEAR_TIE = 1e-3
 
 def real_prompts(tokenizer) -> list[tuple[str, list[int]]]:
     """50 prompts: agent calls round-robin over the sessions of every source (call 0 of each, then
-    call 1, ...), topped up with Spec-Bench questions when ../shared/data has them."""
+    call 1, ...), topped up with Spec-Bench questions (../shared/data, or the sample in tests/data)."""
     from agentspec.trajectories import default_data_dir, load_sessions
 
     data = default_data_dir()
@@ -35,7 +35,7 @@ def real_prompts(tokenizer) -> list[tuple[str, list[int]]]:
             sessions += load_sessions(data / sub, limit=20)
     sessions = sessions or load_sessions(data)
     questions = data / "spec_bench" / "question.jsonl"
-    agent_prompts = N_PROMPTS - (N_SPEC_BENCH if questions.exists() else 0)
+    agent_prompts = N_PROMPTS - (N_SPEC_BENCH if questions.exists() else 0)  # at most
     prompts: list[tuple[str, list[int]]] = []
     for index in range(max(len(s.calls) for s in sessions)):
         for session in sessions:
@@ -46,7 +46,8 @@ def real_prompts(tokenizer) -> list[tuple[str, list[int]]]:
                 prompts.append((f"{session.id}#{index}", ids))
     if questions.exists():
         lines = questions.read_text().splitlines()
-        for line in lines[:: len(lines) // N_SPEC_BENCH][:N_SPEC_BENCH]:
+        wanted = N_PROMPTS - len(prompts)  # top up to 50 (the bundled sample has fewer short agent calls)
+        for line in lines[:: max(1, len(lines) // wanted)][:wanted]:
             q = json.loads(line)
             messages = [{"role": "user", "content": q["turns"][0]}]
             prompts.append((f"spec_bench/{q['question_id']}", chat.prompt_ids(tokenizer, messages)))
