@@ -102,6 +102,7 @@ class Engine:
         self.speculation = speculation or SpeculationConfig()
         self.model_name = model_name
         self.model_source: str | None = None  # the path the weights came from (from_pretrained sets it)
+        self.quantization: str | None = None  # e.g. "int8" (from_pretrained sets it)
         self.context_window = int(getattr(model.config, "max_position_embeddings", 8192))
         self.num_layers = int(model.config.num_hidden_layers)
         self.dtype = next(model.parameters()).dtype
@@ -148,6 +149,7 @@ class Engine:
             drafter = SuffixDrafter()
         engine = cls(hf_model, tokenizer, drafter=drafter, speculation=speculation, model_name=source.name)
         engine.model_source = str(source.path)
+        engine.quantization = quantize
         if speculation.adaptive:
             from agentspec.lookahead import LookaheadPolicy
 
