@@ -93,6 +93,7 @@ class Engine:
         sessions: Any | None = None,
         speculation: SpeculationConfig | None = None,
         model_name: str = "model",
+        fast_cpu: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -113,6 +114,13 @@ class Engine:
         self._request_ids = itertools.count()
         self._observe = getattr(drafter, "observe", None)  # recycling table feed, if the drafter has one
         self._fingerprint: str | None = None
+        self._decoder = model.get_decoder()
+        self._head = model.get_output_embeddings()
+        if fast_cpu:
+            from agentspec.cpu_fast import output_head, use_tree_attention
+
+            self._head = output_head(model)
+            use_tree_attention(model)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -326,16 +334,15 @@ class Engine:
             cache = TreeKVCache(self.num_layers, capacity=len(prompt_ids) + 256)
         cache.truncate(reused)
         stats.prefill_tokens = len(prompt_ids) - reused
-        logits = None
         with torch.no_grad():
             for start in range(reused, len(prompt_ids), PREFILL_CHUNK):
                 chunk = prompt_ids[start : start + PREFILL_CHUNK]
-                out = self.model(
+                hidden = self._decoder(
                     input_ids=torch.tensor([chunk], device=self.device),
                     position_ids=torch.arange(start, start + len(chunk), device=self.device)[None],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1,
-                )
-                logits = out.logits[0, -1]
+                    past_key_values=cache, use_cache=True,
+                ).last_hidden_state
+            logits = self._head(hidden[0, -1:])[0]
         return cache, logits
 
     def _step(
@@ -383,20 +390,20 @@ class Engine:
         """One forward over ``[root] + tree``: logits ``[1 + n, V]`` (fp32)."""
         with torch.no_grad():
             if not len(tree):
-                out = self.model(
+                out = self._decoder(
                     input_ids=torch.tensor([[root]], device=self.device),
                     position_ids=torch.tensor([[past]], device=self.device),
                     past_key_values=cache, use_cache=True,
                 )
             else:
                 inputs = tree_inputs(root, tree, past, self.dtype)
-                out = self.model(
+                out = self._decoder(
                     input_ids=inputs.input_ids.to(self.device),
                     position_ids=inputs.position_ids.to(self.device),
                     attention_mask=inputs.attention_mask.to(self.device),
                     past_key_values=cache, use_cache=True,
                 )
-            return out.logits[0].float()
+            return self._head(out.last_hidden_state[0]).float()
 
     def forward_cost(self, k: int, past: int = 1000) -> float:
         """Seconds of one verification forward over ``k`` tree tokens (a chain) after ``past`` cached tokens."""
