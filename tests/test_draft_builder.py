@@ -85,8 +85,14 @@ def test_recycling_table_and_anisotropic_branches():
     assert all(tree.probs[i] <= tree.probs[tree.parents[i]] for i in range(2, 5) if tree.parents[i] >= 0)
 
 
+def test_recycling_is_off_by_default_and_hides_observe():
+    d = SuffixDrafter()
+    assert d.recycler is None and getattr(d, "observe", None) is None
+    assert callable(getattr(_drafter(recycle=True), "observe", None))
+
+
 def test_drafter_observe_feeds_recycling():
-    d = _drafter(use_global=False, use_session=False)
+    d = _drafter(use_global=False, use_session=False, recycle=True)
     d.start_request("r", None, [3, 4])
     d.observe([4], np.array([[50, 51]]))
     tree = d.propose("r", 4)
