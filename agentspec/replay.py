@@ -359,7 +359,11 @@ def plot_report(report: ReplayReport, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     by_session: dict[str, list[CallRecord]] = {}
     for c in report.calls:
         by_session.setdefault(c.session, []).append(c)

@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print(json.dumps(report.to_dict(), indent=2))
         else:
-            Console().print(render_live(report))
+            Console(width=max(Console().width, 140)).print(render_live(report))
             for note in report.skipped:
                 console.print(f"[yellow]skipped[/yellow] {note}")
 
