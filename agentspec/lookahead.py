@@ -214,20 +214,30 @@ class LookaheadPolicy:
         """
         n = len(tree)
         eff: list[float] = []
-        for i, p in enumerate(tree.parents):
-            q = max(0.0, float(tree.probs[i]))
-            eff.append(min(q, eff[p]) if p >= 0 else q)
-        order = sorted(range(n), key=lambda i: (-eff[i], i))
+        for p, q in zip(tree.parents, tree.probs):
+            q = float(q) if q > 0.0 else 0.0
+            if p >= 0 and eff[p] < q:
+                q = eff[p]
+            eff.append(q)
+        order = sorted(range(n), key=eff.__getitem__, reverse=True)  # stable: ties keep index order
         limit = n if self.max_tokens is None else min(n, self.max_tokens)
         rate = self.rate
         costs = self._costs(limit + 1)
         best_k, best_e, gained = 0, 0.0, 0.0
-        best_value = self._value(1.0, costs[1], rate)
-        for k in range(1, limit + 1):
-            gained += eff[order[k - 1]]
-            value = self._value(gained + 1.0, costs[1 + k], rate)
-            if value > best_value:
-                best_k, best_e, best_value = k, gained, value
+        if self.objective == "rate":  # (E + 1) - rate * c(1 + k), inlined: this runs every step
+            best_value = 1.0 - rate * costs[1]
+            for k in range(1, limit + 1):
+                gained += eff[order[k - 1]]
+                value = gained + 1.0 - rate * costs[1 + k]
+                if value > best_value:
+                    best_k, best_e, best_value = k, gained, value
+        else:
+            best_value = self._value(1.0, costs[1], rate)
+            for k in range(1, limit + 1):
+                gained += eff[order[k - 1]]
+                value = self._value(gained + 1.0, costs[1 + k], rate)
+                if value > best_value:
+                    best_k, best_e, best_value = k, gained, value
         self._tokens += self.ema * (best_e + 1.0 - self._tokens)
         self._seconds += self.ema * (costs[1 + best_k] - self._seconds)
         if best_k == n:
@@ -235,10 +245,12 @@ class LookaheadPolicy:
         return tree.subtree(order[:best_k])
 
     def _costs(self, k_max: int) -> list[float]:
-        """``[c(0), ..., c(k_max)]``, recomputed only when the curve changed."""
-        version = (tuple(self.cost.costs), k_max)
-        if self._cost_table[0] != version:
-            self._cost_table = (version, [self.cost(k) for k in range(k_max + 1)])
+        """``[c(0), ..., c(K)]`` with ``K >= k_max``, recomputed only when the curve changed or is too short."""
+        version, table = self._cost_table
+        costs = self.cost.costs
+        if version != costs or len(table) <= k_max:
+            size = max(k_max + 1, len(table), 65)
+            self._cost_table = (list(costs), [self.cost(k) for k in range(size)])
         return self._cost_table[1]
 
     def _value(self, tokens: float, seconds: float, rate: float) -> float:

@@ -98,3 +98,21 @@ def test_drafter_observe_feeds_recycling():
     tree = d.propose("r", 4)
     tree.check_integrity()
     assert tree.tokens and set(tree.sources) == {Source.RECYCLED} and tree.tokens[0] == 50
+
+
+def test_accept_learns_from_a_reindexed_subtree_of_the_proposal():
+    d = _drafter(use_global=False, use_session=False)
+    d.start_request("r", None, [1, 2, 3, 4, 1, 2, 5, 6, 1, 2, 3, 4, 1, 2, 5, 7, 1, 2])
+    tree = d.propose("r", 8)
+    assert len(tree) >= 3 and sum(p < 0 for p in tree.parents) >= 2  # 3 and 5 both follow "1 2"
+    first = next(i for i in range(len(tree)) if tree.parents[i] < 0 and i + 1 < len(tree) and tree.parents[i + 1] < 0)
+    # drop the other root child (the sibling at index first + 1): later nodes are re-indexed
+    keep = [i for i in range(len(tree)) if i != first + 1 and tree.parents[i] != first + 1]
+    sub = tree.subtree(keep)
+    assert any(p == first for p in sub.parents) and len(sub) < len(tree)
+    tested = sum(1 for p in sub.parents if p < 0 or p == first)
+    d.accept("r", sub, [first], [sub.tokens[first], 99])
+    updates = sum(n for k, n in d.calibrator._seen.items() if len(k) == 2)
+    assert updates == tested
+    accepted = sum(a for k, a in d.calibrator._accepted.items() if len(k) == 2)
+    assert accepted == 1

@@ -60,7 +60,9 @@ class _Request:
     prompt: list[int]
     tree: object
     output: list[int] = field(default_factory=list)
-    features: dict = field(default_factory=dict)  # path key -> calibration features of the node
+    # the last proposal: (tokens, parents, calibration features) per node, matched to the verified
+    # tree by token path in ``accept`` (the verified tree may be a re-indexed subtree of it)
+    proposal: tuple = ((), (), ())
     state: int = 0  # bucket of the tokens accepted at the previous step (0, 1-2, 3+)
 
     def tail(self, n: int) -> list[int]:
@@ -90,14 +92,10 @@ STATE_EDGES = (1, 4, 12)  # ... of the tokens accepted at the previous step
 
 
 _BIN_CENTRES = tuple((b + 0.5) / 10 for b in range(10))  # calibration bins of count(child) / count(node)
-
-
-def _path_keys(tree: DraftTree) -> list[tuple]:
-    """A hashable key per node: its token path from the root."""
-    keys: list[tuple] = []
-    for tok, p in zip(tree.tokens, tree.parents):
-        keys.append((keys[p] if p >= 0 else ()) + (tok,))
-    return keys
+# lookup tables of the buckets above (hot loop of the merge): value -> bucket, the last entry for larger values
+_MATCH_BUCKET = tuple(bisect_right(MATCH_EDGES, v) for v in range(MATCH_EDGES[-1] + 1))
+_SUPPORT_BUCKET = tuple(bisect_right(SUPPORT_EDGES, v) for v in range(SUPPORT_EDGES[-1] + 1))
+_BIN_OF_TENTH = _BIN_CENTRES + (_BIN_CENTRES[-1],)  # int(r * 10) -> bin centre (r = 1.0 -> the last bin)
 
 
 class SuffixDrafter:
@@ -168,7 +166,7 @@ class SuffixDrafter:
         tree, feats = self._merge([(s, d) for s, d in drafts if len(d.tokens)], budget, req.state)
         if self.recycler is not None and len(tree) < budget and context:
             tree, feats = self._recycle(tree, feats, context[-1], budget)
-        req.features = dict(zip(_path_keys(tree), feats))
+        req.proposal = (tree.tokens, tree.parents, feats)
         return tree
 
     def _cond(self, feat: tuple) -> float:
@@ -192,25 +190,31 @@ class SuffixDrafter:
         parents: list[int] = []
         props: list[list[tuple]] = []  # per node: (source, prob bin centre, match bucket, support bucket)
         index: dict[tuple[int, int], int] = {}
+        index_get = index.get
+        match_bucket, support_bucket, bins = _MATCH_BUCKET, _SUPPORT_BUCKET, _BIN_OF_TENTH
         for source, d in drafts:
             local: list[int] = []
             depth: list[int] = []
-            dprobs = list(d.probs)
+            dprobs = d.probs
+            m0 = d.match_len
             for tok, par, pr, sup in zip(d.tokens, d.parents, dprobs, d.supports):
                 if par >= 0:
                     mp, dep, r = local[par], depth[par] + 1, pr / dprobs[par]  # r = count(child) / count(node)
                 else:
                     mp, dep, r = -1, 0, pr
                 depth.append(dep)
-                j = index.get((mp, tok))
+                key = (mp, tok)
+                j = index_get(key)
                 if j is None:
-                    j = index[(mp, tok)] = len(tokens)
+                    j = index[key] = len(tokens)
                     tokens.append(tok)
                     parents.append(mp)
                     props.append([])
                 # the match length once the parent is accepted is match_len + depth
-                props[j].append((source, _BIN_CENTRES[min(int(r * 10), 9)],
-                                 bisect_right(MATCH_EDGES, d.match_len + dep), bisect_right(SUPPORT_EDGES, sup)))
+                md = m0 + dep
+                props[j].append((source, bins[int(r * 10)],
+                                 match_bucket[md] if md < len(match_bucket) else match_bucket[-1],
+                                 support_bucket[sup] if sup < len(support_bucket) else support_bucket[-1]))
                 local.append(j)
         multi = len(drafts) > 1
         proposing: dict[int, set[int]] = {}  # parent -> sources proposing some child there
@@ -220,24 +224,35 @@ class SuffixDrafter:
         probs: list[float] = []
         srcs: list[int] = []
         feats: list[tuple] = []
+        calibrate = self.config.calibrate
+        memo = self._memo
+        predict = self.calibrator.predict
+        agree, conflict = 1, 0
         for j, p in enumerate(parents):
+            options = props[j]
             if multi:
-                mine = {f[0] for f in props[j]}
-                agree, conflict = len(mine), int(len(proposing[p]) > len(mine))
-            else:
-                agree, conflict = 1, 0
+                if len(options) == 1:
+                    agree, conflict = 1, int(len(proposing[p]) > 1)
+                else:
+                    mine = {f[0] for f in options}
+                    agree, conflict = len(mine), int(len(proposing[p]) > len(mine))
             q, feat = -1.0, ()
-            for option in props[j]:
+            for option in options:
                 f = (*option, agree, conflict, state)
-                qf = self._cond(f)
+                if calibrate:
+                    qf = memo.get(f)
+                    if qf is None:
+                        qf = memo[f] = predict(f[0], f[1], f[2:])
+                else:
+                    qf = f[1]
                 if qf > q:
                     q, feat = qf, f
-            probs.append(min(1.0, q) * (probs[p] if p >= 0 else 1.0))
+            probs.append((q if q < 1.0 else 1.0) * (probs[p] if p >= 0 else 1.0))
             srcs.append(feat[0])
             feats.append(feat)
         tree = DraftTree(tokens, parents, probs, srcs)
         if len(tree) > budget:
-            keep = sorted(range(len(tree)), key=lambda i: (-probs[i], i))[:budget]
+            keep = sorted(range(len(tree)), key=probs.__getitem__, reverse=True)[:budget]  # stable: ties by index
             keep.sort()
             tree = tree.subtree(keep)
             feats = [feats[i] for i in keep]
@@ -263,16 +278,24 @@ class SuffixDrafter:
             req.tree.extend(0, new)
         req.output.extend(new)
         req.state = bisect_right(STATE_EDGES, len(accepted))
-        if self.config.calibrate and len(tree):
+        p_tokens, p_parents, p_feats = req.proposal
+        if self.config.calibrate and len(tree) and p_feats:
+            # proposal node of each verified node on the accepted path (-1: the root)
+            where = {(p, t): i for i, (t, p) in enumerate(zip(p_tokens, p_parents))}
             ok = set(int(i) for i in accepted)
-            for i, key in enumerate(_path_keys(tree)):
-                p = tree.parents[i]
+            mapped = {-1: -1}
+            update = self.calibrator.update
+            for i, (tok, p) in enumerate(zip(tree.tokens, tree.parents)):
                 if p >= 0 and p not in ok:
                     continue  # the parent was rejected: this node was never tested
-                feat = req.features.get(key)
-                if feat is not None:
-                    self.calibrator.update(feat[0], feat[1], feat[2:], i in ok)
-        req.features = {}
+                j = where.get((mapped.get(p, -2), int(tok)))
+                if j is None:
+                    continue  # not proposed here (an engine-side addition): no features
+                if i in ok:
+                    mapped[i] = j
+                feat = p_feats[j]
+                update(feat[0], feat[1], feat[2:], i in ok)
+        req.proposal = ((), (), ())
 
     def observe(self, token_ids: Sequence[int], topk_successor_ids: np.ndarray) -> None:
         """Recycling feed: ``topk_successor_ids[i]`` are the top-k next tokens after ``token_ids[i]``."""
