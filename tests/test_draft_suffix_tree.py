@@ -42,6 +42,15 @@ def test_min_prob_budget_and_alpha_limit():
     assert len(t.speculate([5, 6], budget=100, alpha=0.0, beta=0.0).tokens) == 0
 
 
+@pytest.mark.parametrize("backend", ["python", pytest.param("cpp", marks=needs_core)])
+def test_equal_scores_prefer_the_longer_match(backend):
+    t = make_suffix_tree(64, backend)
+    t.extend(0, [1, 2, 3, 4, 5, 6])
+    d = t.speculate([1, 2], budget=1, alpha=1.0, beta=0.0, min_prob=0.1)  # p = 1 and p = 2 both score 1.0
+    assert list(d.tokens) == [3] and d.match_len == 2
+    assert t.speculate([9, 9], budget=4).match_len == 0  # no match: the empty draft
+
+
 def test_depth_limit_and_integrity_on_random_sequences():
     rng = random.Random(0)
     for depth in (1, 2, 3, 7, 64):

@@ -300,7 +300,7 @@ class SuffixTree {
             if (budget < limit) limit = budget;
             if (limit <= 0) continue;
             Draft draft = grow(node, off, limit, min_prob);
-            if (draft.score > best.score) {
+            if (draft.score > 0 && draft.score >= best.score) {  // ties: the longer match
                 draft.match_len = static_cast<int>(p);
                 best = std::move(draft);
             }

@@ -163,7 +163,7 @@ class SuffixDrafter:
         drafts = [
             (int(src), tree.speculate(context, budget, cfg.alpha, cfg.beta, cfg.min_prob)) for src, tree in sources
         ]
-        tree, feats = self._merge([(s, d) for s, d in drafts if len(d.tokens)], budget, req.state)
+        tree, feats = self._merge([(s, d) for s, d in drafts if d.score > 0], budget, req.state)
         if self.recycler is not None and len(tree) < budget and context:
             tree, feats = self._recycle(tree, feats, context[-1], budget)
         req.proposal = (tree.tokens, tree.parents, feats)

@@ -285,7 +285,10 @@ class PySuffixTree:
     def speculate(
         self, context, budget: int, alpha: float = 1.0, beta: float = 0.0, min_prob: float = 0.1
     ) -> Draft:
-        """Best draft over match lengths ``p``: up to ``min(budget, int(alpha*p + beta))`` nodes."""
+        """Best draft over match lengths ``p``: up to ``min(budget, int(alpha*p + beta))`` nodes.
+
+        Equal scores go to the longer match (more context agrees with it).
+        """
         context = [int(t) for t in context[-self.max_depth :]]
         best = Draft()
         for p in range(1, len(context) + 1):
@@ -298,7 +301,7 @@ class PySuffixTree:
             if limit <= 0:
                 continue
             draft = self._grow(node, off, limit, min_prob)
-            if draft.score > best.score:
+            if draft.score > 0 and draft.score >= best.score:  # ties: the longer match
                 draft.match_len = p
                 best = draft
         return best
