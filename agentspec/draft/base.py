@@ -93,8 +93,10 @@ class Drafter(Protocol):
     def stop_request(self, request_id: str) -> None:
         """Finish a request: its prompt and output join the session tree, its output the global tree."""
 
-    def add_history(self, session_id: str | None, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> None:
-        """Add a finished call from elsewhere (a store, another process) as ``stop_request`` would."""
+    def add_history(self, session_id: str | None, prompt_ids: Sequence[int], output_ids: Sequence[int],
+                    *, to_global: bool = True) -> None:
+        """Add a finished call from elsewhere (a store, another process) as ``stop_request`` would;
+        ``to_global=False`` leaves the global tree alone (it was loaded separately)."""
 
 
 class RecyclingDrafter(Drafter, Protocol):

@@ -52,6 +52,7 @@ class DrafterConfig:
     global_prompt_tail: int = 8  # prompt tokens stored before each output (how outputs begin)
     max_sessions: int = 128  # session trees kept in memory (least recently used dropped)
     backend: str = "auto"  # suffix tree core: auto | cpp | python
+    after_token: bool = True  # calibration feature: how often guesses after the node's previous token were right
 
 
 @dataclass
@@ -62,7 +63,7 @@ class _Request:
     output: list[int] = field(default_factory=list)
     # the last proposal: (tokens, parents, calibration features) per node, matched to the verified
     # tree by token path in ``accept`` (the verified tree may be a re-indexed subtree of it)
-    proposal: tuple = ((), (), ())
+    proposal: tuple = ((), (), (), -1)
     state: int = 0  # bucket of the tokens accepted at the previous step (0, 1-2, 3+)
 
     def tail(self, n: int) -> list[int]:
@@ -88,7 +89,8 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 MATCH_EDGES = (2, 4, 8, 16, 32)  # calibration buckets of the match length (+ depth)
 SUPPORT_EDGES = (2, 3, 5, 9, 17)  # ... of the number of occurrences behind a guess
-STATE_EDGES = (1, 4, 12)  # ... of the tokens accepted at the previous step
+STATE_EDGES = (1, 4, 12)
+AFTER_EDGES = (0.35, 0.6, 0.8)  # ... of the acceptance rate of guesses after the previous token  # ... of the tokens accepted at the previous step
 
 
 _BIN_CENTRES = tuple((b + 0.5) / 10 for b in range(10))  # calibration bins of count(child) / count(node)
@@ -114,6 +116,9 @@ class SuffixDrafter:
         self._global = make_suffix_tree(self.config.max_depth, self.config.backend)
         self._seq_ids = itertools.count()
         self._memo: dict[tuple, float] = {}
+        self._after: dict[int, tuple[float, float]] = {}  # token -> (guesses right after it, accepted)
+        self._after_total = [0.0, 0.0]
+        self._after_memo: dict[int, int] = {}
 
     # ------------------------------------------------------------------ request lifecycle
     def start_request(self, request_id: str, session_id: str | None, prompt_ids: Sequence[int]) -> None:
@@ -163,10 +168,11 @@ class SuffixDrafter:
         drafts = [
             (int(src), tree.speculate(context, budget, cfg.alpha, cfg.beta, cfg.min_prob)) for src, tree in sources
         ]
-        tree, feats = self._merge([(s, d) for s, d in drafts if d.score > 0], budget, req.state)
+        last = context[-1] if context else -1
+        tree, feats = self._merge([(s, d) for s, d in drafts if d.score > 0], budget, req.state, last)
         if self.recycler is not None and len(tree) < budget and context:
             tree, feats = self._recycle(tree, feats, context[-1], budget)
-        req.proposal = (tree.tokens, tree.parents, feats)
+        req.proposal = (tree.tokens, tree.parents, feats, last)
         return tree
 
     def _cond(self, feat: tuple) -> float:
@@ -178,7 +184,19 @@ class SuffixDrafter:
             q = self._memo[feat] = self.calibrator.predict(feat[0], feat[1], feat[2:])
         return q
 
-    def _merge(self, drafts: list, budget: int, state: int = 0) -> tuple[DraftTree, list]:
+    def _after_bucket(self, token: int) -> int:
+        """Bucket of the (smoothed) rate at which guesses right after ``token`` were accepted."""
+        if not self.config.after_token:
+            return 0
+        b = self._after_memo.get(token)
+        if b is None:
+            seen, acc = self._after.get(token, (0.0, 0.0))
+            g_seen, g_acc = self._after_total
+            prior = (g_acc + 1.0) / (g_seen + 2.0)
+            b = self._after_memo[token] = bisect_right(AFTER_EDGES, (acc + 4.0 * prior) / (seen + 4.0))
+        return b
+
+    def _merge(self, drafts: list, budget: int, state: int = 0, last: int = -1) -> tuple[DraftTree, list]:
         """Union trie of the drafts with calibrated conditional probabilities.
 
         Each proposal of a node is described by discrete features (source, bin of
@@ -237,8 +255,9 @@ class SuffixDrafter:
                     mine = {f[0] for f in options}
                     agree, conflict = len(mine), int(len(proposing[p]) > len(mine))
             q, feat = -1.0, ()
+            after = self._after_bucket(tokens[p] if p >= 0 else last)
             for option in options:
-                f = (*option, agree, conflict, state)
+                f = (*option, agree, conflict, state, after)
                 if calibrate:
                     qf = memo.get(f)
                     if qf is None:
@@ -278,7 +297,7 @@ class SuffixDrafter:
             req.tree.extend(0, new)
         req.output.extend(new)
         req.state = bisect_right(STATE_EDGES, len(accepted))
-        p_tokens, p_parents, p_feats = req.proposal
+        p_tokens, p_parents, p_feats, last = req.proposal
         if self.config.calibrate and len(tree) and p_feats:
             # proposal node of each verified node on the accepted path (-1: the root)
             where = {(p, t): i for i, (t, p) in enumerate(zip(p_tokens, p_parents))}
@@ -295,7 +314,14 @@ class SuffixDrafter:
                     mapped[i] = j
                 feat = p_feats[j]
                 update(feat[0], feat[1], feat[2:], i in ok)
-        req.proposal = ((), (), ())
+                if self.config.after_token:
+                    prev = last if p < 0 else int(tree.tokens[p])
+                    seen, acc = self._after.get(prev, (0.0, 0.0))
+                    self._after[prev] = (seen + 1.0, acc + (i in ok))
+                    self._after_total[0] += 1.0
+                    self._after_total[1] += (i in ok)
+            self._after_memo.clear()
+        req.proposal = ((), (), (), -1)
 
     def observe(self, token_ids: Sequence[int], topk_successor_ids: np.ndarray) -> None:
         """Recycling feed: ``topk_successor_ids[i]`` are the top-k next tokens after ``token_ids[i]``."""
@@ -309,8 +335,12 @@ class SuffixDrafter:
             raise KeyError(f"unknown request {request_id!r}")
         self.add_history(req.session_id, req.prompt, req.output)
 
-    def add_history(self, session_id: str | None, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> None:
-        """Add a finished call (from a store or another process) as ``stop_request`` would."""
+    def add_history(self, session_id: str | None, prompt_ids: Sequence[int], output_ids: Sequence[int],
+                    *, to_global: bool = True) -> None:
+        """Add a finished call (from a store or another process) as ``stop_request`` would.
+
+        ``to_global=False`` adds it to its session tree only (a store loads the global history once
+        and each session's calls when the session is first used)."""
         cfg = self.config
         output = [int(t) for t in output_ids]
         sess = self._session(session_id, create=True)
@@ -321,7 +351,7 @@ class SuffixDrafter:
             sess.last_prompt = prompt + output
             if sess.tree.num_tokens > cfg.session_max_tokens:
                 sess.tree.evict(cfg.session_max_tokens * 3 // 4)
-        if output:
+        if output and to_global:
             tail = cfg.global_prompt_tail
             head = [int(t) for t in prompt_ids[max(0, len(prompt_ids) - tail) :]] if tail > 0 else []
             self._global.extend(next(self._seq_ids), head + output)
