@@ -116,3 +116,12 @@ def test_accept_learns_from_a_reindexed_subtree_of_the_proposal():
     assert updates == tested
     accepted = sum(a for k, a in d.calibrator._accepted.items() if len(k) == 2)
     assert accepted == 1
+
+
+def test_add_history_to_global_false_leaves_the_global_tree_alone():
+    d = _drafter(calibrate=False)
+    d.add_history("s1", [7, 7], [40, 41, 42, 43], to_global=False)
+    d.start_request("a", "s2", [9, 40, 41])  # another session: nothing to draft from
+    assert len(d.propose("a", 8)) == 0
+    d.start_request("b", "s1", [9, 40, 41])  # the same session: its tree knows the call
+    assert d.propose("b", 8).tokens[:2] == [42, 43]

@@ -52,7 +52,6 @@ class DrafterConfig:
     global_prompt_tail: int = 8  # prompt tokens stored before each output (how outputs begin)
     max_sessions: int = 128  # session trees kept in memory (least recently used dropped)
     backend: str = "auto"  # suffix tree core: auto | cpp | python
-    after_token: bool = True  # calibration feature: how often guesses after the node's previous token were right
 
 
 @dataclass
@@ -63,7 +62,7 @@ class _Request:
     output: list[int] = field(default_factory=list)
     # the last proposal: (tokens, parents, calibration features) per node, matched to the verified
     # tree by token path in ``accept`` (the verified tree may be a re-indexed subtree of it)
-    proposal: tuple = ((), (), (), -1)
+    proposal: tuple = ((), (), ())
     state: int = 0  # bucket of the tokens accepted at the previous step (0, 1-2, 3+)
 
     def tail(self, n: int) -> list[int]:
@@ -89,8 +88,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 MATCH_EDGES = (2, 4, 8, 16, 32)  # calibration buckets of the match length (+ depth)
 SUPPORT_EDGES = (2, 3, 5, 9, 17)  # ... of the number of occurrences behind a guess
-STATE_EDGES = (1, 4, 12)
-AFTER_EDGES = (0.35, 0.6, 0.8)  # ... of the acceptance rate of guesses after the previous token  # ... of the tokens accepted at the previous step
+STATE_EDGES = (1, 4, 12)  # ... of the tokens accepted at the previous step
 
 
 _BIN_CENTRES = tuple((b + 0.5) / 10 for b in range(10))  # calibration bins of count(child) / count(node)
@@ -116,9 +114,6 @@ class SuffixDrafter:
         self._global = make_suffix_tree(self.config.max_depth, self.config.backend)
         self._seq_ids = itertools.count()
         self._memo: dict[tuple, float] = {}
-        self._after: dict[int, tuple[float, float]] = {}  # token -> (guesses right after it, accepted)
-        self._after_total = [0.0, 0.0]
-        self._after_memo: dict[int, int] = {}
 
     # ------------------------------------------------------------------ request lifecycle
     def start_request(self, request_id: str, session_id: str | None, prompt_ids: Sequence[int]) -> None:
@@ -168,11 +163,10 @@ class SuffixDrafter:
         drafts = [
             (int(src), tree.speculate(context, budget, cfg.alpha, cfg.beta, cfg.min_prob)) for src, tree in sources
         ]
-        last = context[-1] if context else -1
-        tree, feats = self._merge([(s, d) for s, d in drafts if d.score > 0], budget, req.state, last)
+        tree, feats = self._merge([(s, d) for s, d in drafts if d.score > 0], budget, req.state)
         if self.recycler is not None and len(tree) < budget and context:
             tree, feats = self._recycle(tree, feats, context[-1], budget)
-        req.proposal = (tree.tokens, tree.parents, feats, last)
+        req.proposal = (tree.tokens, tree.parents, feats)
         return tree
 
     def _cond(self, feat: tuple) -> float:
@@ -184,19 +178,7 @@ class SuffixDrafter:
             q = self._memo[feat] = self.calibrator.predict(feat[0], feat[1], feat[2:])
         return q
 
-    def _after_bucket(self, token: int) -> int:
-        """Bucket of the (smoothed) rate at which guesses right after ``token`` were accepted."""
-        if not self.config.after_token:
-            return 0
-        b = self._after_memo.get(token)
-        if b is None:
-            seen, acc = self._after.get(token, (0.0, 0.0))
-            g_seen, g_acc = self._after_total
-            prior = (g_acc + 1.0) / (g_seen + 2.0)
-            b = self._after_memo[token] = bisect_right(AFTER_EDGES, (acc + 4.0 * prior) / (seen + 4.0))
-        return b
-
-    def _merge(self, drafts: list, budget: int, state: int = 0, last: int = -1) -> tuple[DraftTree, list]:
+    def _merge(self, drafts: list, budget: int, state: int = 0) -> tuple[DraftTree, list]:
         """Union trie of the drafts with calibrated conditional probabilities.
 
         Each proposal of a node is described by discrete features (source, bin of
@@ -255,9 +237,8 @@ class SuffixDrafter:
                     mine = {f[0] for f in options}
                     agree, conflict = len(mine), int(len(proposing[p]) > len(mine))
             q, feat = -1.0, ()
-            after = self._after_bucket(tokens[p] if p >= 0 else last)
             for option in options:
-                f = (*option, agree, conflict, state, after)
+                f = (*option, agree, conflict, state)
                 if calibrate:
                     qf = memo.get(f)
                     if qf is None:
@@ -297,7 +278,7 @@ class SuffixDrafter:
             req.tree.extend(0, new)
         req.output.extend(new)
         req.state = bisect_right(STATE_EDGES, len(accepted))
-        p_tokens, p_parents, p_feats, last = req.proposal
+        p_tokens, p_parents, p_feats = req.proposal
         if self.config.calibrate and len(tree) and p_feats:
             # proposal node of each verified node on the accepted path (-1: the root)
             where = {(p, t): i for i, (t, p) in enumerate(zip(p_tokens, p_parents))}
@@ -314,14 +295,7 @@ class SuffixDrafter:
                     mapped[i] = j
                 feat = p_feats[j]
                 update(feat[0], feat[1], feat[2:], i in ok)
-                if self.config.after_token:
-                    prev = last if p < 0 else int(tree.tokens[p])
-                    seen, acc = self._after.get(prev, (0.0, 0.0))
-                    self._after[prev] = (seen + 1.0, acc + (i in ok))
-                    self._after_total[0] += 1.0
-                    self._after_total[1] += (i in ok)
-            self._after_memo.clear()
-        req.proposal = ((), (), (), -1)
+        req.proposal = ((), (), ())
 
     def observe(self, token_ids: Sequence[int], topk_successor_ids: np.ndarray) -> None:
         """Recycling feed: ``topk_successor_ids[i]`` are the top-k next tokens after ``token_ids[i]``."""
