@@ -137,6 +137,8 @@ class AcceptanceCalibrator:
         self.max_count = float(max_count)
         self._seen: dict[tuple[int, ...], float] = {}
         self._accepted: dict[tuple[int, ...], float] = {}
+        # predictions, grouped by coarse bucket (source, bin); an update drops its group (exact)
+        self._cache: dict[tuple[int, int], dict[tuple, float]] = {}
 
     def _key(self, source: int, prob: float, features: Sequence[int]) -> tuple[int, ...]:
         return (int(source), min(max(int(prob * self.num_bins), 0), self.num_bins - 1), *features)
@@ -148,15 +150,24 @@ class AcceptanceCalibrator:
         whose prediction is the prior of the fine bucket (source, bin, *features).
         """
         fine = self._key(source, prob, features)
+        group = self._cache.get(fine[:2])
+        if group is None:
+            group = self._cache[fine[:2]] = {}
+        memo_key = (prob, fine)
+        estimate = group.get(memo_key)
+        if estimate is not None:
+            return estimate
         estimate = min(max(float(prob), 0.0), 1.0)
         for key in (fine[:2], fine) if features else (fine,):
             seen = self._seen.get(key, 0.0)
             estimate = (self._accepted.get(key, 0.0) + self.prior_weight * estimate) / (seen + self.prior_weight)
+        group[memo_key] = estimate
         return estimate
 
     def update(self, source: int, prob: float, features: Sequence[int], accepted: bool) -> None:
         """Record one verified guess (a node whose parent was accepted)."""
         fine = self._key(source, prob, features)
+        self._cache.pop(fine[:2], None)  # every cached prediction of this coarse bucket may change
         for key in (fine[:2], fine) if features else (fine,):
             seen = self._seen.get(key, 0.0) + 1.0
             acc = self._accepted.get(key, 0.0) + (1.0 if accepted else 0.0)

@@ -81,3 +81,17 @@ def test_calibrator_learns_per_source():
     assert cal.predict(0, 0.8, (1, 3)) == pytest.approx(0.25, abs=0.05)  # unseen features: the coarse bucket
     assert cal.predict(2, 0.8, (1, 2)) > 0.95
     assert cal.predict(1, 0.8) == pytest.approx(0.8)
+
+
+def test_calibrator_cache_is_exact_after_updates():
+    cal, fresh = AcceptanceCalibrator(), AcceptanceCalibrator()
+    for i in range(60):
+        feats = (i % 3, i % 2)
+        before = cal.predict(0, 0.75, feats)  # cached
+        assert before == cal.predict(0, 0.75, feats)
+        for c in (cal, fresh):
+            c.update(0, 0.75, (i % 2, i % 3), i % 5 == 0)  # a sibling bucket: the coarse bucket changes
+        fresh._cache.clear()
+        for f in ((0, 0), (1, 1), (2, 1), (i % 2, i % 3)):
+            assert cal.predict(0, 0.75, f) == fresh.predict(0, 0.75, f)
+    assert cal.predict(0, 0.75, (0, 0)) < 0.75  # evidence moved it
