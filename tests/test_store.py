@@ -1,0 +1,252 @@
+"""Session store on SQLite and on a real PostgreSQL (AGENTSPEC_TEST_PG_URL, started by .ci/run)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import time
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from agentspec.stores import (
+    SCHEMA_VERSION,
+    SchemaVersionError,
+    StoreError,
+    TokenizerMismatchError,
+    open_store,
+)
+from agentspec.stores.sql import records_table
+
+PG_URL = os.environ.get("AGENTSPEC_TEST_PG_URL")
+BACKENDS = ["sqlite", pytest.param("postgres", marks=[
+    pytest.mark.postgres, pytest.mark.skipif(not PG_URL, reason="AGENTSPEC_TEST_PG_URL is not set")])]
+
+
+def fresh_url(backend: str, tmp_path) -> str:
+    """A fresh empty store URL: a new SQLite file, or a new PostgreSQL schema-free database."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / f'store-{uuid.uuid4().hex[:6]}.db'}"
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return PG_URL.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=BACKENDS)
+def url(request, tmp_path):
+    return fresh_url(request.param, tmp_path)
+
+
+def test_append_and_load_in_order(url):
+    store = open_store(url)
+    ids = [store.append("s1", [1, 2, 3 + i], [7, 8, i], {"steps": i}, fingerprint="fp") for i in range(5)]
+    store.append("s2", [9], [9, 9], fingerprint="fp")
+    assert ids == sorted(ids)
+    loaded = store.load_session("s1")
+    assert [c.output_ids for c in loaded.calls] == [[7, 8, i] for i in range(5)]
+    assert [c.stats["steps"] for c in loaded.calls] == list(range(5))
+    assert loaded.info.calls == 5 and loaded.info.prompt_tokens == 15 and loaded.info.output_tokens == 15
+    assert {s.session_id for s in store.list_sessions()} == {"s1", "s2"}
+    outputs, skipped = store.recent_outputs("fp", max_tokens=5)
+    assert outputs == [[7, 8, 4], [9, 9]] and skipped == 0
+    assert store.recent_outputs("other-tokenizer", 100)[0] == []
+
+
+def test_tokenizer_mismatch_is_refused(url):
+    store = open_store(url)
+    store.append("s", [1], [2], fingerprint="tok-a")
+    with pytest.raises(TokenizerMismatchError, match="tok-a"):
+        store.append("s", [1], [2], fingerprint="tok-b")
+    assert len(store.load_session("s").calls) == 1
+
+
+def test_corrupt_records_are_skipped_and_counted(url):
+    store = open_store(url)
+    for i in range(4):
+        store.append("s", [1, 2], [3, i], fingerprint="fp")
+    good = store.append("s", [5], [6], fingerprint="fp")
+    with store.engine.begin() as conn:
+        first, second = sorted(conn.execute(sa.select(records_table.c.record_id)).scalars())[:2]
+        conn.execute(records_table.update().where(records_table.c.record_id == first).values(output=b"\x93garbage"))
+        payload = conn.execute(sa.select(records_table.c.output).where(records_table.c.record_id == second)).scalar()
+        conn.execute(records_table.update().where(records_table.c.record_id == second)
+                     .values(output=payload[: len(payload) // 2]))
+    loaded = store.load_session("s")
+    assert loaded.skipped == 2 and len(loaded.errors) == 2
+    assert [c.output_ids for c in loaded.calls] == [[3, 2], [3, 3], [6]]
+    assert loaded.calls[-1].record_id == good
+
+
+def test_newer_schema_is_refused(url):
+    store = open_store(url)
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE agentspec_schema SET version = :v"), {"v": SCHEMA_VERSION + 5})
+    store.close()
+    with pytest.raises(SchemaVersionError, match=f"v{SCHEMA_VERSION + 5}"):
+        open_store(url)
+
+
+def test_v1_store_is_upgraded_in_place(url):
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # the v1 layout: no sessions.updated_at
+        conn.execute(sa.text("CREATE TABLE agentspec_schema (version INTEGER NOT NULL)"))
+        conn.execute(sa.text("INSERT INTO agentspec_schema VALUES (1)"))
+        conn.execute(sa.text("CREATE TABLE agentspec_sessions (session_id VARCHAR(512) PRIMARY KEY, "
+                             "fingerprint VARCHAR(64) NOT NULL, created_at FLOAT NOT NULL)"))
+        conn.execute(sa.text("CREATE TABLE agentspec_records (record_id INTEGER PRIMARY KEY, "
+                             "session_id VARCHAR(512) NOT NULL REFERENCES agentspec_sessions(session_id), "
+                             "fingerprint VARCHAR(64) NOT NULL, created_at FLOAT NOT NULL, "
+                             "prompt_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, "
+                             "prompt BYTEA NOT NULL, output BYTEA NOT NULL, stats BYTEA)"
+                             .replace("BYTEA", "BLOB" if url.startswith("sqlite") else "BYTEA")))
+        conn.execute(sa.text("INSERT INTO agentspec_sessions VALUES ('old', 'fp', 100.0)"))
+    engine.dispose()
+    from agentspec.stores.codec import encode_tokens
+
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO agentspec_records VALUES (1, 'old', 'fp', 150.0, 1, 2, :p, :o, NULL)"),
+                     {"p": encode_tokens([4]), "o": encode_tokens([5, 6])})
+    engine.dispose()
+    store = open_store(url)
+    assert store.schema_version() == SCHEMA_VERSION
+    info = store.session_info("old")
+    assert info.updated_at == 150.0 and info.calls == 1
+    assert store.load_session("old").calls[0].output_ids == [5, 6]
+
+
+def test_unreachable_database_is_a_clear_error():
+    with pytest.raises(StoreError, match="cannot open the store at postgresql"):
+        open_store("postgresql+psycopg://nobody:secret@127.0.0.1:1/none")
+
+
+def test_read_only_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "ro.db"
+    open_store(f"sqlite:///{path}").close()
+    path.chmod(0o444)
+    try:
+        if os.access(path, os.W_OK):
+            pytest.skip("running as a user that can write read-only files")
+        with pytest.raises(StoreError, match="read-only"):
+            open_store(f"sqlite:///{path}")
+    finally:
+        path.chmod(0o644)
+
+
+def test_database_opened_read_only_is_a_clear_error(tmp_path):
+    """A read-only database (works even as root, where file modes do not bind)."""
+    path = tmp_path / "ro.db"
+    open_store(f"sqlite:///{path}").append("s", [1], [2], fingerprint="fp")
+    store = open_store(f"sqlite:///file:{path}?mode=ro&uri=true")
+    assert store.load_session("s").calls[0].output_ids == [2]
+    with pytest.raises(StoreError, match="read-only"):
+        store.append("s", [1], [3], fingerprint="fp")
+
+
+def test_read_only_folder_is_a_clear_error(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as a user that can write read-only folders")
+        with pytest.raises(StoreError, match="read-only"):
+            open_store(f"sqlite:///{folder / 'x.db'}")
+    finally:
+        folder.chmod(0o755)
+
+
+def test_not_a_database_file(tmp_path):
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="cannot open the store"):
+        open_store(f"sqlite:///{path}")
+
+
+def test_prune_export_import_delete(url, tmp_path):
+    store = open_store(url)
+    for _ in range(6):
+        store.append("a", [1] * 10, [2] * 10, fingerprint="fp")  # 20 tokens each
+        store.append("b", [1] * 5, [3] * 5, fingerprint="fp")  # 10 tokens each
+    assert store.prune(max_session_tokens=40) == 4 + 2  # a keeps 2 calls, b keeps 4
+    assert store.load_session("a").info.calls == 2 and store.load_session("b").info.calls == 4
+    assert store.prune(max_total_tokens=30) > 0
+    assert sum(s.prompt_tokens + s.output_tokens for s in store.list_sessions()) <= 30
+    store.append("c", [4, 5], [6], {"steps": 1}, fingerprint="fp")
+    path = tmp_path / "c.jsonl"
+    assert store.export_session("c", path) == 1
+    assert store.import_session(path, session_id="c-copy") == "c-copy"
+    assert store.load_session("c-copy").calls[0].output_ids == [6]
+    assert store.delete_session("c") and not store.delete_session("c")
+    assert store.load_session("c").calls == []
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    with pytest.raises(StoreError, match="not an agentspec session export"):
+        store.import_session(bad)
+
+
+# ------------------------------------------------------------------ crash safety and concurrency
+def _writer(url: str, sessions: list[str], tag: int, count: int, conn) -> None:
+    """Append ``count`` calls to each of ``sessions``, alternating; report each commit on ``conn``."""
+    store = open_store(url)
+    for i in range(count):
+        for session in sessions:
+            store.append(session, [tag, i] * 50, [tag, i, 7] * 20, {"tag": tag, "i": i}, fingerprint="fp")
+        if conn is not None:
+            conn.send(i)  # reported only after the transaction committed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigkill_never_loses_a_committed_call(backend, tmp_path):
+    url = fresh_url(backend, tmp_path)
+    open_store(url).close()
+    ctx = mp.get_context("spawn")
+    rng = random.Random(0)
+    committed_total = 0
+    for round_ in range(20):
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_writer, args=(url, ["crash"], round_, 10_000, child))
+        proc.start()
+        deadline = time.time() + rng.uniform(0.3, 1.2)
+        committed = []
+        while time.time() < deadline or not committed:
+            if parent.poll(0.05):
+                committed.append(parent.recv())
+        proc.kill()  # SIGKILL at a random point, usually mid-transaction
+        proc.join()
+        while parent.poll(0):
+            committed.append(parent.recv())
+        store = open_store(url)  # opens cleanly every time
+        loaded = store.load_session("crash")
+        assert loaded.skipped == 0
+        mine = [c.stats["i"] for c in loaded.calls if c.stats["tag"] == round_]
+        assert mine[: len(committed)] == committed  # every reported commit is there, in order
+        assert mine == list(range(len(mine)))  # nothing half-written or out of order
+        assert all(c.output_ids == [c.stats["tag"], c.stats["i"], 7] * 20 for c in loaded.calls)
+        committed_total += len(committed)
+        store.close()
+    assert committed_total > 20
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_four_processes_append_at_once(backend, tmp_path):
+    url = fresh_url(backend, tmp_path)
+    open_store(url).close()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(url, ["shared", f"own-{tag}"], tag, 200, None)) for tag in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    store = open_store(url)
+    shared = store.load_session("shared").calls
+    for tag in range(4):  # none lost, none duplicated, each process's order kept
+        assert [c.stats["i"] for c in shared if c.stats["tag"] == tag] == list(range(200))
+        own = store.load_session(f"own-{tag}").calls
+        assert [c.stats["i"] for c in own] == list(range(200))
+    assert len(shared) == 800
