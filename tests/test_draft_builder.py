@@ -125,3 +125,12 @@ def test_add_history_to_global_false_leaves_the_global_tree_alone():
     assert len(d.propose("a", 8)) == 0
     d.start_request("b", "s1", [9, 40, 41])  # the same session: its tree knows the call
     assert d.propose("b", 8).tokens[:2] == [42, 43]
+
+
+def test_common_prefix():
+    from agentspec.draft.builder import _common_prefix
+
+    assert _common_prefix([1, 2, 3, 4], [1, 2, 3]) == 3
+    assert _common_prefix([1, 2], [1, 2, 3]) == 2
+    assert _common_prefix([1, 2, 9, 4], [1, 2, 3, 4]) == 2
+    assert _common_prefix([], [1]) == 0 and _common_prefix([5], [6]) == 0

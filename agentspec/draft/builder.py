@@ -80,6 +80,8 @@ class _Session:
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the agent-loop case (one prompt extends the last), compared at C speed
+        return n
     i = 0
     while i < n and a[i] == b[i]:
         i += 1
