@@ -1,0 +1,156 @@
+"""``agentspec sessions|prune|stats``: look into and maintain the persistent session store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+
+STORE_HELP = "Store URL (default: sqlite:///$AGENTSPEC_HOME/cache.db; or postgresql+psycopg://...)."
+
+
+def _open(url: str | None):
+    from agentspec.stores import StoreError, open_store
+
+    try:
+        return open_store(url)
+    except StoreError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def session_totals(store, session_id: str | None = None) -> dict[str, dict]:
+    """Per-session sums of the stored call statistics (and ``"*"`` for all sessions)."""
+    from agentspec.stats import SpecStats
+
+    totals: dict[str, SpecStats] = {}
+    calls: dict[str, int] = {}
+    for sid, stats in store.iter_records(session_id):
+        s = SpecStats.from_dict(stats)
+        for key in (sid, "*"):
+            totals.setdefault(key, SpecStats()).add(s)
+            calls[key] = calls.get(key, 0) + 1
+    out = {}
+    for key, s in totals.items():
+        d = s.to_dict()
+        d["calls"] = calls[key]
+        out[key] = {k: d[k] for k in ("calls", "prompt_tokens", "output_tokens", "steps", "drafted_tokens",
+                                      "accepted_tokens", "acceptance_rate", "tokens_per_step", "hit_rate",
+                                      "accepted_by_source")}
+    return out
+
+
+def _stats_table(rows: dict[str, dict]) -> Table:
+    table = Table(title="agentspec cache statistics")
+    cols = ("session", "calls", "prompt tok", "output tok", "drafted", "accepted", "accept rate", "tok/step",
+            "hit rate", "accepted from (request/session/global/recycled)")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("session", cols[-1]) else "right")
+    for sid, r in sorted(rows.items(), key=lambda kv: (kv[0] == "*", kv[0])):
+        src = r["accepted_by_source"]
+        table.add_row("all sessions" if sid == "*" else sid, str(r["calls"]), f"{r['prompt_tokens']:,}",
+                      f"{r['output_tokens']:,}", f"{r['drafted_tokens']:,}", f"{r['accepted_tokens']:,}",
+                      f"{r['acceptance_rate']:.1%}", f"{r['tokens_per_step']:.2f}", f"{r['hit_rate']:.1%}",
+                      " / ".join(str(src.get(k, 0)) for k in ("request", "session", "global", "recycled")))
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    sessions = typer.Typer(help="List, show, drop, export and import stored agent sessions.", no_args_is_help=True)
+    app.add_typer(sessions, name="sessions")
+
+    @sessions.command("list")
+    def list_(store: str = typer.Option(None, help=STORE_HELP),
+              as_json: bool = typer.Option(False, "--json", help="JSON on stdout.")) -> None:
+        """Every session with its calls and tokens, most recently used first."""
+        infos = _open(store).list_sessions()
+        if as_json:
+            print(json.dumps([i.__dict__ for i in infos], indent=2))
+            return
+        table = Table(title=f"{len(infos)} sessions")
+        for col in ("session", "calls", "prompt tokens", "output tokens", "tokenizer"):
+            table.add_column(col)
+        for i in infos:
+            table.add_row(i.session_id, str(i.calls), f"{i.prompt_tokens:,}", f"{i.output_tokens:,}", i.fingerprint)
+        console.print(table)
+
+    @sessions.command("show")
+    def show(session_id: str, store: str = typer.Option(None, help=STORE_HELP)) -> None:
+        """A session's calls: tokens and speculation figures per call."""
+        loaded = _open(store).load_session(session_id)
+        if loaded.info is None:
+            err.print(f"[red]error:[/red] no session {session_id!r}")
+            raise typer.Exit(1)
+        table = Table(title=f"session {session_id}: {loaded.info.calls} calls"
+                      + (f", {loaded.skipped} corrupt records skipped" if loaded.skipped else ""))
+        for col in ("#", "prompt", "output", "tok/step", "hit rate"):
+            table.add_column(col, justify="right")
+        for n, call in enumerate(loaded.calls, 1):
+            table.add_row(str(n), str(len(call.prompt_ids)), str(len(call.output_ids)),
+                          f"{call.stats.get('tokens_per_step', 0):.2f}", f"{call.stats.get('hit_rate', 0):.0%}")
+        console.print(table)
+
+    @sessions.command("drop")
+    def drop(session_id: str, store: str = typer.Option(None, help=STORE_HELP)) -> None:
+        """Delete a session and all its calls."""
+        if not _open(store).delete_session(session_id):
+            err.print(f"[red]error:[/red] no session {session_id!r}")
+            raise typer.Exit(1)
+        console.print(f"dropped {session_id}")
+
+    @sessions.command("export")
+    def export(session_id: str, path: Path, store: str = typer.Option(None, help=STORE_HELP)) -> None:
+        """Write a session to a JSON-lines file."""
+        try:
+            n = _open(store).export_session(session_id, path)
+        except KeyError as exc:
+            err.print(f"[red]error:[/red] {exc.args[0]}")
+            raise typer.Exit(1) from exc
+        console.print(f"exported {n} calls of {session_id} to {path}")
+
+    @sessions.command("import")
+    def import_(path: Path, session_id: str = typer.Option(None, "--as", help="Store it under this id."),
+                store: str = typer.Option(None, help=STORE_HELP)) -> None:
+        """Read a session exported by `agentspec sessions export`."""
+        from agentspec.stores import StoreError
+
+        try:
+            sid = _open(store).import_session(path, session_id)
+        except (OSError, StoreError) as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from exc
+        console.print(f"imported {path} as {sid}")
+
+    @app.command()
+    def prune(
+        max_session_tokens: int = typer.Option(None, help="Keep at most this many tokens per session."),
+        max_total_tokens: int = typer.Option(None, help="Keep at most this many tokens in all."),
+        store: str = typer.Option(None, help=STORE_HELP),
+    ) -> None:
+        """Delete the oldest calls beyond a token budget (per session and/or in total)."""
+        if max_session_tokens is None and max_total_tokens is None:
+            raise typer.BadParameter("give --max-session-tokens and/or --max-total-tokens")
+        n = _open(store).prune(max_session_tokens, max_total_tokens)
+        console.print(f"deleted {n} calls")
+
+    @app.command()
+    def stats(
+        session: str = typer.Option(None, help="Only this session."),
+        as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+        store: str = typer.Option(None, help=STORE_HELP),
+    ) -> None:
+        """Cache hit rates per session and overall: calls, tokens, drafted and accepted tokens, acceptance,
+        tokens per verification step, share of output from drafts, and which tree the drafts came from."""
+        rows = session_totals(_open(store), session)
+        if as_json:
+            print(json.dumps(rows, indent=2))
+        elif not rows:
+            console.print("no calls stored yet")
+        else:
+            Console(width=max(console.width, 150)).print(_stats_table(rows))
