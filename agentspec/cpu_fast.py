@@ -24,10 +24,14 @@ class PackedLinear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
+        import warnings
+
         from torch.utils import mkldnn
 
         self.out_features = linear.out_features
-        self.inner = mkldnn.to_mkldnn(torch.nn.Sequential(_plain_linear(linear)))[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script_method inside to_mkldnn
+            self.inner = mkldnn.to_mkldnn(torch.nn.Sequential(_plain_linear(linear)))[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -1,0 +1,88 @@
+"""Sessions through the engine and a store: a new process drafts from what an earlier one stored."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import uuid
+
+import pytest
+from test_store import BACKENDS, fresh_url
+from typer.testing import CliRunner
+
+PROMPT = [5, 17, 99, 3, 250, 41, 8, 77, 19, 300, 12, 6]
+
+
+def tiny_engine(store_url: str | None):
+    """A tiny random Llama (the same weights in every process) with the real drafter and a store."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from agentspec.config import SpeculationConfig
+    from agentspec.draft.builder import SuffixDrafter
+    from agentspec.engine import Engine
+    from agentspec.model import load_tokenizer
+    from agentspec.sessions import SessionManager
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = LlamaForCausalLM(config).eval()
+    drafter = SuffixDrafter()
+    engine = Engine(model, load_tokenizer(), drafter=drafter, speculation=SpeculationConfig(adaptive=False))
+    engine.eos_ids = set()
+    if store_url:
+        engine.sessions = SessionManager.open(store_url, drafter, engine.fingerprint)
+    return engine
+
+
+def _first_process(url: str, session: str) -> None:
+    engine = tiny_engine(url)
+    engine.generate(PROMPT, session=session, max_new_tokens=48)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_process_drafts_from_the_first(backend, tmp_path):
+    url = fresh_url(backend, tmp_path)
+    session = f"agent-{uuid.uuid4().hex[:6]}"
+    proc = mp.get_context("spawn").Process(target=_first_process, args=(url, session))
+    proc.start()
+    proc.join(timeout=300)
+    assert proc.exitcode == 0
+    # a fresh process with no store: drafts only from the prompt itself
+    cold = tiny_engine(None).generate(PROMPT, session=session, max_new_tokens=48)
+    # a fresh process on the shared store: the first process's output is in the session tree
+    warm_engine = tiny_engine(url)
+    warm = warm_engine.generate(PROMPT, session=session, max_new_tokens=48)
+    assert warm.token_ids == cold.token_ids  # same greedy output either way
+    assert warm.stats.tokens_per_step > cold.stats.tokens_per_step + 1
+    assert warm.stats.accepted_by_source.get("session", 0) > 0
+    # and the call was appended: two calls in the session now, the second with its statistics
+    loaded = warm_engine.sessions.store.load_session(session)
+    assert len(loaded.calls) == 2 and loaded.calls[1].stats["output_tokens"] == 48
+
+
+def test_global_history_reaches_other_sessions(tmp_path):
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    tiny_engine(url).generate(PROMPT, session="first", max_new_tokens=40)
+    other = tiny_engine(url).generate(PROMPT, session="second", max_new_tokens=40)
+    assert other.stats.accepted_by_source.get("global", 0) > 0
+
+
+def test_stats_cli_reads_what_the_engine_stored(tmp_path):
+    from agentspec.cli import app
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    engine = tiny_engine(url)
+    for _ in range(2):
+        engine.generate(PROMPT, session="cli-session", max_new_tokens=30)
+    result = CliRunner().invoke(app, ["stats", "--json", "--store", url])
+    assert result.exit_code == 0, result.output
+    import json
+
+    rows = json.loads(result.output)
+    assert rows["cli-session"]["calls"] == 2 and rows["cli-session"]["output_tokens"] == 60
+    assert rows["*"]["accepted_tokens"] > 0 and 0 < rows["*"]["hit_rate"] <= 1
+    listing = CliRunner().invoke(app, ["sessions", "list", "--store", url])
+    assert "cli-session" in listing.output
+    missing = CliRunner().invoke(app, ["sessions", "show", "nope", "--store", url])
+    assert missing.exit_code == 1 and "no session" in missing.output
