@@ -59,8 +59,26 @@ class SessionManager:
         self.skipped_records += loaded.skipped
         for error in loaded.errors:
             logger.warning("session %r: skipped %s", session_id, error)
-        for call in loaded.calls:
+        for call in self._newest_that_fit(loaded.calls):
             self.drafter.add_history(session_id, call.prompt_ids, call.output_ids, to_global=False)
+
+    def _newest_that_fit(self, calls: list) -> list:
+        """The newest calls whose new tokens fit the drafter's session budget (older ones would be
+        evicted right after being added): each call adds its prompt beyond the previous call's
+        prompt and output, plus its output."""
+        budget = getattr(getattr(self.drafter, "config", None), "session_max_tokens", None)
+        if not budget:
+            return calls
+        sizes, previous = [], []
+        for call in calls:
+            shared = _common_prefix(call.prompt_ids, previous)
+            sizes.append(len(call.prompt_ids) - shared + len(call.output_ids))
+            previous = call.prompt_ids + call.output_ids
+        total, start = 0, len(calls)
+        while start > 0 and total + sizes[start - 1] <= budget:
+            start -= 1
+            total += sizes[start]
+        return calls[start:]
 
     def record(self, session_id: str, prompt_ids: Sequence[int], output_ids: Sequence[int],
                stats: SpecStats) -> int:
@@ -68,3 +86,11 @@ class SessionManager:
         self._loaded.add(session_id)
         return self.store.append(session_id, list(prompt_ids), list(output_ids), stats.to_dict(),
                                  fingerprint=self.fingerprint)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -86,3 +86,19 @@ def test_stats_cli_reads_what_the_engine_stored(tmp_path):
     assert "cli-session" in listing.output
     missing = CliRunner().invoke(app, ["sessions", "show", "nope", "--store", url])
     assert missing.exit_code == 1 and "no session" in missing.output
+
+
+def test_session_load_feeds_only_what_fits_the_drafter_budget():
+    from types import SimpleNamespace
+
+    from agentspec.sessions import SessionManager
+    from agentspec.stores import CallRecord
+
+    drafter = SimpleNamespace(config=SimpleNamespace(session_max_tokens=100))
+    manager = SessionManager(store=None, drafter=drafter, fingerprint="fp")
+    prompt = list(range(50))
+    calls = [CallRecord(1, "s", prompt, [1] * 10), CallRecord(2, "s", prompt + [1] * 10 + [2] * 30, [3] * 20),
+             CallRecord(3, "s", [9] * 40, [4] * 30)]  # sizes 60, 50, 70: the newest two are 120 > 100
+    assert [c.record_id for c in manager._newest_that_fit(calls)] == [3]
+    drafter.config.session_max_tokens = 120
+    assert [c.record_id for c in manager._newest_that_fit(calls)] == [2, 3]

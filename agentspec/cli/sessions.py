@@ -127,6 +127,26 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1) from exc
         console.print(f"imported {path} as {sid}")
 
+    @sessions.command("bench")
+    def bench(store: str = typer.Option(None, help="Store URL to benchmark (default: a new SQLite file)."),
+              calls: int = typer.Option(2000, help="Small calls to append for the append rate."),
+              session_tokens: int = typer.Option(1_000_000, help="Tokens in the large session."),
+              as_json: bool = typer.Option(False, "--json", help="JSON on stdout.")) -> None:
+        """Append rate, load + rebuild time of a large session, stored bytes per token.
+        Writes benchmark sessions into the store: use a scratch store."""
+        from agentspec.stores.benchmark import run
+
+        result = run(store, append_calls=calls, session_tokens=session_tokens).to_dict()
+        if as_json:
+            print(json.dumps(result, indent=2))
+            return
+        table = Table(title="store benchmark")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in result.items():
+            table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
+        console.print(table)
+
     @app.command()
     def prune(
         max_session_tokens: int = typer.Option(None, help="Keep at most this many tokens per session."),
