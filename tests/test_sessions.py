@@ -91,8 +91,9 @@ def test_stats_cli_reads_what_the_engine_stored(tmp_path):
 def test_session_load_feeds_only_what_fits_the_drafter_budget():
     from types import SimpleNamespace
 
-    from agentspec.sessions import SessionManager
     from agentspec.stores import CallRecord
+
+    from agentspec.sessions import SessionManager
 
     drafter = SimpleNamespace(config=SimpleNamespace(session_max_tokens=100))
     manager = SessionManager(store=None, drafter=drafter, fingerprint="fp")
