@@ -193,6 +193,7 @@ class SuffixDrafter:
         props: list[list[tuple]] = []  # per node: (source, prob bin centre, match bucket, support bucket)
         index: dict[tuple[int, int], int] = {}
         index_get = index.get
+        proposing: dict[int, set[int]] = {}  # parent -> sources proposing some child there
         match_bucket, support_bucket, bins = _MATCH_BUCKET, _SUPPORT_BUCKET, _BIN_OF_TENTH
         for source, d in drafts:
             local: list[int] = []
@@ -212,6 +213,13 @@ class SuffixDrafter:
                     tokens.append(tok)
                     parents.append(mp)
                     props.append([])
+                    srcs_here = proposing.get(mp)
+                    if srcs_here is None:
+                        proposing[mp] = {source}
+                    else:
+                        srcs_here.add(source)
+                else:
+                    proposing[mp].add(source)
                 # the match length once the parent is accepted is match_len + depth
                 md = m0 + dep
                 props[j].append((source, bins[int(r * 10)],
@@ -219,10 +227,6 @@ class SuffixDrafter:
                                  support_bucket[sup] if sup < len(support_bucket) else support_bucket[-1]))
                 local.append(j)
         multi = len(drafts) > 1
-        proposing: dict[int, set[int]] = {}  # parent -> sources proposing some child there
-        if multi:
-            for j, p in enumerate(parents):
-                proposing.setdefault(p, set()).update(f[0] for f in props[j])
         probs: list[float] = []
         srcs: list[int] = []
         feats: list[tuple] = []
@@ -233,11 +237,10 @@ class SuffixDrafter:
         for j, p in enumerate(parents):
             options = props[j]
             if multi:
-                if len(options) == 1:
-                    agree, conflict = 1, int(len(proposing[p]) > 1)
-                else:
-                    mine = {f[0] for f in options}
-                    agree, conflict = len(mine), int(len(proposing[p]) > len(mine))
+                # a draft proposes a (parent, token) at most once (siblings are distinct), so the
+                # options of a node come from distinct sources
+                agree = len(options)
+                conflict = int(len(proposing[p]) > agree)
             q, feat = -1.0, ()
             for option in options:
                 f = (*option, agree, conflict, state)
