@@ -134,3 +134,17 @@ def test_common_prefix():
     assert _common_prefix([1, 2], [1, 2, 3]) == 2
     assert _common_prefix([1, 2, 9, 4], [1, 2, 3, 4]) == 2
     assert _common_prefix([], [1]) == 0 and _common_prefix([5], [6]) == 0
+
+
+def test_merge_features_count_agreeing_sources_and_conflicts():
+    d = _drafter(calibrate=False, use_session=False)
+    d.add_history(None, [], [1, 2, 3, 4])  # global: "1 2" -> 3 -> 4
+    d.start_request("r", None, [1, 2, 3, 7, 1, 2])  # request: "1 2" -> 3 -> 7
+    tree = d.propose("r", 8)
+    tokens, parents, feats = d._requests["r"].proposal
+    node = {(p, t): i for i, (t, p) in enumerate(zip(tokens, parents))}
+    three = node[(-1, 3)]
+    assert feats[three][4:6] == (2, 0)  # both sources propose 3, nobody proposes anything else
+    four, seven = node[(three, 4)], node[(three, 7)]
+    assert feats[four][4:6] == (1, 1) and feats[seven][4:6] == (1, 1)  # one source each, they disagree
+    assert {tree.sources[four], tree.sources[seven]} == {Source.GLOBAL, Source.REQUEST}
