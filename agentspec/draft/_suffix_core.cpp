@@ -43,56 +43,55 @@ class ChildIndex {
     int32_t get(int32_t parent, int32_t token) const {
         uint64_t key = make_key(parent, token);
         for (size_t i = slot(key);; i = (i + 1) & mask_) {
-            if (keys_[i] == EMPTY) return NONE;
-            if (keys_[i] == key) return vals_[i];
+            if (slots_[i].key == EMPTY) return NONE;
+            if (slots_[i].key == key) return slots_[i].val;
         }
     }
     void put(int32_t parent, int32_t token, int32_t child) {
-        if ((size_ + 1) * 5 > keys_.size() * 4) rehash(keys_.size() * 2);
+        if ((size_ + 1) * 5 > slots_.size() * 4) rehash(slots_.size() * 2);
         uint64_t key = make_key(parent, token);
         size_t i = slot(key);
-        for (; keys_[i] != EMPTY; i = (i + 1) & mask_) {
-            if (keys_[i] == key) { vals_[i] = child; return; }
+        for (; slots_[i].key != EMPTY; i = (i + 1) & mask_) {
+            if (slots_[i].key == key) { slots_[i].val = child; return; }
         }
-        keys_[i] = key;
-        vals_[i] = child;
+        slots_[i].key = key;
+        slots_[i].val = child;
         ++size_;
     }
     void erase(int32_t parent, int32_t token) {
         uint64_t key = make_key(parent, token);
         size_t i = slot(key);
-        for (; keys_[i] != key; i = (i + 1) & mask_) {
-            if (keys_[i] == EMPTY) return;
+        for (; slots_[i].key != key; i = (i + 1) & mask_) {
+            if (slots_[i].key == EMPTY) return;
         }
         size_t j = i;
         while (true) {
             j = (j + 1) & mask_;
-            if (keys_[j] == EMPTY) break;
-            size_t home = slot(keys_[j]);
-            // move keys_[j] back to the hole at i unless its home lies cyclically in (i, j]
+            if (slots_[j].key == EMPTY) break;
+            size_t home = slot(slots_[j].key);
+            // move slots_[j].key back to the hole at i unless its home lies cyclically in (i, j]
             bool in_range = (i <= j) ? (home > i && home <= j) : (home > i || home <= j);
             if (!in_range) {
-                keys_[i] = keys_[j];
-                vals_[i] = vals_[j];
+                slots_[i].key = slots_[j].key;
+                slots_[i].val = slots_[j].val;
                 i = j;
             }
         }
-        keys_[i] = EMPTY;
+        slots_[i].key = EMPTY;
         --size_;
     }
     void reserve(size_t entries) {  // capacity for ``entries`` without growing past the load limit
-        size_t capacity = keys_.size();
+        size_t capacity = slots_.size();
         while (entries * 5 > capacity * 4) capacity *= 2;
-        if (capacity != keys_.size()) rehash(capacity);
+        if (capacity != slots_.size()) rehash(capacity);
     }
     void clear() {
-        keys_.assign(1024, EMPTY);
-        vals_.assign(1024, NONE);
+        slots_.assign(1024, Slot{EMPTY, NONE});
         mask_ = 1023;
         size_ = 0;
     }
     size_t size() const { return size_; }
-    size_t bytes() const { return keys_.capacity() * sizeof(uint64_t) + vals_.capacity() * sizeof(int32_t); }
+    size_t bytes() const { return slots_.capacity() * sizeof(Slot); }
 
   private:
     static constexpr uint64_t EMPTY = ~0ull;
@@ -108,23 +107,26 @@ class ChildIndex {
         return static_cast<size_t>(key) & mask_;
     }
     void rehash(size_t capacity) {
-        std::vector<uint64_t> old_keys(capacity, EMPTY);
-        std::vector<int32_t> old_vals(capacity, NONE);
-        old_keys.swap(keys_);
-        old_vals.swap(vals_);
+        std::vector<Slot> old(capacity, Slot{EMPTY, NONE});
+        old.swap(slots_);
         mask_ = capacity - 1;
         size_ = 0;
-        for (size_t i = 0; i < old_keys.size(); ++i) {
-            if (old_keys[i] == EMPTY) continue;
-            size_t j = slot(old_keys[i]);
-            while (keys_[j] != EMPTY) j = (j + 1) & mask_;
-            keys_[j] = old_keys[i];
-            vals_[j] = old_vals[i];
+        for (size_t i = 0; i < old.size(); ++i) {
+            if (old[i].key == EMPTY) continue;
+            size_t j = slot(old[i].key);
+            while (slots_[j].key != EMPTY) j = (j + 1) & mask_;
+            slots_[j].key = old[i].key;
+            slots_[j].val = old[i].val;
             ++size_;
         }
     }
-    std::vector<uint64_t> keys_;
-    std::vector<int32_t> vals_;
+#pragma pack(push, 4)
+    struct Slot {  // key and value side by side: one cache miss per probe (12 bytes, packed)
+        uint64_t key;
+        int32_t val;
+    };
+#pragma pack(pop)
+    std::vector<Slot> slots_;
     size_t mask_ = 0;
     size_t size_ = 0;
 };
