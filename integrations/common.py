@@ -1,0 +1,180 @@
+"""What the LangChain model and the HTTP server share: prompt preparation and tool-call streaming.
+
+Both entry points turn OpenAI-style messages and tools into prompt token ids (through
+:mod:`agentspec.chat`), force a tool call when ``tool_choice`` asks for one, and split the
+model's streamed text into content deltas and parsed ``<tool_call>`` blocks.
+
+Forcing a tool call costs nothing at decode time: the assistant answer is started with the
+opening of a Hermes block, e.g. ``<tool_call>\\n{"name": "get_weather", "arguments": `` (its
+token ids are appended to the prompt), so even a small model can only continue with arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentspec import chat
+
+TOOL_OPEN = "<tool_call>"
+TOOL_CLOSE = "</tool_call>"
+
+
+def normalize_tool_choice(tool_choice: Any) -> str | dict | None:
+    """``None`` | ``"auto"`` | ``"none"`` | ``"required"`` | ``{"type": "function", "function": {"name"}}``.
+
+    Accepts the spellings LangChain and OpenAI use: ``"any"`` and ``True`` mean required, a bare
+    tool name means that function.
+    """
+    if tool_choice is None or tool_choice == "auto":
+        return tool_choice
+    if tool_choice is True or tool_choice in ("any", "required"):
+        return "required"
+    if tool_choice is False or tool_choice == "none":
+        return "none"
+    if isinstance(tool_choice, str):
+        return {"type": "function", "function": {"name": tool_choice}}
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+        if isinstance(name, str) and name:
+            return {"type": "function", "function": {"name": name}}
+    raise ValueError(
+        f"tool_choice must be 'auto', 'none', 'required'/'any', a tool name or "
+        f"{{'type': 'function', 'function': {{'name': ...}}}}, got {tool_choice!r}"
+    )
+
+
+def tool_names(tools: Sequence[dict] | None) -> list[str]:
+    """Function names of OpenAI-style tool schemas."""
+    return [(t.get("function") or t).get("name", "") for t in tools or ()]
+
+
+def forced_prefix(tools: Sequence[dict] | None, tool_choice: str | dict | None) -> str:
+    """Text the assistant answer is made to start with, so that the model must call a tool."""
+    if not tools or tool_choice in (None, "auto", "none"):
+        return ""
+    names = tool_names(tools)
+    name = None
+    if isinstance(tool_choice, dict):
+        name = tool_choice["function"]["name"]
+        if name not in names:
+            raise ValueError(f"tool_choice names function {name!r}, but the tools are {names}")
+    elif len(names) == 1:  # "required" with one tool: that tool
+        name = names[0]
+    if name is None:
+        return TOOL_OPEN + '\n{"name": "'
+    return TOOL_OPEN + '\n{"name": ' + json.dumps(name) + ', "arguments": '
+
+
+@dataclass
+class PreparedPrompt:
+    """A request ready for :meth:`Engine.stream`: token ids, plus how to read the answer."""
+
+    prompt_ids: list[int]
+    prefix: str = ""  # forced start of the answer (already in prompt_ids); feed it to the splitter first
+    stop: list[str] = field(default_factory=list)
+    parse_tools: bool = True  # False with tool_choice="none": tool-call syntax stays plain text
+
+
+def prepare_prompt(
+    tokenizer: Any,
+    messages: Sequence[dict],
+    *,
+    tools: Sequence[dict] | None = None,
+    tool_choice: Any = None,
+    stop: Sequence[str] | str | None = None,
+    context_window: int | None = None,
+) -> PreparedPrompt:
+    """Prompt ids for OpenAI-style ``messages`` and ``tools`` (``ValueError`` for bad input).
+
+    With ``context_window`` a prompt that does not fit raises ``ValueError`` naming both lengths.
+    """
+    choice = normalize_tool_choice(tool_choice)
+    stops = [stop] if isinstance(stop, str) else [s for s in stop or () if s]
+    rendered_tools = list(tools) if tools and choice != "none" else None
+    ids = chat.prompt_ids(tokenizer, [_as_chat_message(m) for m in messages], rendered_tools)
+    prefix = forced_prefix(rendered_tools, choice)
+    if prefix:
+        ids = ids + tokenizer.encode(prefix, add_special_tokens=False)
+        if TOOL_CLOSE not in stops:
+            stops.append(TOOL_CLOSE)  # one forced call, then stop
+    if context_window is not None and len(ids) >= context_window:
+        raise ValueError(
+            f"prompt is {len(ids)} tokens but the model's context window is {context_window} tokens"
+        )
+    return PreparedPrompt(ids, prefix, stops, parse_tools=choice != "none")
+
+
+def _as_chat_message(message: dict) -> dict:
+    """OpenAI roles the chat template does not know, mapped to ones it does."""
+    if message.get("role") == "developer":
+        return {**message, "role": "system"}
+    return message
+
+
+class ToolCallSplitter:
+    """Split streamed model text into content deltas and ``<tool_call>`` blocks.
+
+    Content passes through as it arrives, except that text which may be the start of a
+    ``<tool_call>`` tag, and trailing whitespace, are held back until the next delta shows what
+    they are. From the first block on everything is buffered and parsed in :meth:`finish`.
+    Streaming and non-streaming answers go through the same splitter, so they are identical.
+    """
+
+    def __init__(self, parse_tools: bool = True) -> None:
+        self.parse_tools = parse_tools
+        self.text = ""  # everything the model produced (including a forced prefix)
+        self._sent = 0  # chars of ``text`` already returned as content
+        self._in_call = False
+
+    def feed(self, delta: str) -> str:
+        """Add model text; return the content that is safe to emit now (maybe "")."""
+        self.text += delta
+        if not self.parse_tools:
+            out, self._sent = self.text[self._sent :], len(self.text)
+            return out
+        if self._in_call:
+            return ""
+        end = self.text.find(TOOL_OPEN, self._sent)
+        if end >= 0:
+            self._in_call = True
+        else:
+            end = len(self.text) - _partial_tag(self.text, TOOL_OPEN)
+        while end > self._sent and self.text[end - 1].isspace():
+            end -= 1
+        if end <= self._sent:
+            return ""
+        out, self._sent = self.text[self._sent : end], end
+        return out
+
+    def finish(self) -> tuple[str, list[dict], list[dict]]:
+        """``(rest of the content, tool_calls, invalid_tool_calls)`` once the model is done.
+
+        Tool calls are ``{"id", "name", "arguments": dict}``; invalid ones carry the raw block
+        text in ``"arguments"`` and an ``"error"`` (see :func:`agentspec.chat.parse_tool_calls`).
+        """
+        sent, self._sent = self._sent, len(self.text)
+        rest = self.text[sent:]
+        if not self.parse_tools or not self._in_call:
+            return rest, [], []
+        _, calls, invalid = chat.parse_tool_calls(rest)
+        rest = chat.TOOL_CALL_RE.sub("", rest).strip()
+        if rest and self.text[:sent].strip():
+            rest = "\n" + rest
+        return rest, calls, invalid
+
+
+def _partial_tag(text: str, tag: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-k:]):
+            return k
+    return 0
+
+
+def raw_block(invalid_call: dict) -> str:
+    """The ``<tool_call>`` block text of an invalid call (for APIs with no place for invalid calls)."""
+    return f"{TOOL_OPEN}\n{invalid_call['arguments']}\n{TOOL_CLOSE}"
+

@@ -1,0 +1,306 @@
+"""``ChatAgentSpec``: a LangChain chat model on the agentspec engine.
+
+Swap it in for any LangChain chat model (``ChatOpenAI``, ``ChatOllama`` ...)::
+
+    from agentspec.integrations.langchain import ChatAgentSpec
+
+    llm = ChatAgentSpec(max_tokens=128, session_id="ticket-42")
+    llm_with_tools = llm.bind_tools([get_weather])
+    msg = llm_with_tools.invoke("Weather in Paris?")      # msg.tool_calls, msg.usage_metadata
+    msg.response_metadata["speculation"]                   # SpecStats.to_dict() of the call
+
+One agent thread should map to one session: every call of a session drafts from the session's
+earlier prompts and outputs. The session id comes from the constructor or per call from
+``config={"configurable": {"session_id": ...}}``.
+
+The engine is created on first use (constructing the model loads nothing) and shared by all
+instances with the same model settings; pass ``engine=`` to use one you built.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.chat_models import generate_from_stream
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.utils.json import parse_partial_json
+from pydantic import ConfigDict, Field, PrivateAttr
+
+from .common import ToolCallSplitter, normalize_tool_choice, prepare_prompt
+
+# engines shared by every ChatAgentSpec with the same settings: (model, dtype, quantize, store) -> Engine
+ENGINES: dict[tuple, Any] = {}
+_ENGINES_LOCK = threading.Lock()
+# one generation at a time per engine, held for the whole generation (batch runs in threads)
+_GENERATION_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+
+
+def shared_engine(model: str | None = None, dtype: str = "float32", quantize: str | None = None,
+                  store: str | None = None) -> Any:
+    """The process-wide engine for these settings, loaded on first request."""
+    key = (model, dtype, quantize, store)
+    with _ENGINES_LOCK:
+        if key not in ENGINES:
+            from agentspec.engine import Engine
+
+            ENGINES[key] = Engine.from_pretrained(model, dtype=dtype, quantize=quantize, store=store)
+        return ENGINES[key]
+
+
+def _generation_lock(engine: Any) -> threading.Lock:
+    with _ENGINES_LOCK:
+        return _GENERATION_LOCKS.setdefault(engine, threading.Lock())
+
+
+class ChatAgentSpec(BaseChatModel):
+    """LangChain chat model running a local model with lossless speculative decoding.
+
+    Output is exactly what the model generates without speculation (greedy: token for token);
+    drafts come from the session's cached prompts and outputs, so agent loops get faster
+    call after call. Tool calls use Hermes-style ``<tool_call>`` blocks (see :mod:`agentspec.chat`).
+    """
+
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
+
+    model: str | None = None
+    """Local HF model directory or .gguf file; ``None`` = SmolLM2-135M-Instruct."""
+    engine: Any = Field(default=None, exclude=True)
+    """A ready :class:`~agentspec.engine.Engine`; ``None`` = a shared engine built on first use."""
+    dtype: str = "float32"
+    """Weights dtype when the engine is built here: float32 | bfloat16."""
+    quantize: str | None = None
+    """``"int8"``: dynamic int8 linear layers (CPU), when the engine is built here."""
+    store: str | None = None
+    """Session store URL (``sqlite:///...``) when the engine is built here; ``None`` = in memory."""
+    session_id: str | None = None
+    """Agent session whose cache drafts for the calls; per call: ``configurable.session_id``."""
+    temperature: float = 0.0
+    """0 = greedy decoding."""
+    max_tokens: int = 256
+    """Maximum number of tokens to generate."""
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    """Seeds sampling (``temperature > 0``) for reproducible outputs."""
+    stop: list[str] | None = None
+    """Stop strings; the output is cut before the first one."""
+    speculate: bool | None = None
+    """``False`` decodes one token per step (baseline); ``None`` = the engine's setting."""
+    timeout: float | None = None
+    """Accepted for compatibility with remote chat models; a local engine has no request timeout."""
+    max_retries: int = 0
+    """Accepted for compatibility with remote chat models; local generation is not retried."""
+
+    _resolved_engine: Any = PrivateAttr(default=None)
+
+    # ------------------------------------------------------------------ LangChain identity
+    @property
+    def _llm_type(self) -> str:
+        return "agentspec"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model": self.model_name, "temperature": self.temperature, "max_tokens": self.max_tokens,
+                "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed}
+
+    @property
+    def model_name(self) -> str:
+        """The served model's name (the engine's once it exists; no loading)."""
+        engine = self.engine or self._resolved_engine
+        if engine is not None:
+            return engine.model_name
+        return self.model or "smollm2-135m-instruct"
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params.update(ls_provider="agentspec", ls_model_name=self.model_name, ls_model_type="chat",
+                      ls_temperature=kwargs.get("temperature", self.temperature),
+                      ls_max_tokens=kwargs.get("max_tokens", self.max_tokens))
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    def get_engine(self) -> Any:
+        """The engine this model runs on (built or fetched from the shared ones on first call)."""
+        if self.engine is not None:
+            return self.engine
+        if self._resolved_engine is None:
+            self._resolved_engine = shared_engine(self.model, self.dtype, self.quantize, self.store)
+        return self._resolved_engine
+
+    # ------------------------------------------------------------------ tools
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: dict | str | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (any form ``convert_to_openai_tool`` takes).
+
+        ``tool_choice``: ``"auto"`` (default), ``"none"``, ``"any"``/``"required"``/``True``
+        (some tool must be called), or a tool name (that tool must be called). A required call
+        is forced by starting the answer with the call's opening, so the model writes arguments.
+        """
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        choice = normalize_tool_choice(tool_choice)
+        if choice is not None:
+            kwargs["tool_choice"] = choice
+        return super().bind(tools=formatted, **kwargs)
+
+    # ------------------------------------------------------------------ session id from the config
+    def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any) -> AIMessage:
+        return super().invoke(input, config, **_session_kwargs(config, kwargs))
+
+    async def ainvoke(self, input: LanguageModelInput, config: RunnableConfig | None = None,
+                      **kwargs: Any) -> AIMessage:
+        return await super().ainvoke(input, config, **_session_kwargs(config, kwargs))
+
+    def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None,
+               **kwargs: Any) -> Iterator[AIMessageChunk]:
+        return super().stream(input, config, **_session_kwargs(config, kwargs))
+
+    def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None,
+                **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+        return super().astream(input, config, **_session_kwargs(config, kwargs))
+
+    # ------------------------------------------------------------------ generation: one code path
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        parsed: list[tuple[list[dict], list[dict]]] = []
+        result = generate_from_stream(self._chunks(messages, stop, run_manager, parsed, **kwargs))
+        message = result.generations[0].message
+        if parsed and parsed[0][1]:  # the exact invalid calls (streamed ones are lenient-parsed)
+            calls, invalid = parsed[0]
+            message.tool_calls = [_lc_tool_call(c) for c in calls]
+            message.invalid_tool_calls = [_lc_invalid_call(c) for c in invalid]
+        return result
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        yield from self._chunks(messages, stop, run_manager, None, **kwargs)
+
+    def _chunks(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: CallbackManagerForLLMRun | None,
+        parsed: list | None,
+        *,
+        tools: Sequence[dict] | None = None,
+        tool_choice: Any = None,
+        session_id: str | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        """Content deltas as they come, then one last chunk with tool calls, usage and statistics."""
+        kwargs.pop("ls_structured_output_format", None)
+        params = self._sampling(stop, kwargs)
+        engine = self.get_engine()
+        prepared = prepare_prompt(
+            engine.tokenizer, convert_to_openai_messages(messages), tools=tools, tool_choice=tool_choice,
+            stop=params.pop("stop"), context_window=engine.context_window,
+        )
+        session = session_id or self.session_id
+        splitter = ToolCallSplitter(prepared.parse_tools)
+        splitter.feed(prepared.prefix)
+        with _generation_lock(engine):
+            stream = engine.stream(prepared.prompt_ids, session=session, stop=prepared.stop, **params)
+            try:
+                for delta in stream:
+                    text = splitter.feed(delta)
+                    if text:
+                        chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
+                        if run_manager:
+                            run_manager.on_llm_new_token(text, chunk=chunk)
+                        yield chunk
+            finally:
+                stream.close()
+        result = stream.result
+        rest, calls, invalid = splitter.finish()
+        if parsed is not None:
+            parsed.append((calls, invalid))
+        stats = result.stats
+        finish = "tool_calls" if calls else result.finish_reason
+        message = AIMessageChunk(
+            content=rest,
+            chunk_position="last",
+            tool_call_chunks=[_lc_call_chunk(c, i) for i, c in enumerate(calls + invalid)],
+            usage_metadata={"input_tokens": result.prompt_tokens, "output_tokens": len(result.token_ids),
+                            "total_tokens": result.prompt_tokens + len(result.token_ids)},
+            response_metadata={"model_name": engine.model_name, "model_provider": "agentspec",
+                               "finish_reason": finish, "session_id": session, "speculation": stats.to_dict()},
+        )
+        chunk = ChatGenerationChunk(message=message, generation_info={"finish_reason": finish})
+        if run_manager:
+            run_manager.on_llm_new_token(rest, chunk=chunk)
+        yield chunk
+
+    def _sampling(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Engine sampling arguments: the model's fields, overridden per call by ``kwargs``."""
+        params = {
+            "max_new_tokens": kwargs.pop("max_tokens", self.max_tokens),
+            "temperature": kwargs.pop("temperature", self.temperature),
+            "top_p": kwargs.pop("top_p", self.top_p),
+            "top_k": kwargs.pop("top_k", self.top_k),
+            "seed": kwargs.pop("seed", self.seed),
+            "speculate": kwargs.pop("speculate", self.speculate),
+            "stop": list(stop if stop is not None else self.stop or ()),
+        }
+        if kwargs:
+            raise TypeError(f"ChatAgentSpec got unexpected call arguments: {sorted(kwargs)}")
+        return params
+
+
+def _session_kwargs(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` plus ``session_id`` from ``config["configurable"]`` when the config names one."""
+    session = ((config or {}).get("configurable") or {}).get("session_id")
+    if session is not None and "session_id" not in kwargs:
+        kwargs = {**kwargs, "session_id": str(session)}
+    return kwargs
+
+
+def _lc_tool_call(call: dict) -> dict:
+    return {"name": call["name"], "args": call["arguments"], "id": call["id"], "type": "tool_call"}
+
+
+def _lc_invalid_call(call: dict) -> dict:
+    return {"name": call["name"], "args": call["arguments"], "id": call["id"], "error": call["error"],
+            "type": "invalid_tool_call"}
+
+
+def _lc_call_chunk(call: dict, index: int) -> dict:
+    """A tool-call chunk; an invalid call's raw text is kept unparseable so it stays invalid."""
+    if "error" not in call:
+        args = json.dumps(call["arguments"], ensure_ascii=False)
+    else:
+        args = call["arguments"]
+        try:
+            if isinstance(parse_partial_json(args), dict):
+                args = json.dumps(args)  # a JSON string: never read back as arguments
+        except Exception:  # noqa: BLE001 - unparseable is what we want
+            pass
+    return tool_call_chunk(name=call["name"], args=args, id=call["id"], index=index)
+
+
+__all__ = ["ChatAgentSpec", "shared_engine", "ENGINES"]

@@ -1,0 +1,133 @@
+"""A scripted stand-in for :class:`~agentspec.engine.Engine`, for fast tests of code built on it.
+
+``ScriptedEngine`` has the engine's public surface (``tokenizer``, ``model_name``,
+``context_window``, ``stream``, ``generate``) but no model: each call answers with the next
+scripted reply (or a function of the prompt), one character per token, streamed word by word.
+Its tokenizer is one token per character, so prompt lengths are easy to reason about.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentspec.stats import SpecStats
+
+
+class CharTokenizer:
+    """One token per character (code point); a ChatML-like template."""
+
+    eos_token_id = 0
+
+    def apply_chat_template(self, messages: Sequence[dict], tokenize: bool = False,
+                            add_generation_prompt: bool = True) -> str:
+        text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
+        return text + ("<|assistant|>" if add_generation_prompt else "")
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+@dataclass
+class ScriptedResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    stats: SpecStats = field(default_factory=SpecStats)
+
+
+class ScriptedStream:
+    """Iterate for text deltas; ``result`` once exhausted; ``close()`` cancels (and is counted)."""
+
+    def __init__(self, engine: ScriptedEngine, deltas: Iterator[str]) -> None:
+        self._engine = engine
+        self._deltas = deltas
+        self.result: ScriptedResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._deltas)
+
+    def close(self) -> None:
+        if self.result is None:
+            self._engine.cancelled += 1
+        self._deltas.close()
+
+
+class ScriptedEngine:
+    """Answers with ``replies`` in turn (cycling), or ``reply(prompt_text)``; ``delay`` seconds per delta."""
+
+    def __init__(self, replies: Sequence[str] | Callable[[str], str] = ("Hello! How can I help?",), *,
+                 delay: float = 0.0, context_window: int = 4096, model_name: str = "scripted") -> None:
+        self.replies = replies
+        self.delay = delay
+        self.context_window = context_window
+        self.model_name = model_name
+        self.tokenizer = CharTokenizer()
+        self.calls: list[dict] = []  # the arguments of every stream() call
+        self.cancelled = 0  # streams closed before they finished
+        self._sessions: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
+
+    def generate(self, prompt: Any, **kwargs: Any) -> ScriptedResult:
+        stream = self.stream(prompt, **kwargs)
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    def stream(self, prompt: Any, *, session: str | None = None, tools: Sequence[dict] | None = None,
+               max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+               stop: Sequence[str] | str = (), seed: int | None = None,
+               speculate: bool | None = None) -> ScriptedStream:
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.context_window:
+            raise ValueError(f"prompt is {len(ids)} tokens but the context window is {self.context_window} tokens")
+        prompt_text = self.tokenizer.decode(ids)
+        with self._lock:
+            self.calls.append(dict(prompt=prompt_text, session=session, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, stop=stop, seed=seed))
+            n = len(self.calls) - 1
+        reply = self.replies(prompt_text) if callable(self.replies) else self.replies[n % len(self.replies)]
+        stream = ScriptedStream(self, iter(()))
+        stream._deltas = self._deltas(stream, reply, len(ids), session, max_new_tokens,
+                                      [stop] if isinstance(stop, str) else list(stop))
+        return stream
+
+    def _deltas(self, stream: ScriptedStream, reply: str, prompt_tokens: int, session: str | None,
+                max_new_tokens: int, stops: list[str]) -> Iterator[str]:
+        finish = "stop"
+        if len(reply) > max_new_tokens:
+            reply, finish = reply[:max_new_tokens], "length"
+        cuts = [i for s in stops if s and (i := reply.find(s)) >= 0]
+        if cuts:
+            reply, finish = reply[: min(cuts)], "stop"
+        seen = self._sessions.setdefault(session, []) if session else []
+        # "session drafts": characters of this reply that a previous reply of the session already had
+        from_session = sum(1 for i, c in enumerate(reply) if any(i < len(p) and p[i] == c for p in seen))
+        words = reply.split(" ")
+        for i, word in enumerate(words):
+            if self.delay:
+                time.sleep(self.delay)
+            yield word + (" " if i < len(words) - 1 else "")
+        seen.append(reply)
+        stats = SpecStats(prompt_tokens=prompt_tokens, prefill_tokens=prompt_tokens, output_tokens=len(reply),
+                          steps=max(1, len(reply) - from_session), drafted_tokens=from_session,
+                          accepted_tokens=from_session, finish_reason=finish,
+                          accepted_by_source={"session": from_session} if from_session else {})
+        stream.result = ScriptedResult(reply, self.tokenizer.encode(reply), finish, prompt_tokens, stats)
