@@ -14,7 +14,7 @@ app = typer.Typer(
 )
 
 # one module per concern; each defines register(app: typer.Typer)
-COMMAND_MODULES = ("run", "bench", "replay", "sessions")
+COMMAND_MODULES = ("run", "bench", "replay", "sessions", "serve")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"{__name__}.{_name}").register(app)
