@@ -124,7 +124,8 @@ class ChatAgentSpec(BaseChatModel):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         params = super()._get_ls_params(stop=stop, **kwargs)
-        params.update(ls_provider="agentspec", ls_model_name=self.model_name, ls_model_type="chat",
+        params.update(ls_provider="agentspec", ls_model_name=kwargs.get("model") or self.model_name,
+                      ls_model_type="chat",
                       ls_temperature=kwargs.get("temperature", self.temperature),
                       ls_max_tokens=kwargs.get("max_tokens", self.max_tokens))
         if stop or self.stop:
@@ -217,6 +218,8 @@ class ChatAgentSpec(BaseChatModel):
         kwargs.pop("ls_structured_output_format", None)
         params = self._sampling(stop, kwargs)
         engine = self.get_engine()
+        if params.pop("model") not in (None, engine.model_name, self.model):
+            raise ValueError(f"this ChatAgentSpec runs {engine.model_name!r}; a per-call model cannot change it")
         prepared = prepare_prompt(
             engine.tokenizer, convert_to_openai_messages(messages), tools=tools, tool_choice=tool_choice,
             stop=params.pop("stop"), context_window=engine.context_window,
@@ -266,6 +269,7 @@ class ChatAgentSpec(BaseChatModel):
             "seed": kwargs.pop("seed", self.seed),
             "speculate": kwargs.pop("speculate", self.speculate),
             "stop": list(stop if stop is not None else self.stop or ()),
+            "model": kwargs.pop("model", None),
         }
         if kwargs:
             raise TypeError(f"ChatAgentSpec got unexpected call arguments: {sorted(kwargs)}")

@@ -109,6 +109,27 @@ class ChatCompletionRequest(_Strict):
     user: str | None = None
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error: ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
+def _errors(*statuses: int) -> dict:
+    """OpenAPI documentation of the error responses a route can give."""
+    what = {400: "Bad request (malformed JSON, prompt over the context window, bad tool_choice)",
+            401: "Missing or wrong API key", 404: "Unknown model", 413: "Request body too large",
+            422: "Invalid request fields", 503: "Queue full; see Retry-After"}
+    return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
+
+
 # ---------------------------------------------------------------------------------------- errors
 class APIError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
@@ -275,23 +296,24 @@ def create_app(
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            "authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    @app.get("/health")
+    @app.get("/health", responses=_errors(413))
     async def health() -> dict:
         """Liveness and queue state."""
         return {"status": "ok", "model": served, "waiting": scheduler.waiting, "running": scheduler.running,
                 "served": scheduler.served, "rejected": scheduler.rejected}
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models", dependencies=[Depends(authorize)], responses=_errors(401, 413))
     async def models() -> dict:
         """The one served model."""
         return {"object": "list", "data": [_model_card(served)]}
 
-    @app.get("/v1/models/{model_id}", dependencies=[Depends(authorize)])
+    @app.get("/v1/models/{model_id}", dependencies=[Depends(authorize)], responses=_errors(401, 404, 413, 422))
     async def model(model_id: str) -> dict:
         _check_model(model_id, served)
         return _model_card(served)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)],
+              responses=_errors(400, 401, 404, 413, 422, 503))
     async def chat_completions(body: ChatCompletionRequest, request: Request,
                                x_session_id: Annotated[str | None, Header()] = None) -> Any:
         """Create a chat completion (``stream: true`` for server-sent events)."""
