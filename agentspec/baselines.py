@@ -3,20 +3,8 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 import torch
-
-
-@contextmanager
-def plain_attention(model, implementation: str = "sdpa"):
-    """Run ``model`` with transformers' own attention (the engine may have switched it to tree attention)."""
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = implementation
-    try:
-        yield model
-    finally:
-        model.config._attn_implementation = previous
 
 
 class _StepTimer:
@@ -36,7 +24,7 @@ def hf_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[
     """Plain HF ``generate`` (greedy): ``(new token ids, decode seconds, total seconds, steps)``."""
     timer = _StepTimer()
     t0 = time.perf_counter()
-    with torch.no_grad(), plain_attention(model):
+    with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
             temperature=None, top_p=None, top_k=None, eos_token_id=sorted(eos_ids),

@@ -4,7 +4,8 @@
   runs through oneDNN with a pre-packed copy of the weight: for the 1-32 rows of a
   verification step it costs about half of the MKL path transformers uses;
 * verification steps use tree attention (``agentspec.kernels``): the committed prefix through
-  torch's fused flash kernel with grouped-query heads, no mask and no repeated KV.
+  torch's fused flash kernel with grouped-query heads, no mask and no repeated KV (switched on
+  around the engine's own forwards only: the model's config is left as it was).
 
 Both are fp32 and equal to the stock path up to summation order (the greedy fidelity tests
 allow a divergence only at near-ties).
@@ -13,6 +14,7 @@ allow a divergence only at near-ties).
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 
@@ -63,11 +65,28 @@ def output_head(model) -> torch.nn.Module:
         return head
 
 
-def use_tree_attention(model) -> bool:
-    """Switch a CPU model with SDPA attention to agentspec's tree attention; True if switched."""
+def tree_attention_name(model) -> str | None:
+    """The attention implementation verification steps should use on this model, or None to keep its own.
+
+    CPU models with SDPA get agentspec's tree attention. The model's config is not changed: the
+    engine switches to it only around its own verification forwards (see :func:`attention`).
+    """
     if model.device.type != "cpu" or model.config._attn_implementation != "sdpa":
-        return False
+        return None
     from agentspec.kernels import register_attention
 
-    model.config._attn_implementation = register_attention()
-    return True
+    return register_attention()
+
+
+@contextmanager
+def attention(model, implementation: str | None):
+    """Run ``model`` with ``implementation`` (None: leave it as it is), restoring it afterwards."""
+    if implementation is None:
+        yield model
+        return
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = implementation
+    try:
+        yield model
+    finally:
+        model.config._attn_implementation = previous

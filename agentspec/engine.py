@@ -116,11 +116,12 @@ class Engine:
         self._fingerprint: str | None = None
         self._decoder = model.get_decoder()
         self._head = model.get_output_embeddings()
+        self._tree_attention: str | None = None  # attention implementation for verification forwards
         if fast_cpu:
-            from agentspec.cpu_fast import output_head, use_tree_attention
+            from agentspec.cpu_fast import output_head, tree_attention_name
 
             self._head = output_head(model)
-            use_tree_attention(model)
+            self._tree_attention = tree_attention_name(model)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -396,13 +397,16 @@ class Engine:
                     past_key_values=cache, use_cache=True,
                 )
             else:
+                from agentspec.cpu_fast import attention
+
                 inputs = tree_inputs(root, tree, past, self.dtype)
-                out = self._decoder(
-                    input_ids=inputs.input_ids.to(self.device),
-                    position_ids=inputs.position_ids.to(self.device),
-                    attention_mask=inputs.attention_mask.to(self.device),
-                    past_key_values=cache, use_cache=True,
-                )
+                with attention(self.model, self._tree_attention):
+                    out = self._decoder(
+                        input_ids=inputs.input_ids.to(self.device),
+                        position_ids=inputs.position_ids.to(self.device),
+                        attention_mask=inputs.attention_mask.to(self.device),
+                        past_key_values=cache, use_cache=True,
+                    )
             return self._head(out.last_hidden_state[0]).float()
 
     def forward_cost(self, k: int, past: int = 1000) -> float:

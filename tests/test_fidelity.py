@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from agentspec import chat
-from agentspec.baselines import plain_attention
 
 pytestmark = pytest.mark.model
 
@@ -63,7 +62,7 @@ def test_greedy_identical_to_hf_on_real_prompts(default_engine):
     for name, ids in prompts:
         ours = engine.generate(ids, session="fidelity", max_new_tokens=MAX_NEW)
         drafted += ours.stats.drafted_tokens
-        with torch.no_grad(), plain_attention(engine.model):
+        with torch.no_grad():
             out = engine.model.generate(
                 torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False, temperature=None, top_p=None,
                 top_k=None, eos_token_id=sorted(engine.eos_ids), pad_token_id=sorted(engine.eos_ids)[0],
