@@ -77,7 +77,7 @@ class Tool(_Strict):
 
 
 class FunctionName(_Strict):
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class NamedToolChoice(_Strict):
@@ -313,7 +313,10 @@ def create_app(
         return _model_card(served)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)],
-              responses=_errors(400, 401, 404, 413, 422, 503))
+              responses={200: {"description": "A chat.completion, or with stream=true chat.completion.chunk events",
+                               "content": {"text/event-stream": {"schema": {
+                                   "type": "object", "properties": {"data": {"type": "string"}}}}}},
+                         **_errors(400, 401, 404, 413, 422, 503)})
     async def chat_completions(body: ChatCompletionRequest, request: Request,
                                x_session_id: Annotated[str | None, Header()] = None) -> Any:
         """Create a chat completion (``stream: true`` for server-sent events)."""
@@ -330,7 +333,8 @@ def create_app(
         try:
             prepared = await asyncio.to_thread(prepare)
         except ValueError as exc:
-            raise APIError(400, str(exc), param="messages", code="invalid_prompt") from exc
+            param = "tool_choice" if "tool_choice" in str(exc) else "messages"
+            raise APIError(400, str(exc), param=param, code="invalid_prompt") from exc
         params = {
             "session": x_session_id or body.user,
             "max_new_tokens": body.max_completion_tokens or body.max_tokens or default_max_tokens,
