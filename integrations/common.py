@@ -20,6 +20,8 @@ from agentspec import chat
 
 TOOL_OPEN = "<tool_call>"
 TOOL_CLOSE = "</tool_call>"
+ARGS_OPEN = '"arguments": '
+FORCED_END = "}}"
 
 
 def normalize_tool_choice(tool_choice: Any) -> str | dict | None:
@@ -65,7 +67,7 @@ def forced_prefix(tools: Sequence[dict] | None, tool_choice: str | dict | None) 
         name = names[0]
     if name is None:
         return TOOL_OPEN + '\n{"name": "'
-    return TOOL_OPEN + '\n{"name": ' + json.dumps(name) + ', "arguments": '
+    return TOOL_OPEN + '\n{"name": ' + json.dumps(name) + ", " + ARGS_OPEN
 
 
 @dataclass
@@ -98,8 +100,9 @@ def prepare_prompt(
     prefix = forced_prefix(rendered_tools, choice)
     if prefix:
         ids = ids + tokenizer.encode(prefix, add_special_tokens=False)
-        if TOOL_CLOSE not in stops:
-            stops.append(TOOL_CLOSE)  # one forced call, then stop
+        # one forced call, then stop; a named call ends at the "}}" closing its arguments and the call
+        # (the splitter closes the braces again), so a small model cannot ramble past it
+        stops += [s for s in ((FORCED_END,) if prefix.endswith(ARGS_OPEN) else ()) + (TOOL_CLOSE,) if s not in stops]
     if context_window is not None and len(ids) >= context_window:
         raise ValueError(
             f"prompt is {len(ids)} tokens but the model's context window is {context_window} tokens"
@@ -123,8 +126,9 @@ class ToolCallSplitter:
     Streaming and non-streaming answers go through the same splitter, so they are identical.
     """
 
-    def __init__(self, parse_tools: bool = True) -> None:
+    def __init__(self, parse_tools: bool = True, prefix: str = "") -> None:
         self.parse_tools = parse_tools
+        self.prefix = prefix  # a forced start of the answer: fed first, repaired in finish()
         self.text = ""  # everything the model produced (including a forced prefix)
         self._sent = 0  # chars of ``text`` already returned as content
         self._in_call = False
@@ -155,6 +159,10 @@ class ToolCallSplitter:
         Tool calls are ``{"id", "name", "arguments": dict}``; invalid ones carry the raw block
         text in ``"arguments"`` and an ``"error"`` (see :func:`agentspec.chat.parse_tool_calls`).
         """
+        if self.prefix.endswith(ARGS_OPEN) and self.text.startswith(self.prefix):
+            args = _close_json(self.text[len(self.prefix) :])
+            if args is not None:
+                self.text = self.prefix + args + "}\n" + TOOL_CLOSE
         sent, self._sent = self._sent, len(self.text)
         rest = self.text[sent:]
         if not self.parse_tools or not self._in_call:
@@ -164,6 +172,18 @@ class ToolCallSplitter:
         if rest and self.text[:sent].strip():
             rest = "\n" + rest
         return rest, calls, invalid
+
+
+def _close_json(text: str, max_missing: int = 4) -> str | None:
+    """The first JSON object in ``text``, closing up to ``max_missing`` braces cut by a stop string."""
+    text = text.strip()
+    for missing in range(max_missing + 1):
+        try:
+            obj, _ = json.JSONDecoder().raw_decode(text + "}" * missing)
+        except ValueError:
+            continue
+        return json.dumps(obj, ensure_ascii=False) if isinstance(obj, dict) else None
+    return None
 
 
 def _partial_tag(text: str, tag: str) -> int:

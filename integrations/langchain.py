@@ -225,7 +225,7 @@ class ChatAgentSpec(BaseChatModel):
             stop=params.pop("stop"), context_window=engine.context_window,
         )
         session = session_id or self.session_id
-        splitter = ToolCallSplitter(prepared.parse_tools)
+        splitter = ToolCallSplitter(prepared.parse_tools, prepared.prefix)
         splitter.feed(prepared.prefix)
         with _generation_lock(engine):
             stream = engine.stream(prepared.prompt_ids, session=session, stop=prepared.stop, **params)

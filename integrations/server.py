@@ -353,7 +353,7 @@ def create_app(
         result, deltas = None, []
         try:
             async with ticket:
-                splitter = ToolCallSplitter(prepared.parse_tools)
+                splitter = ToolCallSplitter(prepared.parse_tools, prepared.prefix)
                 async for event in _generate(scheduler, engine, prepared, params, splitter, request):
                     if isinstance(event, str):
                         deltas.append(event)
@@ -485,7 +485,7 @@ async def _sse(completion: _Completion, scheduler: Scheduler, ticket: Ticket, en
 async def _sse_events(completion: _Completion, scheduler: Scheduler, engine: Any, prepared: PreparedPrompt,
                       params: dict, include_usage: bool | None) -> AsyncIterator[str]:
     yield completion.chunk({"role": "assistant", "content": ""})
-    splitter = ToolCallSplitter(prepared.parse_tools)
+    splitter = ToolCallSplitter(prepared.parse_tools, prepared.prefix)
     async for event in _generate(scheduler, engine, prepared, params, splitter, None):
         if isinstance(event, str):
             yield completion.chunk({"content": event})

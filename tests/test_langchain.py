@@ -6,14 +6,13 @@ import asyncio
 import json
 
 import pytest
+from agentspec.integrations.common import ToolCallSplitter, forced_prefix, normalize_tool_choice
+from agentspec.integrations.langchain import ChatAgentSpec
+from agentspec.integrations.testing import ScriptedEngine
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_tests.unit_tests import ChatModelUnitTests
 from pydantic import BaseModel
-
-from agentspec.integrations.common import ToolCallSplitter, forced_prefix, normalize_tool_choice
-from agentspec.integrations.langchain import ChatAgentSpec
-from agentspec.integrations.testing import ScriptedEngine
 
 CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
 
@@ -218,3 +217,22 @@ def test_tool_schema_is_openai_style() -> None:
     ChatAgentSpec(engine=engine).bind_tools([add]).invoke("x")
     schema = engine.calls[0]["prompt"].split("JSON schemas:\n")[1].split("\n")[0]
     assert json.loads(schema)["parameters"]["required"] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("generated", "args"),
+    [
+        ('{"a": 1, "b": 2', {"a": 1, "b": 2}),  # cut by the "}}" stop
+        ('{"a": {"b": 1', {"a": {"b": 1}}),
+        ('\n{"city": "Paris"}} trailing', {"city": "Paris"}),
+        ('{"a": ', None),  # hopeless: stays an invalid call
+    ],
+)
+def test_forced_call_is_closed_after_the_stop(generated: str, args) -> None:
+    prefix = forced_prefix([{"type": "function", "function": {"name": "f"}}], "required")
+    splitter = ToolCallSplitter(prefix=prefix)
+    splitter.feed(prefix)
+    splitter.feed(generated)
+    _, calls, invalid = splitter.finish()
+    assert (calls[0]["arguments"] if calls else None) == args
+    assert len(invalid) == (args is None)

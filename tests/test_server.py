@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
-
 from agentspec.integrations.server import create_app
 from agentspec.integrations.testing import ScriptedEngine, serve_in_thread
+from fastapi.testclient import TestClient
 
 KEY = "sk-test-key"
+FUZZ_EXAMPLES = int(os.environ.get("AGENTSPEC_FUZZ_EXAMPLES", 60))
 AUTH = {"Authorization": f"Bearer {KEY}"}
 USER = [{"role": "user", "content": "hi"}]
 TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add", "parameters": {
@@ -249,7 +250,7 @@ def test_schemathesis_fuzz() -> None:
     for operation in schema.get_all_operations():
         op = operation.ok()
 
-        @settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", 60)), deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(case=op.as_strategy())
         def run(case) -> None:
             case.headers = {**(case.headers or {}), **AUTH}
@@ -262,7 +263,7 @@ def test_schemathesis_fuzz() -> None:
                 assert re.search(r"context window|tool_choice names", response.json()["error"]["message"])
             else:
                 assert response.status_code < 400 or response.status_code in (401, 404, 422), response.text
-            calls.append((op.path, response.status_code))
+            calls.append((case.operation.path, response.status_code))
 
         run()
     assert ("/v1/chat/completions", 200) in calls and len(calls) >= 60
