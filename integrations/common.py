@@ -175,15 +175,35 @@ class ToolCallSplitter:
 
 
 def _close_json(text: str, max_missing: int = 4) -> str | None:
-    """The first JSON object in ``text``, closing up to ``max_missing`` braces cut by a stop string."""
+    """The first JSON object in ``text``: as written, with up to ``max_missing`` braces closed that a
+    stop string cut, or else its longest prefix of complete top-level members (a rambling small model)."""
     text = text.strip()
-    for missing in range(max_missing + 1):
+    candidates = [text + "}" * missing for missing in range(max_missing + 1)]
+    candidates += [text[:i] + "}" for i in reversed(_top_level_commas(text))]
+    for candidate in candidates:
         try:
-            obj, _ = json.JSONDecoder().raw_decode(text + "}" * missing)
+            obj, _ = json.JSONDecoder().raw_decode(candidate)
         except ValueError:
             continue
         return json.dumps(obj, ensure_ascii=False) if isinstance(obj, dict) else None
     return None
+
+
+def _top_level_commas(text: str) -> list[int]:
+    """Positions of the commas between the members of the object ``text`` starts with."""
+    out, depth, in_string, escaped = [], 0, False, False
+    for i, c in enumerate(text):
+        if in_string:
+            escaped, in_string = (not escaped and c == "\\"), in_string and (escaped or c != '"')
+        elif c == '"':
+            in_string = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+        elif c == "," and depth == 1:
+            out.append(i)
+    return out
 
 
 def _partial_tag(text: str, tag: str) -> int:

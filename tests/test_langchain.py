@@ -236,3 +236,11 @@ def test_forced_call_is_closed_after_the_stop(generated: str, args) -> None:
     _, calls, invalid = splitter.finish()
     assert (calls[0]["arguments"] if calls else None) == args
     assert len(invalid) == (args is None)
+
+
+def test_rambling_forced_call_keeps_its_complete_members() -> None:
+    prefix = forced_prefix([{"type": "function", "function": {"name": "f"}}], "required")
+    splitter = ToolCallSplitter(prefix=prefix)
+    splitter.feed(prefix + '\n{"city": "Par,is", "unit": "C", "properties": {\n    "type": "str')
+    _, calls, _ = splitter.finish()
+    assert calls[0]["arguments"] == {"city": "Par,is", "unit": "C"}

@@ -1,0 +1,75 @@
+"""ChatAgentSpec on the real default model: LangChain's standard integration tests and an agent loop."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from agentspec.integrations import langchain as lc
+from agentspec.integrations.langchain import ChatAgentSpec
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+
+pytestmark = pytest.mark.model
+WEAK = "SmolLM2-135M cannot do this task reliably"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _share_default_engine(default_engine):
+    """Every ChatAgentSpec built with default settings uses the session's one engine."""
+    lc.ENGINES[(None, "float32", None, None)] = default_engine
+    yield
+    lc.ENGINES.pop((None, "float32", None, None), None)
+
+
+class TestChatAgentSpecIntegration(ChatModelIntegrationTests):
+    """The standard suite; flags say what the model really supports (text in, text/tool calls out)."""
+
+    @property
+    def chat_model_class(self) -> type[ChatAgentSpec]:
+        return ChatAgentSpec
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"max_tokens": 16}  # short answers: CPU time
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True  # forced by starting the answer with the call
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return True
+
+    @property
+    def supports_image_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return False
+
+    @pytest.mark.xfail(reason=f"{WEAK}: 16 tokens of a conversation rarely end with a tool call it was not forced to")
+    def test_tool_calling_with_no_arguments(self, model) -> None:
+        super().test_tool_calling_with_no_arguments(model)
+
+    @pytest.mark.xfail(reason=f"{WEAK}: structured few-shot answers need a model that follows examples")
+    def test_structured_few_shot_examples(self, *args) -> None:
+        super().test_structured_few_shot_examples(*args)
+
+
+def test_agent_loop_session_drafts_from_its_cache() -> None:
+    """The example's agent loop, two questions in one session: later calls accept session drafts."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    from langchain_agent import run_agent
+
+    llm = ChatAgentSpec(max_tokens=24)
+    stats = []
+    for question in ["What is the weather in Paris?", "What is the weather in Paris?"]:
+        answer, messages = run_agent(llm, question, session_id="agent-test", max_steps=2,
+                                     on_call=lambda m: stats.append(m.response_metadata["speculation"]))
+        assert isinstance(answer, str)
+        assert any(m.type == "tool" for m in messages)  # a tool really ran
+    assert len(stats) >= 4
+    later = stats[1:]
+    assert any(s["accepted_by_source"].get("session", 0) > 0 for s in later)
