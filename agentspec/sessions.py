@@ -4,6 +4,10 @@ The engine calls :meth:`SessionManager.ensure_loaded` before a call and :meth:`r
 On first use in a process the manager loads the recent global history (outputs of every session
 written by the same tokenizer); a session's own calls are loaded the first time that session is
 used. So a new process drafts from a session's earlier calls and from everyone's outputs at once.
+
+With ``store=None`` nothing is persisted: the drafter keeps its trees in memory by itself and
+both methods do nothing. A session written by another tokenizer raises
+:class:`~agentspec.stores.TokenizerMismatchError` before any of its tokens reach a tree.
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ from agentspec.stats import SpecStats
 
 logger = logging.getLogger(__name__)
 
-GLOBAL_HISTORY_TOKENS = 1_000_000  # output tokens of recent calls loaded into the global tree
+GLOBAL_HISTORY_TOKENS = 1_048_576  # output tokens of recent calls loaded into the global tree (at most)
 
 
 class SessionManager:
-    """Keeps the drafter's session trees in step with a persistent store."""
+    """Keeps the drafter's session trees in step with a persistent store (or with nothing)."""
 
-    def __init__(self, store: Any, drafter: Any, fingerprint: str,
+    def __init__(self, store: Any | None, drafter: Any, fingerprint: str,
                  global_tokens: int = GLOBAL_HISTORY_TOKENS) -> None:
         self.store = store
         self.drafter = drafter
@@ -33,8 +37,8 @@ class SessionManager:
         self.skipped_records = 0  # corrupt records met while loading (skipped, never fatal)
 
     @classmethod
-    def open(cls, store: Any, drafter: Any, fingerprint: str) -> SessionManager:
-        """``store``: a URL (``sqlite:///...``, ``postgresql+psycopg://...``) or a store object."""
+    def open(cls, store: Any | None, drafter: Any, fingerprint: str) -> SessionManager:
+        """``store``: a URL (``sqlite:///...``, ``postgresql+psycopg://...``), a store object, or None."""
         if isinstance(store, str):
             from agentspec.stores import open_store
 
@@ -43,24 +47,35 @@ class SessionManager:
 
     def ensure_loaded(self, session_id: str) -> None:
         """Feed the drafter what the store knows (global history once, this session once)."""
+        if self.store is None:
+            return
         if not self._global_loaded:
-            self._global_loaded = True
-            outputs, skipped = self.store.recent_outputs(self.fingerprint, self.global_tokens)
-            self.skipped_records += skipped
-            for output in outputs:
-                self.drafter.add_history(None, [], output)
+            self._load_global()
         if session_id in self._loaded:
             return
-        self._loaded.add(session_id)
         loaded = self.store.load_session(session_id)
         if loaded.info is not None and loaded.info.fingerprint != self.fingerprint:
-            logger.warning("session %r was written by another tokenizer; not drafting from it", session_id)
-            return
+            from agentspec.stores import TokenizerMismatchError
+
+            raise TokenizerMismatchError(
+                f"session {session_id!r} was written with tokenizer {loaded.info.fingerprint}, this model's is "
+                f"{self.fingerprint}; token ids of different tokenizers are never mixed: use another session id"
+            )
+        self._loaded.add(session_id)
         self.skipped_records += loaded.skipped
         for error in loaded.errors:
             logger.warning("session %r: skipped %s", session_id, error)
         for call in self._newest_that_fit(loaded.calls):
             self.drafter.add_history(session_id, call.prompt_ids, call.output_ids, to_global=False)
+
+    def _load_global(self) -> None:
+        """The newest outputs of all sessions of this tokenizer, as many as the global tree keeps."""
+        self._global_loaded = True
+        budget = getattr(getattr(self.drafter, "config", None), "global_max_tokens", None) or self.global_tokens
+        outputs, skipped = self.store.recent_outputs(self.fingerprint, min(budget, self.global_tokens))
+        self.skipped_records += skipped
+        for output in outputs:
+            self.drafter.add_history(None, [], output)
 
     def _newest_that_fit(self, calls: list) -> list:
         """The newest calls whose new tokens fit the drafter's session budget (older ones would be
@@ -81,9 +96,10 @@ class SessionManager:
         return calls[start:]
 
     def record(self, session_id: str, prompt_ids: Sequence[int], output_ids: Sequence[int],
-               stats: SpecStats) -> int:
-        """Append a finished call in one transaction."""
-        self._loaded.add(session_id)
+               stats: SpecStats) -> int | None:
+        """Append a finished call in one transaction; returns its record id (None without a store)."""
+        if self.store is None:
+            return None
         return self.store.append(session_id, list(prompt_ids), list(output_ids), stats.to_dict(),
                                  fingerprint=self.fingerprint)
 

@@ -7,8 +7,15 @@ number of agentspec processes on any machines share one cache: point every proce
 URL (``agentspec run --store URL``, ``Engine.from_pretrained(store=URL)``); each appends in its
 own transaction, and a session's calls come back in append order.
 
-Schema versions live in ``agentspec_schema``; :data:`MIGRATIONS` upgrades older stores in place,
-and a store written by a newer agentspec is refused with :class:`SchemaVersionError`.
+Tables: ``agentspec_sessions`` (id, tokenizer fingerprint, times), ``agentspec_records`` (one row per
+finished call: token payloads as msgpack+zlib, see :mod:`.codec`, and the call's statistics),
+``agentspec_stats`` (running totals per session, updated in the same transaction as each append,
+kept when :meth:`SqlStore.prune` evicts old calls) and ``agentspec_schema`` (the schema version).
+:data:`MIGRATIONS` upgrades older stores in place when they are opened (in one transaction), and
+a store written by a newer agentspec is refused with :class:`SchemaVersionError`.
+
+Durability: a call is there once :meth:`SqlStore.append` returns (SQLite: WAL with
+``synchronous=NORMAL`` survives a killed process; a power cut may lose the last few commits).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -33,7 +40,8 @@ from .base import (
 )
 from .codec import decode_stats, decode_tokens, encode_stats, encode_tokens
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+SOURCES = ("request", "session", "global", "recycled")  # SpecStats.accepted_by_source keys
 
 metadata = sa.MetaData()
 schema_table = sa.Table("agentspec_schema", metadata, sa.Column("version", sa.Integer, nullable=False))
@@ -58,6 +66,34 @@ records_table = sa.Table(
     sa.Column("stats", sa.LargeBinary, nullable=True),
 )
 
+COUNTERS = ("prompt_tokens", "prefill_tokens", "output_tokens", "steps", "drafted_tokens", "accepted_tokens")
+stats_table = sa.Table(  # added in schema v3
+    "agentspec_stats", metadata,
+    sa.Column("session_id", sa.String(512), sa.ForeignKey("agentspec_sessions.session_id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("calls", sa.BigInteger, nullable=False),
+    *(sa.Column(name, sa.BigInteger, nullable=False) for name in COUNTERS),
+    *(sa.Column(f"accepted_{src}", sa.BigInteger, nullable=False) for src in SOURCES),
+    sa.Column("prefill_seconds", sa.Float, nullable=False),
+    sa.Column("decode_seconds", sa.Float, nullable=False),
+)
+
+_TOUCH = (sessions_table.update()
+          .where(sessions_table.c.session_id == sa.bindparam("sid"), sessions_table.c.fingerprint == sa.bindparam("fp"))
+          .values(updated_at=sa.bindparam("now")))
+_INSERT_RECORD = records_table.insert()
+
+
+def _stats_row(prompt_tokens: int, output_tokens: int, stats: dict) -> dict:
+    """The ``agentspec_stats`` increments of one call (token counts from the payloads themselves)."""
+    by_source = stats.get("accepted_by_source") or {}
+    row = {name: int(stats.get(name) or 0) for name in COUNTERS}
+    row.update(calls=1, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+               prefill_seconds=float(stats.get("prefill_seconds") or 0.0),
+               decode_seconds=float(stats.get("decode_seconds") or 0.0),
+               **{f"accepted_{src}": int(by_source.get(src, 0)) for src in SOURCES})
+    return row
+
 
 def _migrate_1_to_2(conn: Connection) -> None:
     """v2 added ``agentspec_sessions.updated_at`` (filled from the newest record)."""
@@ -68,7 +104,25 @@ def _migrate_1_to_2(conn: Connection) -> None:
     ))
 
 
-MIGRATIONS = {1: _migrate_1_to_2}  # from version -> function upgrading to version + 1
+def _migrate_2_to_3(conn: Connection) -> None:
+    """v3 added ``agentspec_stats``: per-session totals, filled here from the stored calls."""
+    stats_table.create(conn)
+    r = records_table
+    totals: dict[str, dict] = {}
+    for sid, n_prompt, n_output, payload in conn.execute(
+            sa.select(r.c.session_id, r.c.prompt_tokens, r.c.output_tokens, r.c.stats).order_by(r.c.record_id)):
+        try:
+            row = _stats_row(n_prompt, n_output, decode_stats(payload))
+        except CorruptRecordError:
+            row = _stats_row(n_prompt, n_output, {})
+        total = totals.setdefault(sid, dict.fromkeys(row, 0))
+        for key, value in row.items():
+            total[key] += value
+    if totals:
+        conn.execute(stats_table.insert(), [dict(session_id=sid, **t) for sid, t in totals.items()])
+
+
+MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}  # from version -> function upgrading to version + 1
 
 
 def default_url() -> str:
@@ -89,10 +143,12 @@ class SqlStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        self._known: dict[str, str] = {}  # session id -> fingerprint, seen in this process (append fast path)
         if self.is_sqlite:
             self._check_sqlite_path(url)
         try:
             self.engine = self._create_engine(url)
+            self._add_stats = self._stats_upsert()  # statements are built once; appends only bind values
             with self.engine.begin() as conn:
                 self._prepare_schema(conn)
         except sa.exc.ArgumentError as exc:
@@ -188,7 +244,7 @@ class SqlStore:
             raise ValueError("session id must be a non-empty string")
         insert = self._insert(sessions_table).values(
             session_id=session_id, fingerprint=fingerprint, created_at=now, updated_at=now)
-        conn.execute(insert.on_conflict_do_nothing(index_elements=["session_id"]))
+        conn.execute(insert.on_conflict_do_nothing(index_elements=["session_id"]))  # races with other processes
         existing = conn.execute(sa.select(sessions_table.c.fingerprint)
                                 .where(sessions_table.c.session_id == session_id)).scalar()
         if existing != fingerprint:
@@ -196,6 +252,13 @@ class SqlStore:
                 f"session {session_id!r} holds tokens of tokenizer {existing}, not {fingerprint}; "
                 "use another session id for this model"
             )
+
+    def _stats_upsert(self):
+        """``INSERT ... ON CONFLICT (session_id) DO UPDATE`` adding one call's increments (built once)."""
+        insert = self._insert(stats_table)
+        columns = [c.name for c in stats_table.c if c.name != "session_id"]
+        return insert.on_conflict_do_update(
+            index_elements=["session_id"], set_={c: stats_table.c[c] + insert.excluded[c] for c in columns})
 
     def _insert(self, table: sa.Table):
         if self.is_sqlite:
@@ -206,20 +269,27 @@ class SqlStore:
 
     def append(self, session_id: str, prompt_ids: Sequence[int], output_ids: Sequence[int],
                stats: dict | None = None, fingerprint: str = "") -> int:
-        """Append one finished call in one transaction; returns its record id (append order)."""
+        """Append one finished call in one transaction (the record, the session's time and its
+        statistics); returns its record id (append order)."""
         now = time.time()
+        stats = stats or {}
         row = dict(session_id=session_id, fingerprint=fingerprint, created_at=now,
                    prompt_tokens=len(prompt_ids), output_tokens=len(output_ids),
                    prompt=encode_tokens(prompt_ids), output=encode_tokens(output_ids),
-                   stats=encode_stats(stats or {}))
+                   stats=encode_stats(stats))
+        touch = {"sid": session_id, "fp": fingerprint, "now": now}
         try:
             with self.engine.begin() as conn:
-                self._ensure_session(conn, session_id, fingerprint, now)
-                record_id = conn.execute(records_table.insert().values(**row)).inserted_primary_key[0]
-                conn.execute(sessions_table.update().where(sessions_table.c.session_id == session_id)
-                             .values(updated_at=now))
+                # fast path: a session this process has written to, still there with the same tokenizer
+                if not (self._known.get(session_id) == fingerprint and conn.execute(_TOUCH, touch).rowcount == 1):
+                    self._ensure_session(conn, session_id, fingerprint, now)
+                    conn.execute(_TOUCH, touch)
+                record_id = conn.execute(_INSERT_RECORD, row).inserted_primary_key[0]
+                conn.execute(self._add_stats, {"session_id": session_id,
+                                               **_stats_row(len(prompt_ids), len(output_ids), stats)})
         except sa.exc.DBAPIError as exc:
             raise StoreError(f"cannot write to the store at {self._safe_url()}: {_cause(exc)}") from exc
+        self._known[session_id] = fingerprint
         return int(record_id)
 
     # ------------------------------------------------------------------ reading
@@ -280,23 +350,27 @@ class SqlStore:
                 total += n
         return [out for _, out in reversed(picked)], skipped
 
-    def iter_records(self, session_id: str | None = None) -> Iterator[tuple[str, dict]]:
-        """``(session id, stats)`` of every call (all sessions or one), for statistics."""
-        r = records_table
-        query = sa.select(r.c.session_id, r.c.stats, r.c.output_tokens).order_by(r.c.record_id)
+    def session_stats(self, session_id: str | None = None) -> dict[str, dict]:
+        """Running totals per session (all calls ever appended, pruned ones included):
+        ``{session id: {"calls": n, <SpecStats counters>, "accepted_by_source": {...}}}``."""
+        query = sa.select(stats_table)
         if session_id is not None:
-            query = query.where(r.c.session_id == session_id)
+            query = query.where(stats_table.c.session_id == session_id)
+        out: dict[str, dict] = {}
         with self.engine.connect() as conn:
-            for sid, stats, _ in conn.execute(query):
-                try:
-                    yield sid, decode_stats(stats)
-                except CorruptRecordError:
-                    continue
+            for row in conn.execute(query).mappings():
+                d = {k: row[k] for k in ("calls", *COUNTERS, "prefill_seconds", "decode_seconds")}
+                d["accepted_by_source"] = {src: int(row[f"accepted_{src}"]) for src in SOURCES}
+                out[row["session_id"]] = d
+        return out
 
     # ------------------------------------------------------------------ maintenance
     def delete_session(self, session_id: str) -> bool:
+        """Delete a session, its calls and its statistics; False if there was no such session."""
+        self._known.pop(session_id, None)
         with self.engine.begin() as conn:
             conn.execute(records_table.delete().where(records_table.c.session_id == session_id))
+            conn.execute(stats_table.delete().where(stats_table.c.session_id == session_id))
             return conn.execute(sessions_table.delete().where(sessions_table.c.session_id == session_id)).rowcount > 0
 
     def prune(self, max_session_tokens: int | None = None, max_total_tokens: int | None = None) -> int:

@@ -103,3 +103,63 @@ def test_session_load_feeds_only_what_fits_the_drafter_budget():
     assert [c.record_id for c in manager._newest_that_fit(calls)] == [3]
     drafter.config.session_max_tokens = 120
     assert [c.record_id for c in manager._newest_that_fit(calls)] == [2, 3]
+
+
+class RecordingDrafter:
+    """A drafter stand-in that records what the manager feeds it."""
+
+    def __init__(self) -> None:
+        self.history: list[tuple] = []
+
+    def add_history(self, session_id, prompt_ids, output_ids, *, to_global=True) -> None:
+        self.history.append((session_id, list(prompt_ids), list(output_ids), to_global))
+
+
+def test_manager_without_a_store_keeps_nothing():
+    from agentspec.sessions import SessionManager
+    from agentspec.stats import SpecStats
+
+    drafter = RecordingDrafter()
+    manager = SessionManager.open(None, drafter, "fp")
+    manager.ensure_loaded("s")
+    assert manager.record("s", [1, 2], [3], SpecStats(output_tokens=1)) is None
+    assert drafter.history == []
+
+
+def test_manager_loads_global_once_and_each_session_once(tmp_path):
+    from agentspec.stores import open_store
+
+    from agentspec.sessions import SessionManager
+    from agentspec.stats import SpecStats
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    writer = SessionManager.open(url, RecordingDrafter(), "fp")
+    writer.record("a", [1, 2], [3, 4], SpecStats())
+    writer.record("b", [5], [6], SpecStats())
+    open_store(url).append("c", [7], [8], fingerprint="other-tokenizer")
+    drafter = RecordingDrafter()
+    manager = SessionManager.open(url, drafter, "fp")  # a new process on the same store
+    manager.ensure_loaded("a")
+    manager.ensure_loaded("a")
+    assert drafter.history == [(None, [], [3, 4], True), (None, [], [6], True),  # global: this tokenizer only
+                               ("a", [1, 2], [3, 4], False)]
+    manager.ensure_loaded("new-session")
+    assert len(drafter.history) == 3
+
+
+def test_session_of_another_tokenizer_is_refused_before_drafting(tmp_path):
+    from agentspec.stores import TokenizerMismatchError, open_store
+
+    from agentspec.sessions import SessionManager
+    from agentspec.stats import SpecStats
+
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    open_store(url).append("s", [1], [2], fingerprint="tok-a")
+    drafter = RecordingDrafter()
+    manager = SessionManager.open(url, drafter, "tok-b")
+    with pytest.raises(TokenizerMismatchError, match="tok-a"):
+        manager.ensure_loaded("s")
+    assert all(session != "s" for session, *_ in drafter.history)
+    with pytest.raises(TokenizerMismatchError):
+        manager.record("s", [1], [3], SpecStats())
+    assert [c.output_ids for c in manager.store.load_session("s").calls] == [[2]]

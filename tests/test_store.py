@@ -64,6 +64,39 @@ def test_tokenizer_mismatch_is_refused(url):
     assert len(store.load_session("s").calls) == 1
 
 
+def test_appends_from_another_store_object_see_deletes_and_new_tokenizers(url):
+    """The append fast path (sessions known to this process) notices another process's changes."""
+    mine, theirs = open_store(url), open_store(url)
+    mine.append("s", [1], [2], fingerprint="tok-a")
+    theirs.delete_session("s")
+    mine.append("s", [1], [3], fingerprint="tok-a")  # recreated, not lost to a missing foreign key
+    assert [c.output_ids for c in mine.load_session("s").calls] == [[3]]
+    theirs.delete_session("s")
+    theirs.append("s", [1], [4], fingerprint="tok-b")
+    with pytest.raises(TokenizerMismatchError, match="tok-b"):
+        mine.append("s", [1], [5], fingerprint="tok-a")
+    assert [c.output_ids for c in mine.load_session("s").calls] == [[4]]
+
+
+def test_statistics_are_totalled_per_session_and_survive_pruning(url):
+    store = open_store(url)
+    call = {"prompt_tokens": 3, "output_tokens": 4, "steps": 2, "drafted_tokens": 6, "accepted_tokens": 2,
+            "accepted_by_source": {"session": 1, "global": 1}, "decode_seconds": 0.5}
+    for _ in range(3):
+        store.append("a", [1, 2, 3], [4, 5, 6, 7], call, fingerprint="fp")
+    store.append("b", [1], [2], {}, fingerprint="fp")
+    totals = store.session_stats()
+    assert totals["a"]["calls"] == 3 and totals["a"]["steps"] == 6 and totals["a"]["accepted_tokens"] == 6
+    assert totals["a"]["prompt_tokens"] == 9 and totals["a"]["output_tokens"] == 12
+    assert totals["a"]["accepted_by_source"] == {"request": 0, "session": 3, "global": 3, "recycled": 0}
+    assert totals["a"]["decode_seconds"] == pytest.approx(1.5)
+    assert totals["b"]["calls"] == 1 and totals["b"]["steps"] == 0
+    assert store.prune(max_session_tokens=7) == 2
+    assert store.load_session("a").info.calls == 1 and store.session_stats("a")["a"]["calls"] == 3
+    store.delete_session("a")
+    assert set(store.session_stats()) == {"b"}
+
+
 def test_corrupt_records_are_skipped_and_counted(url):
     store = open_store(url)
     for i in range(4):
@@ -97,26 +130,39 @@ def test_v1_store_is_upgraded_in_place(url):
         conn.execute(sa.text("INSERT INTO agentspec_schema VALUES (1)"))
         conn.execute(sa.text("CREATE TABLE agentspec_sessions (session_id VARCHAR(512) PRIMARY KEY, "
                              "fingerprint VARCHAR(64) NOT NULL, created_at FLOAT NOT NULL)"))
-        conn.execute(sa.text("CREATE TABLE agentspec_records (record_id INTEGER PRIMARY KEY, "
+        conn.execute(sa.text("CREATE TABLE agentspec_records (record_id SERIAL PRIMARY KEY, "
                              "session_id VARCHAR(512) NOT NULL REFERENCES agentspec_sessions(session_id), "
                              "fingerprint VARCHAR(64) NOT NULL, created_at FLOAT NOT NULL, "
                              "prompt_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, "
                              "prompt BYTEA NOT NULL, output BYTEA NOT NULL, stats BYTEA)"
-                             .replace("BYTEA", "BLOB" if url.startswith("sqlite") else "BYTEA")))
+                             .replace("BYTEA", "BLOB" if url.startswith("sqlite") else "BYTEA")
+                             .replace("SERIAL", "INTEGER" if url.startswith("sqlite") else "SERIAL")))
         conn.execute(sa.text("INSERT INTO agentspec_sessions VALUES ('old', 'fp', 100.0)"))
     engine.dispose()
-    from agentspec.stores.codec import encode_tokens
+    from agentspec.stores.codec import encode_stats, encode_tokens
+
+    insert_v1 = ("INSERT INTO agentspec_records (session_id, fingerprint, created_at, prompt_tokens, output_tokens, "
+                 "prompt, output, stats) VALUES ('old', 'fp', 150.0, 1, 2, :p, :o, :s)")
 
     engine = sa.create_engine(url)
     with engine.begin() as conn:
-        conn.execute(sa.text("INSERT INTO agentspec_records VALUES (1, 'old', 'fp', 150.0, 1, 2, :p, :o, NULL)"),
-                     {"p": encode_tokens([4]), "o": encode_tokens([5, 6])})
+        conn.execute(sa.text(insert_v1),
+                     {"p": encode_tokens([4]), "o": encode_tokens([5, 6]),
+                      "s": encode_stats({"steps": 1, "accepted_tokens": 1, "accepted_by_source": {"session": 1}})})
+        conn.execute(sa.text(insert_v1.replace("150.0, 1, 2", "140.0, 1, 1")),
+                     {"p": encode_tokens([4]), "o": encode_tokens([7]), "s": b"\xc1corrupt"})
     engine.dispose()
     store = open_store(url)
     assert store.schema_version() == SCHEMA_VERSION
     info = store.session_info("old")
-    assert info.updated_at == 150.0 and info.calls == 1
-    assert store.load_session("old").calls[0].output_ids == [5, 6]
+    assert info.updated_at == 150.0 and info.calls == 2  # v2: updated_at from the newest call
+    loaded = store.load_session("old")
+    assert [c.output_ids for c in loaded.calls] == [[5, 6]] and loaded.skipped == 1
+    totals = store.session_stats("old")["old"]  # v3: totals from the stored calls (a corrupt one counted bare)
+    assert totals["calls"] == 2 and totals["output_tokens"] == 3 and totals["steps"] == 1
+    assert totals["accepted_by_source"]["session"] == 1
+    store.append("old", [4], [8], {"steps": 2}, fingerprint="fp")  # and the upgraded store takes new calls
+    assert store.session_stats("old")["old"]["steps"] == 3
 
 
 def test_unreachable_database_is_a_clear_error():

@@ -26,20 +26,20 @@ def _open(url: str | None):
 
 
 def session_totals(store, session_id: str | None = None) -> dict[str, dict]:
-    """Per-session sums of the stored call statistics (and ``"*"`` for all sessions)."""
+    """Per-session totals of the stored call statistics (and ``"*"`` for all sessions), with the
+    derived rates. Totals count every call ever appended, pruned ones included."""
     from agentspec.stats import SpecStats
 
-    totals: dict[str, SpecStats] = {}
-    calls: dict[str, int] = {}
-    for sid, stats in store.iter_records(session_id):
-        s = SpecStats.from_dict(stats)
-        for key in (sid, "*"):
-            totals.setdefault(key, SpecStats()).add(s)
-            calls[key] = calls.get(key, 0) + 1
+    totals = {sid: (d["calls"], SpecStats.from_dict(d)) for sid, d in store.session_stats(session_id).items()}
+    if totals:
+        everything = SpecStats()
+        for _, s in totals.values():
+            everything.add(s)
+        totals["*"] = (sum(calls for calls, _ in totals.values()), everything)
     out = {}
-    for key, s in totals.items():
+    for key, (calls, s) in totals.items():
         d = s.to_dict()
-        d["calls"] = calls[key]
+        d["calls"] = calls
         out[key] = {k: d[k] for k in ("calls", "prompt_tokens", "output_tokens", "steps", "drafted_tokens",
                                       "accepted_tokens", "acceptance_rate", "tokens_per_step", "hit_rate",
                                       "accepted_by_source")}
