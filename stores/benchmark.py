@@ -22,6 +22,8 @@ class StoreBenchmark:
     session_tokens: int
     load_seconds: float  # read + decode every call of the large session
     rebuild_seconds: float  # a new process's SessionManager: load + rebuild the session tree
+    global_tokens: int  # output tokens a new process loads into its global tree
+    global_seconds: float  # load + rebuild of the global tree (once per process)
     bytes_per_token: float
 
     def to_dict(self) -> dict:
@@ -42,7 +44,9 @@ def agent_calls(total_tokens: int, vocab_sample: Sequence[int], seed: int = 0, o
 
 
 def run(url: str | None = None, append_calls: int = 2000, session_tokens: int = 1_000_000,
-        vocab_sample: Sequence[int] | None = None) -> StoreBenchmark:
+        vocab_sample: Sequence[int] | None = None, output_len: int = 120) -> StoreBenchmark:
+    """Append ``append_calls`` small calls (rate), then an agent session of ``session_tokens`` tokens
+    (``output_len`` output tokens a call), and time how a new process loads it."""
     from agentspec.stores import open_store
 
     if url is None:
@@ -55,25 +59,30 @@ def run(url: str | None = None, append_calls: int = 2000, session_tokens: int = 
         prompt, output = small[i % len(small)]
         store.append(f"bench-append-{i % 8}", prompt, output, {"steps": 1}, fingerprint="bench")
     append_rate = append_calls / (time.perf_counter() - t0)
-    calls = agent_calls(session_tokens, vocab)
+    calls = agent_calls(session_tokens, vocab, output_len=output_len)
     for prompt, output in calls:
         store.append("bench-large", prompt, output, {"steps": 1}, fingerprint="bench")
     t0 = time.perf_counter()
     loaded = store.load_session("bench-large")
     load = time.perf_counter() - t0
-    rebuild = rebuild_through_manager(url, "bench-large")  # load + feed the drafter, as a new process does
+    rebuild, global_tokens, global_seconds = rebuild_through_manager(url, "bench-large")
     size, tokens = store.stored_bytes()
     return StoreBenchmark(url, append_calls, append_rate, len(loaded.calls),
-                          sum(len(p) + len(o) for p, o in calls), load, rebuild, size / max(tokens, 1))
+                          sum(len(p) + len(o) for p, o in calls), load, rebuild, global_tokens, global_seconds,
+                          size / max(tokens, 1))
 
 
-def rebuild_through_manager(url: str, session: str) -> float:
-    """Seconds for a fresh process's SessionManager to load ``session`` into a fresh drafter."""
+def rebuild_through_manager(url: str, session: str) -> tuple[float, int, float]:
+    """What a fresh process's SessionManager pays on first use, into a fresh drafter:
+    ``(session load + rebuild seconds, global tokens, global load + rebuild seconds)``."""
     from agentspec.draft.builder import SuffixDrafter
     from agentspec.sessions import SessionManager
 
     manager = SessionManager.open(url, SuffixDrafter(), "bench")
-    manager._global_loaded = True  # time the session alone
+    t0 = time.perf_counter()
+    manager._load_global()
+    global_seconds = time.perf_counter() - t0
+    global_tokens = manager.drafter._global.num_tokens
     t0 = time.perf_counter()
     manager.ensure_loaded(session)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, global_tokens, global_seconds

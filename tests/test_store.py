@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import random
+import subprocess
 import time
 import uuid
 
@@ -170,17 +172,36 @@ def test_unreachable_database_is_a_clear_error():
         open_store("postgresql+psycopg://nobody:secret@127.0.0.1:1/none")
 
 
+@contextlib.contextmanager
+def read_only(path):
+    """Make ``path`` (a file or folder) read-only, for root too (``chattr +i``); skip where impossible."""
+    mode = path.stat().st_mode
+    path.chmod(0o555 if path.is_dir() else 0o444)
+    immutable = False
+    try:
+        if os.access(path, os.W_OK):  # root: file modes do not bind, the immutable attribute does
+            immutable = subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+            if not immutable:
+                pytest.skip("cannot make a file read-only for this user (root without chattr)")
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(mode)
+
+
 def test_read_only_file_is_a_clear_error(tmp_path):
     path = tmp_path / "ro.db"
     open_store(f"sqlite:///{path}").close()
-    path.chmod(0o444)
-    try:
-        if os.access(path, os.W_OK):
-            pytest.skip("running as a user that can write read-only files")
-        with pytest.raises(StoreError, match="read-only"):
-            open_store(f"sqlite:///{path}")
-    finally:
-        path.chmod(0o644)
+    with read_only(path), pytest.raises(StoreError, match=f"{path} is read-only"):
+        open_store(f"sqlite:///{path}")
+
+
+def test_read_only_folder_is_a_clear_error(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    with read_only(folder), pytest.raises(StoreError, match=f"the folder {folder} is read-only"):
+        open_store(f"sqlite:///{folder / 'x.db'}")
 
 
 def test_database_opened_read_only_is_a_clear_error(tmp_path):
@@ -191,19 +212,6 @@ def test_database_opened_read_only_is_a_clear_error(tmp_path):
     assert store.load_session("s").calls[0].output_ids == [2]
     with pytest.raises(StoreError, match="read-only"):
         store.append("s", [1], [3], fingerprint="fp")
-
-
-def test_read_only_folder_is_a_clear_error(tmp_path):
-    folder = tmp_path / "locked"
-    folder.mkdir()
-    folder.chmod(0o555)
-    try:
-        if os.access(folder, os.W_OK):
-            pytest.skip("running as a user that can write read-only folders")
-        with pytest.raises(StoreError, match="read-only"):
-            open_store(f"sqlite:///{folder / 'x.db'}")
-    finally:
-        folder.chmod(0o755)
 
 
 def test_not_a_database_file(tmp_path):

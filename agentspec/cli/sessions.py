@@ -131,12 +131,13 @@ def register(app: typer.Typer) -> None:
     def bench(store: str = typer.Option(None, help="Store URL to benchmark (default: a new SQLite file)."),
               calls: int = typer.Option(2000, help="Small calls to append for the append rate."),
               session_tokens: int = typer.Option(1_000_000, help="Tokens in the large session."),
+              output_len: int = typer.Option(120, help="Output tokens per call of the large session."),
               as_json: bool = typer.Option(False, "--json", help="JSON on stdout.")) -> None:
         """Append rate, load + rebuild time of a large session, stored bytes per token.
         Writes benchmark sessions into the store: use a scratch store."""
         from agentspec.stores.benchmark import run
 
-        result = run(store, append_calls=calls, session_tokens=session_tokens).to_dict()
+        result = run(store, append_calls=calls, session_tokens=session_tokens, output_len=output_len).to_dict()
         if as_json:
             print(json.dumps(result, indent=2))
             return
