@@ -4,6 +4,7 @@ from .base import (
     CallRecord,
     CorruptRecordError,
     LoadedSession,
+    OutputHistory,
     SchemaVersionError,
     SessionInfo,
     StoreError,
@@ -12,6 +13,6 @@ from .base import (
 from .sql import SCHEMA_VERSION, SqlStore, default_url, open_store
 
 __all__ = [
-    "CallRecord", "CorruptRecordError", "LoadedSession", "SchemaVersionError", "SessionInfo", "StoreError",
-    "TokenizerMismatchError", "SCHEMA_VERSION", "SqlStore", "default_url", "open_store",
+    "CallRecord", "CorruptRecordError", "LoadedSession", "OutputHistory", "SchemaVersionError", "SessionInfo",
+    "StoreError", "TokenizerMismatchError", "SCHEMA_VERSION", "SqlStore", "default_url", "open_store",
 ]

@@ -63,3 +63,15 @@ class LoadedSession:
     calls: list[CallRecord]
     skipped: int = 0  # corrupt records left out (counted, never fatal)
     errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OutputHistory:
+    """What :meth:`SqlStore.recent_outputs` returns: outputs oldest first, with their record and
+    session ids; ``newest_id`` is the highest record id seen (pass it as ``after`` next time)."""
+
+    outputs: list[list[int]]
+    record_ids: list[int]
+    session_ids: list[str]
+    skipped: int = 0  # corrupt records left out
+    newest_id: int = 0

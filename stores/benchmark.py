@@ -80,7 +80,7 @@ def rebuild_through_manager(url: str, session: str) -> tuple[float, int, float]:
 
     manager = SessionManager.open(url, SuffixDrafter(), "bench")
     t0 = time.perf_counter()
-    manager._load_global()
+    manager._refresh_global()
     global_seconds = time.perf_counter() - t0
     global_tokens = manager.drafter._global.num_tokens
     t0 = time.perf_counter()

@@ -33,6 +33,7 @@ from .base import (
     CallRecord,
     CorruptRecordError,
     LoadedSession,
+    OutputHistory,
     SchemaVersionError,
     SessionInfo,
     StoreError,
@@ -315,11 +316,18 @@ class SqlStore:
     def load_session(self, session_id: str, with_prompts: bool = True) -> LoadedSession:
         """All readable calls of a session in append order; corrupt records are skipped and counted."""
         info = self.session_info(session_id)
-        columns = [records_table.c.record_id, records_table.c.created_at, records_table.c.output,
-                   records_table.c.stats, records_table.c.prompt if with_prompts else sa.null()]
-        query = (sa.select(*columns).where(records_table.c.session_id == session_id)
-                 .order_by(records_table.c.record_id))
-        loaded = LoadedSession(info, [])
+        loaded = self.calls_since(session_id, 0, with_prompts)
+        loaded.info = info
+        return loaded
+
+    def calls_since(self, session_id: str, after: int, with_prompts: bool = True) -> LoadedSession:
+        """A session's readable calls with record ids above ``after``, in append order (``info`` is
+        left None: this is the cheap query a process runs before each call to see others' appends)."""
+        r = records_table
+        query = (sa.select(r.c.record_id, r.c.created_at, r.c.output, r.c.stats,
+                           r.c.prompt if with_prompts else sa.null())
+                 .where(r.c.session_id == session_id, r.c.record_id > after).order_by(r.c.record_id))
+        loaded = LoadedSession(None, [])
         with self.engine.connect() as conn:
             for record_id, created, output, stats, prompt in conn.execute(query):
                 try:
@@ -331,24 +339,29 @@ class SqlStore:
                     loaded.errors.append(f"record {record_id}: {exc}")
         return loaded
 
-    def recent_outputs(self, fingerprint: str, max_tokens: int) -> tuple[list[list[int]], int]:
-        """Outputs of the newest calls of all sessions of this tokenizer, up to ``max_tokens`` tokens,
-        oldest first; and the number of corrupt records skipped."""
+    def recent_outputs(self, fingerprint: str, max_tokens: int, after: int = 0) -> OutputHistory:
+        """Outputs of the newest calls of all sessions of this tokenizer (record ids above ``after``),
+        up to ``max_tokens`` tokens, oldest first."""
         r = records_table
-        query = (sa.select(r.c.record_id, r.c.output, r.c.output_tokens).where(r.c.fingerprint == fingerprint)
-                 .order_by(r.c.record_id.desc()))
-        picked, total, skipped = [], 0, 0
+        query = (sa.select(r.c.record_id, r.c.session_id, r.c.output, r.c.output_tokens)
+                 .where(r.c.fingerprint == fingerprint, r.c.record_id > after).order_by(r.c.record_id.desc()))
+        history, total = OutputHistory([], [], [], 0, after), 0
         with self.engine.connect() as conn:
-            for record_id, output, n in conn.execute(query):
-                if total + n > max_tokens and picked:
+            for record_id, sid, output, n in conn.execute(query):
+                history.newest_id = max(history.newest_id, record_id)
+                if total + n > max_tokens and history.outputs:
                     break
                 try:
-                    picked.append((record_id, decode_tokens(output)))
+                    history.outputs.append(decode_tokens(output))
                 except CorruptRecordError:
-                    skipped += 1
+                    history.skipped += 1
                     continue
+                history.record_ids.append(record_id)
+                history.session_ids.append(sid)
                 total += n
-        return [out for _, out in reversed(picked)], skipped
+        for column in (history.outputs, history.record_ids, history.session_ids):
+            column.reverse()
+        return history
 
     def session_stats(self, session_id: str | None = None) -> dict[str, dict]:
         """Running totals per session (all calls ever appended, pruned ones included):

@@ -147,6 +147,27 @@ def test_manager_loads_global_once_and_each_session_once(tmp_path):
     assert len(drafter.history) == 3
 
 
+def test_manager_sees_calls_other_processes_append_later(tmp_path):
+    from agentspec.sessions import SessionManager
+    from agentspec.stats import SpecStats
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    drafter_a, drafter_b = RecordingDrafter(), RecordingDrafter()
+    a = SessionManager.open(url, drafter_a, "fp")
+    b = SessionManager.open(url, drafter_b, "fp")  # another process on the same store
+    a.ensure_loaded("s")
+    b.ensure_loaded("s")
+    b.record("s", [1, 2], [3], SpecStats())
+    b.record("other", [4], [5], SpecStats())
+    a.ensure_loaded("s")  # before a's next call of "s": b's new calls
+    assert drafter_a.history == [(None, [], [3], True), (None, [], [5], True), ("s", [1, 2], [3], False)]
+    a.record("s", [1, 2, 3, 6], [7], SpecStats())
+    a.ensure_loaded("s")  # its own call is not fed twice (the drafter learnt it live)
+    b.ensure_loaded("s")
+    assert len(drafter_a.history) == 3
+    assert drafter_b.history == [(None, [], [7], True), ("s", [1, 2, 3, 6], [7], False)]
+
+
 def test_session_of_another_tokenizer_is_refused_before_drafting(tmp_path):
     from agentspec.stores import TokenizerMismatchError, open_store
 

@@ -53,9 +53,12 @@ def test_append_and_load_in_order(url):
     assert [c.stats["steps"] for c in loaded.calls] == list(range(5))
     assert loaded.info.calls == 5 and loaded.info.prompt_tokens == 15 and loaded.info.output_tokens == 15
     assert {s.session_id for s in store.list_sessions()} == {"s1", "s2"}
-    outputs, skipped = store.recent_outputs("fp", max_tokens=5)
-    assert outputs == [[7, 8, 4], [9, 9]] and skipped == 0
-    assert store.recent_outputs("other-tokenizer", 100)[0] == []
+    history = store.recent_outputs("fp", max_tokens=5)
+    assert history.outputs == [[7, 8, 4], [9, 9]] and history.session_ids == ["s1", "s2"]
+    assert history.skipped == 0 and history.newest_id == history.record_ids[-1] > ids[-1]
+    assert store.recent_outputs("fp", max_tokens=100, after=ids[3]).outputs == [[7, 8, 4], [9, 9]]
+    assert store.recent_outputs("other-tokenizer", 100).outputs == []
+    assert [c.output_ids for c in store.calls_since("s1", ids[2]).calls] == [[7, 8, 3], [7, 8, 4]]
 
 
 def test_tokenizer_mismatch_is_refused(url):
