@@ -272,25 +272,28 @@ class SqlStore:
                stats: dict | None = None, fingerprint: str = "") -> int:
         """Append one finished call in one transaction (the record, the session's time and its
         statistics); returns its record id (append order)."""
-        now = time.time()
-        stats = stats or {}
-        row = dict(session_id=session_id, fingerprint=fingerprint, created_at=now,
-                   prompt_tokens=len(prompt_ids), output_tokens=len(output_ids),
-                   prompt=encode_tokens(prompt_ids), output=encode_tokens(output_ids),
-                   stats=encode_stats(stats))
-        touch = {"sid": session_id, "fp": fingerprint, "now": now}
         try:
             with self.engine.begin() as conn:
-                # fast path: a session this process has written to, still there with the same tokenizer
-                if not (self._known.get(session_id) == fingerprint and conn.execute(_TOUCH, touch).rowcount == 1):
-                    self._ensure_session(conn, session_id, fingerprint, now)
-                    conn.execute(_TOUCH, touch)
-                record_id = conn.execute(_INSERT_RECORD, row).inserted_primary_key[0]
-                conn.execute(self._add_stats, {"session_id": session_id,
-                                               **_stats_row(len(prompt_ids), len(output_ids), stats)})
+                record_id = self._append(conn, session_id, prompt_ids, output_ids, stats or {}, fingerprint)
         except sa.exc.DBAPIError as exc:
             raise StoreError(f"cannot write to the store at {self._safe_url()}: {_cause(exc)}") from exc
         self._known[session_id] = fingerprint
+        return record_id
+
+    def _append(self, conn: Connection, session_id: str, prompt_ids: Sequence[int], output_ids: Sequence[int],
+                stats: dict, fingerprint: str) -> int:
+        now = time.time()
+        touch = {"sid": session_id, "fp": fingerprint, "now": now}
+        # fast path: a session this process has written to, still there with the same tokenizer
+        if not (self._known.get(session_id) == fingerprint and conn.execute(_TOUCH, touch).rowcount == 1):
+            self._ensure_session(conn, session_id, fingerprint, now)
+            conn.execute(_TOUCH, touch)
+        row = dict(session_id=session_id, fingerprint=fingerprint, created_at=now,
+                   prompt_tokens=len(prompt_ids), output_tokens=len(output_ids),
+                   prompt=encode_tokens(prompt_ids), output=encode_tokens(output_ids), stats=encode_stats(stats))
+        record_id = conn.execute(_INSERT_RECORD, row).inserted_primary_key[0]
+        conn.execute(self._add_stats, {"session_id": session_id,
+                                       **_stats_row(len(prompt_ids), len(output_ids), stats)})
         return int(record_id)
 
     # ------------------------------------------------------------------ reading
@@ -421,17 +424,31 @@ class SqlStore:
         return len(loaded.calls)
 
     def import_session(self, path: str | Path, session_id: str | None = None) -> str:
-        """Read an :meth:`export_session` file into this store (optionally under another id)."""
-        lines = Path(path).read_text().splitlines()
+        """Read an :meth:`export_session` file into this store as a new session (optionally under
+        another id), all calls in one transaction; refuses a session id that exists already."""
         try:
+            lines = Path(path).read_text().splitlines()
             header = json.loads(lines[0])
             sid = session_id or header["agentspec_session"]
             fingerprint = header["fingerprint"]
             calls = [json.loads(line) for line in lines[1:] if line.strip()]
-        except (IndexError, KeyError, ValueError) as exc:
-            raise StoreError(f"{path} is not an agentspec session export ({exc})") from exc
-        for call in calls:
-            self.append(sid, call["prompt"], call["output"], call.get("stats"), fingerprint=fingerprint)
+            rows = [(call["prompt"], call["output"], call.get("stats") or {}) for call in calls]
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from exc
+        except (IndexError, KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"{path} is not an agentspec session export ({type(exc).__name__}: {exc})") from exc
+        if self.session_info(sid) is not None:
+            raise StoreError(f"session {sid!r} exists already in {self._safe_url()}; drop it first or import it "
+                             "under another id")
+        try:
+            with self.engine.begin() as conn:
+                self._ensure_session(conn, sid, fingerprint, time.time())
+                for prompt, output, stats in rows:
+                    self._append(conn, sid, prompt, output, stats, fingerprint)
+        except (TypeError, ValueError) as exc:  # token ids that are not ints in range
+            raise StoreError(f"{path} holds invalid calls ({exc}); nothing was imported") from exc
+        except sa.exc.DBAPIError as exc:
+            raise StoreError(f"cannot write to the store at {self._safe_url()}: {_cause(exc)}") from exc
         return sid
 
     def stored_bytes(self) -> tuple[int, int]:

@@ -240,10 +240,17 @@ def test_prune_export_import_delete(url, tmp_path):
     assert store.load_session("c-copy").calls[0].output_ids == [6]
     assert store.delete_session("c") and not store.delete_session("c")
     assert store.load_session("c").calls == []
+    with pytest.raises(StoreError, match="'c-copy' exists already"):
+        store.import_session(path, session_id="c-copy")
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
     with pytest.raises(StoreError, match="not an agentspec session export"):
         store.import_session(bad)
+    lines = path.read_text().splitlines()  # a good call, then one with a token id out of range
+    bad.write_text("\n".join([lines[0], lines[1], lines[1].replace("[6]", "[-6]")]) + "\n")
+    with pytest.raises(StoreError, match="invalid calls.*nothing was imported"):
+        store.import_session(bad, session_id="half")
+    assert store.session_info("half") is None
 
 
 # ------------------------------------------------------------------ crash safety and concurrency
