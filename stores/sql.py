@@ -1,6 +1,7 @@
 """The session store on SQLAlchemy 2: SQLite by default, PostgreSQL for many processes or machines.
 
-Open with :func:`open_store`. SQLite runs in WAL mode with a busy timeout, so several local
+Open with :func:`open_store`; any number of processes may open a new or old store at once (the
+first creates or upgrades the tables, the others wait). SQLite runs in WAL mode with a busy timeout, so several local
 processes can read and append at once and a killed writer never leaves a half-written call
 (each call is one transaction). PostgreSQL (``postgresql+psycopg://user:pw@host/db``) lets any
 number of agentspec processes on any machines share one cache: point every process at the same
@@ -42,6 +43,7 @@ from .base import (
 from .codec import decode_stats, decode_tokens, encode_stats, encode_tokens
 
 SCHEMA_VERSION = 3
+_SCHEMA_LOCK = 0x61676E7473706563  # PostgreSQL advisory lock key while creating or migrating tables
 SOURCES = ("request", "session", "global", "recycled")  # SpecStats.accepted_by_source keys
 
 metadata = sa.MetaData()
@@ -203,6 +205,10 @@ class SqlStore:
         return engine
 
     def _prepare_schema(self, conn: Connection) -> None:
+        """Create the tables, or check the version and migrate; one process at a time (SQLite: the
+        transaction's write lock; PostgreSQL: an advisory lock held until commit)."""
+        if not self.is_sqlite:
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
         inspector = sa.inspect(conn)
         tables = set(inspector.get_table_names())
         if "agentspec_schema" not in tables:

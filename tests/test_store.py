@@ -296,6 +296,23 @@ def test_sigkill_never_loses_a_committed_call(backend, tmp_path):
     assert committed_total > 20
 
 
+def _open_and_append(url: str, tag: int) -> None:
+    open_store(url).append(f"first-{tag}", [tag], [tag], fingerprint="fp")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_four_processes_create_a_new_store_at_once(backend, tmp_path):
+    url = fresh_url(backend, tmp_path)
+    ctx = mp.get_context("fork")  # fork: the four start within milliseconds of each other
+    procs = [ctx.Process(target=_open_and_append, args=(url, tag)) for tag in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0] * 4
+    assert {s.session_id for s in open_store(url).list_sessions()} == {f"first-{tag}" for tag in range(4)}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_four_processes_append_at_once(backend, tmp_path):
     url = fresh_url(backend, tmp_path)
