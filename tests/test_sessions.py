@@ -184,3 +184,41 @@ def test_session_of_another_tokenizer_is_refused_before_drafting(tmp_path):
     with pytest.raises(TokenizerMismatchError):
         manager.record("s", [1], [3], SpecStats())
     assert [c.output_ids for c in manager.store.load_session("s").calls] == [[2]]
+
+
+def test_cli_maintenance_commands(tmp_path):
+    import json
+
+    from agentspec.stores import open_store
+
+    from agentspec.cli import app
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    store = open_store(url)
+    call = {"output_tokens": 4, "steps": 2, "drafted_tokens": 4, "accepted_tokens": 2,
+            "accepted_by_source": {"session": 2}}
+    for _ in range(3):
+        store.append("keep", [1] * 6, [2] * 4, call, fingerprint="fp")
+    store.append("gone", [1], [2], fingerprint="fp")
+    run = CliRunner().invoke
+
+    out = run(app, ["stats", "--session", "keep", "--json", "--store", url])
+    rows = json.loads(out.output)
+    assert set(rows) == {"keep", "*"} and rows["keep"]["tokens_per_step"] == 2.0
+    assert rows["keep"]["hit_rate"] == 0.5 and rows["keep"]["accepted_by_source"]["session"] == 6
+    table = run(app, ["stats", "--store", url])
+    assert table.exit_code == 0 and "all sessions" in table.output and "50.0%" in table.output
+
+    path = tmp_path / "keep.jsonl"
+    assert run(app, ["sessions", "export", "keep", str(path), "--store", url]).exit_code == 0
+    assert run(app, ["sessions", "import", str(path), "--as", "copy", "--store", url]).exit_code == 0
+    again = run(app, ["sessions", "import", str(path), "--as", "copy", "--store", url])
+    assert again.exit_code == 1 and "exists already" in again.output
+    assert run(app, ["sessions", "drop", "gone", "--store", url]).exit_code == 0
+    assert run(app, ["sessions", "drop", "gone", "--store", url]).exit_code == 1
+    assert run(app, ["prune", "--max-session-tokens", "10", "--store", url]).output.strip() == "deleted 4 calls"
+    listing = json.loads(run(app, ["sessions", "list", "--json", "--store", url]).output)
+    assert {(s["session_id"], s["calls"]) for s in listing} == {("keep", 1), ("copy", 1)}
+
+    bad = run(app, ["stats", "--store", "postgresql+psycopg://nobody@127.0.0.1:1/none"])
+    assert bad.exit_code == 2 and "cannot open the store" in bad.output
