@@ -58,6 +58,9 @@ def test_append_and_load_in_order(url):
     assert history.skipped == 0 and history.newest_id == history.record_ids[-1] > ids[-1]
     assert store.recent_outputs("fp", max_tokens=100, after=ids[3]).outputs == [[7, 8, 4], [9, 9]]
     assert store.recent_outputs("other-tokenizer", 100).outputs == []
+    if store.is_sqlite:  # WAL: readers never block the writer, a killed writer leaves no half-written call
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     assert [c.output_ids for c in store.calls_since("s1", ids[2]).calls] == [[7, 8, 3], [7, 8, 4]]
 
 

@@ -167,7 +167,8 @@ def register(app: typer.Typer) -> None:
         store: str = typer.Option(None, help=STORE_HELP),
     ) -> None:
         """Cache hit rates per session and overall: calls, tokens, drafted and accepted tokens, acceptance,
-        tokens per verification step, share of output from drafts, and which tree the drafts came from."""
+        tokens per verification step, share of output from drafts, and which tree the drafts came from.
+        Totals count every call ever stored, including calls `agentspec prune` has deleted since."""
         rows = session_totals(_open(store), session)
         if as_json:
             print(json.dumps(rows, indent=2))
