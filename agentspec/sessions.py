@@ -67,7 +67,7 @@ class SessionManager:
                 f"session {session_id!r} was written with tokenizer {loaded.info.fingerprint}, this model's is "
                 f"{self.fingerprint}; token ids of different tokenizers are never mixed: use another session id"
             )
-        self._loaded[session_id] = max((c.record_id for c in loaded.calls), default=0)
+        self._loaded[session_id] = loaded.newest_id
         self._note_skipped(session_id, loaded)
         for call in self._newest_that_fit(loaded.calls):
             self.drafter.add_history(session_id, call.prompt_ids, call.output_ids, to_global=False)
@@ -86,9 +86,9 @@ class SessionManager:
     def _refresh_session(self, session_id: str) -> None:
         """Calls other processes appended to a loaded session since this process last looked."""
         loaded = self.store.calls_since(session_id, self._loaded[session_id])
+        self._loaded[session_id] = loaded.newest_id
         self._note_skipped(session_id, loaded)
         for call in loaded.calls:
-            self._loaded[session_id] = max(self._loaded[session_id], call.record_id)
             if call.record_id not in self._own:
                 self.drafter.add_history(session_id, call.prompt_ids, call.output_ids, to_global=False)
 

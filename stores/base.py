@@ -63,6 +63,7 @@ class LoadedSession:
     calls: list[CallRecord]
     skipped: int = 0  # corrupt records left out (counted, never fatal)
     errors: list[str] = field(default_factory=list)
+    newest_id: int = 0  # highest record id read, corrupt ones included (``after`` for the next look)
 
 
 @dataclass

@@ -336,9 +336,10 @@ class SqlStore:
         query = (sa.select(r.c.record_id, r.c.created_at, r.c.output, r.c.stats,
                            r.c.prompt if with_prompts else sa.null())
                  .where(r.c.session_id == session_id, r.c.record_id > after).order_by(r.c.record_id))
-        loaded = LoadedSession(None, [])
+        loaded = LoadedSession(None, [], newest_id=after)
         with self.engine.connect() as conn:
             for record_id, created, output, stats, prompt in conn.execute(query):
+                loaded.newest_id = record_id
                 try:
                     loaded.calls.append(CallRecord(
                         record_id, session_id, decode_tokens(prompt) if prompt is not None else [],

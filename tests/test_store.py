@@ -120,7 +120,11 @@ def test_corrupt_records_are_skipped_and_counted(url):
     assert loaded.skipped == 2 and len(loaded.errors) == 2
     assert [c.output_ids for c in loaded.calls] == [[3, 2], [3, 3], [6]]
     assert loaded.calls[-1].record_id == good
-
+    last = store.append("s", [7], [8], fingerprint="fp")
+    with store.engine.begin() as conn:
+        conn.execute(records_table.update().where(records_table.c.record_id == last).values(prompt=b""))
+    since = store.calls_since("s", good)  # a corrupt newest record is read past, not re-read next time
+    assert since.calls == [] and since.skipped == 1 and since.newest_id == last
 
 def test_newer_schema_is_refused(url):
     store = open_store(url)
