@@ -288,10 +288,11 @@ class Engine:
         max_new = min(params.max_new_tokens, self.context_window - len(prompt_ids))
         output: list[int] = []
         cache: TreeKVCache | None = None
+        if self.sessions is not None and session is not None:
+            with self._lock:  # may refuse the session (another tokenizer's): nothing has started yet
+                self.sessions.ensure_loaded(session)
         try:
             with self._lock:
-                if self.sessions is not None and session is not None:
-                    self.sessions.ensure_loaded(session)
                 if speculate:
                     self.drafter.start_request(request_id, session, prompt_ids)
                 t0 = time.perf_counter()
@@ -325,7 +326,16 @@ class Engine:
                     # the cache holds KV of prompt + output[:-1] (the last root is not computed)
                     self.prefix_cache.insert(prompt_ids + output[:-1], cache)
                 if stats.finish_reason and self.sessions is not None and session is not None:
-                    self.sessions.record(session, prompt_ids, output, stats)
+                    self._record(session, prompt_ids, output, stats)
+
+    def _record(self, session: str, prompt_ids: list[int], output: list[int], stats: SpecStats) -> None:
+        """Append the call to the session store; a store failure is logged, never the caller's lost output."""
+        from agentspec.stores import StoreError
+
+        try:
+            self.sessions.record(session, prompt_ids, output, stats)
+        except StoreError as exc:
+            logger.warning("session %r: the call was generated but not stored: %s", session, exc)
 
     def _prefill(self, prompt_ids: list[int], stats: SpecStats) -> tuple[TreeKVCache, torch.Tensor]:
         """Fill the KV cache for the prompt (reusing a cached prefix); logits of the last position."""

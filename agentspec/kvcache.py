@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from agentspec.tokens import common_prefix as _common_prefix
+
 
 class TreeKVLayer(DynamicLayer):
     """One layer's K/V in a growable buffer: ``keys = buf[..., :length, :]`` (a view)."""
@@ -171,11 +173,3 @@ class PrefixCache:
 
     def clear(self) -> None:
         self._entries.clear()
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agentspec.stats import SpecStats
+from agentspec.tokens import common_prefix as _common_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +125,3 @@ class SessionManager:
                                       fingerprint=self.fingerprint)
         self._own.add(record_id)
         return record_id
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

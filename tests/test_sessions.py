@@ -222,3 +222,28 @@ def test_cli_maintenance_commands(tmp_path):
 
     bad = run(app, ["stats", "--store", "postgresql+psycopg://nobody@127.0.0.1:1/none"])
     assert bad.exit_code == 2 and "cannot open the store" in bad.output
+
+
+def test_engine_refuses_a_session_of_another_tokenizer_before_generating(tmp_path):
+    from agentspec.stores import TokenizerMismatchError, open_store
+
+    url = f"sqlite:///{tmp_path / 'tok.db'}"
+    open_store(url).append("theirs", [1, 2], [3], fingerprint="another-tokenizer")
+    engine = tiny_engine(url)
+    with pytest.raises(TokenizerMismatchError, match="another-tokenizer"):
+        engine.generate(PROMPT, session="theirs", max_new_tokens=4)
+    assert len(engine.generate(PROMPT, session="mine", max_new_tokens=4).token_ids) == 4  # still usable
+
+
+def test_store_failure_after_generation_keeps_the_output(tmp_path, caplog):
+    from agentspec.stores import StoreError
+
+    engine = tiny_engine(f"sqlite:///{tmp_path / 'fail.db'}")
+
+    def broken(*args, **kwargs):
+        raise StoreError("the database is read-only (test)")
+
+    engine.sessions.record = broken
+    result = engine.generate(PROMPT, session="s", max_new_tokens=6)
+    assert len(result.token_ids) == 6
+    assert "not stored" in caplog.text

@@ -28,6 +28,7 @@ from agentspec.draft.base import DraftTree, Source
 from agentspec.draft.recycling import RecyclingTable, add_recycled_branches
 from agentspec.draft.suffix_tree import make_suffix_tree
 from agentspec.lookahead import AcceptanceCalibrator
+from agentspec.tokens import common_prefix as _common_prefix
 
 
 @dataclass
@@ -76,17 +77,6 @@ class _Request:
 class _Session:
     tree: object
     last_prompt: list[int] = field(default_factory=list)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:  # the agent-loop case (one prompt extends the last), compared at C speed
-        return n
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
 
 MATCH_EDGES = (2, 4, 8, 16, 32)  # calibration buckets of the match length (+ depth)
 SUPPORT_EDGES = (2, 3, 5, 9, 17)  # ... of the number of occurrences behind a guess
