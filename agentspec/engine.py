@@ -28,6 +28,7 @@ import torch
 
 from agentspec import chat
 from agentspec.config import SamplingParams, SpeculationConfig
+from agentspec.cpu_fast import attention, output_head, tree_attention_name
 from agentspec.draft.base import SOURCE_NAMES, Drafter, DraftTree
 from agentspec.kvcache import PrefixCache, TreeKVCache
 from agentspec.stats import SpecStats
@@ -118,8 +119,6 @@ class Engine:
         self._head = model.get_output_embeddings()
         self._tree_attention: str | None = None  # attention implementation for verification forwards
         if fast_cpu:
-            from agentspec.cpu_fast import output_head, tree_attention_name
-
             self._head = output_head(model)
             self._tree_attention = tree_attention_name(model)
 
@@ -407,8 +406,6 @@ class Engine:
                     past_key_values=cache, use_cache=True,
                 )
             else:
-                from agentspec.cpu_fast import attention
-
                 inputs = tree_inputs(root, tree, past, self.dtype)
                 with attention(self.model, self._tree_attention):
                     out = self._decoder(
