@@ -23,11 +23,25 @@ if preset == "reference":
     cfg = DrafterConfig(alpha=1.0, use_session=False, calibrate=False, recycle=False, global_prompt_tail=0)
     policy = False
 budget = int(over.pop("budget", 32))
+if "rate_scale" in over:  # dev knob: scale the policy's running rate (its drafting threshold)
+    from agentspec.lookahead import LookaheadPolicy
+
+    scale = float(over.pop("rate_scale"))
+
+    class ScaledPolicy(LookaheadPolicy):
+        @property
+        def rate(self) -> float:
+            return scale * self._tokens / self._seconds
+
+    policy = ScaledPolicy()
 if "policy" in over:
     policy = over.pop("policy") == "1"
 for k, v in over.items():
     cur = getattr(cfg, k)
-    setattr(cfg, k, type(cur)(v) if not isinstance(cur, bool) else v == "1")
+    if isinstance(cur, tuple):
+        setattr(cfg, k, tuple(tuple(int(x) for x in lv.split(",") if x) for lv in v.split(";") if lv))
+    else:
+        setattr(cfg, k, type(cur)(v) if not isinstance(cur, bool) else v == "1")
 rep = simulate_sessions(sessions, lambda: SuffixDrafter(cfg), policy=policy, budget=budget)
 d = rep.to_dict()
 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()}))

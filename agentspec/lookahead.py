@@ -131,10 +131,13 @@ class AcceptanceCalibrator:
     evidence decays once a bucket holds ``max_count`` observations.
     """
 
-    def __init__(self, num_bins: int = 10, prior_weight: float = 8.0, max_count: float = 2000.0) -> None:
+    def __init__(self, num_bins: int = 10, prior_weight: float = 8.0, max_count: float = 2000.0,
+                 levels: Sequence[Sequence[int]] = ()) -> None:
         self.num_bins = int(num_bins)
         self.prior_weight = float(prior_weight)
         self.max_count = float(max_count)
+        # intermediate levels of the hierarchy, coarse to fine: each a tuple of feature positions
+        self.levels = tuple(tuple(int(i) for i in level) for level in levels)
         self._seen: dict[tuple[int, ...], float] = {}
         self._accepted: dict[tuple[int, ...], float] = {}
         # predictions, grouped by coarse bucket (source, bin); an update drops its group (exact)
@@ -158,17 +161,27 @@ class AcceptanceCalibrator:
         if estimate is not None:
             return estimate
         estimate = min(max(float(prob), 0.0), 1.0)
-        for key in (fine[:2], fine) if features else (fine,):
+        for key in self._chain(fine):
             seen = self._seen.get(key, 0.0)
             estimate = (self._accepted.get(key, 0.0) + self.prior_weight * estimate) / (seen + self.prior_weight)
         group[memo_key] = estimate
         return estimate
 
+    def _chain(self, fine: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Buckets from coarse ``(source, bin)`` to ``fine``, each the prior of the next."""
+        if len(fine) == 2:
+            return [fine]
+        head = fine[:2]
+        # an intermediate key ends with a negative level tag: it never equals another level's key
+        mids = [(*head, *(fine[2 + i] for i in level), -1 - j) for j, level in enumerate(self.levels)
+                if all(i < len(fine) - 2 for i in level)]
+        return [head, *mids, fine]
+
     def update(self, source: int, prob: float, features: Sequence[int], accepted: bool) -> None:
         """Record one verified guess (a node whose parent was accepted)."""
         fine = self._key(source, prob, features)
         self._cache.pop(fine[:2], None)  # every cached prediction of this coarse bucket may change
-        for key in (fine[:2], fine) if features else (fine,):
+        for key in self._chain(fine):
             seen = self._seen.get(key, 0.0) + 1.0
             acc = self._accepted.get(key, 0.0) + (1.0 if accepted else 0.0)
             if seen > self.max_count:

@@ -53,6 +53,10 @@ class DrafterConfig:
     global_prompt_tail: int = 8  # prompt tokens stored before each output (how outputs begin)
     max_sessions: int = 128  # session trees kept in memory (least recently used dropped)
     backend: str = "auto"  # suffix tree core: auto | cpp | python
+    # request state feature: "accepted" (tokens accepted at the previous step) or "outcome" (also
+    # tells a step without a draft from a rejected one, and counts consecutive misses)
+    state_mode: str = "accepted"
+    calib_levels: tuple[tuple[int, ...], ...] = ()  # intermediate calibration levels (feature positions)
 
 
 @dataclass
@@ -65,6 +69,7 @@ class _Request:
     # tree by token path in ``accept`` (the verified tree may be a re-indexed subtree of it)
     proposal: tuple = ((), (), ())
     state: int = 0  # bucket of the tokens accepted at the previous step (0, 1-2, 3+)
+    misses: int = 0  # consecutive drafted steps whose first token was rejected
 
     def tail(self, n: int) -> list[int]:
         """The last ``n`` tokens of the context (prompt + output so far)."""
@@ -96,7 +101,7 @@ class SuffixDrafter:
     def __init__(self, config: DrafterConfig | None = None, calibrator: AcceptanceCalibrator | None = None,
                  recycler: RecyclingTable | None = None) -> None:
         self.config = config or DrafterConfig()
-        self.calibrator = calibrator or AcceptanceCalibrator()
+        self.calibrator = calibrator or AcceptanceCalibrator(levels=self.config.calib_levels)
         self.recycler = recycler if recycler is not None else (RecyclingTable() if self.config.recycle else None)
         if self.recycler is None:
             # no table to feed: hide ``observe`` so the engine skips the per-step top-k of the logits
@@ -272,7 +277,17 @@ class SuffixDrafter:
         if self.config.use_request:
             req.tree.extend(0, new)
         req.output.extend(new)
-        req.state = bisect_right(STATE_EDGES, len(accepted))
+        if self.config.state_mode == "outcome":
+            if len(accepted):
+                req.misses = 0
+                req.state = 1 + bisect_right(STATE_EDGES, len(accepted))  # 2, 3, 4
+            elif len(tree):
+                req.misses += 1
+                req.state = 1 if req.misses == 1 else 5 if req.misses <= 3 else 6
+            else:
+                req.state = 0
+        else:
+            req.state = bisect_right(STATE_EDGES, len(accepted))
         p_tokens, p_parents, p_feats = req.proposal
         if self.config.calibrate and len(tree) and p_feats:
             # proposal node of each verified node on the accepted path (-1: the root)
