@@ -1,10 +1,24 @@
-"""Plain Hugging Face ``generate``: the baseline every benchmark and the replay tool compare against."""
+"""What agentspec is compared against, call by call: plain HF greedy ``generate`` (the reference
+every benchmark and the replay tool use), HF prompt lookup, llama.cpp, and agentspec itself on
+int8 weights. :func:`comparison_runner` builds any of them by name.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
+
+# name -> label; "agentspec" (the engine under test) is always run and is not listed here
+COMPARISONS = {
+    "hf": "HF greedy",
+    "hf_pld": "HF prompt lookup",
+    "llamacpp": "llama.cpp (GGUF, prefix reuse)",
+    "agentspec_int8": "agentspec, int8 weights",
+}
+# (prompt ids, session id, max new tokens) -> (new token ids, decode seconds, total seconds, decode steps)
+Runner = Callable[[list[int], str, int], tuple[list[int], float, float, int]]
 
 
 class _StepTimer:
@@ -72,3 +86,39 @@ def llamacpp_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("llama_cpp") is not None
+
+
+def comparison_runner(name: str, engine, window: int) -> Runner:
+    """A runner for comparison ``name`` (a key of :data:`COMPARISONS`) beside ``engine``.
+
+    ``hf`` and ``hf_pld`` (prompt lookup, 10 tokens) run HF ``generate`` on the engine's own
+    model; ``llamacpp`` loads the engine's GGUF file into llama.cpp with a ``window``-token
+    context; ``agentspec_int8`` is a second engine on the same weights with int8 linear layers.
+    """
+    if name == "hf":
+        return lambda ids, session, n: hf_generate(engine.model, ids, n, engine.eos_ids)
+    if name == "hf_pld":
+        return lambda ids, session, n: hf_generate(engine.model, ids, n, engine.eos_ids, prompt_lookup_num_tokens=10)
+    if name == "llamacpp":
+        from agentspec.model import resolve_model
+
+        source = resolve_model(engine.model_source)
+        if not source.is_gguf:
+            raise ValueError("the llama.cpp baseline needs a GGUF model (the default one is)")
+        llm = LlamaCppBaseline(str(source.path), n_ctx=window)
+        return lambda ids, session, n: llm.generate(ids, n, engine.eos_ids)
+    if name == "agentspec_int8":
+        from agentspec.engine import Engine
+
+        if engine.device.type != "cpu":
+            raise ValueError("int8 weights run on the CPU only")
+        int8 = Engine.from_pretrained(engine.model_source, quantize="int8", speculation=engine.speculation)
+        return lambda ids, session, n: _engine_run(int8, ids, session, n)
+    raise ValueError(f"unknown comparison {name!r}; expected one of {sorted(COMPARISONS)}")
+
+
+def _engine_run(engine, prompt_ids: list[int], session: str, max_new_tokens: int):
+    t0 = time.perf_counter()
+    out = engine.generate(prompt_ids, session=session, max_new_tokens=max_new_tokens)
+    total = time.perf_counter() - t0
+    return out.token_ids, out.stats.decode_seconds, total, out.stats.steps

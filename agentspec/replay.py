@@ -6,9 +6,10 @@ Two modes, one report (:class:`ReplayReport`, a :class:`CallRecord` per call):
   how many drafted tokens are accepted; the drafting code is :mod:`agentspec.simulate`'s.
 * ``live``: the engine generates each call from its recorded prompt (fitted to the window
   minus ``max_new_tokens`` by dropping the oldest turns), with ``session`` = trajectory id,
-  calls in order, so the session's suffix trees grow as the agent's did. ``baseline=True``
-  also runs plain HF ``generate`` (greedy) on the same prompt ids right before each call,
-  for side-by-side speedups and a token-for-token identity check.
+  calls in order, so the session's suffix trees grow as the agent's did. Comparison methods
+  (``compare=["hf", "hf_pld", "llamacpp", "agentspec_int8"]``; ``baseline=True`` is plain HF
+  greedy alone) run the same prompt ids right before each call, for side-by-side speedups and
+  a token-for-token identity check against plain greedy. ``agentspec bench`` is this loop.
 
 Typical use::
 
@@ -24,17 +25,54 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentspec import chat
 from agentspec.trajectories import Session, tokenize_call
 
+if TYPE_CHECKING:
+    from agentspec.baselines import Runner
+
 MODES = ("simulate", "live")
+AGENTSPEC = "agentspec"  # the engine under test, beside the comparisons of agentspec.baselines
+
+
+@dataclass
+class MethodRun:
+    """One comparison method's run of a call (plain HF greedy, prompt lookup, llama.cpp, ...)."""
+
+    output_tokens: int
+    decode_seconds: float
+    total_seconds: float
+    steps: int  # decode forwards
+    identical: bool | None = None  # output == plain HF greedy output (None: HF not run)
+
+
+@dataclass
+class MethodTotals:
+    """One method's sums over the calls every method ran."""
+
+    calls: int = 0
+    output_tokens: int = 0
+    decode_tokens: int = 0  # tokens after each call's first one (that one comes out of prefill)
+    decode_seconds: float = 0.0
+    total_seconds: float = 0.0
+    steps: int = 0
+    identical: int = 0  # outputs equal to plain HF greedy's, token for token
+    compared: int = 0  # calls with an HF greedy output to compare with
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.decode_tokens / self.steps if self.steps else 0.0
 
 
 @dataclass
 class CallRecord:
-    """What one replayed call did. Timing and baseline fields are ``None`` where not measured."""
+    """What one replayed call did. Timing and comparison fields are empty where not measured."""
 
     session: str
     index: int  # call index within the session (0-based, recorded order)
@@ -47,10 +85,8 @@ class CallRecord:
     prefill_seconds: float | None = None
     decode_seconds: float | None = None
     total_seconds: float | None = None
-    baseline_tokens: int | None = None
-    baseline_decode_seconds: float | None = None
-    baseline_total_seconds: float | None = None
-    identical: bool | None = None  # live output == plain greedy output, token for token
+    methods: dict[str, MethodRun] = field(default_factory=dict)  # comparisons run on the same prompt
+    identical: bool | None = None  # live output == plain HF greedy output, token for token
     modelled_seconds: float | None = None  # simulate: step costs on the fp32 cost curve
 
     @property
@@ -62,6 +98,15 @@ class CallRecord:
         """Share of output tokens that came from accepted drafts."""
         return self.accepted / self.output_tokens if self.output_tokens else 0.0
 
+    def run(self, method: str) -> MethodRun | None:
+        """``method``'s run of this call (``"agentspec"``: the engine's own, live mode only)."""
+        if method == AGENTSPEC:
+            if self.decode_seconds is None:
+                return None
+            return MethodRun(self.output_tokens, self.decode_seconds, self.total_seconds or 0.0, self.steps,
+                             self.identical)
+        return self.methods.get(method)
+
 
 @dataclass
 class ReplayReport:
@@ -71,6 +116,7 @@ class ReplayReport:
     calls: list[CallRecord] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # "<where>: <reason>"
     info: dict[str, Any] = field(default_factory=dict)  # model, settings, simulation extras
+    compared: list[str] = field(default_factory=list)  # comparison methods run beside agentspec (live)
 
     def _sum(self, name: str) -> float:
         return sum(getattr(c, name) or 0 for c in self.calls)
@@ -97,32 +143,54 @@ class ReplayReport:
         steps = self._sum("steps")
         return self._sum("drafted") / steps if steps else 0.0
 
-    def decode_speedup(self) -> float | None:
-        """Decode tokens/s of agentspec over plain HF greedy (live with baseline only).
+    def totals(self, method: str, over: str | None = None) -> MethodTotals:
+        """``method``'s sums over the calls it ran (and ``over`` ran too, when given)."""
+        t = MethodTotals()
+        for call in self.calls:
+            run = call.run(method)
+            if run is None or (over is not None and call.run(over) is None):
+                continue
+            t.calls += 1
+            t.output_tokens += run.output_tokens
+            t.decode_tokens += max(run.output_tokens - 1, 0)
+            t.decode_seconds += run.decode_seconds
+            t.total_seconds += run.total_seconds
+            t.steps += run.steps
+            t.identical += bool(run.identical)
+            t.compared += run.identical is not None
+        return t
 
-        Decode tokens exclude the first token of each call (it comes out of prefill)."""
-        calls = [c for c in self.calls if c.baseline_decode_seconds and c.decode_seconds]
-        if not calls:
-            return None
-        ours = sum(max(c.output_tokens - 1, 0) for c in calls) / sum(c.decode_seconds for c in calls)
-        base = sum(max(c.baseline_tokens - 1, 0) for c in calls) / sum(c.baseline_decode_seconds for c in calls)
-        return ours / base if base else None
+    def speedup(self, method: str = AGENTSPEC, over: str = "hf", end_to_end: bool = False) -> float | None:
+        """``method`` over ``over``: decode tokens/s ratio, or the wall-time ratio of whole calls
+        (prefill included) with ``end_to_end``; ``None`` where either was not measured."""
+        a, b = self.totals(method, over), self.totals(over, method)
+        if end_to_end:
+            return b.total_seconds / a.total_seconds if a.total_seconds and b.total_seconds else None
+        ra, rb = a.decode_tokens_per_second, b.decode_tokens_per_second
+        return ra / rb if ra and rb else None
+
+    def decode_speedup(self) -> float | None:
+        """Decode tokens/s of agentspec over plain HF greedy (live with the HF baseline only)."""
+        return self.speedup(AGENTSPEC, "hf")
 
     def end_to_end_speedup(self) -> float | None:
         """Wall time of plain HF ``generate`` over agentspec's, whole calls (prefill included)."""
-        calls = [c for c in self.calls if c.baseline_total_seconds and c.total_seconds]
-        if not calls:
-            return None
-        return sum(c.baseline_total_seconds for c in calls) / sum(c.total_seconds for c in calls)
+        return self.speedup(AGENTSPEC, "hf", end_to_end=True)
 
     def modelled_speedup(self) -> float | None:
         """Simulate: completion tokens x c(1) / sum of modelled step costs (see data/README.md)."""
-        if "modelled_speedup" in self.info:
-            return self.info["modelled_speedup"]
-        return None
+        return self.info.get("modelled_speedup")
 
     def to_dict(self) -> dict:
         calls = [asdict(c) | {"tokens_per_step": c.tokens_per_step, "hit_rate": c.hit_rate} for c in self.calls]
+        methods = {}
+        for m in ([AGENTSPEC] + self.compared if self.mode == "live" else []):
+            t = self.totals(m)
+            methods[m] = asdict(t) | {
+                "decode_tokens_per_second": t.decode_tokens_per_second, "tokens_per_step": t.tokens_per_step,
+                "decode_speedup_vs_hf": self.speedup(m, "hf"),
+                "end_to_end_speedup_vs_hf": self.speedup(m, "hf", end_to_end=True),
+            }
         return {
             "mode": self.mode,
             "summary": {
@@ -134,23 +202,21 @@ class ReplayReport:
                 "compared": sum(c.identical is not None for c in self.calls),
                 "skipped": len(self.skipped),
             },
+            "methods": methods,
             "info": self.info,
             "calls": calls,
             "skipped": self.skipped,
         }
 
     def save(self, path: str | Path) -> None:
-        """Write :meth:`to_dict` as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        """Write :meth:`to_dict` as JSON (atomically: a crash never leaves half a report)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------- live
-def _hf_generate(engine, prompt_ids: list[int], max_new_tokens: int):
-    from agentspec.baselines import hf_generate
-
-    return hf_generate(engine.model, prompt_ids, max_new_tokens, engine.eos_ids)
-
-
 def replay_live(
     engine,
     sessions: Sequence[Session],
@@ -158,32 +224,53 @@ def replay_live(
     max_new_tokens: int = 128,
     max_context: int | None = None,
     baseline: bool = False,
+    compare: Sequence[str] = (),
+    calls_per_session: int | None = None,
     on_call: Callable[[CallRecord | None], None] | None = None,
+    runners: dict[str, Runner] | None = None,
+    report: ReplayReport | None = None,
 ) -> ReplayReport:
     """Generate every recorded call with ``engine``, session by session, calls in order.
 
     The prompt of each call is the recorded one, fitted to ``min(max_context, window) -
     max_new_tokens`` tokens (oldest turns dropped; a call that cannot fit is skipped with a
-    note). ``on_call`` gets each :class:`CallRecord` (``None`` for a skipped call).
+    note). Each comparison in ``compare`` (names from :data:`agentspec.baselines.COMPARISONS`;
+    ``baseline=True`` adds ``"hf"``, plain HF greedy) runs the same prompt ids right before
+    agentspec, call by call, so ratios compare like with like on a noisy machine. ``runners``
+    replaces the runner of a comparison (tests). ``on_call`` gets each :class:`CallRecord`
+    (``None`` for a skipped call); with ``report`` given, that report is filled in place, so
+    ``on_call`` can save it as it grows.
     """
+    from agentspec.baselines import COMPARISONS, comparison_runner
+
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     window = min(max_context or engine.context_window, engine.context_window)
     budget = window - max_new_tokens
     if budget <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a {window}-token window")
-    report = ReplayReport("live", info={"model": getattr(engine, "model_name", ""), "max_new_tokens": max_new_tokens,
-                                        "window": window, "baseline": baseline})
+    compare = list(dict.fromkeys((["hf"] if baseline else []) + list(compare)))
+    unknown = [m for m in compare if m not in COMPARISONS]
+    if unknown:
+        raise ValueError(f"unknown comparison methods {unknown}; expected some of {list(COMPARISONS)}")
+    runners = dict(runners or {})
+    for name in compare:
+        if name not in runners:
+            runners[name] = comparison_runner(name, engine, window)
+    report = report if report is not None else ReplayReport("live")
+    report.compared = compare
+    report.info.update(model=getattr(engine, "model_name", ""), max_new_tokens=max_new_tokens, window=window,
+                       compared=compare)
     for session in sessions:
-        for index, call in enumerate(session.calls):
-            record = _live_call(engine, session, index, call, budget, max_new_tokens, baseline, report)
+        for index, call in enumerate(session.calls[:calls_per_session]):
+            record = _live_call(engine, session, index, call, budget, max_new_tokens, runners, report)
             if on_call:
                 on_call(record)
     return report
 
 
-def _live_call(engine, session: Session, index: int, call, budget: int, max_new_tokens: int, baseline: bool,
-               report: ReplayReport) -> CallRecord | None:
+def _live_call(engine, session: Session, index: int, call, budget: int, max_new_tokens: int,
+               runners: dict[str, Runner], report: ReplayReport) -> CallRecord | None:
     where = f"{session.id} call {index}"
     try:
         prompt_ids = chat.prompt_ids(engine.tokenizer, call.messages)
@@ -198,9 +285,11 @@ def _live_call(engine, session: Session, index: int, call, budget: int, max_new_
         report.skipped.append(f"{where}: cannot render the prompt ({exc})")
         return None
     record = CallRecord(session.id, index, len(prompt_ids), 0, 0, fitted=len(prompt_ids) < full)
-    if baseline:
-        ids, decode, total, _ = _hf_generate(engine, prompt_ids, max_new_tokens)
-        record.baseline_tokens, record.baseline_decode_seconds, record.baseline_total_seconds = len(ids), decode, total
+    outputs = {}
+    for name, runner in runners.items():
+        ids, decode, total, steps = runner(prompt_ids, session.id, max_new_tokens)
+        outputs[name] = ids
+        record.methods[name] = MethodRun(len(ids), decode, total, steps)
     t0 = time.perf_counter()
     try:
         result = engine.generate(prompt_ids, session=session.id, max_new_tokens=max_new_tokens)
@@ -212,8 +301,11 @@ def _live_call(engine, session: Session, index: int, call, budget: int, max_new_
     record.output_tokens = len(result.token_ids)
     record.steps, record.drafted, record.accepted = stats.steps, stats.drafted_tokens, stats.accepted_tokens
     record.prefill_seconds, record.decode_seconds = stats.prefill_seconds, stats.decode_seconds
-    if baseline:
-        record.identical = result.token_ids == ids
+    if "hf" in outputs:
+        reference = outputs["hf"]
+        record.identical = result.token_ids == reference
+        for name, run in record.methods.items():
+            run.identical = outputs[name] == reference
     report.calls.append(record)
     return record
 
@@ -322,6 +414,30 @@ def replay_simulate(
 
 
 # ---------------------------------------------------------------------------------------- output
+def render_methods(report: ReplayReport):
+    """A rich table, one row per method (live): decode tok/s, tokens/step, speedups vs HF greedy."""
+    from rich.table import Table
+
+    from agentspec.baselines import COMPARISONS
+
+    labels = {AGENTSPEC: "agentspec"} | COMPARISONS
+    methods = report.compared + [AGENTSPEC]
+    n = report.totals(AGENTSPEC).calls
+    table = Table(title=f"agentspec live benchmark: {report.sessions} sessions, {n} calls")
+    for col in ("method", "out tokens", "decode tok/s", "tokens/step", "decode speedup", "end-to-end s",
+                "e2e speedup", "identical to greedy"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for m in methods:
+        t = report.totals(m)
+        decode, e2e = report.speedup(m, "hf"), report.speedup(m, "hf", end_to_end=True)
+        table.add_row(
+            labels[m], str(t.output_tokens), f"{t.decode_tokens_per_second:.1f}", f"{t.tokens_per_step:.2f}",
+            "-" if decode is None else f"{decode:.2f}x", f"{t.total_seconds:.1f}",
+            "-" if e2e is None else f"{e2e:.2f}x", f"{t.identical}/{t.compared}" if t.compared else "-",
+        )
+    return table
+
+
 def render_summary(report: ReplayReport):
     """A rich table: calls, tokens, tokens per step, hit rate, speedups where measured."""
     from rich.table import Table

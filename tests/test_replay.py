@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agentspec import replay as replay_mod
-from agentspec.replay import ReplayReport, plot_report, render_summary, replay_live, replay_simulate
+from agentspec.replay import ReplayReport, plot_report, render_methods, render_summary, replay_live, replay_simulate
 from agentspec.stats import SpecStats
 from agentspec.trajectories import load_sessions
 
@@ -81,21 +80,59 @@ def test_live_fits_long_prompts_and_skips_what_cannot_fit(fake_engine):
     assert "1034 tokens cannot be fitted to 984 tokens" in report.skipped[0]
 
 
-def test_live_baseline_gives_speedups_and_identity(fake_engine, monkeypatch):
+def test_live_baseline_gives_speedups_and_identity(fake_engine):
     calls = []
 
-    def fake_hf(engine, prompt_ids, max_new_tokens):
+    def fake_hf(prompt_ids, session, max_new_tokens):
         calls.append(len(prompt_ids))
         ids = list(range(max_new_tokens)) if len(calls) % 2 else [7] * max_new_tokens
         return ids, 0.4, 0.6, max_new_tokens - 1  # decode s, total s, steps
 
-    monkeypatch.setattr(replay_mod, "_hf_generate", fake_hf)
     sessions = load_sessions(DATA / "jsonl")
-    report = replay_live(fake_engine, sessions, max_new_tokens=8, baseline=True)
+    report = replay_live(fake_engine, sessions, max_new_tokens=8, baseline=True, runners={"hf": fake_hf})
     assert calls == [c.prompt_tokens for c in report.calls]  # same prompt ids, same calls
     assert [c.identical for c in report.calls] == [True, False, True]
     assert report.decode_speedup() == pytest.approx(2.0)  # 7 tokens in 0.2 s vs 0.4 s
-    assert report.to_dict()["summary"]["identical"] == 2
+    assert report.end_to_end_speedup() > 1  # 0.6 s a call against a fake engine's microseconds
+    summary = report.to_dict()
+    assert summary["summary"]["identical"] == 2
+    assert summary["methods"]["hf"]["identical"] == 3  # HF greedy equals itself
+    assert summary["methods"]["agentspec"]["decode_speedup_vs_hf"] == pytest.approx(2.0)
+
+
+def test_live_compares_several_methods_call_by_call(fake_engine, tmp_path):
+    order = []
+
+    def runner(name, ids_out):
+        def run(prompt_ids, session, max_new_tokens):
+            order.append(name)
+            return ids_out(max_new_tokens), 0.8 if name == "hf" else 0.4, 1.0, max_new_tokens - 1
+        return run
+
+    runners = {"hf": runner("hf", lambda n: list(range(n))), "hf_pld": runner("hf_pld", lambda n: [1] * n)}
+    saved = []
+    report = ReplayReport("live")
+    sessions = load_sessions(DATA / "jsonl")
+
+    def save(_record):
+        report.save(tmp_path / "r.json")
+        saved.append(json.loads((tmp_path / "r.json").read_text())["summary"]["calls"])
+
+    replay_live(fake_engine, sessions, max_new_tokens=8, compare=["hf", "hf_pld"], calls_per_session=1,
+                runners=runners, on_call=save, report=report)
+    assert [(c.session, c.index) for c in report.calls] == [("weather-1", 0), ("weather-2", 0)]  # 1 call each
+    assert saved == [1, 2]  # the report on disk grows call by call
+    assert order == ["hf", "hf_pld"] * 2  # interleaved: every method on call k before call k+1
+    assert report.speedup("hf_pld", "hf") == pytest.approx(2.0)
+    assert report.totals("hf_pld").identical == 0 and report.totals("hf").identical == 2
+    from rich.console import Console
+
+    console = Console(width=160, record=True)
+    console.print(render_methods(report))
+    text = console.export_text()
+    assert "HF prompt lookup" in text and "2.00x" in text
+    with pytest.raises(ValueError, match="unknown comparison methods"):
+        replay_live(fake_engine, sessions, max_new_tokens=8, compare=["vllm"])
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -45,8 +45,11 @@ def register(app: typer.Typer) -> None:
         calls: int = typer.Option(4, help="Live: calls per session."),
         max_new_tokens: int = typer.Option(128, help="Live: tokens generated per call."),
         max_context: int = typer.Option(4096, help="Live: prompt + output budget (oldest turns dropped)."),
-        methods: str = typer.Option(None, help="Live: comma-separated methods among hf, hf_pld, agentspec, "
-                                    "llamacpp (default: all, llamacpp where llama-cpp-python is installed)."),
+        methods: str = typer.Option(None, help="Live: comma-separated methods among agentspec, hf, hf_pld, "
+                                    "llamacpp, agentspec_int8 (default: agentspec, hf, hf_pld, and llamacpp "
+                                    "where llama-cpp-python is installed)."),
+        report: Path = typer.Option(None, "--report", help="Live: write the per-call report as JSON here, "
+                                    "rewritten after every call (a long run interrupted keeps what it measured)."),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
         cost_curve: str = typer.Option(None, "--cost-curve", help="Simulate: forward cost curve as 'k:ms,...' "
                                        "(e.g. 1:65,8:110,32:181) or a JSON file of [k, seconds] pairs "
@@ -55,9 +58,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Benchmark agentspec on recorded agent sessions.
 
-        Live: replays each call's recorded prompt through plain HF greedy `generate`, HF prompt lookup
-        (10 tokens) and agentspec, interleaved in one process, and reports decode tokens/s, tokens per
-        verification step, speedups and how many outputs equal plain greedy.
+        Live: replays each call's recorded prompt (the loop of `agentspec replay --mode live`) through
+        plain HF greedy `generate`, HF prompt lookup (10 tokens), llama.cpp on the same GGUF file with its
+        prefix reuse, agentspec on int8 weights (agentspec_int8) and agentspec, interleaved call by call
+        in one process, and reports decode tokens/s, tokens per verification step, decode and end-to-end
+        speedups over plain HF greedy, and how many outputs equal plain greedy.
         --simulate: the teacher-forced drafting benchmark (the recorded completion decides acceptance)
         with the modelled speedup on the DESIGN.md fp32 cost curve.
         """
@@ -65,33 +70,54 @@ def register(app: typer.Typer) -> None:
         if simulate:
             _simulate(_load(paths, limit), options.model, cost_curve, as_json)
             return
-        from tqdm import tqdm
-
-        from agentspec.bench import render_live, run_live
-
+        compare = _comparisons(methods)
         sessions = _load(paths, limit or 2)
-        engine = options.engine()
-        from agentspec.baselines import llamacpp_available
-        from agentspec.bench import METHODS
+        _live(sessions, options.engine(), compare, calls=calls, max_new_tokens=max_new_tokens,
+              max_context=max_context, report_path=report, as_json=as_json)
 
-        if methods is None:
-            chosen = [m for m in METHODS if m != "llamacpp" or llamacpp_available()]
-        else:
-            chosen = [m.strip() for m in methods.split(",") if m.strip()]
-        unknown = sorted(set(chosen) - set(METHODS))
-        if unknown:
-            raise typer.BadParameter(f"unknown methods {unknown}; expected some of {list(METHODS)}",
-                                     param_hint="--methods")
-        total = sum(min(len(s.calls), calls) for s in sessions)
-        with tqdm(total=total, desc="calls", unit="call", file=console.file) as bar:
-            report = run_live(engine, sessions, max_new_tokens=max_new_tokens, max_context=max_context,
-                              calls_per_session=calls, methods=chosen, on_call=lambda r: bar.update())
-        if as_json:
-            print(json.dumps(report.to_dict(), indent=2))
-        else:
-            Console(width=max(Console().width, 140)).print(render_live(report))
-            for note in report.skipped:
-                console.print(f"[yellow]skipped[/yellow] {note}")
+
+def _comparisons(methods: str | None) -> list[str]:
+    """The comparison methods named by ``--methods`` (agentspec itself always runs)."""
+    from agentspec.baselines import COMPARISONS, llamacpp_available
+
+    if methods is None:
+        return ["hf", "hf_pld"] + (["llamacpp"] if llamacpp_available() else [])
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = sorted(set(chosen) - set(COMPARISONS) - {"agentspec"})
+    if unknown:
+        raise typer.BadParameter(f"unknown methods {unknown}; expected some of {['agentspec', *COMPARISONS]}",
+                                 param_hint="--methods")
+    if "llamacpp" in chosen and not llamacpp_available():
+        raise typer.BadParameter("llamacpp needs llama-cpp-python: pip install 'agentspec[llamacpp]'",
+                                 param_hint="--methods")
+    return [m for m in chosen if m != "agentspec"]
+
+
+def _live(sessions, engine, compare: list[str], *, calls: int, max_new_tokens: int, max_context: int,
+          report_path: Path | None, as_json: bool) -> None:
+    from tqdm import tqdm
+
+    from agentspec.replay import ReplayReport, render_methods, replay_live
+
+    total = sum(min(len(s.calls), calls) for s in sessions)
+    result = ReplayReport("live")
+    with tqdm(total=total, desc="calls", unit="call", file=console.file) as bar:
+        def tick(_record) -> None:
+            bar.update(1)
+            if report_path:
+                result.save(report_path)
+
+        replay_live(engine, sessions, max_new_tokens=max_new_tokens, max_context=max_context, compare=compare,
+                    calls_per_session=calls, on_call=tick, report=result)
+    if report_path:
+        result.save(report_path)
+        console.print(f"report written to {report_path}")
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        Console(width=max(Console().width, 140)).print(render_methods(result))
+    for note in result.skipped:
+        console.print(f"[yellow]skipped[/yellow] {note}")
 
 
 def parse_cost_curve(spec: str | None):

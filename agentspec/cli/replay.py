@@ -35,7 +35,8 @@ def register(app: typer.Typer) -> None:
         max_context: int = typer.Option(None, help="Prompt + output budget in tokens (live default: the model's "
                                         "window; simulate default: no limit). Oldest turns are dropped to fit."),
         limit: int = typer.Option(None, help="Sessions to replay (default: simulate all, live 1)."),
-        report: Path = typer.Option(None, "--report", help="Write the per-call report as JSON here."),
+        report: Path = typer.Option(None, "--report", help="Write the per-call report as JSON here (live: "
+                                    "rewritten after every call)."),
         plot: Path = typer.Option(None, "--plot", help="Save a PNG: tokens per step vs call index, cumulative "
                                   "hit rate."),
         options: ModelOptions = None,
@@ -47,7 +48,7 @@ def register(app: typer.Typer) -> None:
         """
         from tqdm import tqdm
 
-        from agentspec.replay import MODES, plot_report, render_summary, replay_live, replay_simulate
+        from agentspec.replay import MODES, ReplayReport, plot_report, render_summary, replay_live, replay_simulate
         from agentspec.trajectories import load_sessions
 
         if mode not in MODES:
@@ -78,13 +79,16 @@ def register(app: typer.Typer) -> None:
             from agentspec.model import load_tokenizer
 
             tokenizer = load_tokenizer(options.model)
+        result = ReplayReport(mode)
         with tqdm(total=total, desc=mode, unit="call", file=console.file) as bar:
             def tick(_record) -> None:
                 bar.update(1)
+                if report and mode == "live":  # a long live replay interrupted keeps what it measured
+                    result.save(report)
 
             if mode == "live":
-                result = replay_live(engine, sessions, max_new_tokens=max_new_tokens, max_context=max_context,
-                                     baseline=baseline, on_call=tick)
+                replay_live(engine, sessions, max_new_tokens=max_new_tokens, max_context=max_context,
+                            baseline=baseline, on_call=tick, report=result)
             else:
                 budget = max_context - max_new_tokens if max_context else None
                 result = replay_simulate(sessions, tokenizer, max_prompt_tokens=budget, on_call=tick)
