@@ -28,7 +28,7 @@ import torch
 
 from agentspec import chat
 from agentspec.config import SamplingParams, SpeculationConfig
-from agentspec.cpu_fast import attention, output_head, tree_attention_name
+from agentspec.cpu_fast import attention, fast_linears, output_head, skinny_linears, tree_attention_name
 from agentspec.draft.base import SOURCE_NAMES, Drafter, DraftTree
 from agentspec.kvcache import PrefixCache, TreeKVCache
 from agentspec.stats import SpecStats
@@ -119,6 +119,7 @@ class Engine:
         self._head = model.get_output_embeddings()
         self._tree_attention: str | None = None  # attention implementation for verification forwards
         if fast_cpu:
+            skinny_linears(model)
             self._head = output_head(model)
             self._tree_attention = tree_attention_name(model)
 
@@ -344,7 +345,7 @@ class Engine:
             cache = TreeKVCache(self.num_layers, capacity=len(prompt_ids) + 256)
         cache.truncate(reused)
         stats.prefill_tokens = len(prompt_ids) - reused
-        with torch.no_grad():
+        with torch.no_grad(), fast_linears():
             for start in range(reused, len(prompt_ids), PREFILL_CHUNK):
                 chunk = prompt_ids[start : start + PREFILL_CHUNK]
                 hidden = self._decoder(
@@ -398,7 +399,7 @@ class Engine:
 
     def _verify(self, cache: TreeKVCache, root: int, tree: DraftTree, past: int) -> torch.Tensor:
         """One forward over ``[root] + tree``: logits ``[1 + n, V]`` (fp32)."""
-        with torch.no_grad():
+        with torch.no_grad(), fast_linears():
             if not len(tree):
                 out = self._decoder(
                     input_ids=torch.tensor([[root]], device=self.device),

@@ -320,3 +320,23 @@ def test_cpu_fast_path_matches_masked_softmax(heads, kv_heads, prefix, t):
         mask[i, i] = True
     expected = masked_attention(q, k, v, mask, prefix)
     torch.testing.assert_close(cpu_tree_attention(q, k, v, mask, prefix), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 20])
+def test_skinny_linear_equals_linear_and_is_stock_outside_the_engine(rows):
+    from agentspec.cpu_fast import SkinnyLinear, fast_linears
+
+    torch.manual_seed(rows)
+    stock = torch.nn.Linear(64, 48)
+    skinny = copy.deepcopy(stock)
+    skinny.__class__ = SkinnyLinear
+    assert skinny.state_dict().keys() == stock.state_dict().keys() and isinstance(skinny, torch.nn.Linear)
+    x = torch.randn(1, rows, 64)
+    with torch.no_grad():
+        want = stock(x)
+        assert torch.equal(skinny(x), want)  # outside fast_linears(): the very same computation
+        with fast_linears():
+            got = skinny(x)
+        assert got.shape == want.shape == (1, rows, 48)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(skinny(x), want)  # switched off again after the block
