@@ -1,7 +1,9 @@
-"""Builds the optional compiled suffix-tree core (agentspec.draft._suffix_core).
+"""Builds the optional compiled parts: the suffix-tree core (agentspec.draft._suffix_core) and the
+GGUF-block CPU matmul (agentspec.kernels._blockq).
 
-All metadata lives in pyproject.toml. If the C++ build fails (no compiler, no Python
-headers), installation goes on without it and agentspec falls back to the pure-Python twin.
+All metadata lives in pyproject.toml. If a C++ build fails (no compiler, no Python headers),
+installation goes on without it: agentspec falls back to the pure-Python suffix tree and to
+fp32 linear layers.
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ class OptionalBuildExt(build_ext):
         try:
             super().run()
         except Exception as exc:  # noqa: BLE001
-            print(f"warning: agentspec compiled suffix tree not built ({exc}); using the Python twin", file=sys.stderr)
+            print(f"warning: agentspec extensions not built ({exc}); using the Python fallbacks", file=sys.stderr)
 
     def build_extension(self, ext) -> None:
         try:
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001
-            print(f"warning: could not build {ext.name} ({exc}); using the Python twin", file=sys.stderr)
+            print(f"warning: could not build {ext.name} ({exc}); using its Python fallback", file=sys.stderr)
 
 
 ext_modules = []
@@ -41,6 +43,15 @@ if Pybind11Extension is not None:
             ["agentspec/draft/_suffix_core.cpp"],
             cxx_std=17,
             extra_compile_args=["-O3"],
+        )
+    )
+    ext_modules.append(
+        Pybind11Extension(
+            "agentspec.kernels._blockq",
+            ["kernels/_blockq.cpp"],
+            cxx_std=17,
+            extra_compile_args=["-O3", "-fopenmp"],  # AVX2/FMA per function, chosen at run time
+            extra_link_args=["-fopenmp"],
         )
     )
 

@@ -2,17 +2,22 @@
 
 * the output projection (``lm_head``, 49152 x 576 for the default model: the largest matrix)
   runs through oneDNN with a pre-packed copy of the weight: for the 1-32 rows of a
-  verification step it costs about half of the MKL path transformers uses;
+  verification step it costs about half of the MKL path transformers uses (and where its
+  weight is exact Q8_0 blocks, as the default model's is, small inputs use the block kernel);
 * the decoder's linear layers, inside the engine's own forwards only (:func:`fast_linears`),
   compute inputs of a few rows as ``W @ x^T`` instead of ``x @ W^T``: for 1-7 rows this is
   one skinny GEMM that reads each weight once, where the stock path (a GEMV for one row, a
   small-M GEMM above) costs up to 3x more on this CPU (measured over the default model's 210
   linear layers, 2 threads: 1 row 40 ms -> 18 ms padded to 2, 2-4 rows 55-65 ms -> 18-29 ms);
+* where those weights are exactly GGUF blocks (the default model comes from a Q4_1 GGUF file
+  and is de-quantized on load), the same layers keep a packed 4-bit copy and, for fewer than
+  :data:`BLOCK_ROWS` rows, run the compiled kernel of :mod:`agentspec.kernels.blockq`: it reads an
+  eighth of the bytes and de-quantizes in registers to the very same fp32 weights;
 * verification steps use tree attention (``agentspec.kernels``): the committed prefix through
   torch's fused flash kernel with grouped-query heads, no mask and no repeated KV (switched on
   around the engine's own forwards only: the model's config is left as it was).
 
-Both are fp32 and equal to the stock path up to summation order (the greedy fidelity tests
+All are fp32 and equal to the stock path up to summation order (the greedy fidelity tests
 allow a divergence only at near-ties).
 """
 
@@ -25,7 +30,12 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from agentspec.kernels.blockq import BlockWeight, block_linear, blocks_available, pack_blocks
+
 logger = logging.getLogger(__name__)
+
+SKINNY_ROWS = 8  # from this many rows on, the stock x @ W^T is as fast
+BLOCK_ROWS = 8  # below this many rows the block kernel beats the fp32 GEMM in the model
 
 
 class PackedLinear(torch.nn.Module):
@@ -65,14 +75,29 @@ def output_head(model) -> torch.nn.Module:
     )
     if not usable:
         return head
+    fallback = head
     try:
-        return PackedLinear(head)
+        fallback = PackedLinear(head)
     except (RuntimeError, NotImplementedError) as exc:  # an old CPU without oneDNN support
         logger.warning("oneDNN output head unavailable (%s); using the stock one", exc)
-        return head
+    blocks = pack_blocks(head.weight) if blocks_available() else None
+    return BlockHead(blocks, fallback) if blocks is not None else fallback
 
 
-SKINNY_ROWS = 8  # from this many rows on, the stock x @ W^T is as fast
+class BlockHead(torch.nn.Module):
+    """The output head with its weight as GGUF blocks for inputs of fewer than :data:`BLOCK_ROWS`
+    rows (a decode or verification step), ``fallback`` for longer ones."""
+
+    def __init__(self, blocks: BlockWeight, fallback: torch.nn.Module) -> None:
+        super().__init__()
+        self.blocks, self.fallback = blocks, fallback
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.reshape(-1, x.shape[-1]).shape[0] < BLOCK_ROWS:
+            return block_linear(x, self.blocks)
+        return self.fallback(x)
+
+
 _skinny = contextvars.ContextVar("agentspec_skinny_linears", default=False)
 
 
@@ -81,11 +106,18 @@ class SkinnyLinear(torch.nn.Linear):
     inputs of fewer than :data:`SKINNY_ROWS` rows as ``(W @ x^T)^T``; everywhere else it is the
     stock layer, so the model behaves as before outside the engine's own forwards."""
 
+    blocks: BlockWeight | None = None  # the same weights as GGUF blocks, where they are exactly that
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _skinny.get() or x.dtype != torch.float32:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])
         n = rows.shape[0]
+        if self.blocks is not None and n < BLOCK_ROWS:
+            out = block_linear(rows, self.blocks)
+            if self.bias is not None:
+                out = out + self.bias
+            return out.reshape(*x.shape[:-1], self.out_features)
         if n >= SKINNY_ROWS:
             return F.linear(x, self.weight, self.bias)
         if n == 1:  # a GEMV is slower than a two-column GEMM here
@@ -96,17 +128,24 @@ class SkinnyLinear(torch.nn.Linear):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def skinny_linears(model) -> int:
+def skinny_linears(model, blocks: bool = True) -> tuple[int, int]:
     """Make the fp32 CPU decoder's ``nn.Linear`` layers :class:`SkinnyLinear` (in place: the
-    class changes, the weights and state dict do not). Returns how many layers changed."""
+    class changes, the weights and state dict do not); with ``blocks``, those whose weights are
+    exactly GGUF blocks (a model loaded from a Q4_1 GGUF file) also keep a packed copy for the
+    compiled kernel. Returns (layers changed, layers with a block copy)."""
     if model.device.type != "cpu":
-        return 0
-    changed = 0
+        return 0, 0
+    blocks = blocks and blocks_available()
+    changed = packed = 0
     for module in model.get_decoder().modules():
         if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32:
             module.__class__ = SkinnyLinear
+            module.blocks = pack_blocks(module.weight) if blocks else None
             changed += 1
-    return changed
+            packed += module.blocks is not None
+    if packed:
+        logger.info("block kernel for %d of %d linear layers (their weights are exact GGUF blocks)", packed, changed)
+    return changed, packed
 
 
 @contextmanager

@@ -32,7 +32,8 @@ from agentspec.cpu_fast import attention, fast_linears, output_head, skinny_line
 from agentspec.draft.base import SOURCE_NAMES, Drafter, DraftTree
 from agentspec.kvcache import PrefixCache, TreeKVCache
 from agentspec.stats import SpecStats
-from agentspec.verify import accept_greedy, accept_sampling, sample_token, tree_inputs
+from agentspec.step_forward import LlamaStepForward
+from agentspec.verify import accept_greedy, accept_sampling, ancestor_mask, sample_token, tree_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +119,13 @@ class Engine:
         self._decoder = model.get_decoder()
         self._head = model.get_output_embeddings()
         self._tree_attention: str | None = None  # attention implementation for verification forwards
+        self._step_forward: LlamaStepForward | None = None  # lean verification forward, where it applies
         if fast_cpu:
             skinny_linears(model)
             self._head = output_head(model)
             self._tree_attention = tree_attention_name(model)
+            if self._tree_attention is not None:
+                self._step_forward = LlamaStepForward.for_model(model)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -400,6 +404,11 @@ class Engine:
     def _verify(self, cache: TreeKVCache, root: int, tree: DraftTree, past: int) -> torch.Tensor:
         """One forward over ``[root] + tree``: logits ``[1 + n, V]`` (fp32)."""
         with torch.no_grad(), fast_linears():
+            if self._step_forward is not None:
+                ids = torch.tensor([root, *tree.tokens], device=self.device)
+                positions = torch.tensor([past, *(past + d for d in tree.depths())], device=self.device)
+                hidden = self._step_forward(ids, positions, ancestor_mask(tree.parents).to(self.device), cache)
+                return self._head(hidden).float()
             if not len(tree):
                 out = self._decoder(
                     input_ids=torch.tensor([[root]], device=self.device),

@@ -250,3 +250,36 @@ def test_sampling_matches_plain_distribution(tiny_model, default_tokenizer):
     observed = [counts[k] for k in big] + ([sum(counts[k] for k in rest)] if rest else [])
     expected = [exact[k] * n for k in big] + ([sum(exact[k] for k in rest) * n] if rest else [])
     assert chisquare(observed, expected, sum_check=False).pvalue > 1e-3
+
+
+def test_lean_step_forward_equals_transformers_forward(tiny_model):
+    """The engine's verification forward (LlamaStepForward) against transformers' own forward with
+    the same tree mask, on a random tree after a cached prefix."""
+    from agentspec.kvcache import TreeKVCache
+    from agentspec.step_forward import LlamaStepForward
+    from agentspec.verify import ancestor_mask, tree_inputs
+
+    step = LlamaStepForward.for_model(tiny_model)
+    assert step is not None
+    rng = random.Random(0)
+    vocab, layers = tiny_model.config.vocab_size, tiny_model.config.num_hidden_layers
+    prefix = [rng.randrange(vocab) for _ in range(40)]
+    parents = [-1] + [rng.randrange(-1, i) for i in range(1, 9)]
+    tree = DraftTree(tokens=[rng.randrange(vocab) for _ in parents], parents=parents,
+                     probs=[0.5] * len(parents), sources=[0] * len(parents))
+    caches = []
+    with torch.no_grad():
+        for _ in range(2):
+            cache = TreeKVCache(layers)
+            tiny_model.model(input_ids=torch.tensor([prefix]), past_key_values=cache, use_cache=True)
+            caches.append(cache)
+        inputs = tree_inputs(7, tree, len(prefix), torch.float32)
+        want = tiny_model.model(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
+                                attention_mask=inputs.attention_mask, past_key_values=caches[0],
+                                use_cache=True).last_hidden_state[0]
+        got = step(inputs.input_ids[0], inputs.position_ids[0], ancestor_mask(parents), caches[1])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert caches[1].length == caches[0].length == len(prefix) + 1 + len(parents)
+    torch.testing.assert_close(caches[1].layers[-1].keys, caches[0].layers[-1].keys, atol=1e-5, rtol=1e-5)
+    gpt2 = type("Gpt2", (), {"config": type("Config", (), {"model_type": "gpt2"})()})()
+    assert LlamaStepForward.for_model(gpt2) is None

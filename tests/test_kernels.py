@@ -340,3 +340,90 @@ def test_skinny_linear_equals_linear_and_is_stock_outside_the_engine(rows):
         assert got.shape == want.shape == (1, rows, 48)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert torch.equal(skinny(x), want)  # switched off again after the block
+
+
+def _gguf_weight(bits: int, n: int, k: int, seed: int) -> torch.Tensor:
+    """An fp32 weight made of GGUF blocks, as gguf de-quantizes them: Q4_1 (w = d * q + m, q in
+    0..15) or Q8_0 (w = d * q, q in -127..127), d and m fp16, one block per 32 input columns."""
+    g = torch.Generator().manual_seed(seed)
+    d = (torch.rand(n, k // 32, 1, generator=g) * 0.02 + 1e-3).half().float()
+    if bits == 8:
+        q = torch.randint(-127, 128, (n, k // 32, 32), generator=g).float()
+        q[..., 0] = 127  # Q8_0 maps each block's largest |w| to +-127
+        return (d * q).reshape(n, k)
+    m = (-torch.rand(n, k // 32, 1, generator=g) * 0.1).half().float()
+    q = torch.randint(0, 16, (n, k // 32, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15  # Q4_1 maps each block's min to 0 and its max to 15
+    q[0, 0] = 0  # a constant block (d = 0 in the file)
+    return (d * q + m).reshape(n, k)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_blocks_recovers_gguf_blocks_bit_for_bit_and_refuses_other_weights(bits):
+    from agentspec.kernels.blockq import pack_blocks
+
+    w = _gguf_weight(bits, 48, 96, seed=0)
+    packed = pack_blocks(w)
+    assert packed is not None and packed.bits == bits and packed.shape == (48, 96)
+    assert torch.equal(packed.dequantize(), w)
+    assert packed.nbytes() < w.numel() * w.element_size() / (5 if bits == 4 else 3.5)
+    assert pack_blocks(torch.randn(48, 96)) is None  # ordinary fp32 weights are left alone
+    assert pack_blocks(w[:, :80]) is None  # not whole blocks
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 20])
+def test_block_kernel_matches_the_fp32_matmul(bits, rows):
+    from agentspec.kernels.blockq import block_linear, blocks_available, pack_blocks
+
+    if not blocks_available():
+        pytest.skip("compiled block kernel not built, or no AVX2/FMA on this CPU")
+    w = _gguf_weight(bits, 40, 128, seed=rows)
+    x = torch.randn(1, rows, 128)
+    got = block_linear(x, pack_blocks(w))
+    assert got.shape == (1, rows, 40)
+    torch.testing.assert_close(got, F.linear(x, w), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="fp32 CPU input"):
+        block_linear(x.double(), pack_blocks(w))
+
+
+def test_skinny_linear_and_head_use_blocks_inside_the_engine_only():
+    from agentspec.kernels.blockq import blocks_available
+
+    from agentspec.cpu_fast import BlockHead, SkinnyLinear, fast_linears, output_head, skinny_linears
+
+    if not blocks_available():
+        pytest.skip("compiled block kernel not built, or no AVX2/FMA on this CPU")
+
+    class Model(torch.nn.Module):
+        device = torch.device("cpu")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.q4 = torch.nn.Linear(64, 32, bias=False)
+            self.plain = torch.nn.Linear(64, 32, bias=False)
+            self.head = torch.nn.Linear(64, 100, bias=False)
+            with torch.no_grad():
+                self.q4.weight.copy_(_gguf_weight(4, 32, 64, seed=3))
+                self.head.weight.copy_(_gguf_weight(8, 100, 64, seed=4))
+
+        def get_decoder(self):
+            return torch.nn.ModuleList([self.q4, self.plain])
+
+        def get_output_embeddings(self):
+            return self.head
+
+    model = Model()
+    assert skinny_linears(model) == (2, 1)
+    assert isinstance(model.q4, SkinnyLinear) and model.q4.blocks.bits == 4 and model.plain.blocks is None
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = F.linear(x, model.q4.weight)
+        assert torch.equal(model.q4(x), want)
+        with fast_linears():
+            torch.testing.assert_close(model.q4(x), want, atol=1e-5, rtol=1e-5)
+        head = output_head(model)
+        assert isinstance(head, BlockHead) and head.blocks.bits == 8
+        for rows in (1, 30):  # the block kernel, then the fallback
+            h = torch.randn(rows, 64)
+            torch.testing.assert_close(head(h), F.linear(h, model.head.weight), atol=1e-5, rtol=1e-5)

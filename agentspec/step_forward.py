@@ -1,0 +1,89 @@
+"""A lean forward for verification steps of Llama-architecture models.
+
+A verification step runs 1 to ~64 tokens through the decoder. At that size transformers'
+per-call machinery (mask construction, cache bookkeeping, output capture, keyword plumbing
+through 30 layers) costs as much as a fifth of the step on a CPU. :class:`LlamaStepForward`
+runs the same modules and the same tensor operations as ``LlamaModel.forward`` (RMSNorm,
+rotary embedding, grouped-query attention, SiLU MLP, residuals), with the tree attention of
+:mod:`agentspec.kernels` called directly on the tree mask. Prefill keeps transformers' forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from agentspec.kernels import tree_attention
+from agentspec.kvcache import TreeKVCache
+
+
+def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """``LlamaRMSNorm.forward``, op for op."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaStepForward:
+    """Decoder forward over ``T`` new tokens with a ``[T, T]`` visibility mask among them.
+
+    Build it with :meth:`for_model`, which returns None for models it does not cover (then the
+    engine keeps transformers' forward).
+    """
+
+    def __init__(self, model) -> None:
+        decoder = model.get_decoder()
+        self.embed = decoder.embed_tokens
+        self.rotary = decoder.rotary_emb
+        self.layers = list(decoder.layers[: model.config.num_hidden_layers])
+        self.norm = decoder.norm
+        self.head_dim = self.layers[0].self_attn.head_dim
+
+    @classmethod
+    def for_model(cls, model) -> LlamaStepForward | None:
+        """The lean forward for ``model``, or None unless it is a plain Llama (SiLU MLP, no biases)."""
+        config = model.config
+        if getattr(config, "model_type", None) != "llama" or getattr(config, "hidden_act", None) != "silu":
+            return None
+        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            return None
+        decoder = model.get_decoder()
+        needed = ("embed_tokens", "rotary_emb", "layers", "norm")
+        if not all(hasattr(decoder, name) for name in needed):
+            return None
+        return cls(model)
+
+    def __call__(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor, cache: TreeKVCache
+    ) -> torch.Tensor:
+        """Hidden states ``[T, hidden]`` after the final norm; writes the tokens' KV into ``cache``.
+
+        input_ids, position_ids: ``[T]``; tree_mask: ``[T, T]`` bool (True = token i sees token j);
+        every token also sees the ``cache.length`` committed positions before it.
+        """
+        past = cache.length
+        t = input_ids.shape[0]
+        x = self.embed(input_ids[None])
+        cos, sin = self.rotary(x, position_ids=position_ids[None])
+        cos, sin = cos[:, None], sin[:, None]
+        shape = (1, t, -1, self.head_dim)
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            h = _rms_norm(x, layer.input_layernorm)
+            q = attn.q_proj(h).view(shape).transpose(1, 2)
+            k = attn.k_proj(h).view(shape).transpose(1, 2)
+            v = attn.v_proj(h).view(shape).transpose(1, 2)
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+            keys, values = cache.layers[i].update(k, v)
+            out = tree_attention(q, keys, values, tree_mask, past, attn.scaling)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(1, t, -1))
+            h = _rms_norm(x, layer.post_attention_layernorm)
+            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        return _rms_norm(x, self.norm)[0]

@@ -1,0 +1,108 @@
+"""Lossless GGUF blocks for CPU decoding: fp32 layers whose weights *are* 4- or 8-bit blocks.
+
+The default model ships as a GGUF file (Q4_1 linear layers, a Q8_0 embedding that is also the
+output head) and is de-quantized to fp32 on load. Each such fp32 weight is a block value
+(per block of 32 input columns, ``w = d * q + m`` for Q4_1 with q in 0..15, ``w = d * q`` for
+Q8_0 with q in -127..127; d and m fp16), so the layer can be stored again in those blocks (an
+eighth or a quarter of the bytes) and multiplied by a compiled kernel that de-quantizes in
+registers to the very same fp32 values: the same model, only the summation order differs from
+an fp32 GEMM.
+
+:func:`pack_blocks` recovers the blocks from an fp32 weight and returns None unless every
+value is reproduced bit for bit; :func:`block_linear` multiplies a few rows (decode and
+verification steps, where reading the weights is the cost).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 32
+
+
+@functools.lru_cache(maxsize=1)
+def blocks_available() -> bool:
+    """True when the compiled kernel is built and this CPU has AVX2 and FMA (or AVX-512)."""
+    try:
+        from . import _blockq
+    except ImportError:
+        return False
+    return bool(_blockq.avx2_available() or _blockq.avx512_available())
+
+
+@dataclass(frozen=True)
+class BlockWeight:
+    """A ``[N, K]`` weight as blocks of 32: ``bits`` 4 (Q4_1: packed ``[N, K/32, 16]`` uint8, two
+    values per byte) or 8 (Q8_0: ``[N, K/32, 32]`` int8); scale and min ``[N, K/32]`` fp32 (min
+    is None for Q8_0)."""
+
+    bits: int
+    packed: torch.Tensor
+    scale: torch.Tensor
+    min: torch.Tensor | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] * BLOCK
+
+    def nbytes(self) -> int:
+        parts = [self.packed, self.scale] + ([self.min] if self.min is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight ``[N, K]``."""
+        if self.bits == 4:
+            q = torch.cat((self.packed & 0x0F, self.packed >> 4), dim=-1).float()
+            return (q * self.scale[..., None] + self.min[..., None]).reshape(self.shape)
+        return (self.packed.float() * self.scale[..., None]).reshape(self.shape)
+
+
+def pack_blocks(weight: torch.Tensor) -> BlockWeight | None:
+    """The Q4_1 or Q8_0 blocks of an fp32 ``[N, K]`` weight, or None if it is not exactly made of them.
+
+    Q4_1 stores m = the block's minimum and d = (max - min) / 15, so a block's smallest value is
+    m and its largest 15 d + m; Q8_0 stores d = max |w| / 127. d and m are fp16. The recovered
+    blocks are then checked value by value, bit for bit.
+    """
+    if weight.dim() != 2 or weight.dtype != torch.float32 or weight.shape[1] % BLOCK:
+        return None
+    n, k = weight.shape
+    blocks = weight.detach().reshape(n, k // BLOCK, BLOCK)
+    return _pack_q4_1(blocks) or _pack_q8_0(blocks)
+
+
+def _pack_q4_1(blocks: torch.Tensor) -> BlockWeight | None:
+    lo, hi = blocks.amin(dim=-1), blocks.amax(dim=-1)
+    scale = ((hi - lo) / 15).half().float()
+    q = torch.round((blocks - lo[..., None]) / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(0, 15)
+    q = torch.where(scale[..., None] > 0, q, 0.0)
+    if not torch.equal(q * scale[..., None] + lo[..., None], blocks):
+        return None
+    q = q.to(torch.uint8)
+    return BlockWeight(4, (q[..., :16] | (q[..., 16:] << 4)).contiguous(), scale.contiguous(), lo.contiguous())
+
+
+def _pack_q8_0(blocks: torch.Tensor) -> BlockWeight | None:
+    scale = (blocks.abs().amax(dim=-1) / 127).half().float()
+    q = torch.round(blocks / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(-127, 127)
+    if not torch.equal(q * scale[..., None], blocks):
+        return None
+    return BlockWeight(8, q.to(torch.int8).contiguous(), scale.contiguous(), None)
+
+
+def block_linear(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
+    """``x @ W^T`` for fp32 CPU ``x [..., K]`` with ``W`` a :class:`BlockWeight` (needs :func:`blocks_available`)."""
+    from . import _blockq
+
+    n, k = weight.shape
+    if x.dtype != torch.float32 or x.shape[-1] != k or x.device.type != "cpu":
+        raise ValueError(f"expected an fp32 CPU input [..., {k}]; got {x.dtype} {tuple(x.shape)} on {x.device}")
+    rows = x.reshape(-1, k).contiguous()
+    out = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    mins = weight.min.data_ptr() if weight.min is not None else 0
+    _blockq.block_linear(weight.bits, rows.data_ptr(), rows.shape[0], k, weight.packed.data_ptr(),
+                         weight.scale.data_ptr(), mins, n, out.data_ptr(), torch.get_num_threads())
+    return out.reshape(*x.shape[:-1], n)
