@@ -48,6 +48,11 @@ class BlockWeight:
     def shape(self) -> tuple[int, int]:
         return self.packed.shape[0], self.packed.shape[1] * BLOCK
 
+    @functools.cached_property
+    def pointers(self) -> tuple[int, int, int]:
+        """Data pointers of packed, scale and min (0 for no min), read once: the tensors never move."""
+        return self.packed.data_ptr(), self.scale.data_ptr(), self.min.data_ptr() if self.min is not None else 0
+
     def nbytes(self) -> int:
         parts = [self.packed, self.scale] + ([self.min] if self.min is not None else [])
         return sum(t.numel() * t.element_size() for t in parts)
@@ -102,7 +107,7 @@ def block_linear(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
         raise ValueError(f"expected an fp32 CPU input [..., {k}]; got {x.dtype} {tuple(x.shape)} on {x.device}")
     rows = x.reshape(-1, k).contiguous()
     out = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    mins = weight.min.data_ptr() if weight.min is not None else 0
-    _blockq.block_linear(weight.bits, rows.data_ptr(), rows.shape[0], k, weight.packed.data_ptr(),
-                         weight.scale.data_ptr(), mins, n, out.data_ptr(), torch.get_num_threads())
+    packed, scale, mins = weight.pointers
+    _blockq.block_linear(weight.bits, rows.data_ptr(), rows.shape[0], k, packed, scale, mins, n, out.data_ptr(),
+                         torch.get_num_threads())
     return out.reshape(*x.shape[:-1], n)
