@@ -132,13 +132,14 @@ def skinny_linears(model, blocks: bool = True) -> tuple[int, int]:
     """Make the fp32 CPU decoder's ``nn.Linear`` layers :class:`SkinnyLinear` (in place: the
     class changes, the weights and state dict do not); with ``blocks``, those whose weights are
     exactly GGUF blocks (a model loaded from a Q4_1 GGUF file) also keep a packed copy for the
-    compiled kernel. Returns (layers changed, layers with a block copy)."""
+    compiled kernel. Idempotent (a second call re-packs from the current weights). Returns
+    (layers changed, layers with a block copy)."""
     if model.device.type != "cpu":
         return 0, 0
     blocks = blocks and blocks_available()
     changed = packed = 0
     for module in model.get_decoder().modules():
-        if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32:
+        if type(module) in (torch.nn.Linear, SkinnyLinear) and module.weight.dtype == torch.float32:
             module.__class__ = SkinnyLinear
             module.blocks = pack_blocks(module.weight) if blocks else None
             changed += 1

@@ -4,8 +4,10 @@ A verification step runs 1 to ~64 tokens through the decoder. At that size trans
 per-call machinery (mask construction, cache bookkeeping, output capture, keyword plumbing
 through 30 layers) costs as much as a fifth of the step on a CPU. :class:`LlamaStepForward`
 runs the same modules and the same tensor operations as ``LlamaModel.forward`` (RMSNorm,
-rotary embedding, grouped-query attention, SiLU MLP, residuals), with the tree attention of
-:mod:`agentspec.kernels` called directly on the tree mask. Prefill keeps transformers' forward.
+rotary embedding, grouped-query attention, SiLU MLP, residuals); on a CPU the attention is one
+call of torch's fused kernel per layer over prefix and tree with an additive tree mask built
+once per step (:func:`agentspec.kernels.cpu.folded_tree_attention`), elsewhere the tree
+attention of :mod:`agentspec.kernels`. Prefill keeps transformers' forward.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from agentspec.cpu_fast import BLOCK_ROWS
 from agentspec.kernels import tree_attention
+from agentspec.kernels.blockq import BlockWeight, block_linear, concat_blocks
+from agentspec.kernels.cpu import folded_tree_attention, folded_tree_mask
 from agentspec.kvcache import TreeKVCache
 
 
@@ -44,6 +49,17 @@ class LlamaStepForward:
         self.layers = list(decoder.layers[: model.config.num_hidden_layers])
         self.norm = decoder.norm
         self.head_dim = self.layers[0].self_attn.head_dim
+        config = model.config
+        self.groups = config.num_attention_heads // config.num_key_value_heads  # query heads per kv head
+        self.cpu = next(model.parameters()).device.type == "cpu"
+        # where the projections are GGUF blocks (see agentspec.cpu_fast.skinny_linears), q/k/v and
+        # gate/up each run as one kernel call on small inputs
+        self.qkv: list[BlockWeight | None] = []
+        self.gate_up: list[BlockWeight | None] = []
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.qkv.append(concat_blocks([getattr(p, "blocks", None) for p in (a.q_proj, a.k_proj, a.v_proj)]))
+            self.gate_up.append(concat_blocks([getattr(p, "blocks", None) for p in (m.gate_proj, m.up_proj)]))
 
     @classmethod
     def for_model(cls, model) -> LlamaStepForward | None:
@@ -73,17 +89,29 @@ class LlamaStepForward:
         cos, sin = self.rotary(x, position_ids=position_ids[None])
         cos, sin = cos[:, None], sin[:, None]
         shape = (1, t, -1, self.head_dim)
+        fused = t < BLOCK_ROWS
+        mask = folded_tree_mask(tree_mask, past, self.groups, x.dtype) if self.cpu else None
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = _rms_norm(x, layer.input_layernorm)
-            q = attn.q_proj(h).view(shape).transpose(1, 2)
-            k = attn.k_proj(h).view(shape).transpose(1, 2)
-            v = attn.v_proj(h).view(shape).transpose(1, 2)
+            if fused and self.qkv[i] is not None:
+                q, k, v = block_linear(h, self.qkv[i]).split(
+                    (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features), dim=-1)
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q, k, v = (y.view(shape).transpose(1, 2) for y in (q, k, v))
             q = (q * cos) + (_rotate_half(q) * sin)
             k = (k * cos) + (_rotate_half(k) * sin)
             keys, values = cache.layers[i].update(k, v)
-            out = tree_attention(q, keys, values, tree_mask, past, attn.scaling)
+            if self.cpu:  # one fused call per layer (see folded_tree_attention)
+                out = folded_tree_attention(q, keys, values, mask, attn.scaling)
+            else:
+                out = tree_attention(q, keys, values, tree_mask, past, attn.scaling)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(1, t, -1))
             h = _rms_norm(x, layer.post_attention_layernorm)
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            if fused and self.gate_up[i] is not None:
+                gate, up = block_linear(h, self.gate_up[i]).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+            x = x + mlp.down_proj(F.silu(gate) * up)
         return _rms_norm(x, self.norm)[0]

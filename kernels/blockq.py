@@ -111,3 +111,16 @@ def block_linear(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
     _blockq.block_linear(weight.bits, rows.data_ptr(), rows.shape[0], k, packed, scale, mins, n, out.data_ptr(),
                          torch.get_num_threads())
     return out.reshape(*x.shape[:-1], n)
+
+
+def concat_blocks(weights: list[BlockWeight | None]) -> BlockWeight | None:
+    """One weight whose output rows are those of ``weights`` in order (e.g. q, k and v projections
+    run as one call), or None unless all are blocks of the same kind and width. Exact: each
+    output row is computed from its own blocks only."""
+    if not weights or any(w is None for w in weights):
+        return None
+    first = weights[0]
+    if any(w.bits != first.bits or w.shape[1] != first.shape[1] for w in weights):
+        return None
+    mins = None if first.min is None else torch.cat([w.min for w in weights])
+    return BlockWeight(first.bits, torch.cat([w.packed for w in weights]), torch.cat([w.scale for w in weights]), mins)

@@ -46,3 +46,33 @@ def cpu_tree_attention(
     o_prefix, lse_prefix = prefix_attention(q, k[:, :, :p], v[:, :, :p], scale)
     out, _ = merge_attention(o_prefix, lse_prefix, o_tree, lse_tree)
     return out.to(q.dtype)
+
+
+def folded_tree_mask(tree_mask: torch.Tensor, prefix_len: int, groups: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive mask ``[1, 1, groups * T, P + T]`` for :func:`folded_tree_attention`, or None
+    when every token sees every key (one token). Build it once per step: it serves every layer."""
+    t = tree_mask.shape[-1]
+    if t == 1:
+        return None
+    allowed = torch.ones(t, prefix_len + t, dtype=torch.bool)
+    allowed[:, prefix_len:] = tree_mask.to(torch.bool)
+    mask = torch.zeros(t, prefix_len + t, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    return mask.repeat(groups, 1)[None, None]
+
+
+def folded_tree_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Tree attention in one fused-kernel call: q [1, H, T, D] over k/v [1, Hkv, P+T, D] (the
+    tree's own KV last) with ``mask`` from :func:`folded_tree_mask`; returns [1, H, T, D].
+
+    The ``H / Hkv`` query heads that share a kv head are folded into the query axis, as in
+    :func:`prefix_attention`, so K and V are read once and never repeated; for the few tokens
+    of a verification step this costs one call per layer instead of a prefix call, a small
+    masked softmax and a merge.
+    """
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, (h // hkv) * t, d)
+    out = _flash_cpu(qg, k, v, 0.0, False, attn_mask=mask, scale=scale)[0]
+    return out.reshape(b, h, t, d)

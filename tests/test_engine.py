@@ -252,15 +252,38 @@ def test_sampling_matches_plain_distribution(tiny_model, default_tokenizer):
     assert chisquare(observed, expected, sum_check=False).pvalue > 1e-3
 
 
-def test_lean_step_forward_equals_transformers_forward(tiny_model):
+@pytest.mark.parametrize("gguf_blocks", [False, True])
+def test_lean_step_forward_equals_transformers_forward(tiny_model, gguf_blocks):
     """The engine's verification forward (LlamaStepForward) against transformers' own forward with
-    the same tree mask, on a random tree after a cached prefix."""
+    the same tree mask, on a random tree after a cached prefix; with ``gguf_blocks`` the linear
+    layers hold Q4_1 block values, so the block kernel and the fused q/k/v and gate/up calls run."""
+    import copy
+
+    from agentspec.kernels.blockq import blocks_available
+
+    from agentspec.cpu_fast import fast_linears, skinny_linears
     from agentspec.kvcache import TreeKVCache
     from agentspec.step_forward import LlamaStepForward
     from agentspec.verify import ancestor_mask, tree_inputs
 
+    if gguf_blocks:
+        if not blocks_available():
+            pytest.skip("compiled block kernel not built, or no AVX2/FMA on this CPU")
+        tiny_model = copy.deepcopy(tiny_model)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for module in tiny_model.model.layers.modules():
+                if isinstance(module, torch.nn.Linear):
+                    n, k = module.weight.shape
+                    d = (torch.rand(n, k // 32, 1, generator=g) * 0.02 + 1e-3).half().float()
+                    m = (-torch.rand(n, k // 32, 1, generator=g) * 0.1).half().float()
+                    q = torch.randint(0, 16, (n, k // 32, 32), generator=g).float()
+                    q[..., 0], q[..., 1] = 0, 15
+                    module.weight.copy_((d * q + m).reshape(n, k))
+        assert skinny_linears(tiny_model) == (14, 14)
     step = LlamaStepForward.for_model(tiny_model)
     assert step is not None
+    assert all(w is not None for w in step.qkv + step.gate_up) == gguf_blocks
     rng = random.Random(0)
     vocab, layers = tiny_model.config.vocab_size, tiny_model.config.num_hidden_layers
     prefix = [rng.randrange(vocab) for _ in range(40)]
@@ -277,7 +300,8 @@ def test_lean_step_forward_equals_transformers_forward(tiny_model):
         want = tiny_model.model(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
                                 attention_mask=inputs.attention_mask, past_key_values=caches[0],
                                 use_cache=True).last_hidden_state[0]
-        got = step(inputs.input_ids[0], inputs.position_ids[0], ancestor_mask(parents), caches[1])
+        with fast_linears():
+            got = step(inputs.input_ids[0], inputs.position_ids[0], ancestor_mask(parents), caches[1])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert caches[1].length == caches[0].length == len(prefix) + 1 + len(parents)
     torch.testing.assert_close(caches[1].layers[-1].keys, caches[0].layers[-1].keys, atol=1e-5, rtol=1e-5)
