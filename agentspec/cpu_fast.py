@@ -122,7 +122,7 @@ class SkinnyLinear(torch.nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if n == 1:  # a GEMV is slower than a two-column GEMM here
             rows = torch.cat((rows, rows))
-        out = torch.mm(self.weight, rows.t())[:, :n].t()
+        out = torch.mm(self.weight, rows.t())[:, :n].t().contiguous()
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -352,6 +352,9 @@ class Engine:
         with torch.no_grad(), fast_linears():
             for start in range(reused, len(prompt_ids), PREFILL_CHUNK):
                 chunk = prompt_ids[start : start + PREFILL_CHUNK]
+                if self._step_forward is not None:
+                    hidden = self._step_forward.prefill(torch.tensor(chunk, device=self.device), cache)[None]
+                    continue
                 hidden = self._decoder(
                     input_ids=torch.tensor([chunk], device=self.device),
                     position_ids=torch.arange(start, start + len(chunk), device=self.device)[None],

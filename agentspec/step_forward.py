@@ -1,13 +1,14 @@
-"""A lean forward for verification steps of Llama-architecture models.
+"""A lean forward for verification steps and prefill of Llama-architecture models on a CPU.
 
 A verification step runs 1 to ~64 tokens through the decoder. At that size transformers'
 per-call machinery (mask construction, cache bookkeeping, output capture, keyword plumbing
 through 30 layers) costs as much as a fifth of the step on a CPU. :class:`LlamaStepForward`
 runs the same modules and the same tensor operations as ``LlamaModel.forward`` (RMSNorm,
-rotary embedding, grouped-query attention, SiLU MLP, residuals); on a CPU the attention is one
+rotary embedding, grouped-query attention, SiLU MLP, residuals). Attention (CPU): a step is one
 call of torch's fused kernel per layer over prefix and tree with an additive tree mask built
-once per step (:func:`agentspec.kernels.cpu.folded_tree_attention`), elsewhere the tree
-attention of :mod:`agentspec.kernels`. Prefill keeps transformers' forward.
+once per step (:func:`agentspec.kernels.cpu.folded_tree_attention`); a prefill chunk is the
+prefix and the chunk's causal block in two fused calls merged by log-sum-exp
+(:func:`agentspec.kernels.cpu.causal_chunk_attention`), never a repeated or masked prefix.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from agentspec.cpu_fast import BLOCK_ROWS
-from agentspec.kernels import tree_attention
 from agentspec.kernels.blockq import BlockWeight, block_linear, concat_blocks
-from agentspec.kernels.cpu import folded_tree_attention, folded_tree_mask
+from agentspec.kernels.cpu import causal_chunk_attention, folded_tree_attention, folded_tree_mask
 from agentspec.kvcache import TreeKVCache
 
 
@@ -51,7 +51,6 @@ class LlamaStepForward:
         self.head_dim = self.layers[0].self_attn.head_dim
         config = model.config
         self.groups = config.num_attention_heads // config.num_key_value_heads  # query heads per kv head
-        self.cpu = next(model.parameters()).device.type == "cpu"
         # where the projections are GGUF blocks (see agentspec.cpu_fast.skinny_linears), q/k/v and
         # gate/up each run as one kernel call on small inputs
         self.qkv: list[BlockWeight | None] = []
@@ -63,9 +62,11 @@ class LlamaStepForward:
 
     @classmethod
     def for_model(cls, model) -> LlamaStepForward | None:
-        """The lean forward for ``model``, or None unless it is a plain Llama (SiLU MLP, no biases)."""
+        """The lean forward for ``model``, or None unless it is a plain Llama (SiLU MLP, no biases) on a CPU."""
         config = model.config
         if getattr(config, "model_type", None) != "llama" or getattr(config, "hidden_act", None) != "silu":
+            return None
+        if next(model.parameters()).device.type != "cpu":
             return None
         if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
             return None
@@ -78,19 +79,36 @@ class LlamaStepForward:
     def __call__(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor, cache: TreeKVCache
     ) -> torch.Tensor:
-        """Hidden states ``[T, hidden]`` after the final norm; writes the tokens' KV into ``cache``.
+        """A verification step: hidden states ``[T, hidden]`` after the final norm; writes the
+        tokens' KV into ``cache``.
 
         input_ids, position_ids: ``[T]``; tree_mask: ``[T, T]`` bool (True = token i sees token j);
         every token also sees the ``cache.length`` committed positions before it.
         """
+        mask = folded_tree_mask(tree_mask, cache.length, self.groups, self.embed.weight.dtype)
+
+        def attend(q, k, v, scale):
+            return folded_tree_attention(q, k, v, mask, scale)
+
+        return self._run(input_ids, position_ids, cache, attend)
+
+    def prefill(self, input_ids: torch.Tensor, cache: TreeKVCache) -> torch.Tensor:
+        """A prompt chunk after the cached positions, causal: hidden states ``[T, hidden]``."""
         past = cache.length
+        positions = torch.arange(past, past + input_ids.shape[0])
+
+        def attend(q, k, v, scale):
+            return causal_chunk_attention(q, k, v, past, scale)
+
+        return self._run(input_ids, positions, cache, attend)
+
+    def _run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: TreeKVCache, attend) -> torch.Tensor:
         t = input_ids.shape[0]
         x = self.embed(input_ids[None])
         cos, sin = self.rotary(x, position_ids=position_ids[None])
         cos, sin = cos[:, None], sin[:, None]
         shape = (1, t, -1, self.head_dim)
         fused = t < BLOCK_ROWS
-        mask = folded_tree_mask(tree_mask, past, self.groups, x.dtype) if self.cpu else None
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = _rms_norm(x, layer.input_layernorm)
@@ -103,10 +121,7 @@ class LlamaStepForward:
             q = (q * cos) + (_rotate_half(q) * sin)
             k = (k * cos) + (_rotate_half(k) * sin)
             keys, values = cache.layers[i].update(k, v)
-            if self.cpu:  # one fused call per layer (see folded_tree_attention)
-                out = folded_tree_attention(q, keys, values, mask, attn.scaling)
-            else:
-                out = tree_attention(q, keys, values, tree_mask, past, attn.scaling)
+            out = attend(q, keys, values, attn.scaling)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(1, t, -1))
             h = _rms_norm(x, layer.post_attention_layernorm)
             if fused and self.gate_up[i] is not None:

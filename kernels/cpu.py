@@ -76,3 +76,23 @@ def folded_tree_attention(
     qg = q.reshape(b, hkv, (h // hkv) * t, d)
     out = _flash_cpu(qg, k, v, 0.0, False, attn_mask=mask, scale=scale)[0]
     return out.reshape(b, h, t, d)
+
+
+def causal_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int, scale: float):
+    """Prefill attention of a chunk: q [1, H, T, D] at positions P..P+T-1 over k/v [1, Hkv, P+T, D]
+    (the chunk's own KV last), causal within the chunk; returns [1, H, T, D].
+
+    The prefix (no mask) goes through the fused kernel with the grouped-query heads folded, the
+    chunk's own T x T causal block through it with ``is_causal`` (square, so aligned), and the
+    two merge by their log-sum-exp.
+    """
+    p, groups = prefix_len, q.shape[1] // k.shape[1]
+    q = q.contiguous()  # the fused CPU kernel reads wrong values from a q whose last dim is strided
+    own_k = k[:, :, p:].repeat_interleave(groups, dim=1)
+    own_v = v[:, :, p:].repeat_interleave(groups, dim=1)
+    out, lse = _flash_cpu(q, own_k, own_v, 0.0, True, attn_mask=None, scale=scale)[:2]
+    if p == 0:
+        return out
+    o_prefix, lse_prefix = prefix_attention(q, k[:, :, :p], v[:, :, :p], scale)
+    merged, _ = merge_attention(o_prefix, lse_prefix, out.float(), lse.float())
+    return merged.to(q.dtype)

@@ -427,3 +427,26 @@ def test_skinny_linear_and_head_use_blocks_inside_the_engine_only():
         for rows in (1, 30):  # the block kernel, then the fallback
             h = torch.randn(rows, 64)
             torch.testing.assert_close(head(h), F.linear(h, model.head.weight), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,prefix,t", [(9, 3, 64, 0, 7), (4, 2, 16, 50, 1), (4, 2, 16, 33, 40)])
+def test_folded_and_causal_chunk_attention_match_masked_softmax(heads, kv_heads, dim, prefix, t):
+    from agentspec.kernels.cpu import causal_chunk_attention, folded_tree_attention, folded_tree_mask
+
+    g = torch.Generator().manual_seed(prefix + t)
+    # q with a strided last dim, as a skinny projection can hand it over: the kernels must not misread it
+    q = torch.randn(1, heads, dim, t, generator=g).transpose(2, 3)
+    k = torch.randn(1, kv_heads, prefix + t, dim, generator=g)
+    v = torch.randn(1, kv_heads, prefix + t, dim, generator=g)
+    causal = torch.tril(torch.ones(t, t, dtype=torch.bool))
+    want = masked_attention(q.contiguous(), k, v, causal, prefix, dim**-0.5)
+    torch.testing.assert_close(causal_chunk_attention(q, k, v, prefix, dim**-0.5), want, atol=1e-5, rtol=1e-5)
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, t)]
+    tree = torch.zeros(t, t, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        tree[i] = tree[p] if p >= 0 else tree[i]
+        tree[i, i] = True
+    mask = folded_tree_mask(tree, prefix, heads // kv_heads, torch.float32)
+    assert (mask is None) == (t == 1)
+    want = masked_attention(q.contiguous(), k, v, tree, prefix, dim**-0.5)
+    torch.testing.assert_close(folded_tree_attention(q, k, v, mask, dim**-0.5), want, atol=1e-5, rtol=1e-5)
