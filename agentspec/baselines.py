@@ -16,7 +16,10 @@ COMPARISONS = {
     "hf_pld": "HF prompt lookup",
     "llamacpp": "llama.cpp (GGUF, prefix reuse)",
     "agentspec_int8": "agentspec, int8 weights",
+    "hf_int8": "HF greedy, int8 weights",
 }
+# the plain greedy run a method's outputs must equal, token for token (default: "hf")
+REFERENCES = {"agentspec_int8": "hf_int8"}
 # (prompt ids, session id, max new tokens) -> (new token ids, decode seconds, total seconds, decode steps)
 Runner = Callable[[list[int], str, int], tuple[list[int], float, float, int]]
 
@@ -93,7 +96,8 @@ def comparison_runner(name: str, engine, window: int) -> Runner:
 
     ``hf`` and ``hf_pld`` (prompt lookup, 10 tokens) run HF ``generate`` on the engine's own
     model; ``llamacpp`` loads the engine's GGUF file into llama.cpp with a ``window``-token
-    context; ``agentspec_int8`` is a second engine on the same weights with int8 linear layers.
+    context; ``agentspec_int8`` is a second engine on the same weights with int8 linear layers and
+    ``hf_int8`` plain HF greedy on that int8 model (the reference agentspec_int8 must equal).
     """
     if name == "hf":
         return lambda ids, session, n: hf_generate(engine.model, ids, n, engine.eos_ids)
@@ -107,14 +111,23 @@ def comparison_runner(name: str, engine, window: int) -> Runner:
             raise ValueError("the llama.cpp baseline needs a GGUF model (the default one is)")
         llm = LlamaCppBaseline(str(source.path), n_ctx=window)
         return lambda ids, session, n: llm.generate(ids, n, engine.eos_ids)
-    if name == "agentspec_int8":
+    if name in ("agentspec_int8", "hf_int8"):
+        int8 = _int8_engine(engine)
+        if name == "hf_int8":
+            return lambda ids, session, n: hf_generate(int8.model, ids, n, int8.eos_ids)
+        return lambda ids, session, n: _engine_run(int8, ids, session, n)
+    raise ValueError(f"unknown comparison {name!r}; expected one of {sorted(COMPARISONS)}")
+
+
+def _int8_engine(engine):
+    """A second engine on ``engine``'s weights with int8 linear layers, built once per engine."""
+    if getattr(engine, "_int8_twin", None) is None:
         from agentspec.engine import Engine
 
         if engine.device.type != "cpu":
             raise ValueError("int8 weights run on the CPU only")
-        int8 = Engine.from_pretrained(engine.model_source, quantize="int8", speculation=engine.speculation)
-        return lambda ids, session, n: _engine_run(int8, ids, session, n)
-    raise ValueError(f"unknown comparison {name!r}; expected one of {sorted(COMPARISONS)}")
+        engine._int8_twin = Engine.from_pretrained(engine.model_source, quantize="int8", speculation=engine.speculation)
+    return engine._int8_twin
 
 
 def _engine_run(engine, prompt_ids: list[int], session: str, max_new_tokens: int):

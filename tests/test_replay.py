@@ -96,7 +96,7 @@ def test_live_baseline_gives_speedups_and_identity(fake_engine):
     assert report.end_to_end_speedup() > 1  # 0.6 s a call against a fake engine's microseconds
     summary = report.to_dict()
     assert summary["summary"]["identical"] == 2
-    assert summary["methods"]["hf"]["identical"] == 3  # HF greedy equals itself
+    assert summary["methods"]["hf"]["compared"] == 0  # the reference is not compared with itself
     assert summary["methods"]["agentspec"]["decode_speedup_vs_hf"] == pytest.approx(2.0)
 
 
@@ -109,7 +109,9 @@ def test_live_compares_several_methods_call_by_call(fake_engine, tmp_path):
             return ids_out(max_new_tokens), 0.8 if name == "hf" else 0.4, 1.0, max_new_tokens - 1
         return run
 
-    runners = {"hf": runner("hf", lambda n: list(range(n))), "hf_pld": runner("hf_pld", lambda n: [1] * n)}
+    runners = {"hf": runner("hf", lambda n: list(range(n))), "hf_pld": runner("hf_pld", lambda n: [1] * n),
+               "hf_int8": runner("hf_int8", lambda n: [2] * n), "agentspec_int8": runner("agentspec_int8",
+                                                                                   lambda n: [2] * n)}
     saved = []
     report = ReplayReport("live")
     sessions = load_sessions(DATA / "jsonl")
@@ -118,13 +120,17 @@ def test_live_compares_several_methods_call_by_call(fake_engine, tmp_path):
         report.save(tmp_path / "r.json")
         saved.append(json.loads((tmp_path / "r.json").read_text())["summary"]["calls"])
 
-    replay_live(fake_engine, sessions, max_new_tokens=8, compare=["hf", "hf_pld"], calls_per_session=1,
+    replay_live(fake_engine, sessions, max_new_tokens=8, compare=list(runners), calls_per_session=1,
                 runners=runners, on_call=save, report=report)
     assert [(c.session, c.index) for c in report.calls] == [("weather-1", 0), ("weather-2", 0)]  # 1 call each
     assert saved == [1, 2]  # the report on disk grows call by call
-    assert order == ["hf", "hf_pld"] * 2  # interleaved: every method on call k before call k+1
+    assert order == list(runners) * 2  # interleaved: every method on call k before call k+1
     assert report.speedup("hf_pld", "hf") == pytest.approx(2.0)
-    assert report.totals("hf_pld").identical == 0 and report.totals("hf").identical == 2
+    assert report.totals("hf_pld").identical == 0 and report.totals("hf_pld").compared == 2
+    assert report.totals("hf").compared == 0  # the reference
+    assert report.totals("hf_int8").compared == 2 and report.totals("hf_int8").identical == 0  # int8 vs fp32
+    # int8 is held to plain greedy decoding of the same int8 weights, not to the fp32 model's
+    assert report.totals("agentspec_int8").identical == report.totals("agentspec_int8").compared == 2
     from rich.console import Console
 
     console = Console(width=160, record=True)

@@ -46,8 +46,9 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(128, help="Live: tokens generated per call."),
         max_context: int = typer.Option(4096, help="Live: prompt + output budget (oldest turns dropped)."),
         methods: str = typer.Option(None, help="Live: comma-separated methods among agentspec, hf, hf_pld, "
-                                    "llamacpp, agentspec_int8 (default: agentspec, hf, hf_pld, and llamacpp "
-                                    "where llama-cpp-python is installed)."),
+                                    "llamacpp, agentspec_int8, hf_int8 (HF greedy on the int8 weights: the reference "
+                                    "agentspec_int8 must equal) (default: agentspec, hf, hf_pld, and llamacpp where "
+                                    "llama-cpp-python is installed)."),
         report: Path = typer.Option(None, "--report", help="Live: write the per-call report as JSON here, "
                                     "rewritten after every call (a long run interrupted keeps what it measured)."),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
