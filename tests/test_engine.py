@@ -307,3 +307,40 @@ def test_lean_step_forward_equals_transformers_forward(tiny_model, gguf_blocks):
     torch.testing.assert_close(caches[1].layers[-1].keys, caches[0].layers[-1].keys, atol=1e-5, rtol=1e-5)
     gpt2 = type("Gpt2", (), {"config": type("Config", (), {"model_type": "gpt2"})()})()
     assert LlamaStepForward.for_model(gpt2) is None
+
+
+def test_int8_rounds_weights_to_q8_0_blocks_the_block_kernel_reads_exactly():
+    from agentspec.kernels.blockq import pack_blocks
+
+    from agentspec.quantize import q8_0_round
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 96) * torch.logspace(-2, 0, 48)[:, None]  # rows of different scales
+    q = q8_0_round(w)
+    assert not torch.equal(q, w)
+    assert ((q - w).abs().amax(dim=1) <= w.abs().amax(dim=1) / 250).all()  # half a step of 1/127 of the max
+    packed = pack_blocks(q)
+    assert packed is not None and packed.bits == 8 and torch.equal(packed.dequantize(), q)
+    assert torch.equal(q8_0_round(q), q)  # already blocks: rounding again changes nothing
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_int8_greedy_equals_plain_decoding_of_the_int8_model(tiny_model, default_tokenizer, seed):
+    import copy
+
+    from agentspec.kernels.blockq import blocks_available
+
+    from agentspec.quantize import quantize_model
+
+    model = quantize_model(copy.deepcopy(tiny_model), "int8")
+    rng = random.Random(seed)
+    prompt = [rng.randrange(3, 512) for _ in range(rng.randrange(5, 40))]
+    truth = hf_greedy(model, prompt, 40)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, tiny_model.model.layers[0].mlp.up_proj.weight)
+    engine = make_engine(model, default_tokenizer, ScriptedDrafter(truth, 512, seed=seed), prefix_cache_bytes=0)
+    if blocks_available():  # the engine reads the int8 blocks in its kernel
+        assert model.model.layers[0].mlp.up_proj.blocks.bits == 8
+    engine.eos_ids = set()
+    result = engine.generate(prompt, max_new_tokens=40)
+    assert result.token_ids == truth
+    assert result.stats.accepted_tokens > 0
