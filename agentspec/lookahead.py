@@ -227,7 +227,8 @@ class LookaheadPolicy:
         import torch
 
         dtype = getattr(engine, "quantization", None) or str(engine.dtype).replace("torch.", "")
-        key = f"{engine.model_name}-{dtype}-{engine.device}-t{torch.get_num_threads()}-v2"
+        # v3: the lean forward and the GGUF-block kernel changed the curve; bump when the forward changes again
+        key = f"{engine.model_name}-{dtype}-{engine.device}-t{torch.get_num_threads()}-v3"
         return cls(CostCurve.cached(key, engine.forward_cost))
 
     def select(self, tree: DraftTree) -> DraftTree:
