@@ -115,14 +115,11 @@ class SkinnyLinear(torch.nn.Linear):
         n = rows.shape[0]
         if self.blocks is not None and n < BLOCK_ROWS:
             out = block_linear(rows, self.blocks)
-            if self.bias is not None:
-                out = out + self.bias
-            return out.reshape(*x.shape[:-1], self.out_features)
-        if n >= SKINNY_ROWS:
+        elif n >= SKINNY_ROWS:
             return F.linear(x, self.weight, self.bias)
-        if n == 1:  # a GEMV is slower than a two-column GEMM here
-            rows = torch.cat((rows, rows))
-        out = torch.mm(self.weight, rows.t())[:, :n].t().contiguous()
+        else:  # one row is padded to two: a GEMV is slower than a two-column GEMM here
+            padded = torch.cat((rows, rows)) if n == 1 else rows
+            out = torch.mm(self.weight, padded.t())[:, :n].t().contiguous()
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)

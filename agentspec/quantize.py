@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import torch
 
+from agentspec.kernels.blockq import BLOCK, q8_0_split
+
 SUPPORTED = ("int8",)
-BLOCK = 32
 
 
 def q8_0_round(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` ``[N, K]`` rounded to Q8_0 block values (fp32). ``K`` must be a multiple of 32."""
     n, k = weight.shape
-    blocks = weight.detach().float().reshape(n, k // BLOCK, BLOCK)
-    # fp16 rounding moves d by at most 2^-11, so each block's largest |w| still maps to +-127
-    scale = (blocks.abs().amax(dim=-1, keepdim=True) / 127).half().float()
-    q = torch.round(blocks / torch.where(scale > 0, scale, 1.0)).clamp_(-127, 127)
-    return (q * scale).reshape(n, k)
+    q, scale = q8_0_split(weight.detach().float().reshape(n, k // BLOCK, BLOCK))
+    return (q * scale[..., None]).reshape(n, k)
 
 
 def quantize_model(model: torch.nn.Module, scheme: str) -> torch.nn.Module:

@@ -35,6 +35,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _fuse(projections) -> BlockWeight | None:
+    """The projections' blocks as one weight (None unless all have blocks of one kind); each
+    projection then reads its rows of it, so the packed weights are held once."""
+    fused = concat_blocks([getattr(p, "blocks", None) for p in projections])
+    if fused is None:
+        return None
+    weight, parts = fused
+    for projection, part in zip(projections, parts):
+        projection.blocks = part
+    return weight
+
+
 class LlamaStepForward:
     """Decoder forward over ``T`` new tokens with a ``[T, T]`` visibility mask among them.
 
@@ -53,12 +65,9 @@ class LlamaStepForward:
         self.groups = config.num_attention_heads // config.num_key_value_heads  # query heads per kv head
         # where the projections are GGUF blocks (see agentspec.cpu_fast.skinny_linears), q/k/v and
         # gate/up each run as one kernel call on small inputs
-        self.qkv: list[BlockWeight | None] = []
-        self.gate_up: list[BlockWeight | None] = []
-        for layer in self.layers:
-            a, m = layer.self_attn, layer.mlp
-            self.qkv.append(concat_blocks([getattr(p, "blocks", None) for p in (a.q_proj, a.k_proj, a.v_proj)]))
-            self.gate_up.append(concat_blocks([getattr(p, "blocks", None) for p in (m.gate_proj, m.up_proj)]))
+        self.qkv = [_fuse((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
+                    for layer in self.layers]
+        self.gate_up = [_fuse((layer.mlp.gate_proj, layer.mlp.up_proj)) for layer in self.layers]
 
     @classmethod
     def for_model(cls, model) -> LlamaStepForward | None:

@@ -48,14 +48,14 @@ class BlockWeight:
     def shape(self) -> tuple[int, int]:
         return self.packed.shape[0], self.packed.shape[1] * BLOCK
 
-    @functools.cached_property
-    def pointers(self) -> tuple[int, int, int]:
-        """Data pointers of packed, scale and min (0 for no min), read once: the tensors never move."""
-        return self.packed.data_ptr(), self.scale.data_ptr(), self.min.data_ptr() if self.min is not None else 0
-
     def nbytes(self) -> int:
         parts = [self.packed, self.scale] + ([self.min] if self.min is not None else [])
         return sum(t.numel() * t.element_size() for t in parts)
+
+    def rows(self, start: int, stop: int) -> BlockWeight:
+        """Output rows ``start:stop`` as a view (no copy)."""
+        mins = None if self.min is None else self.min[start:stop]
+        return BlockWeight(self.bits, self.packed[start:stop], self.scale[start:stop], mins)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight ``[N, K]``."""
@@ -90,9 +90,18 @@ def _pack_q4_1(blocks: torch.Tensor) -> BlockWeight | None:
     return BlockWeight(4, (q[..., :16] | (q[..., 16:] << 4)).contiguous(), scale.contiguous(), lo.contiguous())
 
 
-def _pack_q8_0(blocks: torch.Tensor) -> BlockWeight | None:
+def q8_0_split(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 rounding of fp32 ``blocks [..., 32]``: (q in -127..127 as fp32, d ``[...]`` an fp16 value).
+
+    d = max |w| / 127 rounded to fp16; the rounding moves d by at most 2^-11, so each block's
+    largest |w| still maps to +-127 and d is recovered exactly from ``d * q``."""
     scale = (blocks.abs().amax(dim=-1) / 127).half().float()
     q = torch.round(blocks / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(-127, 127)
+    return q, scale
+
+
+def _pack_q8_0(blocks: torch.Tensor) -> BlockWeight | None:
+    q, scale = q8_0_split(blocks)
     if not torch.equal(q * scale[..., None], blocks):
         return None
     return BlockWeight(8, q.to(torch.int8).contiguous(), scale.contiguous(), None)
@@ -107,20 +116,26 @@ def block_linear(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
         raise ValueError(f"expected an fp32 CPU input [..., {k}]; got {x.dtype} {tuple(x.shape)} on {x.device}")
     rows = x.reshape(-1, k).contiguous()
     out = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    packed, scale, mins = weight.pointers
-    _blockq.block_linear(weight.bits, rows.data_ptr(), rows.shape[0], k, packed, scale, mins, n, out.data_ptr(),
-                         torch.get_num_threads())
+    mins = weight.min.data_ptr() if weight.min is not None else 0
+    _blockq.block_linear(weight.bits, rows.data_ptr(), rows.shape[0], k, weight.packed.data_ptr(),
+                         weight.scale.data_ptr(), mins, n, out.data_ptr(), torch.get_num_threads())
     return out.reshape(*x.shape[:-1], n)
 
 
-def concat_blocks(weights: list[BlockWeight | None]) -> BlockWeight | None:
+
+def concat_blocks(weights: list[BlockWeight | None]) -> tuple[BlockWeight, list[BlockWeight]] | None:
     """One weight whose output rows are those of ``weights`` in order (e.g. q, k and v projections
-    run as one call), or None unless all are blocks of the same kind and width. Exact: each
-    output row is computed from its own blocks only."""
+    run as one call) and, for each part, a view of its rows in it (use those instead of the parts,
+    so the blocks are held once); None unless all are blocks of the same kind and width. Exact:
+    each output row is computed from its own blocks only."""
     if not weights or any(w is None for w in weights):
         return None
     first = weights[0]
     if any(w.bits != first.bits or w.shape[1] != first.shape[1] for w in weights):
         return None
     mins = None if first.min is None else torch.cat([w.min for w in weights])
-    return BlockWeight(first.bits, torch.cat([w.packed for w in weights]), torch.cat([w.scale for w in weights]), mins)
+    fused = BlockWeight(first.bits, torch.cat([w.packed for w in weights]), torch.cat([w.scale for w in weights]), mins)
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + w.shape[0])
+    return fused, [fused.rows(a, b) for a, b in zip(bounds, bounds[1:])]

@@ -21,15 +21,24 @@ from .reference import merge_attention, partial_attention
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
+def _folded_flash(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel with grouped-query heads folded into the query axis: q [B, H, T, D] over
+    k/v [B, Hkv, S, D], additive ``mask`` [.., (H/Hkv) * T, S] or None: (O [B, H, T, D], L [B, H, T])."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, (h // hkv) * t, d)  # heads h = g * (H/Hkv) + r read kv head g
+    out, lse = _flash_cpu(qg, k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]
+    return out.reshape(b, h, t, d), lse.reshape(b, h, t)
+
+
 def prefix_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unmasked attention of q [B, H, T, D] over k/v [B, Hkv, P, D]: (O [B, H, T, D] fp32, L [B, H, T] fp32)."""
-    b, h, t, d = q.shape
-    hkv = k.shape[1]
-    qg = q.reshape(b, hkv, (h // hkv) * t, d)  # heads h = g * (H/Hkv) + r read kv head g
-    out, lse = _flash_cpu(qg, k, v, 0.0, False, attn_mask=None, scale=scale)[:2]
-    return out.reshape(b, h, t, d).float(), lse.reshape(b, h, t).float()
+    out, lse = _folded_flash(q, k, v, None, scale)
+    return out.float(), lse.float()
 
 
 def cpu_tree_attention(
@@ -71,11 +80,7 @@ def folded_tree_attention(
     of a verification step this costs one call per layer instead of a prefix call, a small
     masked softmax and a merge.
     """
-    b, h, t, d = q.shape
-    hkv = k.shape[1]
-    qg = q.reshape(b, hkv, (h // hkv) * t, d)
-    out = _flash_cpu(qg, k, v, 0.0, False, attn_mask=mask, scale=scale)[0]
-    return out.reshape(b, h, t, d)
+    return _folded_flash(q, k, v, mask, scale)[0]
 
 
 def causal_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int, scale: float):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from agentspec.config import SpeculationConfig
 from agentspec.draft.base import DraftTree, Source
@@ -284,6 +285,12 @@ def test_lean_step_forward_equals_transformers_forward(tiny_model, gguf_blocks):
     step = LlamaStepForward.for_model(tiny_model)
     assert step is not None
     assert all(w is not None for w in step.qkv + step.gate_up) == gguf_blocks
+    if gguf_blocks:  # the projections read their rows of the fused blocks: held once, same results
+        q_proj = tiny_model.model.layers[0].self_attn.q_proj
+        assert q_proj.blocks.packed.data_ptr() == step.qkv[0].packed.data_ptr()
+        h = torch.randn(3, q_proj.in_features)
+        with torch.no_grad(), fast_linears():
+            torch.testing.assert_close(q_proj(h), F.linear(h, q_proj.weight), atol=1e-5, rtol=1e-5)
     rng = random.Random(0)
     vocab, layers = tiny_model.config.vocab_size, tiny_model.config.num_hidden_layers
     prefix = [rng.randrange(vocab) for _ in range(40)]
