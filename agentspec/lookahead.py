@@ -2,8 +2,8 @@
 
 * :class:`CostCurve` -- ``c(k)``, seconds of one forward over ``k`` tree tokens (root included),
   piecewise linear between measured points, kept fresh from observed step times (EMA).
-* :class:`AcceptanceCalibrator` -- maps a drafter's probability estimate to the acceptance rate
-  actually observed, online, per source (Beta-smoothed bins).
+* :class:`AcceptanceCalibrator` -- maps a drafter's probability estimate and node features to the
+  acceptance rate actually observed (online logistic regression).
 * :class:`LookaheadPolicy` -- picks the subtree (closed under parents) that maximises
   ``(expected accepted + 1) / c(1 + size)``; the empty tree when plain decoding (``1 / c(1)``)
   wins.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -121,76 +122,83 @@ class CostCurve:
         return curve
 
 
-class AcceptanceCalibrator:
-    """Online map from a drafter's probability estimate to the observed acceptance rate.
+CALIBRATION_FEATURES = ("token", "previous", "depth", "rank", "match", "support", "agree", "conflict", "state")
+_SHARED_FEATURES = 2  # the first two (token ids) get one weight per value, shared by all sources
 
-    A bucket is ``(source, estimate bin, *features)``: ``features`` are small integers the
-    drafter chooses (already bucketed: match length, support, agreement between sources...).
-    Each bucket keeps Beta-smoothed counts, ``predict = (accepted + w*p) / (seen + w)``, with the
-    estimate ``p`` itself as the prior, so an empty bucket returns the estimate unchanged. Old
-    evidence decays once a bucket holds ``max_count`` observations.
+
+class AcceptanceCalibrator:
+    """Online logistic regression from a drafter's estimate and node features to the acceptance rate.
+
+    ``logit(q) = slope[s] * logit(p) + bias[s] + w[s, bin(p)] + sum_i w[i, value_i]``, with
+    ``s`` the source, ``p`` the drafter's estimate and ``features`` small integers in the order of
+    :data:`CALIBRATION_FEATURES` (a shorter tuple uses the first ones). Token-id features have one
+    weight per id across sources (some tokens are guessed right far more often than others); the
+    rest one per source and value. AdaGrad on the log-loss, one step per verified node; the
+    step never shrinks below ``learning_rate / sqrt(max_sq_grad)``, so it keeps following a drifting
+    workload. A fresh calibrator returns the estimate itself (slope 1, other weights 0).
+
+    The compiled drafting core (``_suffix_core.Scorer``) implements the same model, operation for
+    operation; this class is its specification.
     """
 
-    def __init__(self, num_bins: int = 10, prior_weight: float = 8.0, max_count: float = 2000.0,
-                 levels: Sequence[Sequence[int]] = ()) -> None:
+    def __init__(self, learning_rate: float = 0.1, max_sq_grad: float = 100.0, num_bins: int = 10) -> None:
+        self.learning_rate = float(learning_rate)
+        self.max_sq_grad = float(max_sq_grad)
         self.num_bins = int(num_bins)
-        self.prior_weight = float(prior_weight)
-        self.max_count = float(max_count)
-        # intermediate levels of the hierarchy, coarse to fine: each a tuple of feature positions
-        self.levels = tuple(tuple(int(i) for i in level) for level in levels)
-        self._seen: dict[tuple[int, ...], float] = {}
-        self._accepted: dict[tuple[int, ...], float] = {}
-        # predictions, grouped by coarse bucket (source, bin); an update drops its group (exact)
-        self._cache: dict[tuple[int, int], dict[tuple, float]] = {}
+        self._w: dict[tuple[int, int, int], float] = {}
+        self._g: dict[tuple[int, int, int], float] = {}
+        self.updates = 0  # verified nodes learned from
+        self.accepted = 0  # ... of which accepted
 
-    def _key(self, source: int, prob: float, features: Sequence[int]) -> tuple[int, ...]:
-        return (int(source), min(max(int(prob * self.num_bins), 0), self.num_bins - 1), *features)
+    def _keys(self, source: int, prob: float, features: Sequence[int]) -> list[tuple[int, int, int]]:
+        """Weight keys ``(group, source or -1, value)``; group 0 is the slope, 1 the bias, 2 the bin."""
+        source = int(source)
+        b = min(max(int(prob * self.num_bins), 0), self.num_bins - 1)
+        keys = [(0, source, 0), (1, source, 0), (2, source, b)]
+        for i, value in enumerate(features[: len(CALIBRATION_FEATURES)]):
+            keys.append((3 + i, -1 if i < _SHARED_FEATURES else source, int(value)))
+        return keys
+
+    @staticmethod
+    def _logit(prob: float) -> float:
+        p = min(max(float(prob), 1e-3), 1.0 - 1e-3)
+        return math.log(p / (1.0 - p))
+
+    def _z(self, keys: list[tuple[int, int, int]], lp: float) -> float:
+        w = self._w
+        z = w.get(keys[0], 1.0) * lp
+        for k in keys[1:]:
+            z += w.get(k, 0.0)
+        return z
+
+    @staticmethod
+    def _sigmoid(z: float) -> float:
+        return 0.0 if z < -700.0 else 1.0 / (1.0 + math.exp(-z))
 
     def predict(self, source: int, prob: float, features: Sequence[int] = ()) -> float:
-        """Calibrated acceptance probability of an estimate ``prob`` in [0, 1].
-
-        Hierarchical smoothing: the estimate is the prior of the coarse bucket (source, bin),
-        whose prediction is the prior of the fine bucket (source, bin, *features).
-        """
-        fine = self._key(source, prob, features)
-        group = self._cache.get(fine[:2])
-        if group is None:
-            group = self._cache[fine[:2]] = {}
-        memo_key = (prob, fine)
-        estimate = group.get(memo_key)
-        if estimate is not None:
-            return estimate
-        estimate = min(max(float(prob), 0.0), 1.0)
-        for key in self._chain(fine):
-            seen = self._seen.get(key, 0.0)
-            estimate = (self._accepted.get(key, 0.0) + self.prior_weight * estimate) / (seen + self.prior_weight)
-        group[memo_key] = estimate
-        return estimate
-
-    def _chain(self, fine: tuple[int, ...]) -> list[tuple[int, ...]]:
-        """Buckets from coarse ``(source, bin)`` to ``fine``, each the prior of the next."""
-        if len(fine) == 2:
-            return [fine]
-        head = fine[:2]
-        # an intermediate key ends with a negative level tag: it never equals another level's key
-        mids = [(*head, *(fine[2 + i] for i in level), -1 - j) for j, level in enumerate(self.levels)
-                if all(i < len(fine) - 2 for i in level)]
-        return [head, *mids, fine]
+        """Calibrated acceptance probability of a node estimated at ``prob`` in [0, 1]."""
+        lp = self._logit(prob)
+        return self._sigmoid(self._z(self._keys(source, prob, features), lp))
 
     def update(self, source: int, prob: float, features: Sequence[int], accepted: bool) -> None:
         """Record one verified guess (a node whose parent was accepted)."""
-        fine = self._key(source, prob, features)
-        self._cache.pop(fine[:2], None)  # every cached prediction of this coarse bucket may change
-        for key in self._chain(fine):
-            seen = self._seen.get(key, 0.0) + 1.0
-            acc = self._accepted.get(key, 0.0) + (1.0 if accepted else 0.0)
-            if seen > self.max_count:
-                seen, acc = seen * 0.5, acc * 0.5
-            self._seen[key], self._accepted[key] = seen, acc
+        keys = self._keys(source, prob, features)
+        lp = self._logit(prob)
+        g = self._sigmoid(self._z(keys, lp)) - (1.0 if accepted else 0.0)
+        w, sq, lr, cap = self._w, self._g, self.learning_rate, self.max_sq_grad
+        for j, k in enumerate(keys):
+            grad = g * lp if j == 0 else g
+            acc = sq.get(k, 0.01) + grad * grad
+            if acc > cap:
+                acc = cap
+            sq[k] = acc
+            w[k] = w.get(k, 1.0 if j == 0 else 0.0) - lr * grad / math.sqrt(acc)
+        self.updates += 1
+        self.accepted += bool(accepted)
 
-    def to_dict(self) -> dict[str, list[float]]:
-        """``{"source/bin/features...": [accepted, seen]}`` (for inspection and persistence)."""
-        return {"/".join(map(str, k)): [self._accepted[k], n] for k, n in self._seen.items()}
+    def to_dict(self) -> dict[str, float]:
+        """``{"group/source/value": weight}`` (for inspection)."""
+        return {"/".join(map(str, k)): v for k, v in self._w.items()}
 
 
 class LookaheadPolicy:

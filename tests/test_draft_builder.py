@@ -8,10 +8,20 @@ import pytest
 from agentspec.draft.base import DraftTree, Source
 from agentspec.draft.builder import DrafterConfig, SuffixDrafter
 from agentspec.draft.recycling import RecyclingTable, add_recycled_branches
+from agentspec.draft.scoring import PyScorer, make_scorer
+from agentspec.draft.suffix_tree import compiled_available
 
 
-def _drafter(**kw) -> SuffixDrafter:
-    return SuffixDrafter(DrafterConfig(backend="python", **kw))
+def _drafter(backend: str = "python", **kw) -> SuffixDrafter:
+    return SuffixDrafter(DrafterConfig(backend=backend, **kw))
+
+
+@pytest.fixture(params=["python", "cpp"])
+def backend(request) -> str:
+    """Both the Python twin and the compiled core (when built)."""
+    if request.param == "cpp" and not compiled_available():
+        pytest.skip("compiled core not built")
+    return request.param
 
 
 def test_request_tree_drafts_from_the_prompt():
@@ -42,8 +52,8 @@ def test_session_and_global_trees_learn_finished_calls():
     assert tree.tokens[0] == 4
 
 
-def test_merge_respects_budget_and_invariants():
-    d = _drafter(recycle=False)
+def test_merge_respects_budget_and_invariants(backend):
+    d = _drafter(backend, recycle=False)
     for i in range(6):
         d.add_history(None, [], [1, 2, 10 + i % 3, 20 + i % 2, 30])
     d.start_request("r", None, [5, 1, 2, 11, 21, 30, 1, 2])
@@ -58,8 +68,8 @@ def test_merge_respects_budget_and_invariants():
     assert len(d.propose("r", 0)) == 0
 
 
-def test_calibration_lowers_estimates_that_keep_failing():
-    d = _drafter(recycle=False, use_global=False, use_session=False)
+def test_calibration_lowers_estimates_that_keep_failing(backend):
+    d = _drafter(backend, recycle=False, use_global=False, use_session=False)
     d.start_request("r", None, [1, 2, 3, 1, 2, 3, 1, 2])
     first = d.propose("r", 1)
     for _ in range(50):
@@ -100,8 +110,8 @@ def test_drafter_observe_feeds_recycling():
     assert tree.tokens and set(tree.sources) == {Source.RECYCLED} and tree.tokens[0] == 50
 
 
-def test_accept_learns_from_a_reindexed_subtree_of_the_proposal():
-    d = _drafter(use_global=False, use_session=False)
+def test_accept_learns_from_a_reindexed_subtree_of_the_proposal(backend):
+    d = _drafter(backend, use_global=False, use_session=False)
     d.start_request("r", None, [1, 2, 3, 4, 1, 2, 5, 6, 1, 2, 3, 4, 1, 2, 5, 7, 1, 2])
     tree = d.propose("r", 8)
     assert len(tree) >= 3 and sum(p < 0 for p in tree.parents) >= 2  # 3 and 5 both follow "1 2"
@@ -112,10 +122,8 @@ def test_accept_learns_from_a_reindexed_subtree_of_the_proposal():
     assert any(p == first for p in sub.parents) and len(sub) < len(tree)
     tested = sum(1 for p in sub.parents if p < 0 or p == first)
     d.accept("r", sub, [first], [sub.tokens[first], 99])
-    updates = sum(n for k, n in d.calibrator._seen.items() if len(k) == 2)
-    assert updates == tested
-    accepted = sum(a for k, a in d.calibrator._accepted.items() if len(k) == 2)
-    assert accepted == 1
+    assert d.scorer.updates == tested
+    assert d.scorer.accepted == 1
 
 
 def test_add_history_to_global_false_leaves_the_global_tree_alone():
@@ -136,15 +144,90 @@ def test_common_prefix():
     assert _common_prefix([], [1]) == 0 and _common_prefix([5], [6]) == 0
 
 
-def test_merge_features_count_agreeing_sources_and_conflicts():
-    d = _drafter(calibrate=False, use_session=False)
+def test_merge_features_count_agreeing_sources_and_conflicts(backend):
+    d = _drafter(backend, calibrate=False, use_session=False)
     d.add_history(None, [], [1, 2, 3, 4])  # global: "1 2" -> 3 -> 4
     d.start_request("r", None, [1, 2, 3, 7, 1, 2])  # request: "1 2" -> 3 -> 7
     tree = d.propose("r", 8)
-    tokens, parents, feats = d._requests["r"].proposal
-    node = {(p, t): i for i, (t, p) in enumerate(zip(tokens, parents))}
+    proposal = d._requests["r"].proposal
+    # features: (source, estimate, token, previous, depth, rank, match, support, agree, conflict, state)
+    feats = proposal.features
+    node = {(p, t): i for i, (t, p) in enumerate(zip(proposal.tokens, proposal.parents))}
     three = node[(-1, 3)]
-    assert feats[three][4:6] == (2, 0)  # both sources propose 3, nobody proposes anything else
+    assert feats[three][8:10] == (2, 0)  # both sources propose 3, nobody proposes anything else
+    assert feats[three][2:5] == (3, 2, 0)  # token 3 after the context's last token 2, at depth 0
     four, seven = node[(three, 4)], node[(three, 7)]
-    assert feats[four][4:6] == (1, 1) and feats[seven][4:6] == (1, 1)  # one source each, they disagree
+    assert feats[four][8:10] == (1, 1) and feats[seven][8:10] == (1, 1)  # one source each, they disagree
+    assert feats[four][3:5] == (3, 1)  # after 3, one level down
     assert {tree.sources[four], tree.sources[seven]} == {Source.GLOBAL, Source.REQUEST}
+
+
+def _agent_stream(seed: int, calls: int = 6) -> list[tuple[list[int], list[int]]]:
+    """Calls whose prompts extend each other and whose outputs repeat phrases, like an agent loop."""
+    rng = np.random.default_rng(seed)
+    phrases = [list(rng.integers(0, 60, size=int(rng.integers(3, 9)))) for _ in range(12)]
+    history: list[int] = [int(t) for t in rng.integers(0, 60, size=30)]
+    stream = []
+    for _ in range(calls):
+        output = [int(t) for i in rng.integers(0, len(phrases), size=6) for t in phrases[i]]
+        if rng.random() < 0.5:
+            output += [int(t) for t in rng.integers(0, 60, size=5)]  # some fresh text
+        stream.append((list(history), output))
+        history += output + [int(t) for t in rng.integers(0, 60, size=10)]
+    return stream
+
+
+@pytest.mark.skipif(not compiled_available(), reason="compiled core not built")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compiled_scorer_matches_the_python_twin(seed):
+    """Same trees (tokens, parents, sources; probabilities to rounding) and same learning, step by step."""
+    from agentspec.simulate import accepted_path
+
+    twins = [_drafter("cpp"), _drafter("cpp")]
+    twins[1].scorer = PyScorer()
+    assert type(twins[0].scorer).__name__ == "Scorer"
+    for prompt, output in _agent_stream(seed):
+        for d in twins:
+            d.start_request("r", "s", prompt)
+        pos = 0
+        while pos < len(output):
+            budget = 4 + (pos % 3) * 12
+            trees = [d.propose("r", budget) for d in twins]
+            a, b = trees
+            assert (a.tokens, a.parents, a.sources) == (b.tokens, b.parents, b.sources)
+            assert a.probs == pytest.approx(b.probs, rel=1e-12, abs=1e-15)
+            fa, fb = (d._requests["r"].proposal.features for d in twins)
+            assert [f[0] for f in fa] == [f[0] for f in fb]
+            assert [tuple(f[2:]) for f in fa] == [tuple(f[2:]) for f in fb]
+            path = accepted_path(a, output[pos:])
+            new = output[pos : pos + len(path) + 1]
+            pos += len(new)
+            for d in twins:
+                d.accept("r", a, path, new)
+        for d in twins:
+            d.stop_request("r")
+    assert twins[0].scorer.updates == twins[1].scorer.updates > 50
+    assert twins[0].scorer.accepted == twins[1].scorer.accepted > 0
+
+
+@pytest.mark.skipif(not compiled_available(), reason="compiled core not built")
+def test_compiled_calibrator_matches_the_python_one():
+    cpp, py = make_scorer("cpp"), make_scorer("python")
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        source, prob = int(rng.integers(0, 3)), float(rng.choice([0.05, 0.35, 0.65, 0.95]))
+        feats = [int(v) for v in rng.integers(0, 4, size=int(rng.integers(0, 10)))]
+        assert cpp.predict(source, prob, feats) == pytest.approx(py.predict(source, prob, feats), rel=1e-12)
+        accepted = bool(rng.random() < 0.3 + 0.1 * source)
+        cpp.update(source, prob, feats, accepted)
+        py.update(source, prob, feats, accepted)
+    assert cpp.updates == py.updates == 500 and cpp.accepted == py.accepted
+
+
+def test_make_scorer_backends():
+    assert isinstance(make_scorer("python"), PyScorer)
+    with pytest.raises(ValueError):
+        make_scorer("gpu")
+    if not compiled_available():
+        with pytest.raises(ImportError):
+            make_scorer("cpp")

@@ -1,4 +1,5 @@
-// Compiled core of agentspec.draft.suffix_tree: a depth-limited suffix tree over token sequences.
+// Compiled core of agentspec.draft: a depth-limited suffix tree over token sequences, and the scorer
+// that merges drafts into one calibrated tree (at the end of this file).
 //
 // Same algorithm, same API and same drafts as PySuffixTree (the pure-Python twin, which is the
 // specification; read its docstring for the invariants). Nodes live in flat arrays; a node's
@@ -8,6 +9,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <queue>
@@ -526,10 +529,253 @@ class SuffixTree {
     std::unordered_map<int64_t, int32_t> ids_;
 };
 
+
+// ---------------------------------------------------------------------------------------------
+// Scorer: the merge of the sources' drafts and the online acceptance model. Same computation,
+// operation for operation, as agentspec.draft.scoring.PyScorer and
+// agentspec.lookahead.AcceptanceCalibrator (the specification; read their docstrings).
+
+constexpr int NUM_FEATURES = 9;  // token, previous, depth, rank, match, support, agree, conflict, state
+constexpr int SHARED_FEATURES = 2;
+constexpr int NUM_BINS = 10;
+constexpr int MATCH_EDGES[] = {2, 4, 8, 16, 32};
+constexpr int SUPPORT_EDGES[] = {2, 3, 5, 9, 17};
+constexpr int MAX_DEPTH_FEATURE = 7;
+constexpr int MAX_RANK_FEATURE = 2;
+
+template <size_t N>
+int bucket(const int (&edges)[N], int v) {  // bisect_right(edges, v)
+    int b = 0;
+    while (b < static_cast<int>(N) && edges[b] <= v) ++b;
+    return b;
+}
+
+struct Feature {  // (source, estimate, *features) of one proposal of a node
+    int32_t source = 0;
+    double prob = 0.0;
+    int32_t f[NUM_FEATURES] = {};
+};
+
+struct Proposal {
+    std::vector<int32_t> tokens, parents, sources;
+    std::vector<double> probs;
+    std::vector<Feature> features;
+};
+
+class Scorer {
+  public:
+    Scorer(bool calibrate, double learning_rate, double max_sq_grad)
+        : calibrate_(calibrate), lr_(learning_rate), cap_(max_sq_grad) {}
+
+    double predict(int32_t source, double prob, const int32_t* f, int nf) const {
+        uint64_t keys[3 + NUM_FEATURES];
+        int n = make_keys(source, prob, f, nf, keys);
+        return sigmoid(z(keys, n, logit(prob)));
+    }
+
+    void update(int32_t source, double prob, const int32_t* f, int nf, bool accepted) {
+        uint64_t keys[3 + NUM_FEATURES];
+        int n = make_keys(source, prob, f, nf, keys);
+        double lp = logit(prob);
+        double g = sigmoid(z(keys, n, lp)) - (accepted ? 1.0 : 0.0);
+        for (int j = 0; j < n; ++j) {
+            double grad = j == 0 ? g * lp : g;
+            auto it = params_.find(keys[j]);
+            if (it == params_.end()) it = params_.emplace(keys[j], Param{j == 0 ? 1.0 : 0.0, 0.01}).first;
+            double acc = it->second.sq + grad * grad;
+            if (acc > cap_) acc = cap_;
+            it->second.sq = acc;
+            it->second.w = it->second.w - lr_ * grad / std::sqrt(acc);
+        }
+        ++updates_;
+        if (accepted) ++accepted_;
+    }
+
+    Proposal merge(const std::vector<std::pair<int32_t, const Draft*>>& drafts, int budget, int32_t state,
+                   int32_t last_token) const {
+        struct Option {
+            int32_t source;
+            double prob;
+            int32_t f[6];  // token, previous, depth, rank, match, support
+        };
+        Proposal out;
+        std::vector<std::vector<Option>> options;
+        std::unordered_map<uint64_t, int32_t> index;
+        std::unordered_map<int32_t, uint32_t> proposing;  // parent -> bit set of the sources proposing there
+        index.reserve(64);
+        for (const auto& [source, d] : drafts) {
+            const size_t n = d->tokens.size();
+            std::vector<int32_t> local(n), depth(n), kids(n + 1, 0);
+            for (size_t i = 0; i < n; ++i) {
+                int32_t tok = d->tokens[i], par = d->parents[i];
+                int32_t rank = kids[par + 1]++;
+                int32_t mp, dep;
+                double r;
+                if (par >= 0) {
+                    mp = local[par];
+                    dep = depth[par] + 1;
+                    r = d->probs[i] / d->probs[par];
+                } else {
+                    mp = -1;
+                    dep = 0;
+                    r = d->probs[i];
+                }
+                depth[i] = dep;
+                uint64_t key = pair_key(mp, tok);
+                auto it = index.find(key);
+                int32_t j;
+                if (it == index.end()) {
+                    j = static_cast<int32_t>(out.tokens.size());
+                    index.emplace(key, j);
+                    out.tokens.push_back(tok);
+                    out.parents.push_back(mp);
+                    options.emplace_back();
+                } else {
+                    j = it->second;
+                }
+                proposing[mp] |= 1u << source;
+                int b = static_cast<int>(r * 10);
+                if (b > NUM_BINS - 1) b = NUM_BINS - 1;
+                int md = d->match_len + dep;
+                Option o{source, (b + 0.5) / 10, {tok, mp >= 0 ? out.tokens[mp] : last_token,
+                         std::min(dep, MAX_DEPTH_FEATURE), std::min(rank, MAX_RANK_FEATURE),
+                         bucket(MATCH_EDGES, std::min(md, MATCH_EDGES[4])),
+                         bucket(SUPPORT_EDGES, std::min(d->supports[i], SUPPORT_EDGES[4]))}};
+                options[j].push_back(o);
+                local[i] = j;
+            }
+        }
+        const bool multi = drafts.size() > 1;
+        const size_t total = out.tokens.size();
+        out.probs.reserve(total);
+        out.sources.reserve(total);
+        out.features.reserve(total);
+        int32_t agree = 1, conflict = 0;
+        for (size_t j = 0; j < total; ++j) {
+            const auto& opts = options[j];
+            int32_t p = out.parents[j];
+            if (multi) {
+                agree = static_cast<int32_t>(opts.size());
+                conflict = __builtin_popcount(proposing[p]) > agree ? 1 : 0;
+            }
+            double q = -1.0;
+            Feature best;
+            for (const auto& o : opts) {
+                Feature f;
+                f.source = o.source;
+                f.prob = o.prob;
+                std::copy(o.f, o.f + 6, f.f);
+                f.f[6] = agree;
+                f.f[7] = conflict;
+                f.f[8] = state;
+                double qf = calibrate_ ? predict(f.source, f.prob, f.f, NUM_FEATURES) : f.prob;
+                if (qf > q) {
+                    q = qf;
+                    best = f;
+                }
+            }
+            out.probs.push_back((q < 1.0 ? q : 1.0) * (p >= 0 ? out.probs[p] : 1.0));
+            out.sources.push_back(best.source);
+            out.features.push_back(best);
+        }
+        if (total > static_cast<size_t>(budget)) {
+            std::vector<int32_t> keep(total);
+            for (size_t i = 0; i < total; ++i) keep[i] = static_cast<int32_t>(i);
+            std::stable_sort(keep.begin(), keep.end(),
+                             [&](int32_t a, int32_t b) { return out.probs[a] > out.probs[b]; });
+            keep.resize(budget > 0 ? budget : 0);
+            std::sort(keep.begin(), keep.end());
+            std::vector<int32_t> new_index(total, -1);
+            for (size_t i = 0; i < keep.size(); ++i) new_index[keep[i]] = static_cast<int32_t>(i);
+            Proposal kept;
+            for (int32_t i : keep) {
+                kept.tokens.push_back(out.tokens[i]);
+                kept.parents.push_back(out.parents[i] < 0 ? -1 : new_index[out.parents[i]]);
+                kept.probs.push_back(out.probs[i]);
+                kept.sources.push_back(out.sources[i]);
+                kept.features.push_back(out.features[i]);
+            }
+            return kept;
+        }
+        return out;
+    }
+
+    void learn(const Proposal& proposal, const std::vector<int32_t>& tokens, const std::vector<int32_t>& parents,
+               const std::vector<int32_t>& accepted) {
+        if (!calibrate_ || proposal.features.empty()) return;
+        if (tokens.size() != parents.size()) throw std::invalid_argument("tokens and parents differ in length");
+        std::unordered_map<uint64_t, int32_t> where;
+        where.reserve(proposal.tokens.size() * 2);
+        for (size_t i = 0; i < proposal.tokens.size(); ++i)
+            where.emplace(pair_key(proposal.parents[i], proposal.tokens[i]), static_cast<int32_t>(i));
+        const size_t n = tokens.size();
+        std::vector<char> ok(n, 0);
+        for (int32_t a : accepted)
+            if (a >= 0 && static_cast<size_t>(a) < n) ok[a] = 1;
+        std::vector<int32_t> mapped(n, -2);
+        for (size_t i = 0; i < n; ++i) {
+            int32_t p = parents[i];
+            if (p >= static_cast<int32_t>(i)) throw std::invalid_argument("parents must precede their children");
+            if (p >= 0 && !ok[p]) continue;  // the parent was rejected: this node was never tested
+            auto it = where.find(pair_key(p < 0 ? -1 : mapped[p], tokens[i]));
+            if (it == where.end()) continue;
+            if (ok[i]) mapped[i] = it->second;
+            const Feature& f = proposal.features[it->second];
+            update(f.source, f.prob, f.f, NUM_FEATURES, ok[i] != 0);
+        }
+    }
+
+    int64_t updates() const { return updates_; }
+    int64_t accepted() const { return accepted_; }
+
+  private:
+    struct Param {
+        double w, sq;
+    };
+
+    static uint64_t pair_key(int32_t parent, int32_t token) {
+        return (static_cast<uint64_t>(static_cast<uint32_t>(parent)) << 32) | static_cast<uint32_t>(token);
+    }
+    // (group, source or -1, value) -> one integer: group 0 = slope, 1 = bias, 2 = bin, 3 + i = feature i
+    static uint64_t weight_key(int group, int32_t source, int32_t value) {
+        return (static_cast<uint64_t>(group) << 56) | (static_cast<uint64_t>(static_cast<uint8_t>(source + 1)) << 48) |
+               static_cast<uint32_t>(value);
+    }
+    static int make_keys(int32_t source, double prob, const int32_t* f, int nf, uint64_t* keys) {
+        int b = static_cast<int>(prob * NUM_BINS);
+        b = std::min(std::max(b, 0), NUM_BINS - 1);
+        keys[0] = weight_key(0, source, 0);
+        keys[1] = weight_key(1, source, 0);
+        keys[2] = weight_key(2, source, b);
+        if (nf > NUM_FEATURES) nf = NUM_FEATURES;
+        for (int i = 0; i < nf; ++i) keys[3 + i] = weight_key(3 + i, i < SHARED_FEATURES ? -1 : source, f[i]);
+        return 3 + nf;
+    }
+    static double logit(double prob) {
+        double p = std::min(std::max(prob, 1e-3), 1.0 - 1e-3);
+        return std::log(p / (1.0 - p));
+    }
+    static double sigmoid(double z) { return z < -700.0 ? 0.0 : 1.0 / (1.0 + std::exp(-z)); }
+    double z(const uint64_t* keys, int n, double lp) const {
+        auto it = params_.find(keys[0]);
+        double z = (it == params_.end() ? 1.0 : it->second.w) * lp;
+        for (int j = 1; j < n; ++j) {
+            it = params_.find(keys[j]);
+            if (it != params_.end()) z += it->second.w;
+        }
+        return z;
+    }
+
+    bool calibrate_;
+    double lr_, cap_;
+    std::unordered_map<uint64_t, Param> params_;
+    int64_t updates_ = 0, accepted_ = 0;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_suffix_core, m) {
-    m.doc() = "Compiled suffix tree core of agentspec.draft.suffix_tree (see PySuffixTree for the spec).";
+    m.doc() = "Compiled core of agentspec.draft: the suffix tree (spec: PySuffixTree) and the scorer (spec: PyScorer).";
     py::class_<Draft>(m, "Draft")
         .def(py::init<>())
         .def_readonly("tokens", &Draft::tokens)
@@ -570,4 +816,52 @@ PYBIND11_MODULE(_suffix_core, m) {
         .def_property_readonly("num_sequences", &SuffixTree::num_sequences)
         .def_property_readonly("num_nodes", &SuffixTree::num_nodes)
         .def_property_readonly("max_depth", &SuffixTree::max_depth);
+    py::class_<Proposal>(m, "Proposal")
+        .def_readonly("tokens", &Proposal::tokens)
+        .def_readonly("parents", &Proposal::parents)
+        .def_readonly("probs", &Proposal::probs)
+        .def_readonly("sources", &Proposal::sources)
+        .def_property_readonly("features", [](const Proposal& p) {
+            py::list out;
+            for (const auto& f : p.features) {
+                py::tuple t(2 + NUM_FEATURES);
+                t[0] = f.source;
+                t[1] = f.prob;
+                for (int i = 0; i < NUM_FEATURES; ++i) t[2 + i] = f.f[i];
+                out.append(t);
+            }
+            return out;
+        });
+    py::class_<Scorer>(m, "Scorer")
+        .def(py::init<bool, double, double>(), py::arg("calibrate") = true, py::arg("learning_rate") = 0.1,
+             py::arg("max_sq_grad") = 100.0)
+        .def(
+            "merge",
+            [](const Scorer& scorer, const py::list& drafts, int budget, int32_t state, int32_t last_token) {
+                std::vector<std::pair<int32_t, const Draft*>> items;
+                items.reserve(drafts.size());
+                for (const auto& item : drafts) {
+                    auto pair = item.cast<py::tuple>();
+                    int32_t source = pair[0].cast<int32_t>();
+                    if (source < 0 || source > 31) throw py::value_error("source must be in [0, 31]");
+                    items.emplace_back(source, pair[1].cast<const Draft*>());
+                }
+                return scorer.merge(items, budget, state, last_token);
+            },
+            py::arg("drafts"), py::arg("budget"), py::arg("state"), py::arg("last_token"))
+        .def("learn", &Scorer::learn, py::arg("proposal"), py::arg("tokens"), py::arg("parents"), py::arg("accepted"))
+        .def(
+            "predict",
+            [](const Scorer& scorer, int32_t source, double prob, const std::vector<int32_t>& features) {
+                return scorer.predict(source, prob, features.data(), static_cast<int>(features.size()));
+            },
+            py::arg("source"), py::arg("prob"), py::arg("features") = std::vector<int32_t>())
+        .def(
+            "update",
+            [](Scorer& scorer, int32_t source, double prob, const std::vector<int32_t>& features, bool accepted) {
+                scorer.update(source, prob, features.data(), static_cast<int>(features.size()), accepted);
+            },
+            py::arg("source"), py::arg("prob"), py::arg("features"), py::arg("accepted"))
+        .def_property_readonly("updates", &Scorer::updates)
+        .def_property_readonly("accepted", &Scorer::accepted);
 }

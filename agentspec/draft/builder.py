@@ -8,16 +8,16 @@ Sources (each node of a proposed tree is tagged with one, see :class:`Source`):
 * GLOBAL  -- one tree of the outputs of all requests of all sessions;
 * RECYCLED -- each token's top-k successors seen in the target's logits (anisotropic branches).
 
-Each suffix tree proposes its best draft for the context tail; the drafts are merged into one
-trie whose node probabilities are *calibrated*: the conditional probability of each node given
-its parent (``count(child) / count(node)``) goes through an :class:`AcceptanceCalibrator`
-learned online from what the target accepted, and path probabilities are products of them.
+Each suffix tree proposes its best draft for the context tail; a scorer
+(:mod:`agentspec.draft.scoring`) merges the drafts into one trie whose node probabilities are
+*calibrated*: the conditional probability of each node given its parent (``count(child) /
+count(node)``) and the node's features go through an acceptance model learned online from what
+the target accepted, and path probabilities are products of them.
 """
 
 from __future__ import annotations
 
 import itertools
-from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,8 +26,8 @@ import numpy as np
 
 from agentspec.draft.base import DraftTree, Source
 from agentspec.draft.recycling import RecyclingTable, add_recycled_branches
+from agentspec.draft.scoring import Proposal, make_scorer, state_bucket
 from agentspec.draft.suffix_tree import make_suffix_tree
-from agentspec.lookahead import AcceptanceCalibrator
 from agentspec.tokens import common_prefix as _common_prefix
 
 
@@ -42,7 +42,8 @@ class DrafterConfig:
     use_request: bool = True
     use_session: bool = True
     use_global: bool = True
-    calibrate: bool = True  # map estimates to observed acceptance (per source, online)
+    calibrate: bool = True  # map estimates and node features to observed acceptance (online)
+    calibration_rate: float = 0.1  # learning rate of the acceptance model
     # Token Recycling branches: off by default. Teacher-forced on tau-bench / SWE-agent they got
     # ~0 tokens accepted (1 of 24k) for 50-80 us a step; suffix-tree drafts already cover what the
     # recycled successors would guess. Switch on to experiment (the engine then feeds top-k logits).
@@ -52,11 +53,7 @@ class DrafterConfig:
     global_max_tokens: int = 1_048_576  # global output tree
     global_prompt_tail: int = 8  # prompt tokens stored before each output (how outputs begin)
     max_sessions: int = 128  # session trees kept in memory (least recently used dropped)
-    backend: str = "auto"  # suffix tree core: auto | cpp | python
-    # request state feature: "accepted" (tokens accepted at the previous step) or "outcome" (also
-    # tells a step without a draft from a rejected one, and counts consecutive misses)
-    state_mode: str = "accepted"
-    calib_levels: tuple[tuple[int, ...], ...] = ()  # intermediate calibration levels (feature positions)
+    backend: str = "auto"  # suffix trees and scorer: auto (compiled if built) | cpp | python
 
 
 @dataclass
@@ -65,11 +62,10 @@ class _Request:
     prompt: list[int]
     tree: object
     output: list[int] = field(default_factory=list)
-    # the last proposal: (tokens, parents, calibration features) per node, matched to the verified
-    # tree by token path in ``accept`` (the verified tree may be a re-indexed subtree of it)
-    proposal: tuple = ((), (), ())
-    state: int = 0  # bucket of the tokens accepted at the previous step (0, 1-2, 3+)
-    misses: int = 0  # consecutive drafted steps whose first token was rejected
+    # the last proposal (with each node's features), matched to the verified tree by token path in
+    # ``accept`` (the verified tree may be a re-indexed subtree of it)
+    proposal: Proposal | None = None
+    state: int = 0  # bucket of the tokens accepted at the previous step
 
     def tail(self, n: int) -> list[int]:
         """The last ``n`` tokens of the context (prompt + output so far)."""
@@ -83,25 +79,13 @@ class _Session:
     tree: object
     last_prompt: list[int] = field(default_factory=list)
 
-MATCH_EDGES = (2, 4, 8, 16, 32)  # calibration buckets of the match length (+ depth)
-SUPPORT_EDGES = (2, 3, 5, 9, 17)  # ... of the number of occurrences behind a guess
-STATE_EDGES = (1, 4, 12)  # ... of the tokens accepted at the previous step
-
-
-_BIN_CENTRES = tuple((b + 0.5) / 10 for b in range(10))  # calibration bins of count(child) / count(node)
-# lookup tables of the buckets above (hot loop of the merge): value -> bucket, the last entry for larger values
-_MATCH_BUCKET = tuple(bisect_right(MATCH_EDGES, v) for v in range(MATCH_EDGES[-1] + 1))
-_SUPPORT_BUCKET = tuple(bisect_right(SUPPORT_EDGES, v) for v in range(SUPPORT_EDGES[-1] + 1))
-_BIN_OF_TENTH = _BIN_CENTRES + (_BIN_CENTRES[-1],)  # int(r * 10) -> bin centre (r = 1.0 -> the last bin)
-
 
 class SuffixDrafter:
     """Drafter protocol implementation over request / session / global suffix trees + recycling."""
 
-    def __init__(self, config: DrafterConfig | None = None, calibrator: AcceptanceCalibrator | None = None,
-                 recycler: RecyclingTable | None = None) -> None:
+    def __init__(self, config: DrafterConfig | None = None, recycler: RecyclingTable | None = None) -> None:
         self.config = config or DrafterConfig()
-        self.calibrator = calibrator or AcceptanceCalibrator(levels=self.config.calib_levels)
+        self.scorer = make_scorer(self.config.backend, self.config.calibrate, self.config.calibration_rate)
         self.recycler = recycler if recycler is not None else (RecyclingTable() if self.config.recycle else None)
         if self.recycler is None:
             # no table to feed: hide ``observe`` so the engine skips the per-step top-k of the logits
@@ -110,7 +94,6 @@ class SuffixDrafter:
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._global = make_suffix_tree(self.config.max_depth, self.config.backend)
         self._seq_ids = itertools.count()
-        self._memo: dict[tuple, float] = {}
 
     # ------------------------------------------------------------------ request lifecycle
     def start_request(self, request_id: str, session_id: str | None, prompt_ids: Sequence[int]) -> None:
@@ -146,7 +129,6 @@ class SuffixDrafter:
         req = self._request(request_id)
         if budget <= 0:
             return DraftTree()
-        self._memo: dict[tuple, float] = {}  # calibrated probabilities of this proposal
         cfg = self.config
         context = req.tail(cfg.max_depth)
         sources = []
@@ -157,118 +139,18 @@ class SuffixDrafter:
             sources.append((Source.SESSION, sess.tree))
         if cfg.use_global:
             sources.append((Source.GLOBAL, self._global))
-        drafts = [
-            (int(src), tree.speculate(context, budget, cfg.alpha, cfg.beta, cfg.min_prob)) for src, tree in sources
-        ]
-        tree, feats = self._merge([(s, d) for s, d in drafts if d.score > 0], budget, req.state)
+        drafts = []
+        for src, tree in sources:
+            d = tree.speculate(context, budget, cfg.alpha, cfg.beta, cfg.min_prob)
+            if d.score > 0:
+                drafts.append((int(src), d))
+        proposal = self.scorer.merge(drafts, budget, req.state, context[-1] if context else -1)
+        req.proposal = proposal
+        tree = DraftTree(list(proposal.tokens), list(proposal.parents), list(proposal.probs), list(proposal.sources))
         if self.recycler is not None and len(tree) < budget and context:
-            tree, feats = self._recycle(tree, feats, context[-1], budget)
-        req.proposal = (tree.tokens, tree.parents, feats)
+            # recycled branches carry no features: they are drafted at the prior rank rates, not learned
+            tree = add_recycled_branches(tree, context[-1], self.recycler, cfg.recycle_rank_probs, budget)
         return tree
-
-    def _cond(self, feat: tuple) -> float:
-        """Calibrated conditional probability of a node from its features ``(source, prob, *buckets)``."""
-        if not self.config.calibrate:
-            return feat[1]
-        q = self._memo.get(feat)
-        if q is None:
-            q = self._memo[feat] = self.calibrator.predict(feat[0], feat[1], feat[2:])
-        return q
-
-    def _merge(self, drafts: list, budget: int, state: int = 0) -> tuple[DraftTree, list]:
-        """Union trie of the drafts with calibrated conditional probabilities.
-
-        Each proposal of a node is described by discrete features (source, bin of
-        ``count(child) / count(node)``, match length, support, how many sources agree on the
-        node, whether another source proposed a different token at the same place, the state of
-        the request); the node keeps the proposal with the highest calibrated probability.
-        """
-        tokens: list[int] = []
-        parents: list[int] = []
-        props: list[list[tuple]] = []  # per node: (source, prob bin centre, match bucket, support bucket)
-        index: dict[tuple[int, int], int] = {}
-        index_get = index.get
-        proposing: dict[int, set[int]] = {}  # parent -> sources proposing some child there
-        match_bucket, support_bucket, bins = _MATCH_BUCKET, _SUPPORT_BUCKET, _BIN_OF_TENTH
-        for source, d in drafts:
-            local: list[int] = []
-            depth: list[int] = []
-            dprobs = d.probs
-            m0 = d.match_len
-            for tok, par, pr, sup in zip(d.tokens, d.parents, dprobs, d.supports):
-                if par >= 0:
-                    mp, dep, r = local[par], depth[par] + 1, pr / dprobs[par]  # r = count(child) / count(node)
-                else:
-                    mp, dep, r = -1, 0, pr
-                depth.append(dep)
-                key = (mp, tok)
-                j = index_get(key)
-                if j is None:
-                    j = index[key] = len(tokens)
-                    tokens.append(tok)
-                    parents.append(mp)
-                    props.append([])
-                    srcs_here = proposing.get(mp)
-                    if srcs_here is None:
-                        proposing[mp] = {source}
-                    else:
-                        srcs_here.add(source)
-                else:
-                    proposing[mp].add(source)
-                # the match length once the parent is accepted is match_len + depth
-                md = m0 + dep
-                props[j].append((source, bins[int(r * 10)],
-                                 match_bucket[md] if md < len(match_bucket) else match_bucket[-1],
-                                 support_bucket[sup] if sup < len(support_bucket) else support_bucket[-1]))
-                local.append(j)
-        multi = len(drafts) > 1
-        probs: list[float] = []
-        srcs: list[int] = []
-        feats: list[tuple] = []
-        calibrate = self.config.calibrate
-        memo = self._memo
-        predict = self.calibrator.predict
-        agree, conflict = 1, 0
-        for j, p in enumerate(parents):
-            options = props[j]
-            if multi:
-                # a draft proposes a (parent, token) at most once (siblings are distinct), so the
-                # options of a node come from distinct sources
-                agree = len(options)
-                conflict = int(len(proposing[p]) > agree)
-            q, feat = -1.0, ()
-            for option in options:
-                f = (*option, agree, conflict, state)
-                if calibrate:
-                    qf = memo.get(f)
-                    if qf is None:
-                        qf = memo[f] = predict(f[0], f[1], f[2:])
-                else:
-                    qf = f[1]
-                if qf > q:
-                    q, feat = qf, f
-            probs.append((q if q < 1.0 else 1.0) * (probs[p] if p >= 0 else 1.0))
-            srcs.append(feat[0])
-            feats.append(feat)
-        tree = DraftTree(tokens, parents, probs, srcs)
-        if len(tree) > budget:
-            keep = sorted(range(len(tree)), key=probs.__getitem__, reverse=True)[:budget]  # stable: ties by index
-            keep.sort()
-            tree = tree.subtree(keep)
-            feats = [feats[i] for i in keep]
-        return tree, feats
-
-    def _recycle(self, tree: DraftTree, feats: list, root_token: int, budget: int) -> tuple[DraftTree, list]:
-        base = self.config.recycle_rank_probs
-        rank_probs = [self._cond((int(Source.RECYCLED), p, r)) for r, p in enumerate(base)]
-        out = add_recycled_branches(tree, root_token, self.recycler, rank_probs, budget)
-        feats = list(feats)
-        for i in range(len(tree), len(out)):
-            parent_prob = out.probs[out.parents[i]] if out.parents[i] >= 0 else 1.0
-            ratio = out.probs[i] / parent_prob if parent_prob > 0 else 0.0
-            rank = min(range(len(rank_probs)), key=lambda r: abs(rank_probs[r] - ratio))
-            feats.append((int(Source.RECYCLED), base[rank], rank))
-        return out, feats
 
     def accept(self, request_id: str, tree: DraftTree, accepted: Sequence[int], new_tokens: Sequence[int]) -> None:
         """Extend the request tree with ``new_tokens``; learn acceptance from the verified ``tree``."""
@@ -277,35 +159,10 @@ class SuffixDrafter:
         if self.config.use_request:
             req.tree.extend(0, new)
         req.output.extend(new)
-        if self.config.state_mode == "outcome":
-            if len(accepted):
-                req.misses = 0
-                req.state = 1 + bisect_right(STATE_EDGES, len(accepted))  # 2, 3, 4
-            elif len(tree):
-                req.misses += 1
-                req.state = 1 if req.misses == 1 else 5 if req.misses <= 3 else 6
-            else:
-                req.state = 0
-        else:
-            req.state = bisect_right(STATE_EDGES, len(accepted))
-        p_tokens, p_parents, p_feats = req.proposal
-        if self.config.calibrate and len(tree) and p_feats:
-            # proposal node of each verified node on the accepted path (-1: the root)
-            where = {(p, t): i for i, (t, p) in enumerate(zip(p_tokens, p_parents))}
-            ok = set(int(i) for i in accepted)
-            mapped = {-1: -1}
-            update = self.calibrator.update
-            for i, (tok, p) in enumerate(zip(tree.tokens, tree.parents)):
-                if p >= 0 and p not in ok:
-                    continue  # the parent was rejected: this node was never tested
-                j = where.get((mapped.get(p, -2), int(tok)))
-                if j is None:
-                    continue  # not proposed here (an engine-side addition): no features
-                if i in ok:
-                    mapped[i] = j
-                feat = p_feats[j]
-                update(feat[0], feat[1], feat[2:], i in ok)
-        req.proposal = ((), (), ())
+        req.state = state_bucket(len(accepted))
+        if req.proposal is not None and len(tree):
+            self.scorer.learn(req.proposal, tree.tokens, tree.parents, [int(i) for i in accepted])
+        req.proposal = None
 
     def observe(self, token_ids: Sequence[int], topk_successor_ids: np.ndarray) -> None:
         """Recycling feed: ``topk_successor_ids[i]`` are the top-k next tokens after ``token_ids[i]``."""
