@@ -46,7 +46,7 @@ for si, calls in enumerate(sessions):
         pos, prev = 0, None
         while pos < len(completion):
             full = drafter.propose(rid, 32)
-            feats = drafter._requests[rid].proposal[2]
+            feats = [tuple(f) for f in drafter._requests[rid].proposal.features]
             full_path = accepted_path(full, completion[pos:])
             tree = policy.select(full) if len(full) else full
             sel_path = accepted_path(tree, completion[pos:])

@@ -36,9 +36,12 @@ class DrafterConfig:
     """Settings of :class:`SuffixDrafter`; every source can be switched off."""
 
     max_depth: int = 64  # suffix tree depth (tokens of context matched, tokens drafted)
-    alpha: float = 2.0  # a draft for a match of p tokens has at most alpha * p + beta nodes
+    # candidates: the sources draft generously (a match of p tokens gives up to alpha * p + beta nodes,
+    # grown down to path probability min_prob) and the calibrated lookahead prunes them to what pays;
+    # teacher-forced, alpha 4 / min_prob 0.05 beat 2 / 0.1 by about 1% modelled on tau-bench and SWE-agent
+    alpha: float = 4.0
     beta: float = 0.0
-    min_prob: float = 0.1  # stop growing a draft under this (uncalibrated) path probability
+    min_prob: float = 0.05
     use_request: bool = True
     use_session: bool = True
     use_global: bool = True
