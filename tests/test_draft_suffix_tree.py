@@ -155,3 +155,8 @@ def test_falls_back_to_python_twin_with_a_warning(monkeypatch, caplog):
     assert not st.compiled_available()
     with pytest.raises(ImportError):
         st.make_suffix_tree(8, "cpp")
+    from agentspec.draft.scoring import PyScorer, make_scorer
+
+    assert isinstance(make_scorer(), PyScorer)  # the scorer falls back with the tree
+    with pytest.raises(ImportError):
+        make_scorer("cpp")

@@ -23,6 +23,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from agentspec.draft.suffix_tree import compiled_class
 from agentspec.lookahead import AcceptanceCalibrator
 
 MATCH_EDGES = (2, 4, 8, 16, 32)  # buckets of the match length (+ depth)
@@ -169,16 +170,5 @@ class PyScorer:
 def make_scorer(backend: str = "auto", calibrate: bool = True, learning_rate: float = 0.1,
                 max_sq_grad: float = 100.0):
     """The compiled scorer (``backend="cpp"``, or ``"auto"`` when built) or :class:`PyScorer`."""
-    if backend not in ("auto", "cpp", "python"):
-        raise ValueError(f"backend must be 'auto', 'cpp' or 'python', got {backend!r}")
-    if backend != "python":
-        try:
-            from agentspec.draft._suffix_core import Scorer
-        except ImportError as exc:
-            if backend == "cpp":
-                raise ImportError(
-                    "the compiled scorer is not built; run `pip install -e .` with a C++ compiler"
-                ) from exc
-        else:
-            return Scorer(calibrate, learning_rate, max_sq_grad)
-    return PyScorer(calibrate, learning_rate, max_sq_grad)
+    cls = compiled_class("Scorer", backend)
+    return (cls or PyScorer)(calibrate, learning_rate, max_sq_grad)

@@ -369,22 +369,30 @@ def compiled_available() -> bool:
     return True
 
 
-def make_suffix_tree(max_depth: int = 64, backend: str = "auto"):
-    """A suffix tree: ``backend`` is ``"auto"`` (compiled if built), ``"cpp"`` or ``"python"``."""
+def compiled_class(name: str, backend: str = "auto"):
+    """The class ``name`` of the compiled core for ``backend`` (``"auto"``, ``"cpp"``, ``"python"``).
+
+    ``None`` means: use the Python twin (``backend="python"``, or ``"auto"`` without the core,
+    logged once); ``"cpp"`` without the core raises ``ImportError``.
+    """
     global _CORE_WARNED
     if backend not in ("auto", "cpp", "python"):
         raise ValueError(f"backend must be 'auto', 'cpp' or 'python', got {backend!r}")
-    if backend != "python":
-        try:
-            from agentspec.draft._suffix_core import SuffixTree
-        except ImportError as exc:
-            if backend == "cpp":
-                raise ImportError(
-                    "the compiled suffix tree is not built; run `pip install -e .` with a C++ compiler"
-                ) from exc
-            if not _CORE_WARNED:
-                logger.warning("compiled suffix tree not built (%s); using the slow Python twin", exc)
-                _CORE_WARNED = True
-        else:
-            return SuffixTree(max_depth)
-    return PySuffixTree(max_depth)
+    if backend == "python":
+        return None
+    try:
+        core = importlib.import_module("agentspec.draft._suffix_core")
+        return getattr(core, name)
+    except (ImportError, AttributeError) as exc:
+        if backend == "cpp":
+            raise ImportError(f"the compiled {name} is not built; run `pip install -e .` with a C++ compiler") from exc
+        if not _CORE_WARNED:
+            logger.warning("compiled drafting core not built (%s); using the slow Python twins", exc)
+            _CORE_WARNED = True
+        return None
+
+
+def make_suffix_tree(max_depth: int = 64, backend: str = "auto"):
+    """A suffix tree: ``backend`` is ``"auto"`` (compiled if built), ``"cpp"`` or ``"python"``."""
+    cls = compiled_class("SuffixTree", backend)
+    return cls(max_depth) if cls is not None else PySuffixTree(max_depth)
