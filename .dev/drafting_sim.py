@@ -20,7 +20,8 @@ sessions = load("tau", 60) if name == "tau" else load("swe", None)
 cfg = DrafterConfig()
 policy = True
 if preset == "reference":
-    cfg = DrafterConfig(alpha=1.0, use_session=False, calibrate=False, recycle=False, global_prompt_tail=0)
+    cfg = DrafterConfig(alpha=1.0, min_prob=0.1, use_session=False, calibrate=False, recycle=False,
+                        global_prompt_tail=0)
     policy = False
 budget = int(over.pop("budget", 32))
 if "rate_scale" in over:  # dev knob: scale the policy's running rate (its drafting threshold)
