@@ -149,7 +149,7 @@ class SuffixDrafter:
                 drafts.append((int(src), d))
         proposal = self.scorer.merge(drafts, budget, req.state, context[-1] if context else -1)
         req.proposal = proposal
-        tree = DraftTree(list(proposal.tokens), list(proposal.parents), list(proposal.probs), list(proposal.sources))
+        tree = DraftTree(proposal.tokens, proposal.parents, proposal.probs, proposal.sources)
         if self.recycler is not None and len(tree) < budget and context:
             # recycled branches carry no features: they are drafted at the prior rank rates, not learned
             tree = add_recycled_branches(tree, context[-1], self.recycler, cfg.recycle_rank_probs, budget)

@@ -23,6 +23,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from agentspec.draft.base import DraftTree
 from agentspec.draft.suffix_tree import compiled_class
 from agentspec.lookahead import AcceptanceCalibrator
 
@@ -132,14 +133,8 @@ class PyScorer:
         if len(tokens) > budget:
             keep = sorted(range(len(tokens)), key=out.probs.__getitem__, reverse=True)[:budget]  # ties: by index
             keep.sort()
-            new_index = {old: new for new, old in enumerate(keep)}
-            out = Proposal(
-                tokens=[tokens[i] for i in keep],
-                parents=[-1 if parents[i] < 0 else new_index[parents[i]] for i in keep],
-                probs=[out.probs[i] for i in keep],
-                sources=[out.sources[i] for i in keep],
-                features=[out.features[i] for i in keep],
-            )
+            tree = DraftTree(tokens, parents, out.probs, out.sources).subtree(keep)
+            out = Proposal(tree.tokens, tree.parents, tree.probs, tree.sources, [out.features[i] for i in keep])
         return out
 
     def learn(self, proposal: Proposal, tokens: Sequence[int], parents: Sequence[int],
