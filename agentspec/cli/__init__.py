@@ -11,6 +11,7 @@ app = typer.Typer(
     help="Lossless speculative decoding for LLM agents, drafted from a persistent suffix-tree cache.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",  # docstrings are reflowed paragraphs, `code` shown as code
 )
 
 # one module per concern; each defines register(app: typer.Typer)

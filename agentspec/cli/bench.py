@@ -64,6 +64,7 @@ def register(app: typer.Typer) -> None:
         prefix reuse, agentspec on int8 weights (agentspec_int8) and agentspec, interleaved call by call
         in one process, and reports decode tokens/s, tokens per verification step, decode and end-to-end
         speedups over plain HF greedy, and how many outputs equal plain greedy.
+
         --simulate: the teacher-forced drafting benchmark (the recorded completion decides acceptance)
         with the modelled speedup on the DESIGN.md fp32 cost curve.
         """
