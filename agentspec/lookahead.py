@@ -124,18 +124,22 @@ class CostCurve:
 
 CALIBRATION_FEATURES = ("token", "previous", "depth", "rank", "match", "support", "agree", "conflict", "state")
 _SHARED_FEATURES = 2  # the first two (token ids) get one weight per value, shared by all sources
+_CROSS_STRIDE = 8  # a cross of the token with a small feature: token * 8 + min(value, cap <= 7)
+_CROSS_MAX_DEPTH = 3  # token x depth tells depth 0, 1, 2 and 3+ apart
 
 
 class AcceptanceCalibrator:
     """Online logistic regression from a drafter's estimate and node features to the acceptance rate.
 
-    ``logit(q) = slope[s] * logit(p) + bias[s] + w[s, bin(p)] + sum_i w[i, value_i]``, with
-    ``s`` the source, ``p`` the drafter's estimate and ``features`` small integers in the order of
-    :data:`CALIBRATION_FEATURES` (a shorter tuple uses the first ones). Token-id features have one
-    weight per id across sources (some tokens are guessed right far more often than others); the
-    rest one per source and value. AdaGrad on the log-loss, one step per verified node; the
-    step never shrinks below ``learning_rate / sqrt(max_sq_grad)``, so it keeps following a drifting
-    workload. A fresh calibrator returns the estimate itself (slope 1, other weights 0).
+    ``logit(q) = slope[s] * logit(p) + bias[s] + w[s, bin(p)] + sum_i w[i, value_i] + crosses``,
+    with ``s`` the source, ``p`` the drafter's estimate and ``features`` small integers in the
+    order of :data:`CALIBRATION_FEATURES` (a shorter tuple uses the first ones). Token-id features
+    have one weight per id across sources (some tokens are guessed right far more often than
+    others); the rest one per source and value. With at least five features, three crosses let a
+    token's weight depend on its depth, on the match length and on the source. AdaGrad on the
+    log-loss, one step per verified node; the step never shrinks below
+    ``learning_rate / sqrt(max_sq_grad)``, so it keeps following a drifting workload. A fresh
+    calibrator returns the estimate itself (slope 1, other weights 0).
 
     The compiled drafting core (``_suffix_core.Scorer``) implements the same model, operation for
     operation; this class is its specification.
@@ -155,8 +159,15 @@ class AcceptanceCalibrator:
         source = int(source)
         b = min(max(int(prob * self.num_bins), 0), self.num_bins - 1)
         keys = [(0, source, 0), (1, source, 0), (2, source, b)]
-        for i, value in enumerate(features[: len(CALIBRATION_FEATURES)]):
+        features = features[: len(CALIBRATION_FEATURES)]
+        for i, value in enumerate(features):
             keys.append((3 + i, -1 if i < _SHARED_FEATURES else source, int(value)))
+        if len(features) >= 5:  # crosses: token x depth, token x match (shared), token x source
+            token, depth, match = int(features[0]), int(features[2]), int(features[4])
+            n = len(CALIBRATION_FEATURES)
+            keys.append((3 + n, -1, token * _CROSS_STRIDE + min(depth, _CROSS_MAX_DEPTH)))
+            keys.append((4 + n, source, token))
+            keys.append((5 + n, -1, token * _CROSS_STRIDE + min(match, _CROSS_STRIDE - 1)))
         return keys
 
     @staticmethod

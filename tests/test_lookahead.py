@@ -92,3 +92,21 @@ def test_calibrator_separates_tokens_it_sees_fail():
         cal.update(i % 3, 0.65, (11, 0), True)
     assert cal.predict(1, 0.65, (10, 0)) < 0.2 < 0.8 < cal.predict(1, 0.65, (11, 0))
     assert set(cal.to_dict())  # inspectable weights
+
+
+def test_calibrator_crosses_let_a_token_depend_on_depth_and_match():
+    """Token x depth and token x match crosses: the same token, right at depth 0, wrong deeper (or at a
+    short match), is told apart; without the crosses the additive weights could not do it for one
+    token while other tokens show the opposite pattern."""
+    cal = AcceptanceCalibrator()
+    # features: token, previous, depth, rank, match
+    for _ in range(300):
+        cal.update(0, 0.5, (7, 0, 0, 0, 3), True)
+        cal.update(0, 0.5, (7, 0, 2, 0, 3), False)
+        cal.update(0, 0.5, (8, 0, 0, 0, 3), False)
+        cal.update(0, 0.5, (8, 0, 2, 0, 3), True)
+        cal.update(0, 0.5, (9, 0, 1, 0, 1), False)
+        cal.update(0, 0.5, (9, 0, 1, 0, 5), True)
+    assert cal.predict(0, 0.5, (7, 0, 0, 0, 3)) > 0.8 > 0.2 > cal.predict(0, 0.5, (7, 0, 2, 0, 3))
+    assert cal.predict(0, 0.5, (8, 0, 2, 0, 3)) > 0.8 > 0.2 > cal.predict(0, 0.5, (8, 0, 0, 0, 3))
+    assert cal.predict(0, 0.5, (9, 0, 1, 0, 5)) > 0.8 > 0.2 > cal.predict(0, 0.5, (9, 0, 1, 0, 1))

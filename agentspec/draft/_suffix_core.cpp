@@ -537,6 +537,9 @@ class SuffixTree {
 
 constexpr int NUM_FEATURES = 9;  // token, previous, depth, rank, match, support, agree, conflict, state
 constexpr int SHARED_FEATURES = 2;
+constexpr int NUM_CROSSES = 3;      // token x depth and token x match (shared), token x source
+constexpr int CROSS_STRIDE = 8;     // a cross of the token with a small feature: token * 8 + min(value, cap <= 7)
+constexpr int CROSS_MAX_DEPTH = 3;  // token x depth tells depth 0, 1, 2 and 3+ apart
 constexpr int NUM_BINS = 10;
 constexpr int MATCH_EDGES[] = {2, 4, 8, 16, 32};
 constexpr int SUPPORT_EDGES[] = {2, 3, 5, 9, 17};
@@ -568,13 +571,13 @@ class Scorer {
         : calibrate_(calibrate), lr_(learning_rate), cap_(max_sq_grad) {}
 
     double predict(int32_t source, double prob, const int32_t* f, int nf) const {
-        uint64_t keys[3 + NUM_FEATURES];
+        uint64_t keys[3 + NUM_FEATURES + NUM_CROSSES];
         int n = make_keys(source, prob, f, nf, keys);
         return sigmoid(z(keys, n, logit(prob)));
     }
 
     void update(int32_t source, double prob, const int32_t* f, int nf, bool accepted) {
-        uint64_t keys[3 + NUM_FEATURES];
+        uint64_t keys[3 + NUM_FEATURES + NUM_CROSSES];
         int n = make_keys(source, prob, f, nf, keys);
         double lp = logit(prob);
         double g = sigmoid(z(keys, n, lp)) - (accepted ? 1.0 : 0.0);
@@ -749,7 +752,11 @@ class Scorer {
         keys[2] = weight_key(2, source, b);
         if (nf > NUM_FEATURES) nf = NUM_FEATURES;
         for (int i = 0; i < nf; ++i) keys[3 + i] = weight_key(3 + i, i < SHARED_FEATURES ? -1 : source, f[i]);
-        return 3 + nf;
+        if (nf < 5) return 3 + nf;  // the crosses need token, depth and match
+        keys[3 + nf] = weight_key(3 + NUM_FEATURES, -1, f[0] * CROSS_STRIDE + std::min(f[2], CROSS_MAX_DEPTH));
+        keys[4 + nf] = weight_key(4 + NUM_FEATURES, source, f[0]);
+        keys[5 + nf] = weight_key(5 + NUM_FEATURES, -1, f[0] * CROSS_STRIDE + std::min(f[4], CROSS_STRIDE - 1));
+        return 6 + nf;
     }
     static double logit(double prob) {
         double p = std::min(std::max(prob, 1e-3), 1.0 - 1e-3);
