@@ -22,7 +22,7 @@ that only sees the past, as a live engine would); it prints tokens x c(1) / cost
 import sys
 
 sys.path.insert(0, ".dev")
-from drafting_data import load  # noqa: E402
+from drafting_data import load_benchmark  # noqa: E402
 
 from agentspec.draft.builder import DrafterConfig, SuffixDrafter  # noqa: E402
 from agentspec.lookahead import CostCurve, LookaheadPolicy  # noqa: E402
@@ -30,7 +30,7 @@ from agentspec.simulate import accepted_path  # noqa: E402
 
 name = sys.argv[1]
 want_auc = "--auc" in sys.argv[2:]
-sessions = load("tau", 60) if name == "tau" else load("swe", None)
+sessions = load_benchmark(name)
 cost = CostCurve()
 total_tokens = sum(len(c) for calls in sessions for _, c in calls)  # the tokenised completions end in EOS
 
@@ -131,18 +131,18 @@ if want_auc:
     from agentspec.draft.base import DraftTree
 
     refit = 5 if name == "tau" else 2
-    rows, labels, row_groups, where = [], [], [], []
+    rows, labels, trainable, row_groups, where = [], [], [], [], []
     for k, s in enumerate(steps):
         full = s["full"]
         for i, parent in enumerate(full.parents):
             above = full.probs[parent] if parent >= 0 else 1.0
             rows.append([full.probs[i] / above if above > 0 else 0.0, full.probs[i], *s["feats"][i]])
-            labels.append(i in s["right"] and (parent < 0 or parent in s["right"]))
+            labels.append(i in s["right"])  # the accepted path: its nodes' parents are on it too
+            trainable.append(parent < 0 or parent in s["right"])  # tested: the parent was accepted
             row_groups.append(s["s"])
             where.append((k, i))
-    rows, labels, row_groups = np.array(rows, float), np.array(labels), np.array(row_groups)
-    trainable = np.array([parent < 0 or parent in steps[k]["right"]
-                          for k, i in where for parent in [steps[k]["full"].parents[i]]])
+    rows, labels, trainable, row_groups = (np.array(rows, float), np.array(labels), np.array(trainable),
+                                           np.array(row_groups))
     conditional = rows[:, 0].copy()  # the online estimate until there is enough history
     for s0 in range(0, len(sessions), refit):
         train = trainable & (row_groups < s0)

@@ -14,6 +14,7 @@ from agentspec.trajectories import default_data_dir, load_sessions, tokenize_ses
 
 CACHE = Path("/tmp/agentspec_drafting_cache")
 SOURCES = {"tau": "tau_bench/gpt-4o-airline.json", "swe": "swe_agent"}
+BENCHMARK_LIMITS = {"tau": 60, "swe": None}  # the issue's teacher-forced benchmarks: first 60 tau, all SWE
 
 
 def load(name: str, limit: int | None = None):
@@ -28,8 +29,13 @@ def load(name: str, limit: int | None = None):
     return sessions
 
 
+def load_benchmark(name: str):
+    """The sessions of the teacher-forced benchmark ``name`` (``tau`` or ``swe``)."""
+    return load(name, BENCHMARK_LIMITS[name])
+
+
 if __name__ == "__main__":
-    for name, limit in (("tau", 60), ("swe", None)):
+    for name, limit in BENCHMARK_LIMITS.items():
         s = load(name, limit)
         print(name, len(s), "sessions", sum(len(x) for x in s), "calls",
               sum(len(c) for x in s for _, c in x), "completion tokens",

@@ -8,7 +8,7 @@ import json
 import sys
 
 sys.path.insert(0, ".dev")
-from drafting_data import load  # noqa: E402
+from drafting_data import load_benchmark  # noqa: E402
 
 from agentspec.draft.builder import DrafterConfig, SuffixDrafter  # noqa: E402
 from agentspec.simulate import simulate_sessions  # noqa: E402
@@ -16,7 +16,7 @@ from agentspec.simulate import simulate_sessions  # noqa: E402
 name = sys.argv[1]
 preset = sys.argv[2] if len(sys.argv) > 2 else "default"
 over = dict(a.split("=", 1) for a in sys.argv[3:])
-sessions = load("tau", 60) if name == "tau" else load("swe", None)
+sessions = load_benchmark(name)
 cfg = DrafterConfig()
 policy = True
 if preset == "reference":

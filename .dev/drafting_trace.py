@@ -11,7 +11,7 @@ import pickle
 import sys
 
 sys.path.insert(0, ".dev")
-from drafting_data import load  # noqa: E402
+from drafting_data import load_benchmark  # noqa: E402
 
 from agentspec.draft.builder import DrafterConfig, SuffixDrafter  # noqa: E402
 from agentspec.lookahead import CostCurve, LookaheadPolicy  # noqa: E402
@@ -27,7 +27,7 @@ def _paths(tree):
 
 name, out = sys.argv[1], sys.argv[2]
 over = dict(a.split("=", 1) for a in sys.argv[3:])
-sessions = load("tau", 60) if name == "tau" else load("swe", None)
+sessions = load_benchmark(name)
 cfg = DrafterConfig()
 for k, v in over.items():
     cur = getattr(cfg, k)
