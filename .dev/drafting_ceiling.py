@@ -26,7 +26,7 @@ from drafting_data import load_benchmark  # noqa: E402
 
 from agentspec.draft.builder import DrafterConfig, SuffixDrafter  # noqa: E402
 from agentspec.lookahead import CostCurve, LookaheadPolicy  # noqa: E402
-from agentspec.simulate import accepted_path  # noqa: E402
+from agentspec.replay.simulate import accepted_path  # noqa: E402
 
 name = sys.argv[1]
 want_auc = "--auc" in sys.argv[2:]
@@ -90,7 +90,7 @@ if want_auc:
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.metrics import roc_auc_score
 
-    from agentspec.model import load_tokenizer
+    from agentspec.engine.model import load_tokenizer
 
     tok = load_tokenizer()
     fence = set(tok.encode("```", add_special_tokens=False))

@@ -1,4 +1,4 @@
-"""Tokenised sessions for the drafting dev scripts, through agentspec.trajectories (the one parser).
+"""Tokenised sessions for the drafting dev scripts, through agentspec.replay.trajectories (the one parser).
 
 Sessions = lists of (prompt_ids, completion_ids); tokenised once and cached under /tmp.
 Usage: python .dev/drafting_data.py  (prints counts)
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-from agentspec.model import load_tokenizer
-from agentspec.trajectories import default_data_dir, load_sessions, tokenize_sessions
+from agentspec.engine.model import load_tokenizer
+from agentspec.replay.trajectories import default_data_dir, load_sessions, tokenize_sessions
 
 CACHE = Path("/tmp/agentspec_drafting_cache")
 SOURCES = {"tau": "tau_bench/gpt-4o-airline.json", "swe": "swe_agent"}

@@ -11,7 +11,7 @@ sys.path.insert(0, ".dev")
 from drafting_data import load_benchmark  # noqa: E402
 
 from agentspec.draft.builder import DrafterConfig, SuffixDrafter  # noqa: E402
-from agentspec.simulate import simulate_sessions  # noqa: E402
+from agentspec.replay.simulate import simulate_sessions  # noqa: E402
 
 name = sys.argv[1]
 preset = sys.argv[2] if len(sys.argv) > 2 else "default"

@@ -15,7 +15,7 @@ from drafting_data import load_benchmark  # noqa: E402
 
 from agentspec.draft.builder import DrafterConfig, SuffixDrafter  # noqa: E402
 from agentspec.lookahead import CostCurve, LookaheadPolicy  # noqa: E402
-from agentspec.simulate import accepted_path  # noqa: E402
+from agentspec.replay.simulate import accepted_path  # noqa: E402
 
 
 def _paths(tree):

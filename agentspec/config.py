@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def agentspec_home() -> Path:
+    """Root folder for agentspec's caches: ``$AGENTSPEC_HOME`` or ``~/.cache/agentspec``."""
+    return Path(os.environ.get("AGENTSPEC_HOME", Path.home() / ".cache" / "agentspec")).expanduser()
 
 
 @dataclass

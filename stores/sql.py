@@ -130,7 +130,7 @@ MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}  # from version -> functio
 
 def default_url() -> str:
     """``sqlite:///$AGENTSPEC_HOME/cache.db``."""
-    from agentspec.model import agentspec_home
+    from agentspec.config import agentspec_home
 
     return f"sqlite:///{agentspec_home() / 'cache.db'}"
 

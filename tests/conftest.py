@@ -29,7 +29,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def default_tokenizer():
     """The default model's tokenizer (SmolLM2-135M-Instruct), from the local cache."""
-    from agentspec.model import load_tokenizer
+    from agentspec.engine.model import load_tokenizer
 
     return load_tokenizer()
 

@@ -181,7 +181,7 @@ def _agent_stream(seed: int, calls: int = 6) -> list[tuple[list[int], list[int]]
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_compiled_scorer_matches_the_python_twin(seed):
     """Same trees (tokens, parents, sources; probabilities to rounding) and same learning, step by step."""
-    from agentspec.simulate import accepted_path
+    from agentspec.replay.simulate import accepted_path
 
     twins = [_drafter("cpp"), _drafter("cpp")]
     twins[1].scorer = PyScorer()

@@ -205,7 +205,7 @@ def test_sampling_matches_plain_distribution(tiny_model, default_tokenizer):
     from scipy.stats import chisquare
 
     from agentspec.config import SamplingParams
-    from agentspec.verify import process_logits
+    from agentspec.engine.verify import process_logits
 
     params = SamplingParams(temperature=0.8, top_k=4)
     prompt = [11, 42, 99, 7, 5]
@@ -262,10 +262,10 @@ def test_lean_step_forward_equals_transformers_forward(tiny_model, gguf_blocks):
 
     from agentspec.kernels.blockq import blocks_available
 
-    from agentspec.cpu_fast import fast_linears, skinny_linears
-    from agentspec.kvcache import TreeKVCache
-    from agentspec.step_forward import LlamaStepForward
-    from agentspec.verify import ancestor_mask, tree_inputs
+    from agentspec.engine.cpu_fast import fast_linears, skinny_linears
+    from agentspec.engine.kvcache import TreeKVCache
+    from agentspec.engine.step_forward import LlamaStepForward
+    from agentspec.engine.verify import ancestor_mask, tree_inputs
 
     if gguf_blocks:
         if not blocks_available():
@@ -319,7 +319,7 @@ def test_lean_step_forward_equals_transformers_forward(tiny_model, gguf_blocks):
 def test_int8_rounds_weights_to_q8_0_blocks_the_block_kernel_reads_exactly():
     from agentspec.kernels.blockq import pack_blocks
 
-    from agentspec.quantize import q8_0_round
+    from agentspec.engine.quantize import q8_0_round
 
     torch.manual_seed(0)
     w = torch.randn(48, 96) * torch.logspace(-2, 0, 48)[:, None]  # rows of different scales
@@ -337,7 +337,7 @@ def test_int8_greedy_equals_plain_decoding_of_the_int8_model(tiny_model, default
 
     from agentspec.kernels.blockq import blocks_available
 
-    from agentspec.quantize import quantize_model
+    from agentspec.engine.quantize import quantize_model
 
     model = quantize_model(copy.deepcopy(tiny_model), "int8")
     rng = random.Random(seed)

@@ -25,7 +25,7 @@ NEAR_TIE = 1e-3
 def real_prompts(tokenizer) -> list[tuple[str, list[int]]]:
     """50 prompts: agent calls round-robin over the sessions of every source (call 0 of each, then
     call 1, ...), topped up with Spec-Bench questions (../shared/data, or the sample in tests/data)."""
-    from agentspec.trajectories import default_data_dir, load_sessions
+    from agentspec.replay.trajectories import default_data_dir, load_sessions
 
     data = default_data_dir()
     sessions = []

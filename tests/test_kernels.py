@@ -324,7 +324,7 @@ def test_cpu_fast_path_matches_masked_softmax(heads, kv_heads, prefix, t):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 20])
 def test_skinny_linear_equals_linear_and_is_stock_outside_the_engine(rows):
-    from agentspec.cpu_fast import SkinnyLinear, fast_linears
+    from agentspec.engine.cpu_fast import SkinnyLinear, fast_linears
 
     torch.manual_seed(rows)
     stock = torch.nn.Linear(64, 48)
@@ -390,7 +390,7 @@ def test_block_kernel_matches_the_fp32_matmul(bits, rows):
 def test_skinny_linear_and_head_use_blocks_inside_the_engine_only():
     from agentspec.kernels.blockq import blocks_available
 
-    from agentspec.cpu_fast import BlockHead, SkinnyLinear, fast_linears, output_head, skinny_linears
+    from agentspec.engine.cpu_fast import BlockHead, SkinnyLinear, fast_linears, output_head, skinny_linears
 
     if not blocks_available():
         pytest.skip("compiled block kernel not built, or no AVX2/FMA on this CPU")

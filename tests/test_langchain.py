@@ -8,7 +8,7 @@ import json
 import pytest
 from agentspec.integrations.common import ToolCallSplitter, forced_prefix, normalize_tool_choice
 from agentspec.integrations.langchain import ChatAgentSpec
-from agentspec.integrations.testing import ScriptedEngine
+from doubles import ScriptedEngine
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_tests.unit_tests import ChatModelUnitTests

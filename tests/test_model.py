@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agentspec.model import DEFAULT_MODEL, ModelNotFoundError, default_gguf_path, resolve_model
+from agentspec.engine.model import DEFAULT_MODEL, ModelNotFoundError, default_gguf_path, resolve_model
 
 
 def test_unknown_model_path_is_a_clear_error(tmp_path):

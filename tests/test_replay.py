@@ -9,9 +9,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agentspec.replay import ReplayReport, plot_report, render_methods, render_summary, replay_live, replay_simulate
+from agentspec.replay.live import (
+    ReplayReport,
+    plot_report,
+    render_methods,
+    render_summary,
+    replay_live,
+    replay_simulate,
+)
+from agentspec.replay.trajectories import load_sessions
 from agentspec.stats import SpecStats
-from agentspec.trajectories import load_sessions
 
 DATA = Path(__file__).parent / "data"
 
@@ -179,7 +186,7 @@ def test_simulate_skips_calls_that_cannot_fit(default_tokenizer):
 
 # ------------------------------------------------------------------------------ output
 def _small_report() -> ReplayReport:
-    from agentspec.replay import CallRecord
+    from agentspec.replay.live import CallRecord
 
     calls = [CallRecord("a", 0, 100, 10, 10), CallRecord("a", 1, 150, 20, 5, drafted=30, accepted=15),
              CallRecord("b", 0, 90, 8, 4, drafted=8, accepted=4)]

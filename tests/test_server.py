@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 from agentspec.integrations.server import create_app
-from agentspec.integrations.testing import ScriptedEngine, serve_in_thread
+from doubles import ScriptedEngine, serve_in_thread
 from fastapi.testclient import TestClient
 
 KEY = "sk-test-key"

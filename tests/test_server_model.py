@@ -8,7 +8,7 @@ import threading
 import httpx
 import pytest
 from agentspec.integrations.server import create_app
-from agentspec.integrations.testing import serve_in_thread
+from doubles import serve_in_thread
 
 pytestmark = pytest.mark.model
 KEY = "sk-model-test"

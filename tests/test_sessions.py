@@ -20,7 +20,7 @@ def tiny_engine(store_url: str | None):
     from agentspec.config import SpeculationConfig
     from agentspec.draft.builder import SuffixDrafter
     from agentspec.engine import Engine
-    from agentspec.model import load_tokenizer
+    from agentspec.engine.model import load_tokenizer
     from agentspec.sessions import SessionManager
 
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import pytest
 
 from agentspec.draft.base import DraftTree
 from agentspec.lookahead import CostCurve
-from agentspec.simulate import accepted_path, simulate_sessions
+from agentspec.replay.simulate import accepted_path, simulate_sessions
 
 
 class ScriptedDrafter:

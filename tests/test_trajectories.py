@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agentspec import chat
-from agentspec.trajectories import (
+from agentspec.replay.trajectories import (
     Call,
     Session,
     default_data_dir,

@@ -14,7 +14,7 @@ console = Console(stderr=True)
 
 
 def _default_paths() -> list[Path]:
-    from agentspec.trajectories import default_data_dir
+    from agentspec.replay.trajectories import default_data_dir
 
     data = Path(default_data_dir())
     paths = [data / "swe_agent", data / "tau_bench" / "gpt-4o-airline.json"]
@@ -22,7 +22,7 @@ def _default_paths() -> list[Path]:
 
 
 def _load(paths: list[Path], limit: int | None):
-    from agentspec.trajectories import load_sessions
+    from agentspec.replay.trajectories import load_sessions
 
     sessions = []
     for path in paths:
@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
 
 def _comparisons(methods: str | None) -> list[str]:
     """The comparison methods named by ``--methods`` (agentspec itself always runs)."""
-    from agentspec.baselines import COMPARISONS, llamacpp_available
+    from agentspec.replay.baselines import COMPARISONS, llamacpp_available
 
     if methods is None:
         return ["hf", "hf_pld"] + (["llamacpp"] if llamacpp_available() else [])
@@ -99,7 +99,7 @@ def _live(sessions, engine, compare: list[str], *, calls: int, max_new_tokens: i
           report_path: Path | None, as_json: bool) -> None:
     from tqdm import tqdm
 
-    from agentspec.replay import ReplayReport, render_methods, replay_live
+    from agentspec.replay.live import ReplayReport, render_methods, replay_live
 
     total = sum(min(len(s.calls), calls) for s in sessions)
     result = ReplayReport("live")
@@ -139,9 +139,9 @@ def parse_cost_curve(spec: str | None):
 
 def _simulate(sessions, model: str | None, cost_curve: str | None, as_json: bool) -> None:
     """Teacher-forced drafting over ``sessions``: the same simulation as ``agentspec replay --mode simulate``."""
-    from agentspec.model import load_tokenizer
-    from agentspec.simulate import simulate_sessions
-    from agentspec.trajectories import tokenize_sessions
+    from agentspec.engine.model import load_tokenizer
+    from agentspec.replay.simulate import simulate_sessions
+    from agentspec.replay.trajectories import tokenize_sessions
 
     cost = parse_cost_curve(cost_curve)
     tokenized = tokenize_sessions(load_tokenizer(model), sessions)

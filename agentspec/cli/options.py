@@ -25,7 +25,7 @@ class ModelOptions:
 
         from agentspec.config import SpeculationConfig
         from agentspec.engine import Engine
-        from agentspec.model import ModelNotFoundError
+        from agentspec.engine.model import ModelNotFoundError
 
         try:
             return Engine.from_pretrained(

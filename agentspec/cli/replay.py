@@ -13,7 +13,7 @@ console = Console(stderr=True)
 
 
 def _default_paths() -> list[Path]:
-    from agentspec.trajectories import default_data_dir
+    from agentspec.replay.trajectories import default_data_dir
 
     data = Path(default_data_dir())
     swe = data / "swe_agent"
@@ -48,8 +48,8 @@ def register(app: typer.Typer) -> None:
         """
         from tqdm import tqdm
 
-        from agentspec.replay import MODES, ReplayReport, plot_report, render_summary, replay_live, replay_simulate
-        from agentspec.trajectories import load_sessions
+        from agentspec.replay.live import MODES, ReplayReport, plot_report, render_summary, replay_live, replay_simulate
+        from agentspec.replay.trajectories import load_sessions
 
         if mode not in MODES:
             raise typer.BadParameter(f"expected one of {', '.join(MODES)}, got {mode!r}", param_hint="--mode")
@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
         if mode == "live":
             engine = options.engine()
         else:
-            from agentspec.model import load_tokenizer
+            from agentspec.engine.model import load_tokenizer
 
             tokenizer = load_tokenizer(options.model)
         result = ReplayReport(mode)

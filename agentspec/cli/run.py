@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"\n[dim]{stats.output_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s, "
                           f"{stats.tokens_per_step:.2f} tokens/step, {stats.hit_rate:.0%} from drafts[/dim]")
             return
-        from agentspec.demo import run_demo
+        from agentspec.replay.demo import run_demo
 
         console.print(f"[bold]agentspec demo[/bold]: {engine.model_name}, a tau-bench airline conversation, "
                       f"{turns} live assistant turns, each decoded without and with speculation")

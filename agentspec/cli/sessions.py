@@ -135,7 +135,7 @@ def register(app: typer.Typer) -> None:
               as_json: bool = typer.Option(False, "--json", help="JSON on stdout.")) -> None:
         """Append rate, load + rebuild time of a large session, stored bytes per token.
         Writes benchmark sessions into the store: use a scratch store."""
-        from agentspec.stores.benchmark import run
+        from agentspec.replay.store_bench import run
 
         result = run(store, append_calls=calls, session_tokens=session_tokens, output_len=output_len).to_dict()
         if as_json:

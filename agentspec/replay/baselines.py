@@ -104,7 +104,7 @@ def comparison_runner(name: str, engine, window: int) -> Runner:
     if name == "hf_pld":
         return lambda ids, session, n: hf_generate(engine.model, ids, n, engine.eos_ids, prompt_lookup_num_tokens=10)
     if name == "llamacpp":
-        from agentspec.model import resolve_model
+        from agentspec.engine.model import resolve_model
 
         source = resolve_model(engine.model_source)
         if not source.is_gguf:

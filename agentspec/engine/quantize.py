@@ -3,7 +3,7 @@
 ``quantize_model(model, "int8")`` rounds every linear layer's weight to Q8_0 blocks (per block
 of 32 input columns, ``w = d * q`` with q in -127..127 and d an fp16 scale) and stores the
 de-quantized values back in fp32. That *is* the quantized model: plain HF decoding of it uses
-those weights, and the engine's fast path (:mod:`agentspec.cpu_fast`) recognises them as exact
+those weights, and the engine's fast path (:mod:`agentspec.engine.cpu_fast`) recognises them as exact
 blocks and reads them as int8 in its compiled kernel. Activations stay fp32, so speculative
 decoding of the quantized model is identical to plain decoding of it, with the same near-tie
 rule as fp32.

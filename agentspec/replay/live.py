@@ -3,7 +3,7 @@
 Two modes, one report (:class:`ReplayReport`, a :class:`CallRecord` per call):
 
 * ``simulate``: teacher-forced drafting (no model forward). The recorded completion decides
-  how many drafted tokens are accepted; the drafting code is :mod:`agentspec.simulate`'s.
+  how many drafted tokens are accepted; the drafting code is :mod:`agentspec.replay.simulate`'s.
 * ``live``: the engine generates each call from its recorded prompt (fitted to the window
   minus ``max_new_tokens`` by dropping the oldest turns), with ``session`` = trajectory id,
   calls in order, so the session's suffix trees grow as the agent's did. Comparison methods
@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agentspec import chat
-from agentspec.trajectories import Session, tokenize_call
+from agentspec.replay.trajectories import Session, tokenize_call
 
 if TYPE_CHECKING:
-    from agentspec.baselines import Runner
+    from agentspec.replay.baselines import Runner
 
 MODES = ("simulate", "live")
-AGENTSPEC = "agentspec"  # the engine under test, beside the comparisons of agentspec.baselines
+AGENTSPEC = "agentspec"  # the engine under test, beside the comparisons of agentspec.replay.baselines
 
 
 @dataclass
@@ -234,14 +234,14 @@ def replay_live(
 
     The prompt of each call is the recorded one, fitted to ``min(max_context, window) -
     max_new_tokens`` tokens (oldest turns dropped; a call that cannot fit is skipped with a
-    note). Each comparison in ``compare`` (names from :data:`agentspec.baselines.COMPARISONS`;
+    note). Each comparison in ``compare`` (names from :data:`agentspec.replay.baselines.COMPARISONS`;
     ``baseline=True`` adds ``"hf"``, plain HF greedy) runs the same prompt ids right before
     agentspec, call by call, so ratios compare like with like on a noisy machine. ``runners``
     replaces the runner of a comparison (tests). ``on_call`` gets each :class:`CallRecord`
     (``None`` for a skipped call); with ``report`` given, that report is filled in place, so
     ``on_call`` can save it as it grows.
     """
-    from agentspec.baselines import COMPARISONS, comparison_runner
+    from agentspec.replay.baselines import COMPARISONS, comparison_runner
 
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -303,7 +303,7 @@ def _live_call(engine, session: Session, index: int, call, budget: int, max_new_
     record.prefill_seconds, record.decode_seconds = stats.prefill_seconds, stats.decode_seconds
     if "hf" in outputs:
         record.identical = result.token_ids == outputs["hf"]
-    from agentspec.baselines import REFERENCES
+    from agentspec.replay.baselines import REFERENCES
 
     for name, run in record.methods.items():  # each against plain greedy decoding of the same weights
         reference = REFERENCES.get(name, "hf")
@@ -314,9 +314,9 @@ def _live_call(engine, session: Session, index: int, call, budget: int, max_new_
 
 # ---------------------------------------------------------------------------------------- simulate
 class _CallRecorder:
-    """A drafter proxy: :func:`agentspec.simulate.simulate_sessions` drives the real drafter
+    """A drafter proxy: :func:`agentspec.replay.simulate.simulate_sessions` drives the real drafter
     through it, and it turns the calls it sees into :class:`CallRecord` s (the simulation
-    itself stays in one place, :mod:`agentspec.simulate`)."""
+    itself stays in one place, :mod:`agentspec.replay.simulate`)."""
 
     def __init__(self, inner, order: list[tuple[str, int]], cost, on_call) -> None:
         self._inner = inner
@@ -365,14 +365,14 @@ def replay_simulate(
     on_call: Callable[[CallRecord | None], None] | None = None,
 ) -> ReplayReport:
     """Teacher-forced drafting over ``sessions`` (no model forward), via
-    :func:`agentspec.simulate.simulate_sessions`, with a :class:`CallRecord` per call.
+    :func:`agentspec.replay.simulate.simulate_sessions`, with a :class:`CallRecord` per call.
 
     Prompts are tokenised with ``tokenizer`` (fitted to ``max_prompt_tokens`` if given), the
     completion is the recorded one plus EOS. ``policy=False`` verifies every proposed tree as is.
     The modelled speedup uses the fp32 cost curve of DESIGN.md.
     """
     from agentspec.lookahead import CostCurve
-    from agentspec.simulate import simulate_sessions
+    from agentspec.replay.simulate import simulate_sessions
 
     report = ReplayReport("simulate", info={"max_prompt_tokens": max_prompt_tokens, "policy": policy,
                                             "budget": budget})
@@ -420,7 +420,7 @@ def render_methods(report: ReplayReport):
     """A rich table, one row per method (live): decode tok/s, tokens/step, speedups vs HF greedy."""
     from rich.table import Table
 
-    from agentspec.baselines import COMPARISONS
+    from agentspec.replay.baselines import COMPARISONS
 
     labels = {AGENTSPEC: "agentspec"} | COMPARISONS
     methods = report.compared + [AGENTSPEC]

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from agentspec.config import agentspec_home
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -24,11 +26,6 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelNotFoundError(FileNotFoundError):
     """Raised when a model path or the default model package cannot be found."""
-
-
-def agentspec_home() -> Path:
-    """Root folder for agentspec's caches: ``$AGENTSPEC_HOME`` or ``~/.cache/agentspec``."""
-    return Path(os.environ.get("AGENTSPEC_HOME", Path.home() / ".cache" / "agentspec")).expanduser()
 
 
 @dataclass(frozen=True)
@@ -138,5 +135,5 @@ def load_model(
     return hf_model, AutoTokenizer.from_pretrained(path)
 
 
-if __name__ == "__main__":  # `python -m agentspec.model`: convert the default model once
+if __name__ == "__main__":  # `python -m agentspec.engine.model`: convert the default model once
     print(f"default model ready at {materialize(resolve_model())}")

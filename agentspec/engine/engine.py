@@ -28,12 +28,12 @@ import torch
 
 from agentspec import chat
 from agentspec.config import SamplingParams, SpeculationConfig
-from agentspec.cpu_fast import attention, fast_linears, output_head, skinny_linears, tree_attention_name
 from agentspec.draft.base import SOURCE_NAMES, Drafter, DraftTree
-from agentspec.kvcache import PrefixCache, TreeKVCache
+from agentspec.engine.cpu_fast import attention, fast_linears, output_head, skinny_linears, tree_attention_name
+from agentspec.engine.kvcache import PrefixCache, TreeKVCache
+from agentspec.engine.step_forward import LlamaStepForward
+from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask, sample_token, tree_inputs
 from agentspec.stats import SpecStats
-from agentspec.step_forward import LlamaStepForward
-from agentspec.verify import accept_greedy, accept_sampling, ancestor_mask, sample_token, tree_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -145,14 +145,14 @@ class Engine:
         ``store``: a session store URL, a store object, or ``None`` for in-memory sessions.
         ``quantize="int8"``: dynamic int8 weights in the linear layers (CPU).
         """
-        from agentspec.model import load_model, resolve_model
+        from agentspec.engine.model import load_model, resolve_model
 
         if threads:
             torch.set_num_threads(threads)
         source = resolve_model(model)
         hf_model, tokenizer = load_model(model, dtype=dtype)
         if quantize:
-            from agentspec.quantize import quantize_model
+            from agentspec.engine.quantize import quantize_model
 
             hf_model = quantize_model(hf_model, quantize)
         speculation = speculation or SpeculationConfig()

@@ -328,7 +328,7 @@ def load_sessions(
 def default_data_dir() -> Path:
     """Where trajectories live: ``$AGENTSPEC_DATA``, else ``../shared/data`` next to the repo or
     the working directory, else the small samples in ``tests/data`` (or the bundled sample)."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     candidates = [os.environ.get(DATA_ENV), repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
                   Path.cwd() / "shared" / "data"]
     for candidate in candidates:
@@ -337,7 +337,7 @@ def default_data_dir() -> Path:
     tests_data = repo / "tests" / "data"
     if tests_data.is_dir() and any(tests_data.iterdir()):
         return tests_data
-    return Path(__file__).resolve().parent / "samples"
+    return Path(__file__).resolve().parents[1] / "samples"
 
 
 # ---------------------------------------------------------------------------------------- tokens

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from agentspec.cpu_fast import BLOCK_ROWS
+from agentspec.engine.cpu_fast import BLOCK_ROWS
+from agentspec.engine.kvcache import TreeKVCache
 from agentspec.kernels.blockq import BlockWeight, block_linear, concat_blocks
 from agentspec.kernels.cpu import causal_chunk_attention, folded_tree_attention, folded_tree_mask
-from agentspec.kvcache import TreeKVCache
 
 
 def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
@@ -63,7 +63,7 @@ class LlamaStepForward:
         self.head_dim = self.layers[0].self_attn.head_dim
         config = model.config
         self.groups = config.num_attention_heads // config.num_key_value_heads  # query heads per kv head
-        # where the projections are GGUF blocks (see agentspec.cpu_fast.skinny_linears), q/k/v and
+        # where the projections are GGUF blocks (see agentspec.engine.cpu_fast.skinny_linears), q/k/v and
         # gate/up each run as one kernel call on small inputs
         self.qkv = [_fuse((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
                     for layer in self.layers]

@@ -108,7 +108,7 @@ class CostCurve:
         cls, key: str, forward_fn: Callable[[int], float | None], ks: Sequence[int] = DEFAULT_KS, repeats: int = 3
     ) -> CostCurve:
         """The curve stored as ``$AGENTSPEC_HOME/cost_curves/<key>.json``, measured once if missing."""
-        from agentspec.model import agentspec_home
+        from agentspec.config import agentspec_home
 
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
         path = agentspec_home() / "cost_curves" / f"{safe}.json"

@@ -1,0 +1,1 @@
+"""Recorded agent trajectories: loading, live and teacher-forced replay, baselines and reports."""
