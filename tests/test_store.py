@@ -19,7 +19,7 @@ from agentspec.stores import (
     TokenizerMismatchError,
     open_store,
 )
-from agentspec.stores.sql import records_table
+from agentspec.stores.schema import records_table
 
 PG_URL = os.environ.get("AGENTSPEC_TEST_PG_URL")
 BACKENDS = ["sqlite", pytest.param("postgres", marks=[
@@ -151,7 +151,8 @@ def test_v1_store_is_upgraded_in_place(url):
                              .replace("SERIAL", "INTEGER" if url.startswith("sqlite") else "SERIAL")))
         conn.execute(sa.text("INSERT INTO agentspec_sessions VALUES ('old', 'fp', 100.0)"))
     engine.dispose()
-    from agentspec.stores.codec import encode_stats, encode_tokens
+    import msgpack
+    from agentspec.stores.codec import encode_tokens
 
     insert_v1 = ("INSERT INTO agentspec_records (session_id, fingerprint, created_at, prompt_tokens, output_tokens, "
                  "prompt, output, stats) VALUES ('old', 'fp', 150.0, 1, 2, :p, :o, :s)")
@@ -160,7 +161,7 @@ def test_v1_store_is_upgraded_in_place(url):
     with engine.begin() as conn:
         conn.execute(sa.text(insert_v1),
                      {"p": encode_tokens([4]), "o": encode_tokens([5, 6]),
-                      "s": encode_stats({"steps": 1, "accepted_tokens": 1, "accepted_by_source": {"session": 1}})})
+                      "s": msgpack.packb({"steps": 1, "accepted_tokens": 1, "accepted_by_source": {"session": 1}})})
         conn.execute(sa.text(insert_v1.replace("150.0, 1, 2", "140.0, 1, 1")),
                      {"p": encode_tokens([4]), "o": encode_tokens([7]), "s": b"\xc1corrupt"})
     engine.dispose()
