@@ -7,8 +7,8 @@
   disappeared is an error, not a fresh empty store.
 - WAL: a read is a plain (deferred) transaction on a snapshot and never blocks the writer; a
   write takes the write lock up front (``BEGIN IMMEDIATE``: no lock-upgrade deadlocks).
-- ``PRAGMA quick_check`` when a store opens (bounded in time), ``PRAGMA integrity_check`` on
-  demand (:func:`integrity_problems`).
+- ``PRAGMA integrity_check`` (index contents included: a damaged index would hide rows) when a
+  store opens, bounded in time, and in full on demand (:func:`integrity_problems`).
 """
 
 from __future__ import annotations
@@ -88,8 +88,10 @@ def create_file(file: Path, initialise: Callable[[Engine], None]) -> None:
                 os.unlink(leftover)
 
 
-def engine_for(file: Path | None, url: str | None = None) -> Engine:
-    """An engine on an existing file (opened ``mode=rw``), or on ``url`` as the driver reads it."""
+def engine_for(file: Path | None, url: str | None = None, damaged: bool = False) -> Engine:
+    """An engine on an existing file (opened ``mode=rw``), or on ``url`` as the driver reads it.
+    ``damaged``: to read what is left of a damaged file, tolerate a damaged schema (``PRAGMA
+    writable_schema``; the store takes no writes once it knows of the damage)."""
     if file is not None:
         uri = f"file:{urllib.parse.quote(str(file))}?mode=rw"
         engine = sa.create_engine(f"sqlite:///{file}", creator=lambda: sqlite3.connect(
@@ -101,6 +103,8 @@ def engine_for(file: Path | None, url: str | None = None) -> Engine:
     def _pragmas(dbapi_conn, _record):
         dbapi_conn.isolation_level = None  # the driver begins nothing by itself: see _begin
         cur = dbapi_conn.cursor()
+        if damaged:  # first: before anything reads the schema
+            cur.execute("PRAGMA writable_schema=ON")
         cur.execute("PRAGMA journal_mode=WAL")  # a killed writer leaves no half-written call
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
