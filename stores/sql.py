@@ -73,6 +73,7 @@ CHECK_SECONDS = 2.0  # the most the integrity check may take when a SQLite store
 KNOWN_SESSIONS = 1024  # sessions whose header this process remembers (the append fast path)
 _SCHEMA_LOCK = 0x61676E7473706563  # PostgreSQL advisory lock key while creating or migrating tables
 _INSERT_RECORD = records_table.insert()
+DATABASE_ERRORS = (sa.exc.SQLAlchemyError, UnicodeDecodeError)  # the driver decodes damaged text itself
 
 
 def default_url() -> str:
@@ -111,7 +112,7 @@ class SqlStore:
             if check and self.is_sqlite:
                 self._check_at_open()
             self._prepare_schema()
-        except sa.exc.SQLAlchemyError as exc:
+        except DATABASE_ERRORS as exc:
             error = self._error(exc, "open")
             if check or not isinstance(error, StoreDamagedError):
                 raise error from exc
@@ -173,7 +174,7 @@ class SqlStore:
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
             prepare_schema(conn, self._safe_url())
 
-    def _error(self, exc: sa.exc.SQLAlchemyError, action: str) -> StoreError:
+    def _error(self, exc: Exception, action: str) -> StoreError:
         """The one translation of database errors into :class:`StoreError`."""
         if isinstance(exc, sa.exc.ArgumentError):
             return StoreError(f"invalid store URL {self.url!r}: {exc}")
@@ -190,7 +191,7 @@ class SqlStore:
         try:
             with self.engine.connect() as conn:
                 yield conn
-        except sa.exc.SQLAlchemyError as exc:
+        except DATABASE_ERRORS as exc:
             raise self._error(exc, "read") from exc
 
     @contextlib.contextmanager
@@ -201,7 +202,7 @@ class SqlStore:
         try:
             with self._writer.begin() as conn:
                 yield conn
-        except sa.exc.SQLAlchemyError as exc:
+        except DATABASE_ERRORS as exc:
             raise self._error(exc, "write to") from exc
 
     def scoped(self, namespace: str) -> SqlStore:

@@ -31,6 +31,8 @@ WRITE = "agentspec_write"  # execution option of the connections that write (BEG
 BUSY_SECONDS = 60  # how long a writer waits for another process's write lock
 DAMAGE_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
 DAMAGE_WORDS = ("malformed", "not a database")  # the same, for drivers without sqlite_errorcode (Python 3.10)
+# text that is not UTF-8 (agentspec writes none): the driver's UnicodeDecodeError, or its message
+NOT_UTF8 = "Could not decode to UTF-8"
 
 
 def file_path(url: str) -> Path | None:
@@ -139,6 +141,8 @@ def integrity_problems(conn: Connection, full: bool = False, seconds: float | No
 def is_damage(exc: BaseException) -> bool:
     """Whether a driver error says the file is damaged (rather than busy, read-only, ...)."""
     orig = getattr(exc, "orig", exc)
+    if isinstance(orig, UnicodeDecodeError) or NOT_UTF8 in str(orig):
+        return True
     if not isinstance(orig, sqlite3.DatabaseError):
         return False
     code = getattr(orig, "sqlite_errorcode", None)
