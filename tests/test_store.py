@@ -174,7 +174,9 @@ def test_v1_store_is_upgraded_in_place(url):
     totals = store.session_stats("old")["old"]  # v3: totals from the stored calls (a corrupt one counted bare)
     assert totals["calls"] == 2 and totals["output_tokens"] == 3 and totals["steps"] == 1
     assert totals["accepted_by_source"]["session"] == 1
-    store.append("old", [4], [8], {"steps": 2}, fingerprint="fp")  # and the upgraded store takes new calls
+    newest = max(c.record_id for c in loaded.calls)
+    assert store.append("old", [4], [8], {"steps": 2}, fingerprint="fp") > newest  # ids go on after the copied ones
+    assert store.scoped("tenant").load_session("old").calls == []  # v4: older sessions are namespace ""
     assert store.session_stats("old")["old"]["steps"] == 3
 
 
