@@ -55,6 +55,11 @@ def register(app: typer.Typer) -> None:
         cost_curve: str = typer.Option(None, "--cost-curve", help="Simulate: forward cost curve as 'k:ms,...' "
                                        "(e.g. 1:65,8:110,32:181) or a JSON file of [k, seconds] pairs "
                                        "(default: the DESIGN.md fp32 curve)."),
+        profile: bool = typer.Option(False, "--profile", help="Time one verification step by part (matmuls, "
+                                     "attention, norms, rotary, element-wise, glue) against the memory bandwidth "
+                                     "floor; no sessions are read."),
+        contexts: str = typer.Option("1k,3k,6k", help="Profile: context lengths."),
+        tree_sizes: str = typer.Option("1,4,8,16", help="Profile: tree sizes (tokens per step)."),
         options: ModelOptions = None,
     ) -> None:
         """Benchmark agentspec on recorded agent sessions.
@@ -68,6 +73,11 @@ def register(app: typer.Typer) -> None:
         --simulate: the teacher-forced drafting benchmark (the recorded completion decides acceptance)
         with the modelled speedup on the DESIGN.md fp32 cost curve.
         """
+        if profile:
+            from agentspec.engine.profile import run_profile
+
+            run_profile(options.engine, contexts, tree_sizes, report, as_json, console)
+            return
         paths = paths or _default_paths()
         if simulate:
             _simulate(_load(paths, limit), options.model, cost_curve, as_json)
