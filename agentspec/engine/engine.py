@@ -35,6 +35,7 @@ from agentspec.engine.radix import KVPool, PrefixMatch, RadixCache
 from agentspec.engine.step_forward import LlamaStepForward
 from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask, sample_token, tree_inputs
 from agentspec.stats import SpecStats
+from agentspec.tokens import common_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class Engine:
         self._request_ids = itertools.count()
         self._observe = getattr(drafter, "observe", None)  # recycling table feed, if the drafter has one
         self._fingerprint: str | None = None
+        self._spare_kv: tuple[list[int], TreeKVCache] | None = None  # the last request's tokens and KV rows
         self._decoder = model.get_decoder()
         self._head = model.get_output_embeddings()
         self._tree_attention: str | None = None  # attention implementation for verification forwards
@@ -333,6 +335,8 @@ class Engine:
                     if cache is not None:  # valid rows: prompt + output[:-1] (the last root is not computed yet)
                         self.prefix_cache.cache_sequence(prompt_ids + output[:-1], cache)
                     self.prefix_cache.unlock(match.node)
+                if cache is not None:
+                    self._spare_kv = (prompt_ids + output[:-1], cache)
                 if stats.finish_reason and self.sessions is not None and session is not None:
                     self._record(session, prompt_ids, output, stats)
 
@@ -353,15 +357,33 @@ class Engine:
         self.prefix_cache.lock(match.node)
         return match
 
+    def _request_kv(self, prompt_ids: list[int], match: PrefixMatch | None) -> tuple[TreeKVCache, int]:
+        """KV buffers for a request and how many leading prompt rows they already hold.
+
+        The last request's buffers are reused (fresh memory costs page faults). In an agent loop the
+        prompt extends the last request's prompt and output, whose rows those buffers still hold:
+        then they are kept as they are; otherwise the matched prefix's rows are copied from the pool.
+        """
+        limit = len(prompt_ids) - 1  # at least one prompt token must run, for its logits
+        spare, self._spare_kv = self._spare_kv, None
+        cache = spare[1] if spare is not None else TreeKVCache(self.num_layers, len(prompt_ids) + 256)
+        if match is None:
+            cache.truncate(0)
+            return cache, 0
+        reused = min(match.length, limit)
+        held = min(common_prefix(spare[0], prompt_ids), limit) if spare is not None else 0
+        if held >= reused:  # the same values as the pool's rows: both are this prefix's KV
+            cache.truncate(held)
+            return cache, held
+        cache.truncate(0)
+        self.prefix_cache.pool.read_into(match.slots[:reused], cache)
+        return cache, reused
+
     def _prefill(
         self, prompt_ids: list[int], match: PrefixMatch | None, stats: SpecStats
     ) -> tuple[TreeKVCache, torch.Tensor]:
         """Fill the KV cache for the prompt (copying a cached prefix's rows); logits of the last position."""
-        cache = TreeKVCache(self.num_layers, capacity=len(prompt_ids) + 256)
-        reused = 0
-        if match is not None:
-            reused = min(match.length, len(prompt_ids) - 1)  # at least one token must run for its logits
-            self.prefix_cache.pool.read_into(match.slots[:reused], cache)
+        cache, reused = self._request_kv(prompt_ids, match)
         stats.prefill_tokens = len(prompt_ids) - reused
         with torch.no_grad(), fast_linears():
             for start in range(reused, len(prompt_ids), PREFILL_CHUNK):
