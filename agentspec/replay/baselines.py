@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -119,15 +120,19 @@ def comparison_runner(name: str, engine, window: int) -> Runner:
     raise ValueError(f"unknown comparison {name!r}; expected one of {sorted(COMPARISONS)}")
 
 
+_INT8_ENGINES: dict[str, Any] = {}  # model source -> its int8 engine, built once per process
+
+
 def _int8_engine(engine):
-    """A second engine on ``engine``'s weights with int8 linear layers, built once per engine."""
-    if getattr(engine, "_int8_twin", None) is None:
+    """A second engine on ``engine``'s weights with int8 linear layers (sessions in memory), built once."""
+    if engine.device.type != "cpu":
+        raise ValueError("int8 weights run on the CPU only")
+    if engine.model_source not in _INT8_ENGINES:
         from agentspec.engine import Engine
 
-        if engine.device.type != "cpu":
-            raise ValueError("int8 weights run on the CPU only")
-        engine._int8_twin = Engine.from_pretrained(engine.model_source, quantize="int8", speculation=engine.speculation)
-    return engine._int8_twin
+        _INT8_ENGINES[engine.model_source] = Engine.from_pretrained(
+            engine.model_source, quantize="int8", speculation=engine.speculation, store="memory")
+    return _INT8_ENGINES[engine.model_source]
 
 
 def _engine_run(engine, prompt_ids: list[int], session: str, max_new_tokens: int):
