@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from agentspec.cli.options import existing_store, fail
+
 console = Console()
 err = Console(stderr=True)
 
@@ -169,7 +171,9 @@ def register(app: typer.Typer) -> None:
         """Cache hit rates per session and overall: calls, tokens, drafted and accepted tokens, acceptance,
         tokens per verification step, share of output from drafts, and which tree the drafts came from.
         Totals count every call ever stored, including calls `agentspec prune` has deleted since."""
-        rows = session_totals(_open(store), session)
+        rows = session_totals(_open(existing_store(store)), session)
+        if session is not None and not rows:
+            raise fail(f"no session {session!r}", 1)
         if as_json:
             print(json.dumps(rows, indent=2))
         elif not rows:
