@@ -100,3 +100,34 @@ def test_run_then_stats_in_another_process(tmp_path):
     assert stats.returncode == 0, stats.stderr
     rows = json.loads(stats.stdout)
     assert rows["run"]["calls"] == 1 and 0 < rows["run"]["output_tokens"] <= 4
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture()
+def engine_store(monkeypatch):
+    """The store each command builds its engine with (the engine itself is not built)."""
+    from agentspec.cli.options import ModelOptions
+
+    seen = []
+
+    def engine(self, store=None):
+        seen.append(store or self.store_url)
+        raise _Stop
+
+    monkeypatch.setattr(ModelOptions, "engine", engine)
+    return seen
+
+
+def test_run_writes_to_the_default_store_unless_told(cli, tmp_path, engine_store):
+    cli("run", "--prompt", "hi")
+    cli("run", "--prompt", "hi", "--store", "memory")
+    assert engine_store == [f"sqlite:///{tmp_path / 'home' / 'cache.db'}", "memory"]
+
+
+def test_bench_uses_a_scratch_store_and_says_so(cli, tmp_path, engine_store):
+    result = cli("bench", DATA / "jsonl", "--methods", "agentspec")
+    assert len(engine_store) == 1 and engine_store[0].endswith("/bench.db")
+    assert "home" not in engine_store[0] and "scratch store" in result.output
