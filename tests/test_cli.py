@@ -47,10 +47,10 @@ def test_enumerated_options_are_refused_with_their_choices(cli, args, choices):
 def test_stats_never_creates_a_store(cli, tmp_path):
     missing = tmp_path / "nowhere" / "c.db"
     result = cli("stats", "--store", f"sqlite:///{missing}")
-    assert result.exit_code == 1 and str(missing) in " ".join(result.output.split())
+    assert result.exit_code == 2 and str(missing) in " ".join(result.output.split())
     assert not missing.parent.exists()
     result = cli("stats")  # the default store, never written to
-    assert result.exit_code == 1 and "cache.db" in result.output
+    assert result.exit_code == 2 and "cache.db" in result.output
     assert not (tmp_path / "home" / "cache.db").exists()
 
 

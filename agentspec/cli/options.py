@@ -7,7 +7,6 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, get_args
 
 import typer
@@ -32,18 +31,6 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     """Print a one-line error; the caller raises the returned ``typer.Exit``."""
     err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
-
-
-def existing_store(url: str | None) -> str:
-    """``url`` (default: the default store) for a command that only reads: a SQLite file that is not
-    there is an error naming the path, never a new empty store."""
-    url = url or default_store_url()
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        path = Path(url[len("sqlite:///"):].split("?")[0])
-        if not path.is_file():
-            raise fail(f"no session store at {path} (nothing has been stored there yet; --store URL to read another)",
-                       1)
-    return url
 
 
 @dataclass
