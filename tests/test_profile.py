@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from agentspec.config import SpeculationConfig
 from agentspec.engine import Engine
 from agentspec.engine.cpu_fast import fast_linears
+from agentspec.engine.forward import select_forward
 from agentspec.engine.profile import (
     PARTS,
     _Clock,
@@ -37,16 +38,16 @@ def engine(tiny_model):
 
 @pytest.mark.parametrize("parents", [[-1, 0, 1], [], [-1, 0, 0, 1, -1]])
 def test_the_timed_twin_computes_exactly_what_the_forward_computes(engine, parents):
-    step, head = engine._step_forward, engine._head
+    step, head = engine.forward.step, engine.forward.head
     cache = _random_cache(step, 37, 8)
     k = len(parents) + 1
     ids, positions = torch.randint(3, 500, (k,)), torch.arange(37, 37 + k)
     mask = ancestor_mask(parents)
+    expected = engine.forward.verify(ids, positions, mask, cache)
+    keys = [layer.keys.clone() for layer in cache.layers]
+    cache.truncate(37)
+    clock = _Clock()
     with torch.no_grad(), fast_linears():
-        expected = head(step(ids, positions, mask, cache)).float()
-        keys = [layer.keys.clone() for layer in cache.layers]
-        cache.truncate(37)
-        clock = _Clock()
         got = timed_step(step, head, ids, positions, mask, cache, clock)
     assert torch.equal(got, expected)
     assert all(torch.equal(a, layer.keys) for a, layer in zip(keys, cache.layers))
@@ -85,12 +86,19 @@ def test_profile_reports_every_shape_with_bytes_and_floor(engine, tmp_path):
 def test_block_weights_are_counted_as_stored(tiny_model):
     model = quantize_model(copy.deepcopy(tiny_model), "int8")  # every linear layer: exact Q8_0 blocks
     engine = _engine(model)
-    step, head = engine._step_forward, engine._head
+    step, head = engine.forward.step, engine.forward.head
     cache = _random_cache(step, 8, 4)
     nbytes = step_bytes(step, head, 8, 2, cache)
     layer = model.model.layers[0]
     values = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
     assert nbytes["matmul"] == model.config.num_hidden_layers * values * (1 + 4 / 32)  # int8 + an fp32 scale / 32
+
+
+def test_profile_refuses_an_engine_without_the_lean_forward(tiny_model):
+    engine = Engine(tiny_model, None, drafter=None, speculation=SpeculationConfig(enabled=False),
+                    forward=select_forward(tiny_model, fast_cpu=False))
+    with pytest.raises(ValueError, match="lean CPU forward"):
+        profile_steps(engine, (8,), (1,), bandwidth=1e9)
 
 
 def test_parse_sizes():
@@ -106,7 +114,7 @@ def test_cli_profile_writes_the_report(engine, monkeypatch, tmp_path):
     from agentspec.cli.options import ModelOptions
     from agentspec.engine import profile
 
-    monkeypatch.setattr(ModelOptions, "engine", lambda self: engine)
+    monkeypatch.setattr(ModelOptions, "engine", lambda self, store=None: engine)
     monkeypatch.setattr(profile, "memory_bandwidth", lambda nbytes: 1e10)
     out = tmp_path / "p.json"
     result = CliRunner().invoke(app, ["bench", "--profile", "--contexts", "32", "--tree-sizes", "1,2",

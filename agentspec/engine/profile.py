@@ -4,7 +4,8 @@ machine's memory bandwidth (``agentspec bench --profile``).
 For each context length ``P`` and tree size ``k`` (a chain of ``k`` tokens, as
 :meth:`agentspec.engine.Engine.forward_cost` times it) the step is run two ways over the same KV:
 
-* the engine's own forward and output head, fastest of ``repeats``: the *step* time;
+* the engine's own verification forward (:class:`agentspec.engine.forward.LeanForward`), fastest
+  of ``repeats``: the *step* time;
 * a timed twin of :class:`agentspec.engine.step_forward.LlamaStepForward` that runs the very same
   operations in the same order (its logits equal the forward's bit for bit, a test pins that)
   with a clock between them, so each part's time is wall time including its own dispatch:
@@ -42,7 +43,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from agentspec.engine.cpu_fast import BLOCK_ROWS, fast_linears, output_head
+from agentspec.engine.cpu_fast import BLOCK_ROWS, fast_linears
+from agentspec.engine.forward import LeanForward
 from agentspec.engine.kvcache import TreeKVCache
 from agentspec.engine.step_forward import LlamaStepForward, _rms_norm, _rotate_half
 from agentspec.engine.verify import ancestor_mask
@@ -145,33 +147,33 @@ def profile_steps(
 ) -> ProfileReport:
     """Profile verification steps of ``engine`` (a CPU Llama with the lean forward) at each
     context length and tree size; ``bandwidth`` (bytes/s) skips the measurement (tests)."""
-    step = getattr(engine, "_step_forward", None) or LlamaStepForward.for_model(engine.model)
-    if step is None:
-        raise ValueError("the step profile needs the lean CPU forward (a plain Llama on a CPU)")
-    head = getattr(engine, "_head", None) or output_head(engine.model)
+    forward = engine.forward
+    if not isinstance(forward, LeanForward):
+        raise ValueError(f"the step profile needs the lean CPU forward (a plain Llama on a CPU); this engine "
+                         f"runs {getattr(forward, 'name', type(forward).__name__)!r}")
     report = ProfileReport(bandwidth or memory_bandwidth(bandwidth_bytes), op_seconds(), torch.get_num_threads(),
                            info={"model": getattr(engine, "model_name", "model"), "repeats": repeats})
     vocab = engine.model.config.vocab_size
     for context in contexts:
-        cache = _random_cache(step, context, max(tree_sizes))
+        cache = _random_cache(forward.step, context, max(tree_sizes))
         for k in tree_sizes:
             ids = torch.randint(3, vocab, (k,))
             positions = torch.arange(context, context + k)
             mask = ancestor_mask(list(range(-1, k - 2)))  # a chain: root, then k - 1 drafts
-            profile = _profile_one(step, head, ids, positions, mask, cache, repeats, report)
+            profile = _profile_one(forward, ids, positions, mask, cache, repeats, report)
             report.steps.append(profile)
             if on_step:
                 on_step(profile)
     return report
 
 
-def _profile_one(step: LlamaStepForward, head, ids, positions, mask, cache: TreeKVCache, repeats: int,
+def _profile_one(forward: LeanForward, ids, positions, mask, cache: TreeKVCache, repeats: int,
                  report: ProfileReport) -> StepProfile:
     context, k = cache.length, ids.shape[0]
+    step, head = forward.step, forward.head
 
     def real() -> None:
-        with torch.no_grad(), fast_linears():
-            head(step(ids, positions, mask, cache)).float()
+        forward.verify(ids, positions, mask, cache)
         cache.truncate(context)
 
     real()  # warm-up
