@@ -14,7 +14,7 @@ from agentspec.cli.options import MEMORY, ModelOptions, fail, model_options
 
 console = Console(stderr=True)
 DEFAULT_DATA = ("swe_agent", "tau_bench/gpt-4o-airline.json")
-METHODS = ("agentspec", "hf", "hf_pld", "llamacpp", "agentspec_int8", "hf_int8")
+METHODS = ("agentspec", "hf", "hf_pld", "llamacpp", "agentspec_int8", "hf_int8", "agentspec_nospec")
 
 
 def register(app: typer.Typer) -> None:
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         methods: str = typer.Option(None, help=f"Live: comma-separated methods among {', '.join(METHODS)} "
                                     "(hf_int8 is HF greedy on the int8 weights: the reference agentspec_int8 must "
                                     "equal) (default: agentspec, hf, hf_pld, and llamacpp where llama-cpp-python is "
-                                    "installed)."),
+                                    "installed; agentspec_nospec, speculation off, always runs)."),
         report: Path = typer.Option(None, "--report", help="Write the report as JSON here (live: rewritten after "
                                     "every call, so a long run interrupted keeps what it measured)."),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
@@ -87,14 +87,14 @@ def _comparisons(methods: str | None) -> list[str]:
     from agentspec.replay.baselines import llamacpp_available  # deferred: torch loads only when a command runs
 
     if methods is None:
-        return ["hf", "hf_pld"] + (["llamacpp"] if llamacpp_available() else [])
+        return ["agentspec_nospec", "hf", "hf_pld"] + (["llamacpp"] if llamacpp_available() else [])
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = sorted(set(chosen) - set(METHODS))
     if unknown:
         raise fail(f"unknown --methods {', '.join(unknown)}; choose among {', '.join(METHODS)}")
     if "llamacpp" in chosen and not llamacpp_available():
         raise fail("--methods llamacpp needs llama-cpp-python: pip install 'agentspec[llamacpp]'")
-    return [m for m in chosen if m != "agentspec"]
+    return ["agentspec_nospec"] + [m for m in chosen if m not in ("agentspec", "agentspec_nospec")]  # always beside
 
 
 def _live(sessions, engine, compare: list[str], *, max_new_tokens: int, max_context: int,
@@ -119,7 +119,7 @@ def _live(sessions, engine, compare: list[str], *, max_new_tokens: int, max_cont
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        Console(width=max(Console().width, 140)).print(render_methods(result))
+        Console(width=max(Console().width, 170)).print(render_methods(result))
     for note in result.skipped:
         console.print(f"[yellow]skipped[/yellow] {note}")
 
