@@ -61,9 +61,7 @@ def register(app: typer.Typer) -> None:
         of the verification forwards on the cost curve.
         """
         if profile:
-            from agentspec.engine.profile import run_profile
-
-            run_profile(lambda: options.engine(MEMORY), contexts, tree_sizes, report, as_json, console)
+            _profile(options, contexts, tree_sizes, report, as_json)
             return
         if simulate:
             sessions = read_sessions(paths, list(DEFAULT_DATA), limit=limit, per_path=True, calls=calls)
@@ -113,13 +111,7 @@ def _live(sessions, engine, compare: list[str], *, max_new_tokens: int, max_cont
 
         replay_live(engine, sessions, max_new_tokens=max_new_tokens, max_context=max_context, compare=compare,
                     on_call=tick, report=result)
-    if report_path:
-        result.save(report_path)
-        console.print(f"report written to {report_path}")
-    if as_json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        Console(width=max(Console().width, 170)).print(render_methods(result))
+    _emit(result.to_dict(), render_methods(result), report_path, as_json, width=170)
     for note in result.skipped:
         console.print(f"[yellow]skipped[/yellow] {note}")
 
@@ -149,10 +141,32 @@ def _simulate(sessions, model: str | None, cost_curve: str | None, report_path: 
     cost = parse_cost_curve(cost_curve)
     tokenized = tokenize_sessions(load_tokenizer(model), sessions)
     report = simulate_sessions(tokenized, cost_curve=cost, progress=not as_json)
+    _emit(report.to_dict(), report.render(f"teacher-forced drafting: {len(sessions)} sessions"), report_path, as_json)
+
+
+def _profile(options: ModelOptions, contexts: str, tree_sizes: str, report_path: Path | None, as_json: bool) -> None:
+    """``--profile``: one verification step by part, against the memory bandwidth floor."""
+    from agentspec.engine.profile import machine_load, parse_sizes, profile_steps
+
+    try:
+        context_list, tree_list = parse_sizes(contexts), parse_sizes(tree_sizes)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    engine = options.engine(MEMORY)
+    console.print(f"profiling {len(context_list) * len(tree_list)} step shapes (machine load {machine_load()})")
+    report = profile_steps(engine, context_list, tree_list, on_step=lambda s: console.print(
+        f"  context {s.context:,}, tree {s.tree}: {s.step_seconds * 1e3:.1f} ms"))
+    _emit(report.to_dict(), report.render(), report_path, as_json, width=180)
+
+
+def _emit(data: dict, table, report_path: Path | None, as_json: bool, width: int = 0) -> None:
+    """Write a report's ``data`` as JSON to ``report_path``, then print it as JSON on stdout or ``table``."""
     if report_path:
-        report_path.write_text(json.dumps(report.to_dict(), indent=2))
+        tmp = Path(report_path).with_name(Path(report_path).name + ".tmp")  # atomic: never half a report
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(report_path)
         console.print(f"report written to {report_path}")
     if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(data, indent=2))
     else:
-        Console().print(report.render(f"teacher-forced drafting: {len(sessions)} sessions"))
+        Console(width=max(Console().width, width)).print(table)

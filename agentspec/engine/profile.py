@@ -8,7 +8,8 @@ For each context length ``P`` and tree size ``k`` (a chain of ``k`` tokens, as
   of ``repeats``: the *step* time;
 * a timed twin of :class:`agentspec.engine.step_forward.LlamaStepForward` that runs the very same
   operations in the same order (its logits equal the forward's bit for bit, a test pins that)
-  with a clock between them, so each part's time is wall time including its own dispatch:
+  with a clock between them, so each part's time is wall time including its own dispatch (each
+  part's fastest over the repeats, so that a run preempted on a busy machine inflates nothing):
 
   =============  ==============================================================================
   matmul         the decoder's linear layers (q/k/v, o, gate/up, down): GGUF blocks or fp32
@@ -64,7 +65,7 @@ class StepProfile:
     context: int
     tree: int
     step_seconds: float  # the engine's forward + output head, fastest of the repeats
-    parts: dict[str, float]  # seconds per part (:data:`PARTS`), from the twin's fastest repeat
+    parts: dict[str, float]  # seconds per part (:data:`PARTS`): each part's fastest over the twin's repeats
     bytes: dict[str, int]  # bytes read per part
     ops: int  # top-level torch ops dispatched by one step
     dispatch_seconds: float  # ops x the cost of one trivial op (already inside the parts)
@@ -106,7 +107,8 @@ class ProfileReport:
 
         table = Table(title=f"verification step profile: {self.info.get('model', 'model')}, {self.threads} threads, "
                             f"memory bandwidth {self.bandwidth / 1e9:.1f} GB/s",
-                      caption="ms per step; parts from a timed twin of the forward (same operations); dispatch = "
+                      caption="ms per step; parts from a timed twin of the forward (same operations, each part's "
+                              "fastest of the repeats); dispatch = "
                               "torch ops x one trivial op, spread over the parts; floor = bytes read / bandwidth")
         columns = ["context", "tree", "step ms", "vs tree 1", *PARTS, "dispatch", "MB read", "floor ms", "step/floor"]
         for col in columns:
@@ -142,7 +144,7 @@ def op_seconds(repeats: int = 5, calls: int = 2000) -> float:
 
 def profile_steps(
     engine, contexts: Sequence[int] = DEFAULT_CONTEXTS, tree_sizes: Sequence[int] = DEFAULT_TREE_SIZES, *,
-    repeats: int = 5, bandwidth: float | None = None, bandwidth_bytes: int = 1 << 30,
+    repeats: int = 7, bandwidth: float | None = None, bandwidth_bytes: int = 1 << 30,
     on_step: Callable[[StepProfile], None] | None = None,
 ) -> ProfileReport:
     """Profile verification steps of ``engine`` (a CPU Llama with the lean forward) at each
@@ -152,7 +154,8 @@ def profile_steps(
         raise ValueError(f"the step profile needs the lean CPU forward (a plain Llama on a CPU); this engine "
                          f"runs {getattr(forward, 'name', type(forward).__name__)!r}")
     report = ProfileReport(bandwidth or memory_bandwidth(bandwidth_bytes), op_seconds(), torch.get_num_threads(),
-                           info={"model": getattr(engine, "model_name", "model"), "repeats": repeats})
+                           info={"model": getattr(engine, "model_name", "model"), "repeats": repeats,
+                                 "load_before": machine_load()})
     vocab = engine.model.config.vocab_size
     for context in contexts:
         cache = _random_cache(forward.step, context, max(tree_sizes))
@@ -164,6 +167,7 @@ def profile_steps(
             report.steps.append(profile)
             if on_step:
                 on_step(profile)
+    report.info["load_after"] = machine_load()
     return report
 
 
@@ -178,14 +182,13 @@ def _profile_one(forward: LeanForward, ids, positions, mask, cache: TreeKVCache,
 
     real()  # warm-up
     step_seconds = _fastest(real, repeats)
-    best: dict[str, float] | None = None
-    for _ in range(repeats):
+    best = dict.fromkeys(PARTS, float("inf"))
+    for _ in range(repeats):  # each part's fastest: a run preempted on a busy machine inflates one part only
         clock = _Clock()
         with torch.no_grad(), fast_linears():
             timed_step(step, head, ids, positions, mask, cache, clock)
         cache.truncate(context)
-        if best is None or sum(clock.parts.values()) < sum(best.values()):
-            best = clock.parts
+        best = {part: min(best[part], clock.parts[part]) for part in PARTS}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         real()
     ops = sum(1 for event in prof.events() if event.cpu_parent is None)
@@ -348,33 +351,7 @@ def parse_sizes(spec: str) -> list[int]:
     return sizes
 
 
-def run_profile(make_engine: Callable[[], Any], contexts: str, tree_sizes: str, report_path: str | Path | None,
-                as_json: bool, console) -> ProfileReport:
-    """``agentspec bench --profile``: parse the sizes (a clear error before any model loads), build
-    the engine, profile, print the table (or JSON on stdout) and write ``report_path``."""
-    try:
-        context_list, tree_list = parse_sizes(contexts), parse_sizes(tree_sizes)
-    except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise SystemExit(2) from exc
-    engine = make_engine()
-    console.print(f"profiling {len(context_list) * len(tree_list)} step shapes (machine load: {_load()})")
-    report = profile_steps(engine, context_list, tree_list, on_step=lambda s: console.print(
-        f"  context {s.context:,}, tree {s.tree}: {s.step_seconds * 1e3:.1f} ms"))
-    report.info["load_average"] = _load()
-    if report_path:
-        report.save(report_path)
-        console.print(f"report written to {report_path}")
-    if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        from rich.console import Console
-
-        Console(width=max(Console().width, 180)).print(report.render())
-    return report
-
-
-def _load() -> str:
+def machine_load() -> str:
     """The 1-minute load average and the cores (a load above the cores makes timings noisy)."""
     try:
         return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
