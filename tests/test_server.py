@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+from agentspec.integrations.middleware import parse_api_keys
 from agentspec.integrations.server import create_app
 from doubles import ScriptedEngine, serve_in_thread
 from fastapi.testclient import TestClient
@@ -241,3 +242,154 @@ def test_openapi_schema_forbids_unknown_fields() -> None:
     schema = client().get("/openapi.json").json()
     request = schema["components"]["schemas"]["ChatCompletionRequest"]
     assert request["additionalProperties"] is False
+
+
+# ------------------------------------------------------------------ tenants, caps, defaults
+TENANTS = {"key-a": "alice", "key-b": "bob"}
+
+
+def tenant_post(c: TestClient, key: str, body: dict, session: str = "s1") -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}", "X-Session-Id": session}
+    return c.post("/v1/chat/completions", json=body, headers=headers)
+
+
+@pytest.mark.parametrize("share_global", [False, True])
+def test_tenants_keep_sessions_and_global_tree_apart(share_global: bool) -> None:
+    engine = ScriptedEngine(["The capital of France is Paris."])
+    c = TestClient(create_app(engine, api_keys=TENANTS, share_global=share_global))
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "Capital of France?"}]}
+    assert tenant_post(c, "key-a", body).status_code == 200
+    stats = tenant_post(c, "key-b", body).json()["agentspec"]["stats"]  # same session id, same question
+    assert "session" not in stats["accepted_by_source"]  # never another tenant's session
+    assert ("global" in stats["accepted_by_source"]) == share_global
+    assert [call["tenant"] for call in engine.calls] == ["alice", "bob"]
+    again = tenant_post(c, "key-a", body).json()["agentspec"]["stats"]
+    assert again["accepted_by_source"]["session"] > 0  # alice's own session drafts
+
+
+def test_hide_stats_drops_the_agentspec_key() -> None:
+    c = client(hide_stats=True)
+    assert "agentspec" not in post(c, {"model": "scripted", "messages": USER}).json()
+    events = sse_events(post(c, {"model": "scripted", "messages": USER, "stream": True}).text)
+    assert all("agentspec" not in e for e in events if isinstance(e, dict))
+
+
+def test_max_tokens_cap_and_greedy_default() -> None:
+    engine = ScriptedEngine(["ok"])
+    c = client(engine, max_tokens_cap=32, default_max_tokens=512)
+    r = post(c, {"model": "scripted", "messages": USER, "max_completion_tokens": 33})
+    assert r.status_code == 400 and "cap of 32" in r.json()["error"]["message"]
+    assert post(c, {"model": "scripted", "messages": USER, "max_tokens": 32}).status_code == 200
+    assert post(c, {"model": "scripted", "messages": USER}).status_code == 200
+    assert [call["max_new_tokens"] for call in engine.calls] == [32, 32]  # the default is capped too
+    assert engine.calls[1]["temperature"] == 0.0  # omitted temperature: greedy
+
+
+def test_supported_extra_body_parameters_reach_the_engine() -> None:
+    engine = ScriptedEngine(["ok"])
+    body = {"model": "scripted", "messages": USER, "top_k": 5, "repetition_penalty": 1.0, "n": 1,
+            "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "logprobs": False,
+            "response_format": {"type": "text"}, "temperature": 0.7}
+    assert post(client(engine), body).status_code == 200
+    assert (engine.calls[0]["top_k"], engine.calls[0]["temperature"]) == (5, 0.7)
+
+
+def test_key_is_checked_before_the_body_is_read() -> None:
+    c = client()
+    r = c.post("/v1/chat/completions", content=b'{"model": ', headers={"Content-Type": "application/json"})
+    assert r.status_code == 401
+    assert post(c, b'{"model": ').status_code == 400  # with the key, the same body is a 400
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [(["sk-1"], {"sk-1": None}), (["a=k1", "# comment", "", "b = k=2"], {"k1": "a", "k=2": "b"})],
+)
+def test_parse_api_keys(entries: list[str], expected: dict) -> None:
+    assert parse_api_keys(entries) == expected
+
+
+@pytest.mark.parametrize(("entries", "needle"), [(["k1", "k2"], "bare"), (["a=k", "a=j"], "twice"),
+                                                 (["a=k", "b=k"], "twice"), (["a b=k"], "tenant name"),
+                                                 (["a="], "empty key")])
+def test_parse_api_keys_refuses(entries: list[str], needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        parse_api_keys(entries)
+
+
+# ------------------------------------------------------------------ /v1/completions and /metrics
+def test_text_completions_plain_and_streamed() -> None:
+    engine = ScriptedEngine(["Paris is the capital."])
+    c = client(engine)
+    r = c.post("/v1/completions", json={"model": "scripted", "prompt": "The capital of France:", "max_tokens": 50,
+                                        "user": "u"}, headers=AUTH)
+    body = r.json()
+    assert body["object"] == "text_completion" and body["choices"][0]["text"] == "Paris is the capital."
+    assert engine.calls[0]["prompt"] == "The capital of France:"  # no chat template
+    assert body["usage"]["prompt_tokens"] == len("The capital of France:")
+    r = c.post("/v1/completions", json={"model": "scripted", "prompt": [1, 2, 3], "stream": True}, headers=AUTH)
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "Paris is the capital."
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_metrics_in_prometheus_format() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    c = client(ScriptedEngine(["same answer"]))
+    for _ in range(2):
+        post(c, {"model": "scripted", "messages": USER, "user": "m"})
+    post(c, {"model": "other", "messages": USER})
+    r = c.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(r.text) for s in family.samples}
+    assert samples[("agentspec_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "200")))] == 2
+    assert samples[("agentspec_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "404")))] == 1
+    assert samples[("agentspec_output_tokens_total", ())] == 2 * len("same answer")
+    assert samples[("agentspec_hit_rate", (("source", "session"),))] == 0.5  # the second call drafted it all
+    assert samples[("agentspec_tokens_per_step_count", ())] == 2
+    assert samples[("agentspec_requests_in_flight", ())] == 0
+    assert ("agentspec_request_seconds_count", (("endpoint", "/v1/chat/completions"),)) in samples
+
+
+# ------------------------------------------------------------------ sessions through ChatOpenAI
+def test_chat_openai_passes_sessions_by_header_or_user() -> None:
+    from langchain_openai import ChatOpenAI
+
+    engine = ScriptedEngine(["hello"])
+    with serve_in_thread(create_app(engine, api_keys=KEY)) as url:
+        llm = ChatOpenAI(base_url=url + "/v1", api_key=KEY, model="scripted", max_retries=0,
+                         default_headers={"X-Session-Id": "by-header"})
+        assert llm.invoke("hi").content == "hello"
+        llm = ChatOpenAI(base_url=url + "/v1", api_key=KEY, model="scripted", max_retries=0)
+        llm.bind(user="by-user").invoke("hi")
+        llm.invoke("hi", extra_headers={"X-Session-Id": "per-call"})
+    assert [call["session"] for call in engine.calls] == ["by-header", "by-user", "per-call"]
+    assert engine.calls[0]["temperature"] == 0.0
+
+
+# ------------------------------------------------------------------ agentspec serve
+def test_serve_checks_its_port_before_loading_the_model(monkeypatch, tmp_path) -> None:
+    import socket
+
+    from typer.testing import CliRunner
+
+    from agentspec.cli import app
+    from agentspec.cli.options import ModelOptions
+
+    def no_loading(self):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(ModelOptions, "engine", no_loading)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "--port", str(port)])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
+    keys = tmp_path / "keys.txt"
+    keys.write_text("alice=k1\nalice=k2\n")
+    result = CliRunner().invoke(app, ["serve", "--api-keys", str(keys)])
+    assert result.exit_code == 2 and "given twice" in result.output

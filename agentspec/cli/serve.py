@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(8000, help="TCP port (checked before the model loads)."),
         api_key: list[str] = typer.Option(
             None, "--api-key", envvar="AGENTSPEC_API_KEY",
-            help="Require 'Authorization: Bearer <key>' on /v1. Repeat as NAME=KEY for tenants (each key a "
+            help="Require 'Authorization: Bearer KEY' on /v1. Repeat as NAME=KEY for tenants (each key a "
                  "tenant with its own sessions); a bare KEY is one tenant (env AGENTSPEC_API_KEY)."),
         api_keys: Path = typer.Option(
             None, "--api-keys", exists=True, dir_okay=False, readable=True,
