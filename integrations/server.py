@@ -174,6 +174,12 @@ def create_app(
     def tenant_engine(request: Request) -> Any:
         return tenants.get(request.scope.get("state", {}).get("tenant"), engine)
 
+    def accept(body: ChatCompletionRequest | CompletionRequest, request: Request) -> Any:
+        """The engine of the request's tenant, once the body's text and model are known to be fine."""
+        check_text(body.model_dump(exclude_none=True))
+        _check_model(body.model, served)
+        return tenant_engine(request)
+
     def tokenize(fn: Callable[[], Any]) -> Callable[[], Any]:
         def locked() -> Any:
             with tokenizer_lock:
@@ -218,9 +224,7 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request,
                                x_session_id: Annotated[str | None, Header()] = None) -> Any:
         """Create a chat completion (``stream: true`` for server-sent events)."""
-        check_text(body.model_dump(exclude_none=True))
-        _check_model(body.model, served)
-        target = tenant_engine(request)
+        target = accept(body, request)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         tool_choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
@@ -237,9 +241,7 @@ def create_app(
     async def completions(body: CompletionRequest, request: Request,
                           x_session_id: Annotated[str | None, Header()] = None) -> Any:
         """Create a text completion of a plain prompt (no chat template; ``stream: true`` for events)."""
-        check_text(body.model_dump(exclude_none=True))
-        _check_model(body.model, served)
-        target = tenant_engine(request)
+        target = accept(body, request)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
