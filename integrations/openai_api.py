@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
+from agentspec.stores import check_name
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-
-# the session stores keep session ids in a column of this many characters
-MAX_SESSION_ID_CHARS = 512
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -109,13 +107,10 @@ def session_id(header: str | None, user: str | None) -> str | None:
     value, param = (header, "X-Session-Id") if header else (user, "user")
     if not value:
         return None
-    check_text(value, param)
-    if "\x00" in value:
-        raise APIError(400, f"{param} must not contain NUL characters", param=param, code="invalid_session_id")
-    if len(value) > MAX_SESSION_ID_CHARS:
-        raise APIError(400, f"{param} is {len(value)} characters; session ids are at most {MAX_SESSION_ID_CHARS}",
-                       param=param, code="invalid_session_id")
-    return value
+    try:
+        return check_name(value, f"session id ({param})")
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=param, code="invalid_session_id") from exc
 
 
 # ---------------------------------------------------------------------------------------- schemas

@@ -158,6 +158,7 @@ def create_app(
     app = FastAPI(title="agentspec", version="0.1.0",
                   description="OpenAI-compatible completions with lossless speculative decoding.")
     app.state.engine, app.state.admission, app.state.model_name = engine, admission, served
+    app.state.tenants = tenants  # tenant name -> its engine
 
     app.add_exception_handler(APIError, lambda request, exc: exc.response())
     app.add_exception_handler(RequestValidationError, lambda request, exc: validation_error(exc))
