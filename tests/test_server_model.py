@@ -161,3 +161,21 @@ def test_tenants_cannot_draft_from_each_other(default_engine, share_global: bool
         else:
             assert store.scoped(tenant).session_info("shared-session").calls == 1
     assert store.session_info("shared-session") is None
+
+
+def test_session_of_another_tokenizer_is_a_clear_error(server) -> None:
+    """A session id the store holds for another tokenizer: a 400 without streaming, an error event and
+    [DONE] with it; nothing is mixed into the session."""
+    url, model = server
+    store = open_store()
+    store.append("foreign-session", [1, 2, 3], [4, 5], fingerprint="another-tokenizer")
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "user": "foreign-session"}
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300) as http:
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "session_tokenizer_mismatch", r.text
+        events = [line[6:] for line in http.post("/v1/chat/completions", json={**body, "stream": True}).text
+                  .splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "session_tokenizer_mismatch"
+        assert http.get("/health").json()["in_flight"] == 0
+    assert store.session_info("foreign-session").calls == 1
