@@ -265,13 +265,14 @@ class TreeSearch:
                                  kv_bytes_per_token=self.pool.bytes_per_token)
         self.finished: list[Trajectory] = []
         self._ids = itertools.count()
+        self.root: _Node | None = None  # the prompt's segment
         self._kv: list[int] = []
         self._copy: list[int] = []
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> SearchResult:
         t0 = time.perf_counter()
-        root = self._new_node(None)
+        root = self.root = self._new_node(None)
         root.refs += 1  # the search itself holds the prompt until it ends
         if len(self.prompt_ids) > 1:
             self._prefill(root, self.prompt_ids[:-1])
