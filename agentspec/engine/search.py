@@ -266,6 +266,7 @@ class TreeSearch:
         self.finished: list[Trajectory] = []
         self._ids = itertools.count()
         self.root: _Node | None = None  # the prompt's segment
+        self._expected = 0.0  # sum of the raw draft probabilities verified (for their calibration)
         self._kv: list[int] = []
         self._copy: list[int] = []
 
@@ -361,7 +362,12 @@ class TreeSearch:
         """Advance every leaf by one forward; returns the leaves after it (forks replaced by children)."""
         trees = [self._draft(leaf) for leaf in leaves]
         if self.config.draft and any(len(t) for t in trees):
+            # suffix-tree probabilities are counts: scale them by the acceptance seen so far in this search
+            scale = (self.stats.accepted_draft_tokens + 1.0) / (self._expected + 1.0)
+            for tree in trees:
+                tree.probs = [min(1.0, p * scale) for p in tree.probs]
             trees = split_draft_budget(trees, self.cost)
+            self._expected += sum(sum(t.probs) for t in trees) / scale
         ids, positions, starts = [], [], []
         for leaf, tree in zip(leaves, trees):
             starts.append(len(ids))
