@@ -230,6 +230,36 @@ def test_the_prompt_rows_come_from_and_go_back_to_the_radix_prefix_cache(peaky_m
     assert [t.token_ids for t in again.trajectories] == [t.token_ids for t in first.trajectories]
 
 
+def test_a_session_drafts_through_the_engine_drafter_and_learns_every_trajectory(peaky_model, default_tokenizer):
+    from agentspec.draft.builder import SuffixDrafter
+
+    class Spy(SuffixDrafter):
+        started, stopped, proposed = [], [], 0
+
+        def start_request(self, request_id, session_id, prompt_ids):
+            assert session_id == "agent-1"
+            Spy.started.append(request_id)
+            super().start_request(request_id, session_id, prompt_ids)
+
+        def propose(self, request_id, budget):
+            Spy.proposed += 1
+            return super().propose(request_id, budget)
+
+        def stop_request(self, request_id):
+            Spy.stopped.append(request_id)
+            super().stop_request(request_id)
+
+    drafter = Spy()
+    drafter.add_history("agent-1", PROMPT, [11, 12, 13] * 8)
+    engine = Engine(peaky_model, default_tokenizer, drafter=drafter)
+    plain = engine.generate(PROMPT, max_new_tokens=12, speculate=False)
+    result = engine.search(PROMPT, width=3, policy="rebase", temperature=0.0, max_new_tokens=12,
+                           max_step_tokens=4, session="agent-1")
+    assert all(t.token_ids == plain.token_ids for t in result.trajectories)
+    assert Spy.proposed > 0 and len(Spy.started) > 3
+    assert sorted(Spy.started) == sorted(Spy.stopped)  # every request of the search ended
+
+
 def test_empty_and_too_long_prompts_are_rejected(engine):
     with pytest.raises(ValueError, match="empty"):
         engine.search("   ")

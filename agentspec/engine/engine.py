@@ -249,8 +249,10 @@ class Engine:
         ``policy``: "ets" | "rebase" | "beam" | "best_of_n" (see :mod:`agentspec.search`). All live
         trajectories share one KV tree and advance in one forward; ``draft`` drafts each from its
         siblings. ``scorer(prompt, steps) -> float`` ranks them (default: the model's mean token
-        log-probability); a scorer that raises or returns NaN drops that trajectory. Returns the
-        finished trajectories, best first, and statistics. ``ValueError`` for bad arguments.
+        log-probability); a scorer that raises or returns NaN drops that trajectory. With a
+        ``session``, the engine's drafter (that session's and the global trees) drafts for every
+        trajectory too, and their tokens join its history. Returns the finished trajectories, best
+        first, and statistics. ``ValueError`` for bad arguments.
         """
         config = SearchConfig(width, policy, scorer, step_stop, max_step_tokens, max_new_tokens, temperature,
                               seed, session, lambda_kv, lambda_cover, draft)

@@ -140,6 +140,8 @@ class _Leaf:
     step_done: bool = False
     finish: str = ""  # "stop" | "length" once the trajectory is complete
     fork: int = 0
+    request: str | None = None  # its request in the engine's drafter (searches with a session)
+    session_draft: bool = False  # the draft being verified came from the engine's drafter
 
 
 @dataclass
@@ -204,6 +206,8 @@ class TreeSearch:
         policy = getattr(engine, "policy", None)
         self.cost: Callable[[int], float] = policy.cost if policy is not None else CostCurve()
         self.suffix = make_suffix_tree(CONTEXT_TAIL)
+        # with a session, the engine's drafter (session and global trees) drafts for every trajectory too
+        self.drafter = engine.drafter if config.session is not None and config.draft else None
         self.stats = SearchStats(width=config.width, policy=config.policy, prompt_tokens=len(prompt_ids),
                                  kv_bytes_per_token=self.pool.bytes_per_slot)
         self.finished: list[Trajectory] = []
@@ -276,7 +280,7 @@ class TreeSearch:
         width = self.config.width - len(self.finished)
         if not scored or width <= 0:
             for leaf in scored:
-                self._release(leaf.node)
+                self._retire(leaf)
             return []
         node_tokens = {}
         for leaf in scored:
@@ -294,7 +298,7 @@ class TreeSearch:
         for leaf, n in zip(scored, counts):
             if n <= 0:
                 self.stats.pruned += 1
-                self._release(leaf.node)
+                self._retire(leaf)
                 continue
             leaf.fork, leaf.step_done = n, False
             out.append(leaf)
@@ -357,6 +361,10 @@ class TreeSearch:
             logprobs = [float(logits[r, t] - lse[r]) for r, t in zip(origin, new)]
             m = self._commit(target, new, logprobs)
             self.stats.accepted_draft_tokens += min(m, len(accepted))
+            if target.request is not None:  # the engine's drafter follows the trajectory (and learns)
+                learn = leaf.session_draft and not leaf.fork
+                self.drafter.accept(target.request, tree if learn else DraftTree(), accepted[:m] if learn else [],
+                                    new[:m])
             for i in accepted[: m - 1]:  # committed tokens before the new pending one have their KV
                 slot = int(slots[a + 1 + i])
                 target.node.slots.append(slot)
@@ -364,7 +372,7 @@ class TreeSearch:
                 self._add_hidden(target, hidden[a + 1 + i])
             out.append(target)
         if leaf.fork:
-            self._release(leaf.node)  # the children hold it now
+            self._retire(leaf)  # the children hold it now
         return out
 
     def _commit(self, leaf: _Leaf, tokens: list[int], logprobs: list[float]) -> int:
@@ -404,7 +412,13 @@ class TreeSearch:
         if not self.config.draft or leaf.fork > 1 or budget <= 0:
             return DraftTree()
         d = self.suffix.speculate(leaf.tail, budget, 4.0, 0.0, 0.05)
-        return DraftTree(list(d.tokens), list(d.parents), list(d.probs), [int(Source.REQUEST)] * len(d.tokens))
+        tree = DraftTree(list(d.tokens), list(d.parents), list(d.probs), [int(Source.REQUEST)] * len(d.tokens))
+        leaf.session_draft = False
+        if leaf.request is not None and not leaf.fork:
+            other = self.drafter.propose(leaf.request, budget)
+            if other.expected_accepted() > tree.expected_accepted():
+                tree, leaf.session_draft = other, True
+        return tree
 
     def _run(self, ids: list[int], positions: list[int], slots: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """One forward of ``ids`` writing their KV to ``slots``; row r sees the pool slots ``allowed[r]``."""
@@ -484,9 +498,22 @@ class TreeSearch:
         node.refs += 1
         seq = next(self._ids)
         self.suffix.extend(seq, leaf.tail[-FORK_TAIL:])
-        return _Leaf(node=node, pending=leaf.pending, length=leaf.length, seq=seq, tail=list(leaf.tail),
-                     steps=list(leaf.steps), step_scores=list(leaf.step_scores), logprob=leaf.logprob,
-                     generated=leaf.generated)
+        child = _Leaf(node=node, pending=leaf.pending, length=leaf.length, seq=seq, tail=list(leaf.tail),
+                      steps=list(leaf.steps), step_scores=list(leaf.step_scores), logprob=leaf.logprob,
+                      generated=leaf.generated)
+        if self.drafter is not None:
+            child.request = f"search-{seq}"
+            context = self.prompt_ids + [t for step in leaf.steps for t in step]
+            self.drafter.start_request(child.request, self.config.session, context)
+        return child
+
+    def _retire(self, leaf: _Leaf) -> None:
+        """The leaf is done (finished, pruned, dropped or forked): its tokens join the drafter's
+        history, its rows go back unless others share them."""
+        if leaf.request is not None:
+            self.drafter.stop_request(leaf.request)
+            leaf.request = None
+        self._release(leaf.node)
 
     def _release(self, node: _Node | None) -> None:
         """Drop one reference; a node nobody holds frees its slots and releases its parent."""
@@ -533,14 +560,14 @@ class TreeSearch:
 
     def _drop(self, leaf: _Leaf) -> None:
         self.stats.dropped_by_scorer += 1
-        self._release(leaf.node)
+        self._retire(leaf)
 
     def _complete(self, leaf: _Leaf) -> None:
         """A trajectory ended (EOS or length): score its last step, keep its tokens, free its KV."""
         if not self._end_step(leaf):
             self._drop(leaf)
             return
-        self._release(leaf.node)
+        self._retire(leaf)
         decode = self.engine.tokenizer.decode
         tokens = [t for s in leaf.steps for t in s]
         self.finished.append(Trajectory(
