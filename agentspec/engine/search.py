@@ -46,7 +46,7 @@ from agentspec.draft.suffix_tree import make_suffix_tree
 from agentspec.engine.cpu_fast import fast_linears
 from agentspec.engine.radix import KVPool
 from agentspec.engine.step_forward import LlamaStepForward
-from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask
+from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask, process_logits
 from agentspec.kernels.cpu import folded_tree_attention
 from agentspec.kernels.reference import partial_attention
 from agentspec.lookahead.policy import CostCurve
@@ -350,8 +350,14 @@ class TreeSearch:
         if not leaf.fork:
             self._add_hidden(leaf, hidden[a])
         out = []
-        for _ in range(max(1, leaf.fork)):
-            if self.params.greedy:
+        samples: list[int] = []
+        if leaf.fork > 1 and not self.params.greedy:  # no draft: the children are k iid samples of one row
+            probs = process_logits(rows[0], self.params)
+            samples = torch.multinomial(probs, leaf.fork, replacement=True, generator=self.generator).tolist()
+        for k in range(max(1, leaf.fork)):
+            if samples:
+                accepted, bonus = [], samples[k]
+            elif self.params.greedy:
                 accepted, bonus = accept_greedy(tree, rows)
             else:
                 accepted, bonus = accept_sampling(tree, rows, self.params, self.generator)
