@@ -14,13 +14,12 @@ its own ancestors and of its own draft path only (one additive mask over the poo
     mask[r, s] = 0 if slot s is on row r's path else -inf       # [T, span]
     keys   = pool[:span]                                          # new rows written into their slots first
 
-The prompt's rows come from the engine's radix prefix cache where it holds them, and go back to it.
-
 so W trajectories read the weights once per forward. Each leaf then accepts losslessly (greedy or
 sampling, :mod:`agentspec.engine.verify`); rejected rows free their slots at once. A leaf whose step
 ended waits; when all have, the selection policy (:mod:`agentspec.search`) gives each leaf ``n_i``
 children: a fork shares its parent's rows (nothing is copied); the next forward computes the parent's
 last token once and samples the ``n_i`` children from it; a pruned leaf frees the rows nobody else uses.
+The prompt's rows come from the engine's radix prefix cache where it holds them, and go back to it.
 
 Drafts come from one suffix tree over every trajectory of the search (siblings and cousins repeat each
 other), and the forward's rows are split across leaves by expected acceptance and the engine's cost curve
