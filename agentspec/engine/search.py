@@ -43,6 +43,7 @@ from agentspec.config import SamplingParams
 from agentspec.draft.base import DraftTree, Source
 from agentspec.draft.suffix_tree import make_suffix_tree
 from agentspec.engine.cpu_fast import fast_linears
+from agentspec.engine.forward import LeanForward
 from agentspec.engine.radix import KVPool
 from agentspec.engine.step_forward import LlamaStepForward
 from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask, process_logits
@@ -191,8 +192,11 @@ class TreeSearch:
         self.engine, self.config = engine, config
         self.prompt_ids, self.prompt_text = prompt_ids, prompt_text
         model = engine.model
-        self.forward = engine._step_forward or _lean_forward(model)
-        attn = self.forward.layers[0].self_attn
+        if isinstance(engine.forward, LeanForward):  # the engine's own lean forward and packed head
+            self.step, self.head = engine.forward.step, engine.forward.head
+        else:
+            self.step, self.head = _lean_forward(model), model.get_output_embeddings()
+        attn = self.step.layers[0].self_attn
         kv_heads = model.config.num_key_value_heads
         # at most: the prompt, every live trajectory's tokens, one forward's rows
         capacity = len(prompt_ids) + config.width * (config.max_new_tokens + DRAFT_PER_LEAF + 2)
@@ -329,7 +333,7 @@ class TreeSearch:
             allowed[a:b, slots[a:b]] = ancestor_mask(tree.parents)
         hidden = self._run(ids, positions, slots, allowed)
         with torch.no_grad():
-            logits = self.engine._head(hidden).float()  # [T, V]
+            logits = self.head(hidden).float()  # [T, V]
             lse = torch.logsumexp(logits, dim=-1)
         self.stats.forwards += 1
         self.stats.draft_tokens += sum(len(t) for t in trees)
@@ -428,7 +432,7 @@ class TreeSearch:
     def _run(self, ids: list[int], positions: list[int], slots: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """One forward of ``ids`` writing their KV to ``slots``; row r sees the pool slots ``allowed[r]``."""
         device, dtype = self.engine.device, self.engine.dtype
-        groups = self.forward.groups
+        groups = self.step.groups
         if device.type == "cpu":
             mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
             mask = mask.repeat(groups, 1)[None, None]
@@ -442,7 +446,7 @@ class TreeSearch:
                 return partial_attention(q, k, v, bool_mask, scale)[0].to(q.dtype)
 
         with torch.no_grad(), fast_linears():
-            return self.forward._run(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
+            return self.step._run(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
                                      _PoolView(self.pool, slots), attend)
 
     def _prefill(self, root: _Node, tokens: list[int]) -> None:
@@ -451,7 +455,7 @@ class TreeSearch:
         cache = self.engine.prefix_cache
         cached = 0
         if cache is not None:
-            match = cache.match_prefix(tokens)
+            match = cache.match_prefix(tokens, self.engine.namespace)
             cached = match.length
             if cached:
                 slots = self._alloc(cached)
@@ -475,7 +479,7 @@ class TreeSearch:
                 cache.unlock(match.node)
             if new is not None:
                 _copy_rows(self.pool, root.path_slots()[cached:], cache.pool, new)
-                cache.insert(tokens, torch.cat((match.slots, new)))
+                cache.insert(tokens, torch.cat((match.slots, new)), self.engine.namespace)
 
     # ------------------------------------------------------------------ tree bookkeeping
     def _alloc(self, n: int) -> torch.Tensor:
