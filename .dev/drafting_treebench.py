@@ -10,12 +10,12 @@ import time
 sys.path.insert(0, ".dev")
 from drafting_data import load  # noqa: E402
 
-from agentspec.draft.suffix_tree import make_suffix_tree  # noqa: E402
+from agentspec.draft.core import SuffixTree  # noqa: E402
 
 sessions = load("tau", 60)
 seqs = [p + c for s in sessions for p, c in s[-1:]] + [c for s in sessions for _, c in s]
 n_tok = sum(map(len, seqs))
-t = make_suffix_tree(64, "cpp")
+t = SuffixTree(64)
 t0 = time.perf_counter()
 for i, s in enumerate(seqs):
     t.extend(i, s)
@@ -31,7 +31,7 @@ print(f"rebuild: {n_tok / dt / 1e3:.0f}k tokens/s, bytes/token {t.estimate_memor
 times = []
 for s in sessions[:20]:
     for p, c in s:
-        r = make_suffix_tree(64, "cpp")
+        r = SuffixTree(64)
         r.extend(0, p)
         ctx = list(p)
         for tok in c:

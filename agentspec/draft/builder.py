@@ -8,8 +8,8 @@ Sources (each node of a proposed tree is tagged with one, see :class:`Source`):
 * GLOBAL  -- one tree of the outputs of all requests of all sessions;
 * RECYCLED -- each token's top-k successors seen in the target's logits (anisotropic branches).
 
-Each suffix tree proposes its best draft for the context tail; a scorer
-(:mod:`agentspec.draft.scoring`) merges the drafts into one trie whose node probabilities are
+Each suffix tree proposes its best draft for the context tail; the compiled scorer
+(:mod:`agentspec.draft.core`) merges the drafts into one trie whose node probabilities are
 *calibrated*: the conditional probability of each node given its parent (``count(child) /
 count(node)``) and the node's features go through an acceptance model learned online from what
 the target accepted, and path probabilities are products of them.
@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from agentspec.draft.base import DraftTree, Source
+from agentspec.draft.core import Proposal, Scorer, SuffixTree, state_bucket
 from agentspec.draft.recycling import RecyclingTable, add_recycled_branches
-from agentspec.draft.scoring import Proposal, make_scorer, state_bucket
-from agentspec.draft.suffix_tree import make_suffix_tree
 from agentspec.tokens import common_prefix as _common_prefix
 
 
@@ -56,14 +55,13 @@ class DrafterConfig:
     global_max_tokens: int = 1_048_576  # global output tree
     global_prompt_tail: int = 8  # prompt tokens stored before each output (how outputs begin)
     max_sessions: int = 128  # session trees kept in memory (least recently used dropped)
-    backend: str = "auto"  # suffix trees and scorer: auto (compiled if built) | cpp | python
 
 
 @dataclass
 class _Request:
     session_id: str | None
     prompt: list[int]
-    tree: object
+    tree: SuffixTree
     output: list[int] = field(default_factory=list)
     # the last proposal (with each node's features), matched to the verified tree by token path in
     # ``accept`` (the verified tree may be a re-indexed subtree of it)
@@ -79,7 +77,7 @@ class _Request:
 
 @dataclass
 class _Session:
-    tree: object
+    tree: SuffixTree
     last_prompt: list[int] = field(default_factory=list)
 
 
@@ -88,14 +86,14 @@ class SuffixDrafter:
 
     def __init__(self, config: DrafterConfig | None = None, recycler: RecyclingTable | None = None) -> None:
         self.config = config or DrafterConfig()
-        self.scorer = make_scorer(self.config.backend, self.config.calibrate, self.config.calibration_rate)
+        self.scorer = Scorer(self.config.calibrate, self.config.calibration_rate)
         self.recycler = recycler if recycler is not None else (RecyclingTable() if self.config.recycle else None)
         if self.recycler is None:
             # no table to feed: hide ``observe`` so the engine skips the per-step top-k of the logits
             self.observe = None
         self._requests: dict[str, _Request] = {}
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
-        self._global = make_suffix_tree(self.config.max_depth, self.config.backend)
+        self._global = SuffixTree(self.config.max_depth)
         self._seq_ids = itertools.count()
 
     # ------------------------------------------------------------------ request lifecycle
@@ -104,7 +102,7 @@ class SuffixDrafter:
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} is already active")
         prompt = [int(t) for t in prompt_ids]
-        tree = make_suffix_tree(self.config.max_depth, self.config.backend)
+        tree = SuffixTree(self.config.max_depth)
         if self.config.use_request:
             tree.extend(0, prompt)
         self._requests[request_id] = _Request(session_id, prompt, tree)
@@ -120,7 +118,7 @@ class SuffixDrafter:
             return None
         sess = self._sessions.get(session_id)
         if sess is None and create:
-            sess = self._sessions[session_id] = _Session(make_suffix_tree(self.config.max_depth, self.config.backend))
+            sess = self._sessions[session_id] = _Session(SuffixTree(self.config.max_depth))
             while len(self._sessions) > self.config.max_sessions:
                 self._sessions.popitem(last=False)
         if sess is not None:
