@@ -20,7 +20,7 @@ sessions = load_benchmark(name)
 cfg = DrafterConfig()
 policy = True
 if preset == "reference":
-    cfg = DrafterConfig(alpha=1.0, min_prob=0.1, use_session=False, calibrate=False, recycle=False,
+    cfg = DrafterConfig(alpha=1.0, min_prob=0.1, use_session=False, calibrate=False,
                         global_prompt_tail=0)
     policy = False
 budget = int(over.pop("budget", 32))

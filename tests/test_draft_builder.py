@@ -1,4 +1,4 @@
-"""SuffixDrafter (request / session / global trees) and Token Recycling."""
+"""SuffixDrafter (request / session / global trees) and its compiled scorer, held to the reference."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from reference.scoring import PyScorer
 
-from agentspec.draft.base import DraftTree, Source
+from agentspec.draft.base import Source
 from agentspec.draft.builder import DrafterConfig, SuffixDrafter
 from agentspec.draft.core import Scorer
-from agentspec.draft.recycling import RecyclingTable, add_recycled_branches
 
 
 def _drafter(**kw) -> SuffixDrafter:
@@ -17,7 +16,7 @@ def _drafter(**kw) -> SuffixDrafter:
 
 
 def test_request_tree_drafts_from_the_prompt():
-    d = _drafter(calibrate=False, recycle=False)
+    d = _drafter(calibrate=False)
     d.start_request("r", None, [1, 2, 3, 4, 5, 9, 1, 2])
     tree = d.propose("r", 8)
     tree.check_integrity()
@@ -31,7 +30,7 @@ def test_request_tree_drafts_from_the_prompt():
 
 
 def test_session_and_global_trees_learn_finished_calls():
-    d = _drafter(calibrate=False, recycle=False)
+    d = _drafter(calibrate=False)
     d.add_history("s1", [7, 7], [40, 41, 42, 43])
     d.start_request("a", "s2", [9, 40, 41])  # other session: only the global tree knows 42 43
     tree = d.propose("a", 8)
@@ -45,7 +44,7 @@ def test_session_and_global_trees_learn_finished_calls():
 
 
 def test_merge_respects_budget_and_invariants():
-    d = _drafter(recycle=False)
+    d = _drafter()
     for i in range(6):
         d.add_history(None, [], [1, 2, 10 + i % 3, 20 + i % 2, 30])
     d.start_request("r", None, [5, 1, 2, 11, 21, 30, 1, 2])
@@ -61,7 +60,7 @@ def test_merge_respects_budget_and_invariants():
 
 
 def test_calibration_lowers_estimates_that_keep_failing():
-    d = _drafter(recycle=False, use_global=False, use_session=False)
+    d = _drafter(use_global=False, use_session=False)
     d.start_request("r", None, [1, 2, 3, 1, 2, 3, 1, 2])
     first = d.propose("r", 1)
     for _ in range(50):
@@ -69,37 +68,6 @@ def test_calibration_lowers_estimates_that_keep_failing():
         d.accept("r", tree, [], [99])  # always rejected
         d._requests["r"].output.clear()  # keep the same context
     assert d.propose("r", 1).probs[0] < 0.5 * first.probs[0]
-
-
-def test_recycling_table_and_anisotropic_branches():
-    table = RecyclingTable(k=3)
-    table.observe([5, 7], np.array([[6, 8, 9], [1, 2, 3]]))
-    assert table.successors(5) == [6, 8, 9] and table.successors(4) == []
-    with pytest.raises(ValueError):
-        table.observe([5], np.array([[1, 2], [3, 4]]))
-    spine = DraftTree(tokens=[6, 7], parents=[-1, 0], probs=[0.9, 0.8], sources=[0, 0])
-    tree = add_recycled_branches(spine, 5, table, [0.5, 0.2, 0.1], budget=5)
-    tree.check_integrity()
-    assert tree.tokens[:2] == [6, 7] and len(tree) == 5
-    added = list(zip(tree.tokens[2:], tree.parents[2:], tree.sources[2:]))
-    # 6 is already the spine child of the root, so the root gets 8 (rank 1) and 9; node 1 (token 7) gets 1
-    assert (1, 1, Source.RECYCLED) in added and (8, -1, Source.RECYCLED) in added
-    assert all(tree.probs[i] <= tree.probs[tree.parents[i]] for i in range(2, 5) if tree.parents[i] >= 0)
-
-
-def test_recycling_is_off_by_default_and_hides_observe():
-    d = SuffixDrafter()
-    assert d.recycler is None and getattr(d, "observe", None) is None
-    assert callable(getattr(_drafter(recycle=True), "observe", None))
-
-
-def test_drafter_observe_feeds_recycling():
-    d = _drafter(use_global=False, use_session=False, recycle=True)
-    d.start_request("r", None, [3, 4])
-    d.observe([4], np.array([[50, 51]]))
-    tree = d.propose("r", 4)
-    tree.check_integrity()
-    assert tree.tokens and set(tree.sources) == {Source.RECYCLED} and tree.tokens[0] == 50
 
 
 def test_accept_learns_from_a_reindexed_subtree_of_the_proposal():

@@ -44,7 +44,7 @@ class ScriptedDrafter:
                 tree.tokens.append(tok)
                 tree.parents.append(parent)
                 tree.probs.append(0.5)
-                tree.sources.append(int(Source.SESSION if right else Source.RECYCLED))
+                tree.sources.append(int(Source.SESSION if right else Source.GLOBAL))
                 depth = tree.depths()[-1]
                 if depth < self.depth:
                     frontier.append((len(tree) - 1, pos + 1 if right else 10**9))

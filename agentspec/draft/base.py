@@ -17,7 +17,6 @@ class Source(IntEnum):
     REQUEST = 0  # suffix tree of the live request (its prompt and output so far)
     SESSION = 1  # suffix tree of the session's earlier calls
     GLOBAL = 2  # suffix tree of all outputs of all sessions
-    RECYCLED = 3  # Token Recycling successor table
 
 
 SOURCE_NAMES = {s: s.name.lower() for s in Source}
@@ -98,13 +97,3 @@ class Drafter(Protocol):
         """Add a finished call from elsewhere (a store, another process) as ``stop_request`` would;
         ``to_global=False`` leaves the global tree alone (it was loaded separately)."""
 
-
-class RecyclingDrafter(Drafter, Protocol):
-    """A drafter that also learns from the target's logits (Token Recycling).
-
-    Optional: the engine calls ``observe`` only when the drafter has it (``getattr``).
-    """
-
-    def observe(self, token_ids: Sequence[int], topk_successor_ids) -> None:
-        """``topk_successor_ids[i]`` (int array ``[n, k]``) is the top-k of the target's logits after
-        ``token_ids[i]``, for every verified tree node (the root included), accepted or not."""

@@ -1,12 +1,11 @@
-"""SuffixDrafter: the default drafter, built from suffix trees and the Token Recycling table.
+"""SuffixDrafter: the default drafter, built from suffix trees.
 
 Sources (each node of a proposed tree is tagged with one, see :class:`Source`):
 
 * REQUEST -- a tree of the live request: its prompt and its output so far;
 * SESSION -- a tree per session: what each earlier call added (the new part of its prompt, and
   its output);
-* GLOBAL  -- one tree of the outputs of all requests of all sessions;
-* RECYCLED -- each token's top-k successors seen in the target's logits (anisotropic branches).
+* GLOBAL  -- one tree of the outputs of all requests of all sessions.
 
 Each suffix tree proposes its best draft for the context tail; the compiled scorer
 (:mod:`agentspec.draft.core`) merges the drafts into one trie whose node probabilities are
@@ -22,11 +21,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from agentspec.draft.base import DraftTree, Source
 from agentspec.draft.core import Proposal, Scorer, SuffixTree, state_bucket
-from agentspec.draft.recycling import RecyclingTable, add_recycled_branches
 from agentspec.tokens import common_prefix as _common_prefix
 
 
@@ -46,11 +42,6 @@ class DrafterConfig:
     use_global: bool = True
     calibrate: bool = True  # map estimates and node features to observed acceptance (online)
     calibration_rate: float = 0.1  # learning rate of the acceptance model
-    # Token Recycling branches: off by default. Teacher-forced on tau-bench / SWE-agent they got
-    # ~0 tokens accepted (1 of 24k) for 50-80 us a step; suffix-tree drafts already cover what the
-    # recycled successors would guess. Switch on to experiment (the engine then feeds top-k logits).
-    recycle: bool = False
-    recycle_rank_probs: tuple[float, ...] = (0.45, 0.25, 0.15, 0.05)  # prior acceptance by rank
     session_max_tokens: int = 262_144  # per session tree, oldest calls evicted first
     global_max_tokens: int = 1_048_576  # global output tree
     global_prompt_tail: int = 8  # prompt tokens stored before each output (how outputs begin)
@@ -82,15 +73,11 @@ class _Session:
 
 
 class SuffixDrafter:
-    """Drafter protocol implementation over request / session / global suffix trees + recycling."""
+    """Drafter protocol implementation over request / session / global suffix trees."""
 
-    def __init__(self, config: DrafterConfig | None = None, recycler: RecyclingTable | None = None) -> None:
+    def __init__(self, config: DrafterConfig | None = None) -> None:
         self.config = config or DrafterConfig()
         self.scorer = Scorer(self.config.calibrate, self.config.calibration_rate)
-        self.recycler = recycler if recycler is not None else (RecyclingTable() if self.config.recycle else None)
-        if self.recycler is None:
-            # no table to feed: hide ``observe`` so the engine skips the per-step top-k of the logits
-            self.observe = None
         self._requests: dict[str, _Request] = {}
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._global = SuffixTree(self.config.max_depth)
@@ -147,11 +134,7 @@ class SuffixDrafter:
                 drafts.append((int(src), d))
         proposal = self.scorer.merge(drafts, budget, req.state, context[-1] if context else -1)
         req.proposal = proposal
-        tree = DraftTree(proposal.tokens, proposal.parents, proposal.probs, proposal.sources)
-        if self.recycler is not None and len(tree) < budget and context:
-            # recycled branches carry no features: they are drafted at the prior rank rates, not learned
-            tree = add_recycled_branches(tree, context[-1], self.recycler, cfg.recycle_rank_probs, budget)
-        return tree
+        return DraftTree(proposal.tokens, proposal.parents, proposal.probs, proposal.sources)
 
     def accept(self, request_id: str, tree: DraftTree, accepted: Sequence[int], new_tokens: Sequence[int]) -> None:
         """Extend the request tree with ``new_tokens``; learn acceptance from the verified ``tree``."""
@@ -164,11 +147,6 @@ class SuffixDrafter:
         if req.proposal is not None and len(tree):
             self.scorer.learn(req.proposal, tree.tokens, tree.parents, [int(i) for i in accepted])
         req.proposal = None
-
-    def observe(self, token_ids: Sequence[int], topk_successor_ids: np.ndarray) -> None:
-        """Recycling feed: ``topk_successor_ids[i]`` are the top-k next tokens after ``token_ids[i]``."""
-        if self.recycler is not None:
-            self.recycler.observe(token_ids, topk_successor_ids)
 
     def stop_request(self, request_id: str) -> None:
         """Finish a request: it joins its session tree, its output joins the global tree."""

@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-
 from agentspec.draft.base import SOURCE_NAMES, Drafter, DraftTree
 from agentspec.lookahead import CostCurve, LookaheadPolicy
 
@@ -116,14 +114,10 @@ def simulate_sessions(
     policy: LookaheadPolicy | None | bool = True,
     budget: int = 32,
     progress: bool = False,
-    feed_recycling: bool = True,
 ) -> SimulationReport:
     """Replay ``sessions`` through a fresh drafter; ``policy=True`` uses a LookaheadPolicy on ``cost_curve``.
 
     ``policy=False``/``None`` verifies every proposed tree as is (the plain SuffixDecoding protocol).
-    ``feed_recycling``: when the drafter has ``observe`` (Token Recycling), feed it what a greedy
-    target's logits would certainly have shown: each committed token's top-1 successor (the next
-    committed token). The engine feeds the top-k of every verified node, so this is a lower bound.
     """
     if drafter_factory is None:
         from agentspec.draft.builder import SuffixDrafter
@@ -135,7 +129,6 @@ def simulate_sessions(
     elif policy is False:
         policy = None
     drafter = drafter_factory()
-    observe = getattr(drafter, "observe", None) if feed_recycling else None
     sessions = [list(s) for s in sessions]
     rep = SimulationReport(sessions=len(sessions))
     draft_times: list[float] = []
@@ -168,10 +161,6 @@ def simulate_sessions(
                     rep.accepted_by_source[name] = rep.accepted_by_source.get(name, 0) + 1
                 t0 = time.perf_counter()
                 drafter.accept(rid, tree, path, new_tokens)
-                if observe is not None and pos > 0:
-                    seen = ([completion[pos - len(new_tokens) - 1]] if pos > len(new_tokens) else [prompt[-1]])
-                    seen += new_tokens
-                    observe(seen[:-1], np.asarray(seen[1:], dtype=np.int64)[:, None])
                 update_time += time.perf_counter() - t0
             drafter.stop_request(rid)
             rep.calls += 1
