@@ -92,8 +92,29 @@ class Drafter(Protocol):
     def stop_request(self, request_id: str) -> None:
         """Finish a request: its prompt and output join the session tree, its output the global tree."""
 
-    def add_history(self, session_id: str | None, prompt_ids: Sequence[int], output_ids: Sequence[int],
-                    *, to_global: bool = True) -> None:
-        """Add a finished call from elsewhere (a store, another process) as ``stop_request`` would;
-        ``to_global=False`` leaves the global tree alone (it was loaded separately)."""
+
+@dataclass
+class History:
+    """Finished calls read from a :class:`SessionHistory`, oldest first."""
+
+    calls: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prompt ids, output ids)
+    cursor: int = 0  # the newest record read: pass it back as ``after`` to get only what came later
+    replace: bool = False  # the calls replace all the caller loaded before (it could not be told what is new)
+
+
+class SessionHistory(Protocol):
+    """Finished calls kept outside the drafter (a store other processes write to as well).
+
+    The drafter holds a tree and a cursor per session (and one for the global tree): it loads what it
+    does not hold, and before each request reads what was recorded since.
+    """
+
+    def calls(self, session_id: str | None, after: int | None, max_tokens: int) -> History:
+        """The finished calls of ``session_id``; ``None`` means the outputs of all sessions (prompts empty).
+
+        ``after=None`` (the caller holds nothing yet): the newest calls whose new tokens fit
+        ``max_tokens``. Else the calls recorded after cursor ``after``, less those the caller learnt
+        live. Raises ``TokenizerMismatchError`` (a ``StoreError``) for a session written by another
+        tokenizer, before any of its tokens are returned.
+        """
 

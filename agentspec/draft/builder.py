@@ -7,6 +7,11 @@ Sources (each node of a proposed tree is tagged with one, see :class:`Source`):
   its output);
 * GLOBAL  -- one tree of the outputs of all requests of all sessions.
 
+The drafter owns the session trees: it keeps the ``max_sessions`` most recently used in memory,
+each with its cursor into a :class:`~agentspec.draft.base.SessionHistory` (a persistent store) when
+it was given one. A session it does not hold (first use, or evicted) is loaded from the history;
+one it holds, and the global tree, take what other processes recorded since, before each request.
+
 Each suffix tree proposes its best draft for the context tail; the compiled scorer
 (:mod:`agentspec.draft.core`) merges the drafts into one trie whose node probabilities are
 *calibrated*: the conditional probability of each node given its parent (``count(child) /
@@ -21,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from agentspec.draft.base import DraftTree, Source
+from agentspec.draft.base import DraftTree, SessionHistory, Source
 from agentspec.draft.core import Proposal, Scorer, SuffixTree, state_bucket
 from agentspec.tokens import common_prefix as _common_prefix
 
@@ -70,24 +75,32 @@ class _Request:
 class _Session:
     tree: SuffixTree
     last_prompt: list[int] = field(default_factory=list)
+    cursor: int = 0  # the newest history record this tree holds
 
 
 class SuffixDrafter:
     """Drafter protocol implementation over request / session / global suffix trees."""
 
-    def __init__(self, config: DrafterConfig | None = None) -> None:
+    def __init__(self, config: DrafterConfig | None = None, history: SessionHistory | None = None) -> None:
         self.config = config or DrafterConfig()
+        self.history = history
         self.scorer = Scorer(self.config.calibrate, self.config.calibration_rate)
         self._requests: dict[str, _Request] = {}
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._global = SuffixTree(self.config.max_depth)
+        self._global_cursor: int | None = None  # None: the global history is not loaded yet
         self._seq_ids = itertools.count()
 
     # ------------------------------------------------------------------ request lifecycle
     def start_request(self, request_id: str, session_id: str | None, prompt_ids: Sequence[int]) -> None:
-        """Begin a request whose context is ``prompt_ids`` (builds its request tree)."""
+        """Begin a request whose context is ``prompt_ids`` (builds its request tree).
+
+        With a history, first brings the global tree and the session's tree up to date; raises (a
+        session of another tokenizer) before anything starts."""
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} is already active")
+        if self.history is not None:
+            self._pull(self.history, session_id)
         prompt = [int(t) for t in prompt_ids]
         tree = SuffixTree(self.config.max_depth)
         if self.config.use_request:
@@ -105,12 +118,38 @@ class SuffixDrafter:
             return None
         sess = self._sessions.get(session_id)
         if sess is None and create:
-            sess = self._sessions[session_id] = _Session(SuffixTree(self.config.max_depth))
-            while len(self._sessions) > self.config.max_sessions:
-                self._sessions.popitem(last=False)
+            sess = self._new_session(session_id)
         if sess is not None:
             self._sessions.move_to_end(session_id)
         return sess
+
+    def _new_session(self, session_id: str) -> _Session:
+        """An empty tree for ``session_id`` (replacing any), the least recently used beyond ``max_sessions`` dropped."""
+        sess = self._sessions[session_id] = _Session(SuffixTree(self.config.max_depth))
+        self._sessions.move_to_end(session_id)
+        while len(self._sessions) > self.config.max_sessions:
+            self._sessions.popitem(last=False)
+        return sess
+
+    def _pull(self, history: SessionHistory, session_id: str | None) -> None:
+        """Read the history into the global tree and the session's tree: what they lack (all of it
+        when not held) or what was recorded since their cursors."""
+        cfg = self.config
+        news = history.calls(None, self._global_cursor, cfg.global_max_tokens)
+        if news.replace:
+            self._global = SuffixTree(cfg.max_depth)
+        for prompt, output in news.calls:
+            self._add_global(prompt, output)
+        self._global_cursor = news.cursor
+        if session_id is None:
+            return
+        sess = self._sessions.get(session_id)
+        news = history.calls(session_id, sess.cursor if sess is not None else None, cfg.session_max_tokens)
+        if sess is None or news.replace:
+            sess = self._new_session(session_id)
+        for prompt, output in news.calls:
+            self._add_session(sess, prompt, output)
+        sess.cursor = news.cursor
 
     def propose(self, request_id: str, budget: int) -> DraftTree:
         """A calibrated tree of at most ``budget`` nodes continuing the request's context."""
@@ -157,27 +196,29 @@ class SuffixDrafter:
 
     def add_history(self, session_id: str | None, prompt_ids: Sequence[int], output_ids: Sequence[int],
                     *, to_global: bool = True) -> None:
-        """Add a finished call (from a store or another process) as ``stop_request`` would.
-
-        ``to_global=False`` adds it to its session tree only (a store loads the global history once
-        and each session's calls when the session is first used)."""
-        cfg = self.config
-        output = [int(t) for t in output_ids]
+        """Add a finished call as ``stop_request`` would: to its session's tree, and its output (after
+        the prompt's last ``global_prompt_tail`` tokens) to the global tree unless ``to_global=False``."""
         sess = self._session(session_id, create=True)
         if sess is not None:
-            prompt = [int(t) for t in prompt_ids]
-            new_part = prompt[_common_prefix(prompt, sess.last_prompt):]
-            sess.tree.extend(next(self._seq_ids), new_part + output)
-            sess.last_prompt = prompt + output
-            if sess.tree.num_tokens > cfg.session_max_tokens:
-                sess.tree.evict(cfg.session_max_tokens * 3 // 4)
-        if output and to_global:
-            tail = cfg.global_prompt_tail
-            head = [int(t) for t in prompt_ids[max(0, len(prompt_ids) - tail) :]] if tail > 0 else []
-            self._global.extend(next(self._seq_ids), head + output)
-            if self._global.num_tokens > cfg.global_max_tokens:
-                self._global.evict(cfg.global_max_tokens * 3 // 4)
+            self._add_session(sess, prompt_ids, output_ids)
+        if to_global:
+            self._add_global(prompt_ids, output_ids)
 
-    def forget_session(self, session_id: str) -> None:
-        """Drop a session's tree from memory (the store keeps its history)."""
-        self._sessions.pop(session_id, None)
+    def _add_session(self, sess: _Session, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> None:
+        """The call's new part (its prompt beyond the previous call's prompt and output) and its output."""
+        limit = self.config.session_max_tokens
+        prompt, output = [int(t) for t in prompt_ids], [int(t) for t in output_ids]
+        new_part = prompt[_common_prefix(prompt, sess.last_prompt):]
+        sess.tree.extend(next(self._seq_ids), new_part + output)
+        sess.last_prompt = prompt + output
+        if sess.tree.num_tokens > limit:
+            sess.tree.evict(limit * 3 // 4)
+
+    def _add_global(self, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> None:
+        if not output_ids:
+            return
+        limit, tail = self.config.global_max_tokens, self.config.global_prompt_tail
+        head = [int(t) for t in prompt_ids[max(0, len(prompt_ids) - tail) :]] if tail > 0 else []
+        self._global.extend(next(self._seq_ids), head + [int(t) for t in output_ids])
+        if self._global.num_tokens > limit:
+            self._global.evict(limit * 3 // 4)

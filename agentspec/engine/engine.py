@@ -101,7 +101,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.drafter = drafter
         self.policy = policy  # LookaheadPolicy: select(tree) -> tree, observe(k, seconds)
-        self.sessions = sessions  # SessionManager: ensure_loaded(id), record(id, prompt, output, stats)
+        self.sessions = sessions  # StoreSessions: record(id, prompt, output, stats)
         self.speculation = speculation or SpeculationConfig()
         self.model_name = model_name
         self.model_source: str | None = None  # the path the weights came from (from_pretrained sets it)
@@ -156,29 +156,32 @@ class Engine:
 
             hf_model = quantize_model(hf_model, quantize)
         speculation = speculation or SpeculationConfig()
+        sessions = None
+        if store is not None:  # without a store the drafter keeps sessions in memory by itself
+            from agentspec.sessions import StoreSessions
+            from agentspec.stores import open_store
+
+            store = open_store(store) if isinstance(store, str) else store
+            sessions = StoreSessions(store, tokenizer_fingerprint(tokenizer))
         if drafter is None:
             from agentspec.draft.builder import SuffixDrafter
 
-            drafter = SuffixDrafter()
-        engine = cls(hf_model, tokenizer, drafter=drafter, speculation=speculation, model_name=source.name)
+            drafter = SuffixDrafter(history=sessions)
+        engine = cls(hf_model, tokenizer, drafter=drafter, sessions=sessions, speculation=speculation,
+                     model_name=source.name)
         engine.model_source = str(source.path)
         engine.quantization = quantize
         if speculation.adaptive:
             from agentspec.lookahead import LookaheadPolicy
 
             engine.policy = LookaheadPolicy.for_engine(engine)
-        if store is not None:  # without a store the drafter keeps sessions in memory by itself
-            from agentspec.sessions import SessionManager
-
-            engine.sessions = SessionManager.open(store, drafter, engine.fingerprint)
         return engine
 
     @property
     def fingerprint(self) -> str:
         """Stable hash of the tokenizer's vocabulary: token ids are only shared between equal ones."""
         if self._fingerprint is None:
-            vocab = sorted(self.tokenizer.get_vocab().items())
-            self._fingerprint = hashlib.sha1(repr(vocab).encode()).hexdigest()[:16]
+            self._fingerprint = tokenizer_fingerprint(self.tokenizer)
         return self._fingerprint
 
     # ------------------------------------------------------------------ public API
@@ -292,13 +295,11 @@ class Engine:
         max_new = min(params.max_new_tokens, self.context_window - len(prompt_ids))
         output: list[int] = []
         cache: TreeKVCache | None = None
-        if self.sessions is not None and session is not None:
+        if speculate:
             with self._lock:  # may refuse the session (another tokenizer's): nothing has started yet
-                self.sessions.ensure_loaded(session)
+                self.drafter.start_request(request_id, session, prompt_ids)
         try:
             with self._lock:
-                if speculate:
-                    self.drafter.start_request(request_id, session, prompt_ids)
                 t0 = time.perf_counter()
                 cache, logits = self._prefill(prompt_ids, stats)
                 root = sample_token(logits, params, generator)
@@ -441,6 +442,11 @@ class Engine:
         t0 = time.perf_counter()
         self._verify(cache, 1, tree, past)
         return time.perf_counter() - t0
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Stable hash of a tokenizer's vocabulary: token ids are only shared between equal ones."""
+    return hashlib.sha1(repr(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
