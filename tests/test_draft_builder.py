@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from reference.scoring import PyScorer
 
-from agentspec.draft.base import Source
+from agentspec.draft.base import DraftTree, Source
 from agentspec.draft.builder import DrafterConfig, SuffixDrafter
 from agentspec.draft.core import Scorer
 
@@ -220,3 +220,15 @@ def test_calibrator_crosses_let_a_token_depend_on_depth_and_match():
     assert cal.predict(0, 0.5, (7, 0, 0, 0, 3)) > 0.8 > 0.2 > cal.predict(0, 0.5, (7, 0, 2, 0, 3))
     assert cal.predict(0, 0.5, (8, 0, 2, 0, 3)) > 0.8 > 0.2 > cal.predict(0, 0.5, (8, 0, 0, 0, 3))
     assert cal.predict(0, 0.5, (9, 0, 1, 0, 5)) > 0.8 > 0.2 > cal.predict(0, 0.5, (9, 0, 1, 0, 1))
+
+
+def test_acceptance_walk_follows_the_target_and_returns_the_token_after():
+    from agentspec.draft.base import acceptance_walk
+
+    # root -> 5 (0) -> 6 (1) -> 7 (3); root -> 8 (2)
+    tree = DraftTree([5, 6, 8, 7], [-1, 0, -1, 1], [0.9, 0.8, 0.1, 0.7], [0] * 4)
+    after = {0: 5, 1: 6, 2: 7, 4: 1}  # the target's token after each slot (0 = root, 1 + i = node i)
+    assert acceptance_walk(tree, after.__getitem__) == ([0, 1, 3], 1)
+    assert acceptance_walk(tree, lambda slot: 8 if slot == 0 else 4) == ([2], 4)
+    assert acceptance_walk(tree, lambda slot: 3) == ([], 3)
+    assert acceptance_walk(tree, lambda slot: 5 if slot == 0 else None) == ([0], None)  # the target ran out

@@ -5,7 +5,7 @@ The verifier never knows which drafter produced a tree (vLLM / transformers styl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
@@ -19,7 +19,7 @@ class Source(IntEnum):
     GLOBAL = 2  # suffix tree of all outputs of all sessions
 
 
-SOURCE_NAMES = {s: s.name.lower() for s in Source}
+SOURCE_NAMES = {s: s.name.lower() for s in Source}  # the keys of SpecStats.accepted_by_source
 
 
 @dataclass
@@ -74,6 +74,32 @@ class DraftTree:
             if (p, self.tokens[i]) in seen:
                 raise ValueError(f"node {i} repeats token {self.tokens[i]} among its siblings")
             seen.add((p, self.tokens[i]))
+
+
+def children_index(tree: DraftTree) -> list[dict[int, int]]:
+    """``children[1 + i][token] = j``: child node j of node i holding ``token``; slot 0 = root."""
+    children: list[dict[int, int]] = [{} for _ in range(len(tree) + 1)]
+    for j, (p, tok) in enumerate(zip(tree.parents, tree.tokens)):
+        children[p + 1][tok] = j
+    return children
+
+
+def acceptance_walk(tree: DraftTree, next_token: Callable[[int], int | None]) -> tuple[list[int], int | None]:
+    """Walk ``tree`` from the root along the target's tokens: the accepted nodes and the token after them.
+
+    ``next_token(slot)`` is the target's token after slot ``slot`` (0 = the root, ``1 + i`` = node
+    ``i``), or ``None`` when it has none. The walk moves to the child holding that token and stops at
+    the first slot where no child does. Returns (accepted node indices, root first; the last token
+    ``next_token`` gave: the bonus token, or ``None``). Greedy and sampling verification and the
+    teacher-forced simulator all accept through this walk.
+    """
+    children = children_index(tree)
+    accepted: list[int] = []
+    slot = 0
+    while (token := next_token(slot)) is not None and (child := children[slot].get(token)) is not None:
+        accepted.append(child)
+        slot = child + 1
+    return accepted, token
 
 
 class Drafter(Protocol):
