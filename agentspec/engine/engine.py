@@ -172,9 +172,12 @@ class Engine:
         engine.model_source = str(source.path)
         engine.quantization = quantize
         if speculation.adaptive:
-            from agentspec.lookahead import LookaheadPolicy
+            from agentspec.lookahead import CostCurve, LookaheadPolicy
 
-            engine.policy = LookaheadPolicy.for_engine(engine)
+            dtype_name = quantize or str(engine.dtype).replace("torch.", "")
+            # v3: the lean forward and the GGUF-block kernel changed the curve; bump when the forward changes again
+            key = f"{engine.model_name}-{dtype_name}-{engine.device}-t{torch.get_num_threads()}-v3"
+            engine.policy = LookaheadPolicy(CostCurve.cached(key, engine.forward_cost))
         return engine
 
     @property
