@@ -9,8 +9,9 @@
   every session of this tokenizer) is read the same way, with session id ``None``;
 * to the engine it is a ``SessionRecorder``: :meth:`StoreSessions.record` appends a finished call.
 
-Every read is filtered by tokenizer fingerprint: a session written by another tokenizer raises
-:class:`~agentspec.stores.TokenizerMismatchError` before any of its tokens reach a tree. The only
+Every read is filtered by tokenizer fingerprint (in the store's queries): a session written by
+another tokenizer, also one dropped and re-created by another model while a cursor is held on it,
+raises :class:`~agentspec.stores.TokenizerMismatchError` before any of its tokens reach a tree. The only
 state kept here is the ids of this process's newest records (bounded), so that calls the drafter
 learnt live are not fed to it twice; a reader whose cursor is older than the ids still remembered
 gets a full reload instead (``History.replace``). Refreshing is best effort: on PostgreSQL a call
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 
 from agentspec.draft.base import History
 from agentspec.stats import SpecStats
-from agentspec.stores import CallRecord, LoadedSession, SessionInfo, SqlStore, TokenizerMismatchError
+from agentspec.stores import CallRecord, LoadedSession, SqlStore
 from agentspec.tokens import common_prefix
 
 logger = logging.getLogger(__name__)
@@ -58,11 +59,9 @@ class StoreSessions:
             self.skipped_records += history.skipped
             outputs = [out for rid, out in zip(history.record_ids, history.outputs) if rid not in self._own]
             return History([([], out) for out in outputs], history.newest_id)
-        loaded = self.store.calls_since(session_id, after)
+        loaded = self.store.calls_since(session_id, after, fingerprint=self.fingerprint)
         self._note_skipped(session_id, loaded)
         news = [c for c in loaded.calls if c.record_id not in self._own]
-        if news:  # written by another process: the session may have been re-created by another tokenizer
-            self._check_tokenizer(session_id, self.store.session_info(session_id))
         return History([(c.prompt_ids, c.output_ids) for c in news], loaded.newest_id)
 
     def _load(self, session_id: str | None, max_tokens: int, replace: bool) -> History:
@@ -70,18 +69,10 @@ class StoreSessions:
             history = self.store.recent_outputs(self.fingerprint, max_tokens)
             self.skipped_records += history.skipped
             return History([([], out) for out in history.outputs], history.newest_id, replace)
-        loaded = self.store.load_session(session_id)
-        self._check_tokenizer(session_id, loaded.info)
+        loaded = self.store.load_session(session_id, fingerprint=self.fingerprint)
         self._note_skipped(session_id, loaded)
         calls = newest_that_fit(loaded.calls, max_tokens)
         return History([(c.prompt_ids, c.output_ids) for c in calls], loaded.newest_id, replace)
-
-    def _check_tokenizer(self, session_id: str, info: SessionInfo | None) -> None:
-        if info is not None and info.fingerprint != self.fingerprint:
-            raise TokenizerMismatchError(
-                f"session {session_id!r} was written with tokenizer {info.fingerprint}, this model's is "
-                f"{self.fingerprint}; token ids of different tokenizers are never mixed: use another session id"
-            )
 
     def _note_skipped(self, session_id: str, loaded: LoadedSession) -> None:
         self.skipped_records += loaded.skipped
