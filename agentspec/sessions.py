@@ -1,127 +1,109 @@
-"""Session id -> its drafts, loaded lazily from a store; finished calls written back.
+"""Session history in a persistent store: what the drafter loads, and where the engine records calls.
 
-The engine calls :meth:`SessionManager.ensure_loaded` before a call and :meth:`record` after it.
-On first use in a process the manager loads the recent global history (outputs of every session
-written by the same tokenizer); a session's own calls are loaded the first time that session is
-used. So a new process drafts from a session's earlier calls and from everyone's outputs at once.
-Before each later call it asks the store for calls other processes appended since (two small
-indexed queries), so processes sharing one store also draft from each other's new calls. That
-refresh is best effort: on PostgreSQL a call whose transaction commits after a newer record id
-was already seen is missed until the next process start (drafts only; outputs never change).
+:class:`StoreSessions` serves one store and one tokenizer, for both sides of a call:
 
-With ``store=None`` nothing is persisted: the drafter keeps its trees in memory by itself and
-both methods do nothing. A session written by another tokenizer raises
-:class:`~agentspec.stores.TokenizerMismatchError` before any of its tokens reach a tree.
+* to the drafter it is a :class:`~agentspec.draft.base.SessionHistory`. The drafter owns the
+  session trees and a cursor into the store for each: when it does not hold a session (first use,
+  or after it evicted the session) it loads the newest calls that fit its budget; before each
+  request it asks for what other processes appended since. The global history (the outputs of
+  every session of this tokenizer) is read the same way, with session id ``None``;
+* to the engine it is a ``SessionRecorder``: :meth:`StoreSessions.record` appends a finished call.
+
+Every read is filtered by tokenizer fingerprint (in the store's queries): a session written by
+another tokenizer, also one dropped and re-created by another model while a cursor is held on it,
+raises :class:`~agentspec.stores.TokenizerMismatchError` before any of its tokens reach a tree. The only
+state kept here is the ids of this process's newest records (bounded), so that calls the drafter
+learnt live are not fed to it twice; a reader whose cursor is older than the ids still remembered
+gets a full reload instead (``History.replace``). Refreshing is best effort: on PostgreSQL a call
+whose transaction commits after a newer record id was already seen is missed until the session is
+loaded again (drafts only; outputs never change).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
+from agentspec.draft.base import History
 from agentspec.stats import SpecStats
-from agentspec.tokens import common_prefix as _common_prefix
+from agentspec.stores import CallRecord, LoadedSession, SqlStore
+from agentspec.tokens import common_prefix
 
 logger = logging.getLogger(__name__)
 
-GLOBAL_HISTORY_TOKENS = 1_048_576  # output tokens of recent calls loaded into the global tree (at most)
+OWN_RECORDS_KEPT = 4096  # ids of this process's newest records remembered (not fed back to the drafter)
 
 
-class SessionManager:
-    """Keeps the drafter's session trees in step with a persistent store (or with nothing)."""
+class StoreSessions:
+    """A drafter's session history and the engine's call recorder over one store, for one tokenizer."""
 
-    def __init__(self, store: Any | None, drafter: Any, fingerprint: str,
-                 global_tokens: int = GLOBAL_HISTORY_TOKENS) -> None:
+    def __init__(self, store: SqlStore, fingerprint: str, own_records_kept: int = OWN_RECORDS_KEPT) -> None:
+        if own_records_kept < 1:
+            raise ValueError(f"own_records_kept must be >= 1, got {own_records_kept}")
         self.store = store
-        self.drafter = drafter
         self.fingerprint = fingerprint
-        self.global_tokens = global_tokens
-        self._loaded: dict[str, int] = {}  # session id -> newest record id fed to the drafter
-        self._global_after = 0  # newest record id seen for the global history
-        self._own: set[int] = set()  # record ids this process wrote (the drafter learnt them live)
-        self.skipped_records = 0  # corrupt records met while loading (skipped, never fatal)
+        self.own_records_kept = own_records_kept
+        self._own: dict[int, None] = {}  # ids of this process's newest records, oldest first
+        self._forgotten = 0  # the newest own record id no longer in ``_own``
+        self.skipped_records = 0  # corrupt records met while reading (skipped, never fatal)
 
-    @classmethod
-    def open(cls, store: Any | None, drafter: Any, fingerprint: str) -> SessionManager:
-        """``store``: a URL (``sqlite:///...``, ``postgresql+psycopg://...``), a store object, or None."""
-        if isinstance(store, str):
-            from agentspec.stores import open_store
-
-            store = open_store(store)
-        return cls(store, drafter, fingerprint)
-
-    def ensure_loaded(self, session_id: str) -> None:
-        """Feed the drafter what the store knows: the global history and this session's calls on
-        first use, and after that what other processes appended since."""
-        if self.store is None:
-            return
-        self._refresh_global()
-        if session_id in self._loaded:
-            self._refresh_session(session_id)
-            return
-        loaded = self.store.load_session(session_id)
-        if loaded.info is not None and loaded.info.fingerprint != self.fingerprint:
-            from agentspec.stores import TokenizerMismatchError
-
-            raise TokenizerMismatchError(
-                f"session {session_id!r} was written with tokenizer {loaded.info.fingerprint}, this model's is "
-                f"{self.fingerprint}; token ids of different tokenizers are never mixed: use another session id"
-            )
-        self._loaded[session_id] = loaded.newest_id
+    # ------------------------------------------------------------------ SessionHistory
+    def calls(self, session_id: str | None, after: int | None, max_tokens: int) -> History:
+        """Finished calls of ``session_id`` (``None``: the outputs of all sessions of this tokenizer,
+        prompts left empty), oldest first; see :class:`~agentspec.draft.base.SessionHistory`."""
+        replace = after is not None and after < self._forgotten  # an own call in range may be forgotten
+        if after is None or replace:
+            return self._load(session_id, max_tokens, replace)
+        if session_id is None:
+            history = self.store.recent_outputs(self.fingerprint, max_tokens, after=after)
+            self.skipped_records += history.skipped
+            outputs = [out for rid, out in zip(history.record_ids, history.outputs) if rid not in self._own]
+            return History([([], out) for out in outputs], history.newest_id)
+        loaded = self.store.calls_since(session_id, after, fingerprint=self.fingerprint)
         self._note_skipped(session_id, loaded)
-        for call in self._newest_that_fit(loaded.calls):
-            self.drafter.add_history(session_id, call.prompt_ids, call.output_ids, to_global=False)
+        news = [c for c in loaded.calls if c.record_id not in self._own]
+        return History([(c.prompt_ids, c.output_ids) for c in news], loaded.newest_id)
 
-    def _refresh_global(self) -> None:
-        """First use: the newest outputs of all sessions of this tokenizer, as many as the global tree
-        keeps; later: outputs other processes appended since."""
-        budget = getattr(getattr(self.drafter, "config", None), "global_max_tokens", None) or self.global_tokens
-        history = self.store.recent_outputs(self.fingerprint, min(budget, self.global_tokens), after=self._global_after)
-        self._global_after = history.newest_id
-        self.skipped_records += history.skipped
-        for record_id, output in zip(history.record_ids, history.outputs):
-            if record_id not in self._own:
-                self.drafter.add_history(None, [], output)
-
-    def _refresh_session(self, session_id: str) -> None:
-        """Calls other processes appended to a loaded session since this process last looked."""
-        loaded = self.store.calls_since(session_id, self._loaded[session_id])
-        self._loaded[session_id] = loaded.newest_id
+    def _load(self, session_id: str | None, max_tokens: int, replace: bool) -> History:
+        if session_id is None:
+            history = self.store.recent_outputs(self.fingerprint, max_tokens)
+            self.skipped_records += history.skipped
+            return History([([], out) for out in history.outputs], history.newest_id, replace)
+        loaded = self.store.load_session(session_id, fingerprint=self.fingerprint)
         self._note_skipped(session_id, loaded)
-        for call in loaded.calls:
-            if call.record_id not in self._own:
-                self.drafter.add_history(session_id, call.prompt_ids, call.output_ids, to_global=False)
+        calls = newest_that_fit(loaded.calls, max_tokens)
+        return History([(c.prompt_ids, c.output_ids) for c in calls], loaded.newest_id, replace)
 
-    def _note_skipped(self, session_id: str, loaded: Any) -> None:
+    def _note_skipped(self, session_id: str, loaded: LoadedSession) -> None:
         self.skipped_records += loaded.skipped
         for error in loaded.errors:
             logger.warning("session %r: skipped %s", session_id, error)
 
-    def _newest_that_fit(self, calls: list) -> list:
-        """The newest calls whose new tokens fit the drafter's session budget (older ones would be
-        evicted right after being added): each call adds its prompt beyond the previous call's
-        prompt and output, plus its output."""
-        budget = getattr(getattr(self.drafter, "config", None), "session_max_tokens", None)
-        if not budget:
-            return calls
-        sizes, previous = [], []
-        for call in calls:
-            shared = _common_prefix(call.prompt_ids, previous)
-            sizes.append(len(call.prompt_ids) - shared + len(call.output_ids))
-            previous = call.prompt_ids + call.output_ids
-        total, start = 0, len(calls)
-        while start > 0 and total + sizes[start - 1] <= budget:
-            start -= 1
-            total += sizes[start]
-        return calls[start:]
-
+    # ------------------------------------------------------------------ SessionRecorder
     def record(self, session_id: str, prompt_ids: Sequence[int], output_ids: Sequence[int],
                stats: SpecStats) -> int | None:
-        """Append a finished call in one transaction; returns its record id (None without a store)."""
-        if self.store is None:
-            return None
+        """Append a finished call in one transaction; returns its record id."""
         record_id = self.store.append(session_id, list(prompt_ids), list(output_ids), stats.to_dict(),
                                       fingerprint=self.fingerprint)
-        self._own.add(record_id)
+        self._own[record_id] = None
+        while len(self._own) > self.own_records_kept:
+            oldest = next(iter(self._own))
+            del self._own[oldest]
+            self._forgotten = max(self._forgotten, oldest)
         return record_id
+
+
+def newest_that_fit(calls: list[CallRecord], max_tokens: int) -> list[CallRecord]:
+    """The newest calls whose new tokens fit a session tree of ``max_tokens`` (older ones would be
+    evicted right after being added): each call adds its prompt beyond the previous call's prompt
+    and output, plus its output."""
+    sizes, previous = [], []
+    for call in calls:
+        shared = common_prefix(call.prompt_ids, previous)
+        sizes.append(len(call.prompt_ids) - shared + len(call.output_ids))
+        previous = call.prompt_ids + call.output_ids
+    total, start = 0, len(calls)
+    while start > 0 and total + sizes[start - 1] <= max_tokens:
+        start -= 1
+        total += sizes[start]
+    return calls[start:]

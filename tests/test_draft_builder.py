@@ -1,31 +1,22 @@
-"""SuffixDrafter (request / session / global trees) and Token Recycling."""
+"""SuffixDrafter (request / session / global trees) and its compiled scorer, held to the reference."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference.scoring import PyScorer
 
 from agentspec.draft.base import DraftTree, Source
 from agentspec.draft.builder import DrafterConfig, SuffixDrafter
-from agentspec.draft.recycling import RecyclingTable, add_recycled_branches
-from agentspec.draft.scoring import PyScorer, make_scorer
-from agentspec.draft.suffix_tree import compiled_available
+from agentspec.draft.core import Scorer
 
 
-def _drafter(backend: str = "python", **kw) -> SuffixDrafter:
-    return SuffixDrafter(DrafterConfig(backend=backend, **kw))
-
-
-@pytest.fixture(params=["python", "cpp"])
-def backend(request) -> str:
-    """Both the Python twin and the compiled core (when built)."""
-    if request.param == "cpp" and not compiled_available():
-        pytest.skip("compiled core not built")
-    return request.param
+def _drafter(**kw) -> SuffixDrafter:
+    return SuffixDrafter(DrafterConfig(**kw))
 
 
 def test_request_tree_drafts_from_the_prompt():
-    d = _drafter(calibrate=False, recycle=False)
+    d = _drafter(calibrate=False)
     d.start_request("r", None, [1, 2, 3, 4, 5, 9, 1, 2])
     tree = d.propose("r", 8)
     tree.check_integrity()
@@ -39,7 +30,7 @@ def test_request_tree_drafts_from_the_prompt():
 
 
 def test_session_and_global_trees_learn_finished_calls():
-    d = _drafter(calibrate=False, recycle=False)
+    d = _drafter(calibrate=False)
     d.add_history("s1", [7, 7], [40, 41, 42, 43])
     d.start_request("a", "s2", [9, 40, 41])  # other session: only the global tree knows 42 43
     tree = d.propose("a", 8)
@@ -52,8 +43,8 @@ def test_session_and_global_trees_learn_finished_calls():
     assert tree.tokens[0] == 4
 
 
-def test_merge_respects_budget_and_invariants(backend):
-    d = _drafter(backend, recycle=False)
+def test_merge_respects_budget_and_invariants():
+    d = _drafter()
     for i in range(6):
         d.add_history(None, [], [1, 2, 10 + i % 3, 20 + i % 2, 30])
     d.start_request("r", None, [5, 1, 2, 11, 21, 30, 1, 2])
@@ -68,8 +59,8 @@ def test_merge_respects_budget_and_invariants(backend):
     assert len(d.propose("r", 0)) == 0
 
 
-def test_calibration_lowers_estimates_that_keep_failing(backend):
-    d = _drafter(backend, recycle=False, use_global=False, use_session=False)
+def test_calibration_lowers_estimates_that_keep_failing():
+    d = _drafter(use_global=False, use_session=False)
     d.start_request("r", None, [1, 2, 3, 1, 2, 3, 1, 2])
     first = d.propose("r", 1)
     for _ in range(50):
@@ -79,39 +70,8 @@ def test_calibration_lowers_estimates_that_keep_failing(backend):
     assert d.propose("r", 1).probs[0] < 0.5 * first.probs[0]
 
 
-def test_recycling_table_and_anisotropic_branches():
-    table = RecyclingTable(k=3)
-    table.observe([5, 7], np.array([[6, 8, 9], [1, 2, 3]]))
-    assert table.successors(5) == [6, 8, 9] and table.successors(4) == []
-    with pytest.raises(ValueError):
-        table.observe([5], np.array([[1, 2], [3, 4]]))
-    spine = DraftTree(tokens=[6, 7], parents=[-1, 0], probs=[0.9, 0.8], sources=[0, 0])
-    tree = add_recycled_branches(spine, 5, table, [0.5, 0.2, 0.1], budget=5)
-    tree.check_integrity()
-    assert tree.tokens[:2] == [6, 7] and len(tree) == 5
-    added = list(zip(tree.tokens[2:], tree.parents[2:], tree.sources[2:]))
-    # 6 is already the spine child of the root, so the root gets 8 (rank 1) and 9; node 1 (token 7) gets 1
-    assert (1, 1, Source.RECYCLED) in added and (8, -1, Source.RECYCLED) in added
-    assert all(tree.probs[i] <= tree.probs[tree.parents[i]] for i in range(2, 5) if tree.parents[i] >= 0)
-
-
-def test_recycling_is_off_by_default_and_hides_observe():
-    d = SuffixDrafter()
-    assert d.recycler is None and getattr(d, "observe", None) is None
-    assert callable(getattr(_drafter(recycle=True), "observe", None))
-
-
-def test_drafter_observe_feeds_recycling():
-    d = _drafter(use_global=False, use_session=False, recycle=True)
-    d.start_request("r", None, [3, 4])
-    d.observe([4], np.array([[50, 51]]))
-    tree = d.propose("r", 4)
-    tree.check_integrity()
-    assert tree.tokens and set(tree.sources) == {Source.RECYCLED} and tree.tokens[0] == 50
-
-
-def test_accept_learns_from_a_reindexed_subtree_of_the_proposal(backend):
-    d = _drafter(backend, use_global=False, use_session=False)
+def test_accept_learns_from_a_reindexed_subtree_of_the_proposal():
+    d = _drafter(use_global=False, use_session=False)
     d.start_request("r", None, [1, 2, 3, 4, 1, 2, 5, 6, 1, 2, 3, 4, 1, 2, 5, 7, 1, 2])
     tree = d.propose("r", 8)
     assert len(tree) >= 3 and sum(p < 0 for p in tree.parents) >= 2  # 3 and 5 both follow "1 2"
@@ -144,8 +104,8 @@ def test_common_prefix():
     assert _common_prefix([], [1]) == 0 and _common_prefix([5], [6]) == 0
 
 
-def test_merge_features_count_agreeing_sources_and_conflicts(backend):
-    d = _drafter(backend, calibrate=False, use_session=False)
+def test_merge_features_count_agreeing_sources_and_conflicts():
+    d = _drafter(calibrate=False, use_session=False)
     d.add_history(None, [], [1, 2, 3, 4])  # global: "1 2" -> 3 -> 4
     d.start_request("r", None, [1, 2, 3, 7, 1, 2])  # request: "1 2" -> 3 -> 7
     tree = d.propose("r", 8)
@@ -177,13 +137,12 @@ def _agent_stream(seed: int, calls: int = 6) -> list[tuple[list[int], list[int]]
     return stream
 
 
-@pytest.mark.skipif(not compiled_available(), reason="compiled core not built")
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_compiled_scorer_matches_the_python_twin(seed):
+def test_compiled_scorer_matches_the_reference(seed):
     """Same trees (tokens, parents, sources; probabilities to rounding) and same learning, step by step."""
     from agentspec.replay.simulate import accepted_path
 
-    twins = [_drafter("cpp"), _drafter("cpp")]
+    twins = [_drafter(), _drafter()]
     twins[1].scorer = PyScorer()
     assert type(twins[0].scorer).__name__ == "Scorer"
     for prompt, output in _agent_stream(seed):
@@ -210,9 +169,8 @@ def test_compiled_scorer_matches_the_python_twin(seed):
     assert twins[0].scorer.accepted == twins[1].scorer.accepted > 0
 
 
-@pytest.mark.skipif(not compiled_available(), reason="compiled core not built")
-def test_compiled_calibrator_matches_the_python_one():
-    cpp, py = make_scorer("cpp"), make_scorer("python")
+def test_compiled_calibrator_matches_the_reference():
+    cpp, py = Scorer(), PyScorer()
     rng = np.random.default_rng(3)
     for _ in range(500):
         source, prob = int(rng.integers(0, 3)), float(rng.choice([0.05, 0.35, 0.65, 0.95]))
@@ -224,10 +182,53 @@ def test_compiled_calibrator_matches_the_python_one():
     assert cpp.updates == py.updates == 500 and cpp.accepted == py.accepted
 
 
-def test_make_scorer_backends():
-    assert isinstance(make_scorer("python"), PyScorer)
-    with pytest.raises(ValueError):
-        make_scorer("gpu")
-    if not compiled_available():
-        with pytest.raises(ImportError):
-            make_scorer("cpp")
+def test_calibrator_learns_per_source():
+    cal = Scorer()
+    assert cal.predict(0, 0.8) == pytest.approx(0.8)  # no evidence: the estimate itself
+    for i in range(400):
+        cal.update(0, 0.85, (1, 2), i % 4 == 0)  # 25% accepted
+        cal.update(2, 0.85, (5, 2), True)
+    assert cal.predict(0, 0.85, (1, 2)) == pytest.approx(0.25, abs=0.05)
+    assert cal.predict(0, 0.85, (7, 3)) < 0.6  # unseen token ids: the source's own weights still apply
+    assert cal.predict(2, 0.85, (5, 2)) > 0.95
+    assert cal.predict(1, 0.8) == pytest.approx(0.8)  # another source, no shared feature: untouched
+    assert cal.updates == 800 and cal.accepted == 500
+
+
+def test_calibrator_separates_tokens_it_sees_fail():
+    """Token-id weights are shared across sources: a token that keeps failing is trusted less everywhere."""
+    cal = Scorer()
+    for i in range(300):
+        cal.update(i % 3, 0.65, (10, 0), False)
+        cal.update(i % 3, 0.65, (11, 0), True)
+    assert cal.predict(1, 0.65, (10, 0)) < 0.2 < 0.8 < cal.predict(1, 0.65, (11, 0))
+
+
+def test_calibrator_crosses_let_a_token_depend_on_depth_and_match():
+    """Token x depth and token x match crosses: the same token, right at depth 0, wrong deeper (or at a
+    short match), is told apart; without the crosses the additive weights could not do it for one
+    token while other tokens show the opposite pattern."""
+    cal = Scorer()
+    # features: token, previous, depth, rank, match
+    for _ in range(300):
+        cal.update(0, 0.5, (7, 0, 0, 0, 3), True)
+        cal.update(0, 0.5, (7, 0, 2, 0, 3), False)
+        cal.update(0, 0.5, (8, 0, 0, 0, 3), False)
+        cal.update(0, 0.5, (8, 0, 2, 0, 3), True)
+        cal.update(0, 0.5, (9, 0, 1, 0, 1), False)
+        cal.update(0, 0.5, (9, 0, 1, 0, 5), True)
+    assert cal.predict(0, 0.5, (7, 0, 0, 0, 3)) > 0.8 > 0.2 > cal.predict(0, 0.5, (7, 0, 2, 0, 3))
+    assert cal.predict(0, 0.5, (8, 0, 2, 0, 3)) > 0.8 > 0.2 > cal.predict(0, 0.5, (8, 0, 0, 0, 3))
+    assert cal.predict(0, 0.5, (9, 0, 1, 0, 5)) > 0.8 > 0.2 > cal.predict(0, 0.5, (9, 0, 1, 0, 1))
+
+
+def test_acceptance_walk_follows_the_target_and_returns_the_token_after():
+    from agentspec.draft.base import acceptance_walk
+
+    # root -> 5 (0) -> 6 (1) -> 7 (3); root -> 8 (2)
+    tree = DraftTree([5, 6, 8, 7], [-1, 0, -1, 1], [0.9, 0.8, 0.1, 0.7], [0] * 4)
+    after = {0: 5, 1: 6, 2: 7, 4: 1}  # the target's token after each slot (0 = root, 1 + i = node i)
+    assert acceptance_walk(tree, after.__getitem__) == ([0, 1, 3], 1)
+    assert acceptance_walk(tree, lambda slot: 8 if slot == 0 else 4) == ([2], 4)
+    assert acceptance_walk(tree, lambda slot: 3) == ([], 3)
+    assert acceptance_walk(tree, lambda slot: 5 if slot == 0 else None) == ([0], None)  # the target ran out

@@ -1,17 +1,22 @@
-"""Suffix tree: the Python twin is the spec; the compiled core must draft identically."""
+"""Suffix tree: the compiled core, held to its pure-Python reference (tests/reference/suffix_tree.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from reference.suffix_tree import PySuffixTree
 
-from agentspec.draft.suffix_tree import PySuffixTree, compiled_available, make_suffix_tree
+from agentspec.draft.core import SuffixTree
+from agentspec.replay.trajectories import default_data_dir
 
-needs_core = pytest.mark.skipif(not compiled_available(), reason="compiled suffix tree not built")
-TAU = Path("/work/shared/data/tau_bench/gpt-4o-airline.json")
+TAU = default_data_dir() / "tau_bench" / "gpt-4o-airline.json"
+BOTH = pytest.mark.parametrize("make", [SuffixTree, PySuffixTree], ids=["compiled", "reference"])
 
 
 def _same(a, b) -> bool:
@@ -19,8 +24,9 @@ def _same(a, b) -> bool:
         list(b.tokens), list(b.parents), list(b.probs), list(b.supports), b.match_len)
 
 
-def test_counts_and_draft_by_hand():
-    t = PySuffixTree(max_depth=64)
+@BOTH
+def test_counts_and_draft_by_hand(make):
+    t = make(64)
     t.extend(0, [1, 2, 3, 1, 2, 4])
     t.check_integrity()
     d = t.speculate([7, 1, 2], budget=8, alpha=1.0, beta=0.0, min_prob=0.1)
@@ -29,38 +35,40 @@ def test_counts_and_draft_by_hand():
     assert sorted(zip(d.tokens, d.parents, d.probs))[:2] == [(3, -1, 0.5), (4, -1, 0.5)]
     assert d.score == pytest.approx(sum(d.probs))
     d = t.speculate([2, 3], budget=8)  # "2 3" occurred once, followed by "1 2 4"
-    assert d.tokens == [1, 2] and d.probs == [1.0, 1.0] and d.parents == [-1, 0]
+    assert list(d.tokens) == [1, 2] and list(d.probs) == [1.0, 1.0] and list(d.parents) == [-1, 0]
 
 
-def test_min_prob_budget_and_alpha_limit():
-    t = PySuffixTree(8)
+@BOTH
+def test_min_prob_budget_and_alpha_limit(make):
+    t = make(8)
     for s in range(10):
         t.extend(s, [5, 6, s % 3, 9])
     d = t.speculate([5, 6], budget=8, alpha=1.0, beta=0.0, min_prob=0.3)
     assert len(d.tokens) <= 2 and all(p >= 0.3 for p in d.probs)
-    assert t.speculate([5, 6], budget=1, alpha=10.0).tokens.__len__() == 1
+    assert len(t.speculate([5, 6], budget=1, alpha=10.0).tokens) == 1
     assert len(t.speculate([5, 6], budget=100, alpha=0.0, beta=0.0).tokens) == 0
 
 
-@pytest.mark.parametrize("backend", ["python", pytest.param("cpp", marks=needs_core)])
-def test_equal_scores_prefer_the_longer_match(backend):
-    t = make_suffix_tree(64, backend)
+@BOTH
+def test_equal_scores_prefer_the_longer_match(make):
+    t = make(64)
     t.extend(0, [1, 2, 3, 4, 5, 6])
     d = t.speculate([1, 2], budget=1, alpha=1.0, beta=0.0, min_prob=0.1)  # p = 1 and p = 2 both score 1.0
     assert list(d.tokens) == [3] and d.match_len == 2
     assert t.speculate([9, 9], budget=4).match_len == 0  # no match: the empty draft
 
 
-def test_depth_limit_and_integrity_on_random_sequences():
+@BOTH
+def test_depth_limit_and_integrity_on_random_sequences(make):
     rng = random.Random(0)
     for depth in (1, 2, 3, 7, 64):
-        t = PySuffixTree(depth)
+        t = make(depth)
         for _ in range(300):
             t.append(rng.randrange(4), rng.randrange(3))
         t.check_integrity()
 
 
-def test_check_integrity_detects_corruption():
+def test_reference_check_integrity_detects_corruption():
     t = PySuffixTree(16)
     t.extend(0, [1, 2, 1, 2, 3])
     t._count[2] += 1
@@ -68,24 +76,22 @@ def test_check_integrity_detects_corruption():
         t.check_integrity()
 
 
-def test_eviction_drops_oldest_and_rebuilds():
-    t = PySuffixTree(16)
+@BOTH
+def test_eviction_drops_oldest_and_rebuilds(make):
+    t = make(16)
     for s in range(5):
         t.extend(s, [s] * 10 + [100 + s])
     assert t.evict(25) == 3
-    assert t.seq_ids() == [3, 4] and t.num_tokens == 22
+    assert list(t.seq_ids()) == [3, 4] and t.num_tokens == 22
     t.check_integrity()
-    assert t.speculate([0, 0], budget=4).tokens == []  # sequence 0 is gone
-    assert t.speculate([4, 4], budget=4).tokens[:1] == [4]
+    assert len(t.speculate([0, 0], budget=4).tokens) == 0  # sequence 0 is gone
+    assert list(t.speculate([4, 4], budget=4).tokens[:1]) == [4]
     t.remove(3)
-    assert t.seq_ids() == [4]
+    assert list(t.seq_ids()) == [4]
     t.check_integrity()
 
 
-@needs_core
-def test_compiled_matches_python_on_random_sequences():
-    from agentspec.draft._suffix_core import SuffixTree
-
+def test_compiled_matches_reference_on_random_sequences():
     rng = random.Random(1)
     for _ in range(150):
         depth, vocab = rng.choice([1, 2, 3, 8, 64]), rng.choice([2, 3, 5, 20])
@@ -106,15 +112,15 @@ def test_compiled_matches_python_on_random_sequences():
             assert _same(a.speculate(ctx, **kw), b.speculate(ctx, **kw))
 
 
-@needs_core
-@pytest.mark.skipif(not TAU.is_file(), reason="shared tau-bench data not present")
-def test_compiled_matches_python_on_real_tokens(default_tokenizer):
+@pytest.mark.skipif(not TAU.is_file(), reason=f"needs the tau-bench trajectories: {TAU} is missing "
+                    "(set AGENTSPEC_DATA to the shared data folder)")
+def test_compiled_matches_reference_on_real_tokens(default_tokenizer):
     from agentspec.chat import assistant_text
 
     traj = json.loads(TAU.read_text())[0]["traj"]
     texts = [assistant_text(m) if m["role"] == "assistant" else str(m.get("content") or "") for m in traj[1:]]
     seqs = [default_tokenizer.encode(t, add_special_tokens=False) for t in texts if t]
-    a, b = PySuffixTree(64), make_suffix_tree(64, "cpp")
+    a, b = PySuffixTree(64), SuffixTree(64)
     for i, s in enumerate(seqs):
         a.extend(i, s)
         b.extend(i, s)
@@ -127,36 +133,25 @@ def test_compiled_matches_python_on_real_tokens(default_tokenizer):
     assert b.estimate_memory() > 0
 
 
-@needs_core
 def test_compiled_core_errors_are_clear():
-    t = make_suffix_tree(8, "cpp")
+    t = SuffixTree(8)
     with pytest.raises(KeyError):
         t.get_sequence(3)
     with pytest.raises(ValueError):
-        make_suffix_tree(0, "cpp")
+        SuffixTree(0)
 
 
-def test_make_suffix_tree_backends():
-    assert isinstance(make_suffix_tree(8, "python"), PySuffixTree)
-    with pytest.raises(ValueError):
-        make_suffix_tree(8, "java")
+def test_missing_core_is_an_import_error_that_says_how_to_build_it():
+    code = ("import sys; sys.modules['agentspec.draft._suffix_core'] = None\n"
+            "import agentspec.draft.builder")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "not built" in run.stderr and "pip install" in run.stderr
 
 
-def test_falls_back_to_python_twin_with_a_warning(monkeypatch, caplog):
-    import sys
-
-    import agentspec.draft.suffix_tree as st
-
-    monkeypatch.setitem(sys.modules, "agentspec.draft._suffix_core", None)  # import now fails
-    monkeypatch.setattr(st, "_CORE_WARNED", False)
-    with caplog.at_level("WARNING"):
-        tree = st.make_suffix_tree(8)
-    assert isinstance(tree, PySuffixTree) and "Python twin" in caplog.text
-    assert not st.compiled_available()
-    with pytest.raises(ImportError):
-        st.make_suffix_tree(8, "cpp")
-    from agentspec.draft.scoring import PyScorer, make_scorer
-
-    assert isinstance(make_scorer(), PyScorer)  # the scorer falls back with the tree
-    with pytest.raises(ImportError):
-        make_scorer("cpp")
+def test_the_package_never_imports_the_reference():
+    code = ("import sys, agentspec.draft.builder, agentspec.lookahead, agentspec.sessions\n"
+            "print(sorted(m for m in sys.modules if m.startswith('reference')))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # importable, were the package to try
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""Cost curve, acceptance calibration and the lookahead tree selection."""
+"""Cost curve and the lookahead tree selection."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import pytest
 
 from agentspec.draft.base import DraftTree
-from agentspec.lookahead import AcceptanceCalibrator, CostCurve, LookaheadPolicy
+from agentspec.lookahead import CostCurve, LookaheadPolicy
 
 
 def test_cost_curve_default_interpolation_and_observe(tmp_path, monkeypatch):
@@ -69,44 +69,3 @@ def test_selection_is_empty_when_plain_decoding_wins_and_full_when_certain():
     assert len(rate.select(weak)) == 0 and len(rate.select(sure)) == 3
     with pytest.raises(ValueError):
         LookaheadPolicy(objective="speed")
-
-
-def test_calibrator_learns_per_source():
-    cal = AcceptanceCalibrator()
-    assert cal.predict(0, 0.8) == pytest.approx(0.8)  # no evidence: the estimate itself
-    for i in range(400):
-        cal.update(0, 0.85, (1, 2), i % 4 == 0)  # 25% accepted
-        cal.update(2, 0.85, (5, 2), True)
-    assert cal.predict(0, 0.85, (1, 2)) == pytest.approx(0.25, abs=0.05)
-    assert cal.predict(0, 0.85, (7, 3)) < 0.6  # unseen token ids: the source's own weights still apply
-    assert cal.predict(2, 0.85, (5, 2)) > 0.95
-    assert cal.predict(1, 0.8) == pytest.approx(0.8)  # another source, no shared feature: untouched
-    assert cal.updates == 800 and cal.accepted == 500
-
-
-def test_calibrator_separates_tokens_it_sees_fail():
-    """Token-id weights are shared across sources: a token that keeps failing is trusted less everywhere."""
-    cal = AcceptanceCalibrator()
-    for i in range(300):
-        cal.update(i % 3, 0.65, (10, 0), False)
-        cal.update(i % 3, 0.65, (11, 0), True)
-    assert cal.predict(1, 0.65, (10, 0)) < 0.2 < 0.8 < cal.predict(1, 0.65, (11, 0))
-    assert set(cal.to_dict())  # inspectable weights
-
-
-def test_calibrator_crosses_let_a_token_depend_on_depth_and_match():
-    """Token x depth and token x match crosses: the same token, right at depth 0, wrong deeper (or at a
-    short match), is told apart; without the crosses the additive weights could not do it for one
-    token while other tokens show the opposite pattern."""
-    cal = AcceptanceCalibrator()
-    # features: token, previous, depth, rank, match
-    for _ in range(300):
-        cal.update(0, 0.5, (7, 0, 0, 0, 3), True)
-        cal.update(0, 0.5, (7, 0, 2, 0, 3), False)
-        cal.update(0, 0.5, (8, 0, 0, 0, 3), False)
-        cal.update(0, 0.5, (8, 0, 2, 0, 3), True)
-        cal.update(0, 0.5, (9, 0, 1, 0, 1), False)
-        cal.update(0, 0.5, (9, 0, 1, 0, 5), True)
-    assert cal.predict(0, 0.5, (7, 0, 0, 0, 3)) > 0.8 > 0.2 > cal.predict(0, 0.5, (7, 0, 2, 0, 3))
-    assert cal.predict(0, 0.5, (8, 0, 2, 0, 3)) > 0.8 > 0.2 > cal.predict(0, 0.5, (8, 0, 0, 0, 3))
-    assert cal.predict(0, 0.5, (9, 0, 1, 0, 5)) > 0.8 > 0.2 > cal.predict(0, 0.5, (9, 0, 1, 0, 1))

@@ -6,32 +6,37 @@ import multiprocessing as mp
 import uuid
 
 import pytest
+from agentspec.stores import CallRecord, TokenizerMismatchError, open_store
 from test_store import BACKENDS, fresh_url
 from typer.testing import CliRunner
+
+from agentspec.draft.base import Source
+from agentspec.draft.builder import DrafterConfig, SuffixDrafter
+from agentspec.sessions import StoreSessions, newest_that_fit
+from agentspec.stats import SpecStats
 
 PROMPT = [5, 17, 99, 3, 250, 41, 8, 77, 19, 300, 12, 6]
 
 
-def tiny_engine(store_url: str | None):
+def tiny_engine(store_url: str | None, **drafter_config):
     """A tiny random Llama (the same weights in every process) with the real drafter and a store."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from agentspec.config import SpeculationConfig
-    from agentspec.draft.builder import SuffixDrafter
     from agentspec.engine import Engine
+    from agentspec.engine.engine import tokenizer_fingerprint
     from agentspec.engine.model import load_tokenizer
-    from agentspec.sessions import SessionManager
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
     model = LlamaForCausalLM(config).eval()
-    drafter = SuffixDrafter()
-    engine = Engine(model, load_tokenizer(), drafter=drafter, speculation=SpeculationConfig(adaptive=False))
+    tokenizer = load_tokenizer()
+    sessions = StoreSessions(open_store(store_url), tokenizer_fingerprint(tokenizer)) if store_url else None
+    drafter = SuffixDrafter(DrafterConfig(**drafter_config), history=sessions)
+    engine = Engine(model, tokenizer, drafter=drafter, sessions=sessions, speculation=SpeculationConfig(adaptive=False))
     engine.eos_ids = set()
-    if store_url:
-        engine.sessions = SessionManager.open(store_url, drafter, engine.fingerprint)
     return engine
 
 
@@ -89,107 +94,114 @@ def test_stats_cli_reads_what_the_engine_stored(tmp_path):
 
 
 def test_session_load_feeds_only_what_fits_the_drafter_budget():
-    from types import SimpleNamespace
-
-    from agentspec.stores import CallRecord
-
-    from agentspec.sessions import SessionManager
-
-    drafter = SimpleNamespace(config=SimpleNamespace(session_max_tokens=100))
-    manager = SessionManager(store=None, drafter=drafter, fingerprint="fp")
     prompt = list(range(50))
     calls = [CallRecord(1, "s", prompt, [1] * 10), CallRecord(2, "s", prompt + [1] * 10 + [2] * 30, [3] * 20),
              CallRecord(3, "s", [9] * 40, [4] * 30)]  # sizes 60, 50, 70: the newest two are 120 > 100
-    assert [c.record_id for c in manager._newest_that_fit(calls)] == [3]
-    drafter.config.session_max_tokens = 120
-    assert [c.record_id for c in manager._newest_that_fit(calls)] == [2, 3]
+    assert [c.record_id for c in newest_that_fit(calls, 100)] == [3]
+    assert [c.record_id for c in newest_that_fit(calls, 120)] == [2, 3]
 
 
-class RecordingDrafter:
-    """A drafter stand-in that records what the manager feeds it."""
-
-    def __init__(self) -> None:
-        self.history: list[tuple] = []
-
-    def add_history(self, session_id, prompt_ids, output_ids, *, to_global=True) -> None:
-        self.history.append((session_id, list(prompt_ids), list(output_ids), to_global))
-
-
-def test_manager_without_a_store_keeps_nothing():
-    from agentspec.sessions import SessionManager
-    from agentspec.stats import SpecStats
-
-    drafter = RecordingDrafter()
-    manager = SessionManager.open(None, drafter, "fp")
-    manager.ensure_loaded("s")
-    assert manager.record("s", [1, 2], [3], SpecStats(output_tokens=1)) is None
-    assert drafter.history == []
-
-
-def test_manager_loads_global_once_and_each_session_once(tmp_path):
-    from agentspec.stores import open_store
-
-    from agentspec.sessions import SessionManager
-    from agentspec.stats import SpecStats
-
+def test_history_loads_all_then_only_what_is_new(tmp_path):
     url = f"sqlite:///{tmp_path / 'm.db'}"
-    writer = SessionManager.open(url, RecordingDrafter(), "fp")
+    writer = StoreSessions(open_store(url), "fp")
     writer.record("a", [1, 2], [3, 4], SpecStats())
     writer.record("b", [5], [6], SpecStats())
     open_store(url).append("c", [7], [8], fingerprint="other-tokenizer")
-    drafter = RecordingDrafter()
-    manager = SessionManager.open(url, drafter, "fp")  # a new process on the same store
-    manager.ensure_loaded("a")
-    manager.ensure_loaded("a")
-    assert drafter.history == [(None, [], [3, 4], True), (None, [], [6], True),  # global: this tokenizer only
-                               ("a", [1, 2], [3, 4], False)]
-    manager.ensure_loaded("new-session")
-    assert len(drafter.history) == 3
+    reader = StoreSessions(open_store(url), "fp")  # a new process on the same store
+    everyone = reader.calls(None, None, 1000)
+    assert everyone.calls == [([], [3, 4]), ([], [6])] and not everyone.replace  # this tokenizer only
+    a = reader.calls("a", None, 1000)
+    assert a.calls == [([1, 2], [3, 4])]
+    assert reader.calls("a", a.cursor, 1000).calls == [] and reader.calls(None, everyone.cursor, 1000).calls == []
+    assert reader.calls("new-session", None, 1000).calls == []
 
 
-def test_manager_sees_calls_other_processes_append_later(tmp_path):
-    from agentspec.sessions import SessionManager
-    from agentspec.stats import SpecStats
-
+def test_history_returns_what_other_processes_append_later(tmp_path):
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    drafter_a, drafter_b = RecordingDrafter(), RecordingDrafter()
-    a = SessionManager.open(url, drafter_a, "fp")
-    b = SessionManager.open(url, drafter_b, "fp")  # another process on the same store
-    a.ensure_loaded("s")
-    b.ensure_loaded("s")
+    a, b = StoreSessions(open_store(url), "fp"), StoreSessions(open_store(url), "fp")  # two processes
+    a_global, a_s = a.calls(None, None, 1000), a.calls("s", None, 1000)
+    b_global, b_s = b.calls(None, None, 1000), b.calls("s", None, 1000)
     b.record("s", [1, 2], [3], SpecStats())
     b.record("other", [4], [5], SpecStats())
-    a.ensure_loaded("s")  # before a's next call of "s": b's new calls
-    assert drafter_a.history == [(None, [], [3], True), (None, [], [5], True), ("s", [1, 2], [3], False)]
+    a_global, a_s = a.calls(None, a_global.cursor, 1000), a.calls("s", a_s.cursor, 1000)
+    assert a_global.calls == [([], [3]), ([], [5])] and a_s.calls == [([1, 2], [3])]
     a.record("s", [1, 2, 3, 6], [7], SpecStats())
-    a.ensure_loaded("s")  # its own call is not fed twice (the drafter learnt it live)
-    b.ensure_loaded("s")
-    assert len(drafter_a.history) == 3
-    assert drafter_b.history == [(None, [], [7], True), ("s", [1, 2, 3, 6], [7], False)]
+    # its own call is not returned to a (its drafter learnt it live); b gets it, but not its own calls
+    assert a.calls("s", a_s.cursor, 1000).calls == [] and a.calls(None, a_global.cursor, 1000).calls == []
+    assert b.calls("s", b_s.cursor, 1000).calls == [([1, 2, 3, 6], [7])]
+    assert b.calls(None, b_global.cursor, 1000).calls == [([], [7])]
+
+
+def test_own_record_ids_are_bounded_and_an_old_cursor_gets_a_full_reload(tmp_path):
+    sessions = StoreSessions(open_store(f"sqlite:///{tmp_path / 'b.db'}"), "fp", own_records_kept=4)
+    first = sessions.calls("s", None, 1000)
+    for i in range(50):  # 50 calls in 50 sessions: only the newest 4 ids are kept
+        sessions.record(f"session-{i}", [i], [i + 100], SpecStats())
+    sessions.record("s", [1], [2], SpecStats())
+    assert len(sessions._own) == 4
+    assert sessions.calls("s", sessions.calls("s", None, 1000).cursor, 1000).calls == []
+    # a cursor from before the forgotten ids cannot be told which calls are its own: everything, to replace
+    again = sessions.calls("s", first.cursor, 1000)
+    assert again.replace and again.calls == [([1], [2])]
+    everyone = sessions.calls(None, first.cursor, 10_000)
+    assert everyone.replace and len(everyone.calls) == 51
+
+
+def _session_drafts(drafter: SuffixDrafter, session: str, prompt: list[int]) -> int:
+    drafter.start_request("r", session, prompt)
+    tree = drafter.propose("r", 16)
+    drafter.stop_request("r")
+    return sum(source == Source.SESSION for source in tree.sources)
+
+
+def test_an_evicted_session_drafts_from_the_store_again(tmp_path):
+    """The drafter keeps one session tree (max_sessions=1): after another session evicts it, the
+    session is loaded from the store again on its next request, and drafts what it drafted before."""
+    url = f"sqlite:///{tmp_path / 'evict.db'}"
+    prompt, output = [5, 17, 99, 3, 250, 41], [8, 77, 19, 300, 12, 6, 60, 61, 62]
+    open_store(url).append("a", prompt, output, fingerprint="fp")  # an earlier process's call
+    drafter = SuffixDrafter(DrafterConfig(max_sessions=1, use_global=False),
+                            history=StoreSessions(open_store(url), "fp"))
+    again = prompt + output[:3]  # the next call repeats the start of the stored output
+    assert _session_drafts(drafter, "a", again) > 0
+    assert _session_drafts(drafter, "b", [1, 2, 3]) == 0  # holds "b" now: "a" was evicted
+    assert _session_drafts(drafter, "a", again) > 0
 
 
 def test_session_of_another_tokenizer_is_refused_before_drafting(tmp_path):
-    from agentspec.stores import TokenizerMismatchError, open_store
-
-    from agentspec.sessions import SessionManager
-    from agentspec.stats import SpecStats
-
     url = f"sqlite:///{tmp_path / 't.db'}"
     open_store(url).append("s", [1], [2], fingerprint="tok-a")
-    drafter = RecordingDrafter()
-    manager = SessionManager.open(url, drafter, "tok-b")
+    sessions = StoreSessions(open_store(url), "tok-b")
+    drafter = SuffixDrafter(history=sessions)
     with pytest.raises(TokenizerMismatchError, match="tok-a"):
-        manager.ensure_loaded("s")
-    assert all(session != "s" for session, *_ in drafter.history)
+        drafter.start_request("r", "s", [1, 2])
+    with pytest.raises(KeyError):
+        drafter.propose("r", 4)  # the request never started
+    assert drafter._session("s") is None
     with pytest.raises(TokenizerMismatchError):
-        manager.record("s", [1], [3], SpecStats())
-    assert [c.output_ids for c in manager.store.load_session("s").calls] == [[2]]
+        sessions.record("s", [1], [3], SpecStats())
+    assert [c.output_ids for c in sessions.store.load_session("s").calls] == [[2]]
+
+
+def test_a_session_recreated_by_another_tokenizer_is_refused(tmp_path):
+    """A reader holds a cursor on a session; another process drops it and re-creates it with another
+    tokenizer: the reader's next look refuses it instead of feeding the other tokenizer's ids."""
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    open_store(url).append("s", [1, 2], [3], fingerprint="fp")
+    drafter = SuffixDrafter(history=StoreSessions(open_store(url), "fp"))
+    drafter.start_request("r1", "s", [1, 2])
+    drafter.stop_request("r1")
+    other = open_store(url)
+    assert other.delete_session("s")
+    other.append("s", [400, 401], [402, 403], fingerprint="another-tokenizer")
+    with pytest.raises(TokenizerMismatchError, match="another-tokenizer"):
+        drafter.start_request("r2", "s", [1, 2])
+    drafter.start_request("r3", "x", [400, 401])
+    assert 402 not in drafter.propose("r3", 8).tokens  # the other tokenizer's ids reached no tree
 
 
 def test_cli_maintenance_commands(tmp_path):
     import json
-
-    from agentspec.stores import open_store
 
     from agentspec.cli import app
 
@@ -225,8 +237,6 @@ def test_cli_maintenance_commands(tmp_path):
 
 
 def test_engine_refuses_a_session_of_another_tokenizer_before_generating(tmp_path):
-    from agentspec.stores import TokenizerMismatchError, open_store
-
     url = f"sqlite:///{tmp_path / 'tok.db'}"
     open_store(url).append("theirs", [1, 2], [3], fingerprint="another-tokenizer")
     engine = tiny_engine(url)

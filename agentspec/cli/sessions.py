@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from agentspec.draft.base import SOURCE_NAMES
+
 console = Console()
 err = Console(stderr=True)
 
@@ -52,7 +54,7 @@ def session_totals(store, session_id: str | None = None) -> dict[str, dict]:
 def _stats_table(rows: dict[str, dict]) -> Table:
     table = Table(title="agentspec cache statistics")
     cols = ("session", "calls", "prompt tok", "output tok", "drafted", "accepted", "accept rate", "tok/step",
-            "tok/s", "hit rate", "accepted from (request/session/global/recycled)")
+            "tok/s", "hit rate", f"accepted from ({'/'.join(SOURCE_NAMES.values())})")
     for col in cols:
         table.add_column(col, justify="left" if col in ("session", cols[-1]) else "right")
     for sid, r in sorted(rows.items(), key=lambda kv: (kv[0] == "*", kv[0])):
@@ -61,7 +63,7 @@ def _stats_table(rows: dict[str, dict]) -> Table:
                       f"{r['output_tokens']:,}", f"{r['drafted_tokens']:,}", f"{r['accepted_tokens']:,}",
                       f"{r['acceptance_rate']:.1%}", f"{r['tokens_per_step']:.2f}",
                       f"{r['decode_tokens_per_second']:.1f}", f"{r['hit_rate']:.1%}",
-                      " / ".join(str(src.get(k, 0)) for k in ("request", "session", "global", "recycled")))
+                      " / ".join(str(src.get(name, 0)) for name in SOURCE_NAMES.values()))
     return table
 
 

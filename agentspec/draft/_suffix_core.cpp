@@ -1,8 +1,9 @@
 // Compiled core of agentspec.draft: a depth-limited suffix tree over token sequences, and the scorer
 // that merges drafts into one calibrated tree (at the end of this file).
 //
-// Same algorithm, same API and same drafts as PySuffixTree (the pure-Python twin, which is the
-// specification; read its docstring for the invariants). Nodes live in flat arrays; a node's
+// The package's only implementation; tests/reference/suffix_tree.py (PySuffixTree) is its pure-Python
+// specification (read its docstring for the invariants), and the parity tests hold this code to the
+// same drafts. Nodes live in flat arrays; a node's
 // label is seqs[seq][start, start + length). Children are found through one open-addressing
 // hash table keyed by (parent, first token) and enumerated through a doubly linked list kept in
 // count order (except under the root).
@@ -532,8 +533,8 @@ class SuffixTree {
 
 // ---------------------------------------------------------------------------------------------
 // Scorer: the merge of the sources' drafts and the online acceptance model. Same computation,
-// operation for operation, as agentspec.draft.scoring.PyScorer and
-// agentspec.lookahead.AcceptanceCalibrator (the specification; read their docstrings).
+// operation for operation, as PyScorer and AcceptanceCalibrator in tests/reference/scoring.py (the
+// specification; read their docstrings).
 
 constexpr int NUM_FEATURES = 9;  // token, previous, depth, rank, match, support, agree, conflict, state
 constexpr int SHARED_FEATURES = 2;
@@ -782,7 +783,7 @@ class Scorer {
 }  // namespace
 
 PYBIND11_MODULE(_suffix_core, m) {
-    m.doc() = "Compiled core of agentspec.draft: the suffix tree (spec: PySuffixTree) and the scorer (spec: PyScorer).";
+    m.doc() = "Compiled core of agentspec.draft: the suffix tree and the scorer (spec: tests/reference/).";
     py::class_<Draft>(m, "Draft")
         .def(py::init<>())
         .def_readonly("tokens", &Draft::tokens)

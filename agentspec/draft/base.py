@@ -5,7 +5,7 @@ The verifier never knows which drafter produced a tree (vLLM / transformers styl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
@@ -17,10 +17,9 @@ class Source(IntEnum):
     REQUEST = 0  # suffix tree of the live request (its prompt and output so far)
     SESSION = 1  # suffix tree of the session's earlier calls
     GLOBAL = 2  # suffix tree of all outputs of all sessions
-    RECYCLED = 3  # Token Recycling successor table
 
 
-SOURCE_NAMES = {s: s.name.lower() for s in Source}
+SOURCE_NAMES = {s: s.name.lower() for s in Source}  # the keys of SpecStats.accepted_by_source
 
 
 @dataclass
@@ -77,6 +76,32 @@ class DraftTree:
             seen.add((p, self.tokens[i]))
 
 
+def children_index(tree: DraftTree) -> list[dict[int, int]]:
+    """``children[1 + i][token] = j``: child node j of node i holding ``token``; slot 0 = root."""
+    children: list[dict[int, int]] = [{} for _ in range(len(tree) + 1)]
+    for j, (p, tok) in enumerate(zip(tree.parents, tree.tokens)):
+        children[p + 1][tok] = j
+    return children
+
+
+def acceptance_walk(tree: DraftTree, next_token: Callable[[int], int | None]) -> tuple[list[int], int | None]:
+    """Walk ``tree`` from the root along the target's tokens: the accepted nodes and the token after them.
+
+    ``next_token(slot)`` is the target's token after slot ``slot`` (0 = the root, ``1 + i`` = node
+    ``i``), or ``None`` when it has none. The walk moves to the child holding that token and stops at
+    the first slot where no child does. Returns (accepted node indices, root first; the last token
+    ``next_token`` gave: the bonus token, or ``None``). Greedy and sampling verification and the
+    teacher-forced simulator all accept through this walk.
+    """
+    children = children_index(tree)
+    accepted: list[int] = []
+    slot = 0
+    while (token := next_token(slot)) is not None and (child := children[slot].get(token)) is not None:
+        accepted.append(child)
+        slot = child + 1
+    return accepted, token
+
+
 class Drafter(Protocol):
     """What the engine needs from a drafter; one instance serves many requests and sessions."""
 
@@ -93,18 +118,29 @@ class Drafter(Protocol):
     def stop_request(self, request_id: str) -> None:
         """Finish a request: its prompt and output join the session tree, its output the global tree."""
 
-    def add_history(self, session_id: str | None, prompt_ids: Sequence[int], output_ids: Sequence[int],
-                    *, to_global: bool = True) -> None:
-        """Add a finished call from elsewhere (a store, another process) as ``stop_request`` would;
-        ``to_global=False`` leaves the global tree alone (it was loaded separately)."""
+
+@dataclass
+class History:
+    """Finished calls read from a :class:`SessionHistory`, oldest first."""
+
+    calls: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prompt ids, output ids)
+    cursor: int = 0  # the newest record read: pass it back as ``after`` to get only what came later
+    replace: bool = False  # the calls replace all the caller loaded before (it could not be told what is new)
 
 
-class RecyclingDrafter(Drafter, Protocol):
-    """A drafter that also learns from the target's logits (Token Recycling).
+class SessionHistory(Protocol):
+    """Finished calls kept outside the drafter (a store other processes write to as well).
 
-    Optional: the engine calls ``observe`` only when the drafter has it (``getattr``).
+    The drafter holds a tree and a cursor per session (and one for the global tree): it loads what it
+    does not hold, and before each request reads what was recorded since.
     """
 
-    def observe(self, token_ids: Sequence[int], topk_successor_ids) -> None:
-        """``topk_successor_ids[i]`` (int array ``[n, k]``) is the top-k of the target's logits after
-        ``token_ids[i]``, for every verified tree node (the root included), accepted or not."""
+    def calls(self, session_id: str | None, after: int | None, max_tokens: int) -> History:
+        """The finished calls of ``session_id``; ``None`` means the outputs of all sessions (prompts empty).
+
+        ``after=None`` (the caller holds nothing yet): the newest calls whose new tokens fit
+        ``max_tokens``. Else the calls recorded after cursor ``after``, less those the caller learnt
+        live. Raises ``TokenizerMismatchError`` (a ``StoreError``) for a session written by another
+        tokenizer, before any of its tokens are returned.
+        """
+

@@ -1,15 +1,19 @@
-"""SuffixDrafter: the default drafter, built from suffix trees and the Token Recycling table.
+"""SuffixDrafter: the default drafter, built from suffix trees.
 
 Sources (each node of a proposed tree is tagged with one, see :class:`Source`):
 
 * REQUEST -- a tree of the live request: its prompt and its output so far;
 * SESSION -- a tree per session: what each earlier call added (the new part of its prompt, and
   its output);
-* GLOBAL  -- one tree of the outputs of all requests of all sessions;
-* RECYCLED -- each token's top-k successors seen in the target's logits (anisotropic branches).
+* GLOBAL  -- one tree of the outputs of all requests of all sessions.
 
-Each suffix tree proposes its best draft for the context tail; a scorer
-(:mod:`agentspec.draft.scoring`) merges the drafts into one trie whose node probabilities are
+The drafter owns the session trees: it keeps the ``max_sessions`` most recently used in memory,
+each with its cursor into a :class:`~agentspec.draft.base.SessionHistory` (a persistent store) when
+it was given one. A session it does not hold (first use, or evicted) is loaded from the history;
+one it holds, and the global tree, take what other processes recorded since, before each request.
+
+Each suffix tree proposes its best draft for the context tail; the compiled scorer
+(:mod:`agentspec.draft.core`) merges the drafts into one trie whose node probabilities are
 *calibrated*: the conditional probability of each node given its parent (``count(child) /
 count(node)``) and the node's features go through an acceptance model learned online from what
 the target accepted, and path probabilities are products of them.
@@ -22,12 +26,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from agentspec.draft.base import DraftTree, Source
-from agentspec.draft.recycling import RecyclingTable, add_recycled_branches
-from agentspec.draft.scoring import Proposal, make_scorer, state_bucket
-from agentspec.draft.suffix_tree import make_suffix_tree
+from agentspec.draft.base import DraftTree, SessionHistory, Source
+from agentspec.draft.core import Proposal, Scorer, SuffixTree, state_bucket
 from agentspec.tokens import common_prefix as _common_prefix
 
 
@@ -47,23 +47,17 @@ class DrafterConfig:
     use_global: bool = True
     calibrate: bool = True  # map estimates and node features to observed acceptance (online)
     calibration_rate: float = 0.1  # learning rate of the acceptance model
-    # Token Recycling branches: off by default. Teacher-forced on tau-bench / SWE-agent they got
-    # ~0 tokens accepted (1 of 24k) for 50-80 us a step; suffix-tree drafts already cover what the
-    # recycled successors would guess. Switch on to experiment (the engine then feeds top-k logits).
-    recycle: bool = False
-    recycle_rank_probs: tuple[float, ...] = (0.45, 0.25, 0.15, 0.05)  # prior acceptance by rank
     session_max_tokens: int = 262_144  # per session tree, oldest calls evicted first
     global_max_tokens: int = 1_048_576  # global output tree
     global_prompt_tail: int = 8  # prompt tokens stored before each output (how outputs begin)
     max_sessions: int = 128  # session trees kept in memory (least recently used dropped)
-    backend: str = "auto"  # suffix trees and scorer: auto (compiled if built) | cpp | python
 
 
 @dataclass
 class _Request:
     session_id: str | None
     prompt: list[int]
-    tree: object
+    tree: SuffixTree
     output: list[int] = field(default_factory=list)
     # the last proposal (with each node's features), matched to the verified tree by token path in
     # ``accept`` (the verified tree may be a re-indexed subtree of it)
@@ -79,32 +73,36 @@ class _Request:
 
 @dataclass
 class _Session:
-    tree: object
+    tree: SuffixTree
     last_prompt: list[int] = field(default_factory=list)
+    cursor: int = 0  # the newest history record this tree holds
 
 
 class SuffixDrafter:
-    """Drafter protocol implementation over request / session / global suffix trees + recycling."""
+    """Drafter protocol implementation over request / session / global suffix trees."""
 
-    def __init__(self, config: DrafterConfig | None = None, recycler: RecyclingTable | None = None) -> None:
+    def __init__(self, config: DrafterConfig | None = None, history: SessionHistory | None = None) -> None:
         self.config = config or DrafterConfig()
-        self.scorer = make_scorer(self.config.backend, self.config.calibrate, self.config.calibration_rate)
-        self.recycler = recycler if recycler is not None else (RecyclingTable() if self.config.recycle else None)
-        if self.recycler is None:
-            # no table to feed: hide ``observe`` so the engine skips the per-step top-k of the logits
-            self.observe = None
+        self.history = history
+        self.scorer = Scorer(self.config.calibrate, self.config.calibration_rate)
         self._requests: dict[str, _Request] = {}
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
-        self._global = make_suffix_tree(self.config.max_depth, self.config.backend)
+        self._global = SuffixTree(self.config.max_depth)
+        self._global_cursor: int | None = None  # None: the global history is not loaded yet
         self._seq_ids = itertools.count()
 
     # ------------------------------------------------------------------ request lifecycle
     def start_request(self, request_id: str, session_id: str | None, prompt_ids: Sequence[int]) -> None:
-        """Begin a request whose context is ``prompt_ids`` (builds its request tree)."""
+        """Begin a request whose context is ``prompt_ids`` (builds its request tree).
+
+        With a history, first brings the global tree and the session's tree up to date; raises (a
+        session of another tokenizer) before anything starts."""
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} is already active")
+        if self.history is not None:
+            self._pull(self.history, session_id)
         prompt = [int(t) for t in prompt_ids]
-        tree = make_suffix_tree(self.config.max_depth, self.config.backend)
+        tree = SuffixTree(self.config.max_depth)
         if self.config.use_request:
             tree.extend(0, prompt)
         self._requests[request_id] = _Request(session_id, prompt, tree)
@@ -120,12 +118,38 @@ class SuffixDrafter:
             return None
         sess = self._sessions.get(session_id)
         if sess is None and create:
-            sess = self._sessions[session_id] = _Session(make_suffix_tree(self.config.max_depth, self.config.backend))
-            while len(self._sessions) > self.config.max_sessions:
-                self._sessions.popitem(last=False)
+            sess = self._new_session(session_id)
         if sess is not None:
             self._sessions.move_to_end(session_id)
         return sess
+
+    def _new_session(self, session_id: str) -> _Session:
+        """An empty tree for ``session_id`` (replacing any), the least recently used beyond ``max_sessions`` dropped."""
+        sess = self._sessions[session_id] = _Session(SuffixTree(self.config.max_depth))
+        self._sessions.move_to_end(session_id)
+        while len(self._sessions) > self.config.max_sessions:
+            self._sessions.popitem(last=False)
+        return sess
+
+    def _pull(self, history: SessionHistory, session_id: str | None) -> None:
+        """Read the history into the global tree and the session's tree: what they lack (all of it
+        when not held) or what was recorded since their cursors."""
+        cfg = self.config
+        news = history.calls(None, self._global_cursor, cfg.global_max_tokens)
+        if news.replace:
+            self._global = SuffixTree(cfg.max_depth)
+        for prompt, output in news.calls:
+            self._add_global(prompt, output)
+        self._global_cursor = news.cursor
+        if session_id is None:
+            return
+        sess = self._sessions.get(session_id)
+        news = history.calls(session_id, sess.cursor if sess is not None else None, cfg.session_max_tokens)
+        if sess is None or news.replace:
+            sess = self._new_session(session_id)
+        for prompt, output in news.calls:
+            self._add_session(sess, prompt, output)
+        sess.cursor = news.cursor
 
     def propose(self, request_id: str, budget: int) -> DraftTree:
         """A calibrated tree of at most ``budget`` nodes continuing the request's context."""
@@ -149,11 +173,7 @@ class SuffixDrafter:
                 drafts.append((int(src), d))
         proposal = self.scorer.merge(drafts, budget, req.state, context[-1] if context else -1)
         req.proposal = proposal
-        tree = DraftTree(proposal.tokens, proposal.parents, proposal.probs, proposal.sources)
-        if self.recycler is not None and len(tree) < budget and context:
-            # recycled branches carry no features: they are drafted at the prior rank rates, not learned
-            tree = add_recycled_branches(tree, context[-1], self.recycler, cfg.recycle_rank_probs, budget)
-        return tree
+        return DraftTree(proposal.tokens, proposal.parents, proposal.probs, proposal.sources)
 
     def accept(self, request_id: str, tree: DraftTree, accepted: Sequence[int], new_tokens: Sequence[int]) -> None:
         """Extend the request tree with ``new_tokens``; learn acceptance from the verified ``tree``."""
@@ -167,11 +187,6 @@ class SuffixDrafter:
             self.scorer.learn(req.proposal, tree.tokens, tree.parents, [int(i) for i in accepted])
         req.proposal = None
 
-    def observe(self, token_ids: Sequence[int], topk_successor_ids: np.ndarray) -> None:
-        """Recycling feed: ``topk_successor_ids[i]`` are the top-k next tokens after ``token_ids[i]``."""
-        if self.recycler is not None:
-            self.recycler.observe(token_ids, topk_successor_ids)
-
     def stop_request(self, request_id: str) -> None:
         """Finish a request: it joins its session tree, its output joins the global tree."""
         req = self._requests.pop(request_id, None)
@@ -181,27 +196,29 @@ class SuffixDrafter:
 
     def add_history(self, session_id: str | None, prompt_ids: Sequence[int], output_ids: Sequence[int],
                     *, to_global: bool = True) -> None:
-        """Add a finished call (from a store or another process) as ``stop_request`` would.
-
-        ``to_global=False`` adds it to its session tree only (a store loads the global history once
-        and each session's calls when the session is first used)."""
-        cfg = self.config
-        output = [int(t) for t in output_ids]
+        """Add a finished call as ``stop_request`` would: to its session's tree, and its output (after
+        the prompt's last ``global_prompt_tail`` tokens) to the global tree unless ``to_global=False``."""
         sess = self._session(session_id, create=True)
         if sess is not None:
-            prompt = [int(t) for t in prompt_ids]
-            new_part = prompt[_common_prefix(prompt, sess.last_prompt):]
-            sess.tree.extend(next(self._seq_ids), new_part + output)
-            sess.last_prompt = prompt + output
-            if sess.tree.num_tokens > cfg.session_max_tokens:
-                sess.tree.evict(cfg.session_max_tokens * 3 // 4)
-        if output and to_global:
-            tail = cfg.global_prompt_tail
-            head = [int(t) for t in prompt_ids[max(0, len(prompt_ids) - tail) :]] if tail > 0 else []
-            self._global.extend(next(self._seq_ids), head + output)
-            if self._global.num_tokens > cfg.global_max_tokens:
-                self._global.evict(cfg.global_max_tokens * 3 // 4)
+            self._add_session(sess, prompt_ids, output_ids)
+        if to_global:
+            self._add_global(prompt_ids, output_ids)
 
-    def forget_session(self, session_id: str) -> None:
-        """Drop a session's tree from memory (the store keeps its history)."""
-        self._sessions.pop(session_id, None)
+    def _add_session(self, sess: _Session, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> None:
+        """The call's new part (its prompt beyond the previous call's prompt and output) and its output."""
+        limit = self.config.session_max_tokens
+        prompt, output = [int(t) for t in prompt_ids], [int(t) for t in output_ids]
+        new_part = prompt[_common_prefix(prompt, sess.last_prompt):]
+        sess.tree.extend(next(self._seq_ids), new_part + output)
+        sess.last_prompt = prompt + output
+        if sess.tree.num_tokens > limit:
+            sess.tree.evict(limit * 3 // 4)
+
+    def _add_global(self, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> None:
+        if not output_ids:
+            return
+        limit, tail = self.config.global_max_tokens, self.config.global_prompt_tail
+        head = [int(t) for t in prompt_ids[max(0, len(prompt_ids) - tail) :]] if tail > 0 else []
+        self._global.extend(next(self._seq_ids), head + [int(t) for t in output_ids])
+        if self._global.num_tokens > limit:
+            self._global.evict(limit * 3 // 4)

@@ -44,7 +44,7 @@ from agentspec.engine.search import SearchConfig, run_search
 from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask, sample_token
 from agentspec.lookahead import CostCurve, LookaheadPolicy
 from agentspec.search import Scorer, SearchResult
-from agentspec.sessions import SessionManager
+from agentspec.sessions import StoreSessions
 from agentspec.stats import SpecStats
 from agentspec.stores import StoreError, open_store
 from agentspec.tokens import common_prefix
@@ -63,10 +63,7 @@ class DraftPolicy(Protocol):
 
 
 class SessionRecorder(Protocol):
-    """Stores finished calls (:class:`~agentspec.sessions.SessionManager`)."""
-
-    def ensure_loaded(self, session_id: str) -> None:
-        """Feed the drafter what the store knows of ``session_id`` (may raise before a call starts)."""
+    """Stores finished calls (:class:`~agentspec.sessions.StoreSessions`)."""
 
     def record(self, session_id: str, prompt_ids: Sequence[int], output_ids: Sequence[int],
                stats: SpecStats) -> int | None:
@@ -218,9 +215,9 @@ class Engine:
             curve = CostCurve.cached(key, cost_probe(backend, hf_model.config.num_hidden_layers))
 
         def parts(namespace: str, drafter: Drafter | None = None) -> TenantParts:
-            drafter = drafter or SuffixDrafter()
             tenant_store = store.scoped(namespace) if store is not None and namespace else store
-            sessions = SessionManager(tenant_store, drafter, fingerprint) if tenant_store is not None else None
+            sessions = StoreSessions(tenant_store, fingerprint) if tenant_store is not None else None
+            drafter = drafter or SuffixDrafter(history=sessions)
             return TenantParts(drafter, LookaheadPolicy(curve) if curve else None, sessions)
 
         own = parts("", drafter)
@@ -409,13 +406,11 @@ class Engine:
         output: list[int] = []
         cache: TreeKVCache | None = None
         match: PrefixMatch | None = None
-        if self.sessions is not None and session is not None:
+        if speculate:
             with self._lock:  # may refuse the session (another tokenizer's): nothing has started yet
-                self.sessions.ensure_loaded(session)
+                self.drafter.start_request(request_id, session, prompt_ids)
         try:
             with self._lock:
-                if speculate:
-                    self.drafter.start_request(request_id, session, prompt_ids)
                 t0 = time.perf_counter()
                 match = self._match_prefix(prompt_ids)
                 cache, logits = self._prefill(prompt_ids, match, stats)

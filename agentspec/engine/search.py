@@ -41,7 +41,7 @@ import torch
 
 from agentspec.config import SamplingParams
 from agentspec.draft.base import DraftTree, Source
-from agentspec.draft.suffix_tree import make_suffix_tree
+from agentspec.draft.core import SuffixTree
 from agentspec.engine.cpu_fast import fast_linears
 from agentspec.engine.forward import LeanForward
 from agentspec.engine.radix import KVPool
@@ -208,7 +208,7 @@ class TreeSearch:
             self.generator = torch.Generator().manual_seed(config.seed)
         policy = getattr(engine, "policy", None)
         self.cost: Callable[[int], float] = policy.cost if policy is not None else CostCurve()
-        self.suffix = make_suffix_tree(CONTEXT_TAIL)
+        self.suffix = SuffixTree(CONTEXT_TAIL)
         # with a session, the engine's drafter (session and global trees) drafts for every trajectory too
         self.drafter = engine.drafter if config.session is not None and config.draft else None
         self.stats = SearchStats(width=config.width, policy=config.policy, prompt_tokens=len(prompt_ids),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from agentspec.config import SamplingParams
-from agentspec.draft.base import DraftTree
+from agentspec.draft.base import DraftTree, acceptance_walk
 
 
 @dataclass
@@ -58,14 +58,6 @@ def tree_inputs(root: int, tree: DraftTree, past: int, dtype: torch.dtype) -> Tr
     return TreeInputs(ids, positions, tree_mask_4d(ancestor_mask(tree.parents), past, dtype))
 
 
-def children_index(tree: DraftTree) -> list[dict[int, int]]:
-    """``children[1 + i][token] = j``: child node j of node i holding ``token``; slot 0 = root."""
-    children: list[dict[int, int]] = [{} for _ in range(len(tree) + 1)]
-    for j, (p, tok) in enumerate(zip(tree.parents, tree.tokens)):
-        children[p + 1][tok] = j
-    return children
-
-
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Target distribution for sampling: temperature, then top-k, then top-p. ``logits: [..., V]``."""
     logits = logits.float() / params.temperature
@@ -90,13 +82,9 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int
     the last accepted node is the bonus token. Identical to one-token-at-a-time greedy decoding.
     """
     argmax = logits.argmax(dim=-1).tolist()
-    children = children_index(tree)
-    accepted: list[int] = []
-    slot = 0
-    while (child := children[slot].get(argmax[slot])) is not None:
-        accepted.append(child)
-        slot = child + 1
-    return accepted, argmax[slot]
+    accepted, bonus = acceptance_walk(tree, argmax.__getitem__)
+    assert bonus is not None
+    return accepted, bonus
 
 
 def accept_sampling(
@@ -108,17 +96,13 @@ def accept_sampling(
     holds ``y`` move there, else emit ``y`` as the bonus and stop. Every emitted token is an
     exact sample of the target, so the output distribution equals plain sampling.
     """
-    children = children_index(tree)
-    accepted: list[int] = []
-    slot = 0
-    while True:
-        probs = process_logits(logits[slot], params)
-        y = int(torch.multinomial(probs, 1, generator=generator))
-        child = children[slot].get(y)
-        if child is None:
-            return accepted, y
-        accepted.append(child)
-        slot = child + 1
+
+    def sample(slot: int) -> int:
+        return int(torch.multinomial(process_logits(logits[slot], params), 1, generator=generator))
+
+    accepted, bonus = acceptance_walk(tree, sample)
+    assert bonus is not None
+    return accepted, bonus
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -1,5 +1,6 @@
 """Adaptive lookahead: the cost of a verification forward and which draft tree pays for itself."""
 
-from agentspec.lookahead.policy import AcceptanceCalibrator, CostCurve, LookaheadPolicy
+from agentspec.lookahead.cost import CostCurve
+from agentspec.lookahead.policy import LookaheadPolicy
 
-__all__ = ["AcceptanceCalibrator", "CostCurve", "LookaheadPolicy"]
+__all__ = ["CostCurve", "LookaheadPolicy"]

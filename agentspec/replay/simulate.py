@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from rich.table import Table
 from tqdm import tqdm
 
-from agentspec.draft.base import SOURCE_NAMES, Drafter, DraftTree
+from agentspec.draft.base import SOURCE_NAMES, Drafter, DraftTree, acceptance_walk
 from agentspec.draft.builder import SuffixDrafter
 from agentspec.lookahead import CostCurve, LookaheadPolicy
 from agentspec.replay.report import ReplayedCall, ReplayReport
@@ -89,18 +89,10 @@ class SimulationReport(DraftCounts):
 
 
 def accepted_path(tree: DraftTree, target: Sequence[int]) -> list[int]:
-    """Node indices of the longest root path whose tokens are a prefix of ``target``."""
-    children: dict[tuple[int, int], int] = {}
-    for i, (tok, p) in enumerate(zip(tree.tokens, tree.parents)):
-        children.setdefault((p, tok), i)
-    path: list[int] = []
-    node = -1
-    for tok in target:
-        nxt = children.get((node, int(tok)))
-        if nxt is None:
-            break
-        path.append(nxt)
-        node = nxt
+    """Node indices of the longest root path whose tokens are a prefix of ``target`` (the recorded
+    completion plays the greedy target: the shared acceptance walk)."""
+    depth = [0, *tree.depths()]
+    path, _ = acceptance_walk(tree, lambda slot: int(target[depth[slot]]) if depth[slot] < len(target) else None)
     return path
 
 

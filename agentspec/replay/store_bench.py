@@ -21,7 +21,7 @@ class StoreBenchmark:
     session_calls: int
     session_tokens: int
     load_seconds: float  # read + decode every call of the large session
-    rebuild_seconds: float  # a new process's SessionManager: load + rebuild the session tree
+    rebuild_seconds: float  # a new process's drafter: load + rebuild the session tree
     global_tokens: int  # output tokens a new process loads into its global tree
     global_seconds: float  # load + rebuild of the global tree (once per process)
     bytes_per_token: float
@@ -73,16 +73,19 @@ def run(url: str | None = None, append_calls: int = 2000, session_tokens: int = 
 
 
 def rebuild_through_manager(url: str, session: str) -> tuple[float, int, float]:
-    """What a fresh process's SessionManager pays on first use, into a fresh drafter:
+    """What a fresh process's drafter pays on first use of a store (its first request loads the global
+    history, its first request in a session that session's calls):
     ``(session load + rebuild seconds, global tokens, global load + rebuild seconds)``."""
     from agentspec.draft.builder import SuffixDrafter
-    from agentspec.sessions import SessionManager
+    from agentspec.sessions import StoreSessions
+    from agentspec.stores import open_store
 
-    manager = SessionManager.open(url, SuffixDrafter(), "bench")
+    drafter = SuffixDrafter(history=StoreSessions(open_store(url), "bench"))
     t0 = time.perf_counter()
-    manager._refresh_global()
+    drafter.start_request("bench-global", None, [])
     global_seconds = time.perf_counter() - t0
-    global_tokens = manager.drafter._global.num_tokens
+    drafter.stop_request("bench-global")
+    global_tokens = drafter._global.num_tokens
     t0 = time.perf_counter()
-    manager.ensure_loaded(session)
+    drafter.start_request("bench-session", session, [])
     return time.perf_counter() - t0, global_tokens, global_seconds

@@ -1,8 +1,9 @@
-"""Depth-limited suffix tree over token sequences (SuffixDecoding), pure-Python reference twin.
+"""Pure-Python reference of the compiled suffix tree (``agentspec.draft._suffix_core.SuffixTree``).
 
-Every stored sequence contributes all its suffixes, each truncated to ``max_depth`` tokens.
-Edges are compressed: a node's label is ``seqs[seq][start : start + length]``, a slice of a
-stored token array, so memory is O(tokens). Invariants (checked by :meth:`check_integrity`):
+Depth-limited suffix tree over token sequences (SuffixDecoding). Every stored sequence
+contributes all its suffixes, each truncated to ``max_depth`` tokens. Edges are compressed: a
+node's label is ``seqs[seq][start : start + length]``, a slice of a stored token array, so memory
+is O(tokens). Invariants (checked by :meth:`PySuffixTree.check_integrity`):
 
 * ``count(node)`` = number of stored suffixes whose path reaches the node's edge
   = ``sum(count(children)) + (suffixes ending exactly at the node's end)``;
@@ -12,19 +13,15 @@ stored token array, so memory is O(tokens). Invariants (checked by :meth:`check_
 * appending one token touches at most ``max_depth`` active nodes (the ends of the live
   suffixes of that sequence), O(depth).
 
-:func:`make_suffix_tree` returns the compiled core (``agentspec.draft._suffix_core``) when it
-is built, else this twin; both produce identical drafts (tests check it).
+This is the specification the parity tests hold the compiled core to (same API, same drafts);
+the package never imports it.
 """
 
 from __future__ import annotations
 
 import heapq
-import importlib
-import logging
 from collections import deque
 from dataclasses import dataclass, field
-
-logger = logging.getLogger(__name__)
 
 ROOT = 0
 NONE = -1
@@ -355,44 +352,3 @@ class PySuffixTree:
     def estimate_memory(self) -> int:
         """Approximate bytes held (tokens + nodes + child index), as the compiled core would."""
         return 4 * self.num_tokens + 40 * len(self._count) + 24 * len(self._children)
-
-
-_CORE_WARNED = False
-
-
-def compiled_available() -> bool:
-    """Whether the compiled core ``agentspec.draft._suffix_core`` can be imported."""
-    try:
-        importlib.import_module("agentspec.draft._suffix_core")
-    except ImportError:
-        return False
-    return True
-
-
-def compiled_class(name: str, backend: str = "auto"):
-    """The class ``name`` of the compiled core for ``backend`` (``"auto"``, ``"cpp"``, ``"python"``).
-
-    ``None`` means: use the Python twin (``backend="python"``, or ``"auto"`` without the core,
-    logged once); ``"cpp"`` without the core raises ``ImportError``.
-    """
-    global _CORE_WARNED
-    if backend not in ("auto", "cpp", "python"):
-        raise ValueError(f"backend must be 'auto', 'cpp' or 'python', got {backend!r}")
-    if backend == "python":
-        return None
-    try:
-        core = importlib.import_module("agentspec.draft._suffix_core")
-        return getattr(core, name)
-    except (ImportError, AttributeError) as exc:
-        if backend == "cpp":
-            raise ImportError(f"the compiled {name} is not built; run `pip install -e .` with a C++ compiler") from exc
-        if not _CORE_WARNED:
-            logger.warning("compiled drafting core not built (%s); using the slow Python twins", exc)
-            _CORE_WARNED = True
-        return None
-
-
-def make_suffix_tree(max_depth: int = 64, backend: str = "auto"):
-    """A suffix tree: ``backend`` is ``"auto"`` (compiled if built), ``"cpp"`` or ``"python"``."""
-    cls = compiled_class("SuffixTree", backend)
-    return cls(max_depth) if cls is not None else PySuffixTree(max_depth)
