@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 # one module per concern; each defines register(app: typer.Typer)
-COMMAND_MODULES = ("run", "bench", "replay", "sessions", "serve")
+COMMAND_MODULES = ("run", "bench", "replay", "search", "sessions", "serve")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"{__name__}.{_name}").register(app)

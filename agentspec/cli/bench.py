@@ -41,6 +41,11 @@ def register(app: typer.Typer) -> None:
         paths: list[Path] = typer.Argument(None, help="Trajectory files or folders (default: ../shared/data "
                                            "SWE-agent and tau-bench sessions)."),
         simulate: bool = typer.Option(False, "--simulate", help="Teacher-forced drafting only: no model forward."),
+        search: bool = typer.Option(False, "--search", help="The tree-search benchmark on checkable tasks "
+                                    "(--tasks, --width, --limit tasks, --methods, --report, --plot)."),
+        tasks: Path = typer.Option(None, "--tasks", help="Search: task file (default: the bundled set)."),
+        width: int = typer.Option(16, "--width", help="Search: trajectories per task."),
+        plot: Path = typer.Option(None, "--plot", help="Search: accuracy against KV held, as an image."),
         limit: int = typer.Option(None, help="Sessions per path (default: live 2, simulate all)."),
         calls: int = typer.Option(4, help="Live: calls per session."),
         max_new_tokens: int = typer.Option(128, help="Live: tokens generated per call."),
@@ -68,6 +73,12 @@ def register(app: typer.Typer) -> None:
         --simulate: the teacher-forced drafting benchmark (the recorded completion decides acceptance)
         with the modelled speedup on the DESIGN.md fp32 cost curve.
         """
+        if search:
+            from agentspec.cli.search import bench_search
+
+            bench_search(options.engine(), tasks_path=tasks, limit=limit, width=width, methods=methods,
+                         max_new_tokens=max_new_tokens, report_path=report, plot_path=plot, as_json=as_json)
+            return
         paths = paths or _default_paths()
         if simulate:
             _simulate(_load(paths, limit), options.model, cost_curve, as_json)
