@@ -31,8 +31,10 @@ from agentspec.config import SamplingParams, SpeculationConfig
 from agentspec.draft.base import SOURCE_NAMES, Drafter, DraftTree
 from agentspec.engine.cpu_fast import attention, fast_linears, output_head, skinny_linears, tree_attention_name
 from agentspec.engine.kvcache import PrefixCache, TreeKVCache
+from agentspec.engine.search import SearchConfig, run_search
 from agentspec.engine.step_forward import LlamaStepForward
 from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask, sample_token, tree_inputs
+from agentspec.search import Scorer, SearchResult
 from agentspec.stats import SpecStats
 
 logger = logging.getLogger(__name__)
@@ -222,6 +224,39 @@ class Engine:
         stream = GenerationStream(iter(()))
         stream._deltas = self._text_deltas(stream, prompt_ids, session, params, spec and self.drafter is not None)
         return stream
+
+    def search(
+        self,
+        prompt: str | Sequence[dict] | Sequence[int],
+        *,
+        width: int = 4,
+        policy: str = "ets",
+        scorer: Scorer | None = None,
+        step_stop: str = "\n\n",
+        max_step_tokens: int = 256,
+        max_new_tokens: int = 1024,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        session: str | None = None,
+        lambda_kv: float = 1.0,
+        lambda_cover: float = 1.5,
+        draft: bool = True,
+        tools: Sequence[dict] | None = None,
+    ) -> SearchResult:
+        """Tree search over reasoning steps (ending at ``step_stop`` or EOS) with ``width`` trajectories.
+
+        ``policy``: "ets" | "rebase" | "beam" | "best_of_n" (see :mod:`agentspec.search`). All live
+        trajectories share one KV tree and advance in one forward; ``draft`` drafts each from its
+        siblings. ``scorer(prompt, steps) -> float`` ranks them (default: the model's mean token
+        log-probability); a scorer that raises or returns NaN drops that trajectory. Returns the
+        finished trajectories, best first, and statistics. ``ValueError`` for bad arguments.
+        """
+        config = SearchConfig(width, policy, scorer, step_stop, max_step_tokens, max_new_tokens, temperature,
+                              seed, session, lambda_kv, lambda_cover, draft)
+        config.validate()
+        prompt_ids = self.encode_prompt(prompt, tools)
+        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt_ids)
+        return run_search(self, prompt_ids, text, config)
 
     def encode_prompt(
         self, prompt: str | Sequence[dict] | Sequence[int], tools: Sequence[dict] | None = None
