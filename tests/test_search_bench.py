@@ -189,3 +189,40 @@ def test_parse_methods():
     assert sb.parse_methods("hf, ets-nodraft") == ["hf", "ets-nodraft"]
     with pytest.raises(ValueError, match="dfs"):
         sb.parse_methods("hf,dfs")
+
+
+def test_harness_on_the_real_search_shares_the_prompt_kv(tiny_engine):
+    config = sb.SearchBenchConfig(width=4, max_new_tokens=8, max_step_tokens=4)
+    report = sb.run_bench(tiny_engine, [ANY], config, sb.METHODS)
+    by = {r.method: r for r in report.runs}
+    assert set(by) == set(sb.METHODS)
+    for method in sb.POLICIES:
+        assert by[method].trajectories >= 1 and by[method].generated_tokens > 0 and by[method].correct
+        assert by[method].kv_bytes_per_token == by["hf"].kv_bytes_per_token
+        # the prompt once, not once per trajectory
+        assert by[method].kv_peak_tokens < by["hf"].kv_peak_tokens, method
+
+
+def test_cli_search_and_bench_search(tiny_engine, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from agentspec.cli import app
+    from agentspec.cli.options import ModelOptions
+
+    monkeypatch.setattr(ModelOptions, "engine", lambda self: tiny_engine)
+    runner = CliRunner()
+    out = runner.invoke(app, ["search", "Say something.", "--width", "2", "--max-new-tokens", "4",
+                              "--max-step-tokens", "2", "--policy", "rebase", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert data["stats"]["width"] == 2 and data["trajectories"][0]["token_ids"]
+    out = runner.invoke(app, ["search", "hi", "--policy", "dfs"])
+    assert out.exit_code != 0 and "dfs" in out.output
+    save_tasks([ANY, NEVER], tmp_path / "tasks.jsonl")
+    out = runner.invoke(app, ["bench", "--search", "--tasks", str(tmp_path / "tasks.jsonl"), "--limit", "1",
+                              "--width", "2", "--max-new-tokens", "4", "--methods", "hf,best_of_n",
+                              "--report", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")])
+    assert out.exit_code == 0, out.output
+    assert "tasks: 1 from" in out.output and "tokens/s" in out.output
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert [r["method"] for r in saved["runs"]] == ["hf", "best_of_n"] and (tmp_path / "p.png").exists()
