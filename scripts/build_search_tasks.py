@@ -9,6 +9,16 @@ pass@1 lies in [--min-pass1, --max-pass1] and pass@k exceeds pass@1 by at least 
 
     python scripts/build_search_tasks.py --tau PATH/tau_bench/gpt-4o-airline.json \
         --out agentspec/samples/search_tasks.jsonl
+
+The bundled set was built in two runs (the second added to the first)::
+
+    python scripts/build_search_tasks.py --threads 1 --arithmetic 15 --strings 8 --tool-calls 14 \
+        --max-new-tokens 40 --tau PATH/tau_bench/gpt-4o-airline.json --out agentspec/samples/search_tasks.jsonl
+    python scripts/build_search_tasks.py --threads 1 --kinds arithmetic,tau --seed 1 --arithmetic 10 \
+        --tool-calls 12 --max-new-tokens 40 --tau PATH/tau_bench/gpt-4o-airline.json --append \
+        --out agentspec/samples/search_tasks.jsonl
+
+(the first run's tool-call prompt had no example and kept no tool-call task.)
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from pathlib import Path
 import torch
 
 from agentspec.engine.model import load_model
-from agentspec.replay.search_tasks import SearchTask, pass_at_k, save_tasks
+from agentspec.replay.search_tasks import SearchTask, load_tasks, pass_at_k, save_tasks
 
 ANSWER_ONLY = "Answer with the number only."
 
@@ -35,7 +45,9 @@ TOOL_HELP = (
     "get_user_details(user_id)\nget_reservation_details(reservation_id)\n"
     "search_direct_flight(origin, destination, date)\nsearch_onestop_flight(origin, destination, date)\n"
     "list_all_airports()\ncalculate(expression)\n"
-    'Reply with only the next tool call as JSON: {"name": "<tool>", "arguments": {...}}'
+    'Reply with only the next tool call as JSON: {"name": "<tool>", "arguments": {...}}\n'
+    "Example. User: My user id is sara_doe_496.\n"
+    'You: {"name": "get_user_details", "arguments": {"user_id": "sara_doe_496"}}'
 )
 TOOLS_KEPT = {"get_user_details", "get_reservation_details", "search_direct_flight", "search_onestop_flight",
               "calculate"}
@@ -127,6 +139,14 @@ def tau_tool_calls(path: Path, n: int) -> list[SearchTask]:
     return tasks
 
 
+def unique(tasks: list[SearchTask]) -> list[SearchTask]:
+    """The first task of each prompt (seeded generators can repeat one)."""
+    seen: dict[str, SearchTask] = {}
+    for task in tasks:
+        seen.setdefault(json.dumps(task.messages, sort_keys=True), task)
+    return list(seen.values())
+
+
 @torch.inference_mode()
 def measure(model, tokenizer, task: SearchTask, samples: int, max_new_tokens: int, seed: int) -> list[str]:
     """``samples`` completions of one task: HF generate, temperature 1.0, seeded."""
@@ -152,15 +172,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pass1", type=float, default=0.60)
     parser.add_argument("--min-gain", type=float, default=0.25, help="pass@k - pass@1 at least this")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", default="arithmetic,strings,formats,tau",
+                        help="candidate families to generate (comma-separated)")
+    parser.add_argument("--append", action="store_true", help="add the kept tasks to --out instead of replacing it")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
-    candidates = arithmetic(rng, args.arithmetic) + strings(rng, args.strings) + formats()
-    if args.tau:
+    kinds = set(args.kinds.split(","))
+    candidates = ((arithmetic(rng, args.arithmetic) if "arithmetic" in kinds else [])
+                  + (strings(rng, args.strings) if "strings" in kinds else [])
+                  + (formats() if "formats" in kinds else []))
+    if args.tau and "tau" in kinds:
         print(f"reading recorded tool calls from {args.tau}", file=sys.stderr)
         candidates += tau_tool_calls(args.tau, args.tool_calls)
+    if args.append and args.out.exists():
+        known = {t.id for t in load_tasks(args.out)}
+        for task in candidates:  # a later seed must not reuse an earlier run's ids
+            task.id = task.id if task.id not in known else f"{task.id}-s{args.seed}"
     model, tokenizer = load_model()
     kept, t0 = [], time.perf_counter()
     for i, task in enumerate(candidates):
@@ -175,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'kept' if keep else '    '} {texts[0][:60]!r}", file=sys.stderr, flush=True)
         if keep:
             kept.append(task)
-    save_tasks(kept, args.out)
+    save_tasks(unique((load_tasks(args.out) if args.append and args.out.exists() else []) + kept), args.out)
     print(f"kept {len(kept)} of {len(candidates)} candidates -> {args.out}", file=sys.stderr)
     return 0
 
