@@ -21,6 +21,7 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -29,7 +30,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .choices import sample_choices
 from .common import PreparedPrompt, ToolCallSplitter, prepare_prompt, raw_block
+
+MAX_N = 64  # choices per request (n > 1: one best-of-N search over the shared prompt KV)
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 DEFAULT_MAX_QUEUE = 16
@@ -105,7 +109,7 @@ class ChatCompletionRequest(_Strict):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    n: int | None = Field(default=None, ge=1, le=1)
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
     user: str | None = None
 
 
@@ -344,6 +348,16 @@ def create_app(
             "stop": prepared.stop,
         }
         completion = _Completion(served, params["session"])
+        if (body.n or 1) > 1:
+            if body.stream:
+                raise APIError(400, "n > 1 with stream is not supported yet", param="n", code="invalid_request")
+            sampling = {k: v for k, v in params.items() if k != "stop"}  # stop strings are in ``prepared``
+            async with _reserve(scheduler):
+                try:
+                    choices = await scheduler.run(lambda: sample_choices(engine, prepared, body.n, **sampling))
+                except ValueError as exc:
+                    raise APIError(400, str(exc), code="invalid_request") from exc
+            return completion.n_response(choices)
         ticket = _reserve(scheduler)
         if body.stream:
             include_usage = body.stream_options.include_usage if body.stream_options else None
@@ -458,6 +472,18 @@ class _Completion:
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason(calls, result)}
         return {**self._base("chat.completion"), "choices": [choice], "usage": self.usage(result),
                 "agentspec": self.extra(result)}
+
+    def n_response(self, result: Any) -> dict:
+        """A chat.completion with one choice per sample of :func:`.choices.sample_choices`."""
+        choices = []
+        for index, c in enumerate(result.choices):
+            content, tool_calls = self.content_and_calls(c.content, c.tool_calls, c.invalid_tool_calls)
+            message: dict[str, Any] = {"role": "assistant", "content": content or (None if tool_calls else "")}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            choices.append({"index": index, "message": message, "logprobs": None, "finish_reason": c.finish_reason})
+        return {**self._base("chat.completion"), "choices": choices, "usage": result.usage(),
+                "agentspec": {"session_id": self.session, "search": asdict(result.stats)}}
 
     def chunk(self, delta: dict, finish_reason: str | None = None, **extra: Any) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}

@@ -227,3 +227,61 @@ def test_cli_search_and_bench_search(tiny_engine, tmp_path, monkeypatch):
     assert "tasks: 1 from" in out.output and "tokens/s" in out.output
     saved = json.loads((tmp_path / "r.json").read_text())
     assert [r["method"] for r in saved["runs"]] == ["hf", "best_of_n"] and (tmp_path / "p.png").exists()
+
+
+# ---------------------------------------------------------------------------------------- n > 1
+@pytest.fixture(scope="module")
+def vocab_engine(default_tokenizer):
+    """A tiny random Llama over the default tokenizer's whole vocabulary (chat prompts fit it)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(default_tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    model.config._attn_implementation = "sdpa"
+    return Engine(model, default_tokenizer, drafter=None, speculation=SpeculationConfig(enabled=False))
+
+
+def test_n_choices_through_the_server(vocab_engine):
+    from agentspec.integrations.server import create_app
+    from fastapi.testclient import TestClient
+
+    c = TestClient(create_app(vocab_engine, api_key="k"))
+    body = {"model": vocab_engine.model_name, "messages": [{"role": "user", "content": "hi"}], "n": 3,
+            "max_tokens": 6, "temperature": 1.0, "seed": 3}
+    r = c.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert [ch["index"] for ch in data["choices"]] == [0, 1, 2]
+    assert all(ch["finish_reason"] in ("stop", "length") for ch in data["choices"])
+    search, usage = data["agentspec"]["search"], data["usage"]
+    assert search["policy"] == "best_of_n" and search["width"] == 3
+    assert usage["prompt_tokens"] == search["prompt_tokens"]  # the prompt once, not n times
+    assert usage["completion_tokens"] == search["generated_tokens"] <= 3 * 6
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    again = c.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}).json()
+    assert [ch["message"] for ch in again["choices"]] == [ch["message"] for ch in data["choices"]]  # seeded
+    r = c.post("/v1/chat/completions", json={**body, "stream": True}, headers={"Authorization": "Bearer k"})
+    assert r.status_code == 400 and "n > 1" in r.text
+    r = c.post("/v1/chat/completions", json={**body, "top_p": 0.5}, headers={"Authorization": "Bearer k"})
+    assert r.status_code == 400 and "top_p" in r.text
+
+
+def test_n_generations_in_one_chat_result(vocab_engine):
+    from agentspec.integrations.langchain import ChatAgentSpec
+    from langchain_core.messages import HumanMessage
+
+    llm = ChatAgentSpec(engine=vocab_engine, n=3, temperature=1.0, max_tokens=5, seed=1)
+    result = llm.generate([[HumanMessage("hi")]])
+    generations = result.generations[0]
+    assert len(generations) == 3
+    best = generations[0].message
+    search = best.response_metadata["search"]
+    assert search["policy"] == "best_of_n" and search["width"] == 3
+    assert best.usage_metadata["output_tokens"] == search["generated_tokens"] <= 15
+    assert best.usage_metadata["input_tokens"] == search["prompt_tokens"]
+    assert len(llm.generate([[HumanMessage("hi")]], n=1).generations[0]) == 1  # per call
+    assert isinstance(llm.invoke("hi").content, str)  # invoke returns the best of the n
