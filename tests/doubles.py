@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentspec.search import SearchResult, SearchStats, Trajectory
 from agentspec.stats import SpecStats
 
 
@@ -85,6 +86,17 @@ class ScriptedEngine:
             pass
         assert stream.result is not None
         return stream.result
+
+    def search(self, prompt: Any, *, width: int = 4, policy: str = "ets", max_new_tokens: int = 1024,
+               temperature: float = 1.0, seed: int | None = None, session: str | None = None,
+               **kwargs: Any) -> SearchResult:
+        """``width`` trajectories, each the next scripted reply (the shape of ``Engine.search``, no search)."""
+        results = [self.generate(prompt, session=session, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 seed=seed) for _ in range(width)]
+        trajectories = [Trajectory(r.text, r.token_ids, 0.0, finish_reason=r.finish_reason) for r in results]
+        stats = SearchStats(width=width, policy=policy, prompt_tokens=results[0].prompt_tokens,
+                            generated_tokens=sum(len(r.token_ids) for r in results))
+        return SearchResult(trajectories, stats)
 
     def stream(self, prompt: Any, *, session: str | None = None, tools: Sequence[dict] | None = None,
                max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
