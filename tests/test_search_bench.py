@@ -79,7 +79,7 @@ def test_bundled_tasks_meet_the_selection_rule():
     if not DEFAULT_TASKS.exists():
         pytest.skip(f"{DEFAULT_TASKS} is not in this checkout")
     tasks = load_tasks()
-    assert len(tasks) >= 5
+    assert len(tasks) >= 10
     assert len({t.id for t in tasks}) == len(tasks)
     assert len({json.dumps(t.messages) for t in tasks}) == len(tasks)
     for t in tasks:
