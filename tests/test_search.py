@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from agentspec.config import SamplingParams
+from agentspec.config import SamplingParams, SpeculationConfig
 from agentspec.draft.base import DraftTree
 from agentspec.engine import Engine
-from agentspec.engine.search import KVPool, SearchConfig, TreeSearch
+from agentspec.engine.search import SearchConfig, TreeSearch
 from agentspec.engine.verify import process_logits
 
 PROMPT = [5, 6, 7, 8, 9, 10, 5, 6, 7]
@@ -36,9 +36,7 @@ def peaky_model():
 
 @pytest.fixture(scope="module")
 def engine(peaky_model, default_tokenizer):
-    eng = Engine(peaky_model, default_tokenizer, fast_cpu=True)
-    eng.prefix_cache.max_bytes = 0
-    return eng
+    return Engine(peaky_model, default_tokenizer, speculation=SpeculationConfig(prefix_cache_bytes=0))
 
 
 class Probe(TreeSearch):
@@ -55,7 +53,7 @@ class Probe(TreeSearch):
                 slots += node.slots
                 node = node.parent
         # every row in the pool belongs to exactly one node on a live path: shared, never copied, no leak
-        assert len(slots) == len(set(slots)) == self.pool.used
+        assert len(slots) == len(set(slots)) == self.pool.num_used
         # each live trajectory's path holds exactly its context's rows (all but the pending token)
         for leaf in leaves:
             assert leaf.node.path_slots().numel() == leaf.length - 1
@@ -75,26 +73,12 @@ def test_kv_is_shared_on_fork_and_freed_on_prune(engine, policy):
     search, result = run_probe(engine, width=6, policy=policy, max_new_tokens=24, max_step_tokens=6, seed=3)
     assert Probe.checks > 5
     assert len(result.trajectories) >= 1
-    assert search.pool.used == 0 and search.pool.free_count == search.pool.capacity  # all rows back
+    assert search.pool.num_used == 0 and search.pool.num_free == search.pool.capacity  # all rows back
     stats = result.stats
     assert stats.kv_peak_tokens <= stats.copy_peak_tokens
     assert stats.kv_mean_tokens < stats.copy_mean_tokens  # the prompt is held once, not once per trajectory
     if policy in ("beam", "rebase", "ets"):
         assert stats.pruned > 0
-
-
-def test_pool_alloc_free_and_growth():
-    pool = KVPool(num_layers=2, kv_heads=2, head_dim=4, dtype=torch.float32, capacity=4)
-    a = pool.alloc(3)
-    assert a.tolist() == [0, 1, 2] and pool.used == 3 and pool.span == 3
-    pool.k[0][0, 0, 1] = 7.0
-    b = pool.alloc(4)  # grows: old rows kept
-    assert pool.capacity >= 7 and float(pool.k[0][0, 0, 1, 0]) == 7.0 and sorted(b.tolist()) == [3, 4, 5, 6]
-    pool.free(a[:2])
-    assert pool.alloc(1).tolist() == [0]  # lowest free slot first: the rows stay packed
-    with pytest.raises(ValueError):
-        pool.free([1, 1])
-    assert pool.nbytes_used() == pool.used * 2 * 2 * 2 * 4 * 4
 
 
 @pytest.mark.parametrize("draft", [False, True])
@@ -114,6 +98,10 @@ def test_every_row_of_the_shared_forward_equals_its_own_forward(engine, peaky_mo
     seen = []
 
     class Recorder(TreeSearch):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.cost = lambda k: 1.0  # rows are free: every (never accepted) random draft is verified
+
         def _draft(self, leaf):
             if leaf.fork > 1:
                 return DraftTree()
@@ -230,6 +218,46 @@ def test_a_failing_scorer_drops_that_leaf_and_the_search_goes_on(engine, bad):
 def test_bad_arguments_raise_value_errors_naming_them(engine, kwargs, name):
     with pytest.raises(ValueError, match=name):
         engine.search(PROMPT, **kwargs)
+
+
+def test_the_prompt_rows_come_from_and_go_back_to_the_radix_prefix_cache(peaky_model, default_tokenizer):
+    engine = Engine(peaky_model, default_tokenizer)
+    first = engine.search(PROMPT + [11, 12], width=3, policy="rebase", temperature=0.0, max_new_tokens=6)
+    assert engine.prefix_cache.match_prefix(PROMPT + [11]).length == len(PROMPT) + 1  # all but the last token
+    forwards = first.stats.forwards
+    again = engine.search(PROMPT + [11, 12], width=3, policy="rebase", temperature=0.0, max_new_tokens=6)
+    assert again.stats.forwards == forwards - 1  # no prefill forward: the rows were copied
+    assert [t.token_ids for t in again.trajectories] == [t.token_ids for t in first.trajectories]
+
+
+def test_a_session_drafts_through_the_engine_drafter_and_learns_every_trajectory(peaky_model, default_tokenizer):
+    from agentspec.draft.builder import SuffixDrafter
+
+    class Spy(SuffixDrafter):
+        started, stopped, proposed = [], [], 0
+
+        def start_request(self, request_id, session_id, prompt_ids):
+            assert session_id == "agent-1"
+            Spy.started.append(request_id)
+            super().start_request(request_id, session_id, prompt_ids)
+
+        def propose(self, request_id, budget):
+            Spy.proposed += 1
+            return super().propose(request_id, budget)
+
+        def stop_request(self, request_id):
+            Spy.stopped.append(request_id)
+            super().stop_request(request_id)
+
+    drafter = Spy()
+    drafter.add_history("agent-1", PROMPT, [11, 12, 13] * 8)
+    engine = Engine(peaky_model, default_tokenizer, drafter=drafter)
+    plain = engine.generate(PROMPT, max_new_tokens=12, speculate=False)
+    result = engine.search(PROMPT, width=3, policy="rebase", temperature=0.0, max_new_tokens=12,
+                           max_step_tokens=4, session="agent-1")
+    assert all(t.token_ids == plain.token_ids for t in result.trajectories)
+    assert Spy.proposed > 0 and len(Spy.started) > 3
+    assert sorted(Spy.started) == sorted(Spy.stopped)  # every request of the search ended
 
 
 def test_empty_and_too_long_prompts_are_rejected(engine):

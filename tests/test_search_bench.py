@@ -210,7 +210,7 @@ def test_cli_search_and_bench_search(tiny_engine, tmp_path, monkeypatch):
     from agentspec.cli import app
     from agentspec.cli.options import ModelOptions
 
-    monkeypatch.setattr(ModelOptions, "engine", lambda self: tiny_engine)
+    monkeypatch.setattr(ModelOptions, "engine", lambda self, store=None: tiny_engine)
     runner = CliRunner()
     out = runner.invoke(app, ["search", "Say something.", "--width", "2", "--max-new-tokens", "4",
                               "--max-step-tokens", "2", "--policy", "rebase", "--json"])

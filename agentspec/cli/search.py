@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agentspec.cli.options import ModelOptions, model_options
+from agentspec.cli.options import ModelOptions, fail, model_options
 
 console = Console(stderr=True)
 
@@ -49,8 +49,7 @@ def register(app: typer.Typer) -> None:
                                    max_step_tokens=max_step_tokens, max_new_tokens=max_new_tokens,
                                    temperature=temperature, seed=seed, session=session, draft=not no_draft)
         except ValueError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from exc
+            raise fail(str(exc)) from exc
         if as_json:
             print(json.dumps({"trajectories": [asdict(t) for t in result.trajectories],
                               "stats": asdict(result.stats)}, indent=2))
@@ -104,7 +103,7 @@ def bench_search(engine, *, tasks_path: Path | None, limit: int | None, width: i
     try:
         chosen = parse_methods(methods)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--methods") from exc
+        raise fail(f"--methods: {exc}") from exc
     path = tasks_path or DEFAULT_TASKS
     tasks = load_tasks(path, limit)
     console.print(f"tasks: {len(tasks)} from {path}")

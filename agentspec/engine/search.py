@@ -2,7 +2,7 @@
 
 Layout::
 
-    KVPool       per-layer K/V slot buffers; a row of KV lives in one slot, whoever uses it
+    KVPool       per-layer K/V slot buffers (agentspec.engine.radix); a row of KV lives in one slot
     _Node        one step segment of the search tree: its tokens' slots and a parent (the prompt is the root)
     _Leaf        a live trajectory: its node, its pending token (committed, KV not yet computed), its steps
 
@@ -19,6 +19,7 @@ sampling, :mod:`agentspec.engine.verify`); rejected rows free their slots at onc
 ended waits; when all have, the selection policy (:mod:`agentspec.search`) gives each leaf ``n_i``
 children: a fork shares its parent's rows (nothing is copied); the next forward computes the parent's
 last token once and samples the ``n_i`` children from it; a pruned leaf frees the rows nobody else uses.
+The prompt's rows come from the engine's radix prefix cache where it holds them, and go back to it.
 
 Drafts come from one suffix tree over every trajectory of the search (siblings and cousins repeat each
 other), and the forward's rows are split across leaves by expected acceptance and the engine's cost curve
@@ -27,12 +28,11 @@ other), and the forward's rows are split across leaves by expected acceptance an
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +43,10 @@ from agentspec.config import SamplingParams
 from agentspec.draft.base import DraftTree, Source
 from agentspec.draft.suffix_tree import make_suffix_tree
 from agentspec.engine.cpu_fast import fast_linears
+from agentspec.engine.forward import LeanForward
+from agentspec.engine.radix import KVPool
 from agentspec.engine.step_forward import LlamaStepForward
-from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask
+from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask, process_logits
 from agentspec.kernels.cpu import folded_tree_attention
 from agentspec.kernels.reference import partial_attention
 from agentspec.lookahead.policy import CostCurve
@@ -59,92 +61,31 @@ CONTEXT_TAIL = 64  # tokens of a leaf's context matched in the suffix tree
 FORK_TAIL = 8  # parent tokens a child's suffix-tree sequence starts with (drafts across the fork)
 
 
-class KVPool:
-    """Per-layer K/V buffers of ``capacity`` slots: ``alloc(n) -> LongTensor slots``, ``free(slots)``.
-
-    ``k[layer]``, ``v[layer]``: ``[1, Hkv, capacity, D]``. Free slots are handed out lowest first, so
-    the used slots stay packed below :attr:`span` (attention reads ``[:span]``). Grows by doubling.
-    """
-
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", capacity: int = 1024) -> None:
-        shape = (1, kv_heads, capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.capacity = capacity
-        self._free = list(range(capacity))  # a heap
-        self._in_use = torch.zeros(capacity, dtype=torch.bool)
-        self.bytes_per_token = 2 * num_layers * kv_heads * head_dim * self.k[0].element_size()
-
-    @property
-    def used(self) -> int:
-        return self.capacity - len(self._free)
-
-    @property
-    def free_count(self) -> int:
-        return len(self._free)
-
-    @property
-    def span(self) -> int:
-        """One past the highest slot in use."""
-        used = torch.nonzero(self._in_use)
-        return int(used[-1]) + 1 if used.numel() else 0
-
-    def nbytes_used(self) -> int:
-        return self.used * self.bytes_per_token
-
-    def alloc(self, n: int) -> torch.Tensor:
-        """``n`` free slots (lowest first), growing the buffers when needed."""
-        if n > len(self._free):
-            self._grow(max(2 * self.capacity, self.used + n))
-        slots = [heapq.heappop(self._free) for _ in range(n)]
-        out = torch.tensor(slots, dtype=torch.long)
-        self._in_use[out] = True
-        return out
-
-    def free(self, slots: Sequence[int] | torch.Tensor) -> None:
-        """Give ``slots`` back (their rows are garbage from now on)."""
-        slots = [int(s) for s in slots]
-        if not slots:
-            return
-        idx = torch.tensor(slots, dtype=torch.long)
-        if not bool(self._in_use[idx].all()) or len(set(slots)) != len(slots):
-            raise ValueError(f"freeing slots that are not in use: {slots}")
-        self._in_use[idx] = False
-        for s in slots:
-            heapq.heappush(self._free, s)
-
-    def _grow(self, capacity: int) -> None:
-        for buffers in (self.k, self.v):
-            for i, old in enumerate(buffers):
-                new = old.new_zeros(*old.shape[:2], capacity, old.shape[-1])
-                new[:, :, : self.capacity] = old
-                buffers[i] = new
-        in_use = torch.zeros(capacity, dtype=torch.bool)
-        in_use[: self.capacity] = self._in_use
-        self._in_use = in_use
-        for s in range(self.capacity, capacity):
-            heapq.heappush(self._free, s)
-        self.capacity = capacity
-
-
 class _PoolLayer:
     """What :class:`LlamaStepForward` sees as one cache layer: new K/V rows go to ``slots``; the
-    attention then reads the pool's rows ``[:span]``."""
+    attention then reads every row of the pool's buffers (rows off a query's path are masked)."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, span: int) -> None:
-        self.k, self.v, self.slots, self.span = k, v, slots, span
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        self.k, self.v, self.slots = k, v, slots  # k, v: [Hkv, span, D]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k.index_copy_(2, self.slots, key_states.to(self.k.dtype))
-        self.v.index_copy_(2, self.slots, value_states.to(self.v.dtype))
-        return self.k[:, :, : self.span], self.v[:, :, : self.span]
+        self.k.index_copy_(1, self.slots, key_states[0].to(self.k.dtype))
+        self.v.index_copy_(1, self.slots, value_states[0].to(self.v.dtype))
+        return self.k[None], self.v[None]
 
 
 class _PoolView:
-    def __init__(self, pool: KVPool, slots: torch.Tensor, span: int) -> None:
-        slots = slots.to(pool.k[0].device)
-        self.layers = [_PoolLayer(k, v, slots, span) for k, v in zip(pool.k, pool.v)]
+    def __init__(self, pool: KVPool, slots: torch.Tensor) -> None:
+        slots = slots.to(pool.device)
+        self.layers = [_PoolLayer(k, v, slots) for k, v in zip(pool.k, pool.v)]
+
+
+def _copy_rows(src: KVPool, src_slots: torch.Tensor, dst: KVPool, dst_slots: torch.Tensor) -> None:
+    """Copy K/V rows between pools (one gather and one scatter per layer)."""
+    i_src, i_dst = src_slots.to(src.device), dst_slots.to(dst.device)
+    for layers_src, layers_dst in ((src.k, dst.k), (src.v, dst.v)):
+        for a, b in zip(layers_src, layers_dst):
+            b.index_copy_(1, i_dst, a.index_select(1, i_src).to(b.device))
 
 
 @dataclass(eq=False)
@@ -199,6 +140,8 @@ class _Leaf:
     step_done: bool = False
     finish: str = ""  # "stop" | "length" once the trajectory is complete
     fork: int = 0
+    request: str | None = None  # its request in the engine's drafter (searches with a session)
+    session_draft: bool = False  # the draft being verified came from the engine's drafter
 
 
 @dataclass
@@ -249,11 +192,16 @@ class TreeSearch:
         self.engine, self.config = engine, config
         self.prompt_ids, self.prompt_text = prompt_ids, prompt_text
         model = engine.model
-        self.forward = engine._step_forward or _lean_forward(model)
-        attn = self.forward.layers[0].self_attn
+        if isinstance(engine.forward, LeanForward):  # the engine's own lean forward and packed head
+            self.step, self.head = engine.forward.step, engine.forward.head
+        else:
+            self.step, self.head = _lean_forward(model), model.get_output_embeddings()
+        attn = self.step.layers[0].self_attn
         kv_heads = model.config.num_key_value_heads
-        self.pool = KVPool(engine.num_layers, kv_heads, attn.head_dim, engine.dtype, engine.device,
-                           capacity=max(1024, 2 * len(prompt_ids)))
+        # at most: the prompt, every live trajectory's tokens, one forward's rows
+        capacity = len(prompt_ids) + config.width * (config.max_new_tokens + DRAFT_PER_LEAF + 2)
+        self.pool = KVPool(engine.num_layers, kv_heads, attn.head_dim, capacity, dtype=engine.dtype,
+                           device=engine.device)
         self.params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=float(config.temperature))
         self.generator = None
         if config.seed is not None:
@@ -261,11 +209,15 @@ class TreeSearch:
         policy = getattr(engine, "policy", None)
         self.cost: Callable[[int], float] = policy.cost if policy is not None else CostCurve()
         self.suffix = make_suffix_tree(CONTEXT_TAIL)
+        # with a session, the engine's drafter (session and global trees) drafts for every trajectory too
+        self.drafter = engine.drafter if config.session is not None and config.draft else None
         self.stats = SearchStats(width=config.width, policy=config.policy, prompt_tokens=len(prompt_ids),
-                                 kv_bytes_per_token=self.pool.bytes_per_token)
+                                 kv_bytes_per_token=self.pool.bytes_per_slot)
         self.finished: list[Trajectory] = []
         self._ids = itertools.count()
         self.root: _Node | None = None  # the prompt's segment
+        self._zeroed = 0  # pool buffer rows known to hold finite values
+        self._expected = 0.0  # sum of the raw draft probabilities verified (for their calibration)
         self._kv: list[int] = []
         self._copy: list[int] = []
 
@@ -294,7 +246,7 @@ class TreeSearch:
         stats = self.stats
         stats.wall_seconds = time.perf_counter() - t0
         if self._kv:
-            b = self.pool.bytes_per_token
+            b = self.pool.bytes_per_slot
             stats.kv_peak_tokens, stats.kv_mean_tokens = max(self._kv), float(np.mean(self._kv))
             stats.copy_peak_tokens, stats.copy_mean_tokens = max(self._copy), float(np.mean(self._copy))
             stats.kv_peak_bytes, stats.kv_mean_bytes = stats.kv_peak_tokens * b, stats.kv_mean_tokens * b
@@ -331,7 +283,7 @@ class TreeSearch:
         width = self.config.width - len(self.finished)
         if not scored or width <= 0:
             for leaf in scored:
-                self._release(leaf.node)
+                self._retire(leaf)
             return []
         node_tokens = {}
         for leaf in scored:
@@ -349,7 +301,7 @@ class TreeSearch:
         for leaf, n in zip(scored, counts):
             if n <= 0:
                 self.stats.pruned += 1
-                self._release(leaf.node)
+                self._retire(leaf)
                 continue
             leaf.fork, leaf.step_done = n, False
             out.append(leaf)
@@ -361,22 +313,27 @@ class TreeSearch:
         """Advance every leaf by one forward; returns the leaves after it (forks replaced by children)."""
         trees = [self._draft(leaf) for leaf in leaves]
         if self.config.draft and any(len(t) for t in trees):
+            # suffix-tree probabilities are counts: scale them by the acceptance seen so far in this search
+            scale = (self.stats.accepted_draft_tokens + 1.0) / (self._expected + 1.0)
+            for tree in trees:
+                tree.probs = [min(1.0, p * scale) for p in tree.probs]
             trees = split_draft_budget(trees, self.cost)
+            self._expected += sum(sum(t.probs) for t in trees) / scale
         ids, positions, starts = [], [], []
         for leaf, tree in zip(leaves, trees):
             starts.append(len(ids))
             ids += [leaf.pending, *tree.tokens]
             positions += [leaf.length - 1, *(leaf.length - 1 + d for d in tree.depths())]
-        slots = self.pool.alloc(len(ids))
-        span = self.pool.span
+        slots = self._alloc(len(ids))
+        span = self.pool.k[0].shape[1]
         allowed = torch.zeros(len(ids), span, dtype=torch.bool)
         for leaf, tree, a in zip(leaves, trees, starts):
             b = a + 1 + len(tree)
             allowed[a:b, leaf.node.path_slots()] = True
             allowed[a:b, slots[a:b]] = ancestor_mask(tree.parents)
-        hidden = self._run(ids, positions, slots, allowed, span)
+        hidden = self._run(ids, positions, slots, allowed)
         with torch.no_grad():
-            logits = self.engine._head(hidden).float()  # [T, V]
+            logits = self.head(hidden).float()  # [T, V]
             lse = torch.logsumexp(logits, dim=-1)
         self.stats.forwards += 1
         self.stats.draft_tokens += sum(len(t) for t in trees)
@@ -396,8 +353,14 @@ class TreeSearch:
         if not leaf.fork:
             self._add_hidden(leaf, hidden[a])
         out = []
-        for _ in range(max(1, leaf.fork)):
-            if self.params.greedy:
+        samples: list[int] = []
+        if leaf.fork > 1 and not self.params.greedy:  # no draft: the children are k iid samples of one row
+            probs = process_logits(rows[0], self.params)
+            samples = torch.multinomial(probs, leaf.fork, replacement=True, generator=self.generator).tolist()
+        for k in range(max(1, leaf.fork)):
+            if samples:
+                accepted, bonus = [], samples[k]
+            elif self.params.greedy:
                 accepted, bonus = accept_greedy(tree, rows)
             else:
                 accepted, bonus = accept_sampling(tree, rows, self.params, self.generator)
@@ -407,6 +370,10 @@ class TreeSearch:
             logprobs = [float(logits[r, t] - lse[r]) for r, t in zip(origin, new)]
             m = self._commit(target, new, logprobs)
             self.stats.accepted_draft_tokens += min(m, len(accepted))
+            if target.request is not None:  # the engine's drafter follows the trajectory (and learns)
+                learn = leaf.session_draft and not leaf.fork
+                self.drafter.accept(target.request, tree if learn else DraftTree(), accepted[:m] if learn else [],
+                                    new[:m])
             for i in accepted[: m - 1]:  # committed tokens before the new pending one have their KV
                 slot = int(slots[a + 1 + i])
                 target.node.slots.append(slot)
@@ -414,7 +381,7 @@ class TreeSearch:
                 self._add_hidden(target, hidden[a + 1 + i])
             out.append(target)
         if leaf.fork:
-            self._release(leaf.node)  # the children hold it now
+            self._retire(leaf)  # the children hold it now
         return out
 
     def _commit(self, leaf: _Leaf, tokens: list[int], logprobs: list[float]) -> int:
@@ -454,13 +421,18 @@ class TreeSearch:
         if not self.config.draft or leaf.fork > 1 or budget <= 0:
             return DraftTree()
         d = self.suffix.speculate(leaf.tail, budget, 4.0, 0.0, 0.05)
-        return DraftTree(list(d.tokens), list(d.parents), list(d.probs), [int(Source.REQUEST)] * len(d.tokens))
+        tree = DraftTree(list(d.tokens), list(d.parents), list(d.probs), [int(Source.REQUEST)] * len(d.tokens))
+        leaf.session_draft = False
+        if leaf.request is not None and not leaf.fork:
+            other = self.drafter.propose(leaf.request, budget)
+            if other.expected_accepted() > tree.expected_accepted():
+                tree, leaf.session_draft = other, True
+        return tree
 
-    def _run(self, ids: list[int], positions: list[int], slots: torch.Tensor, allowed: torch.Tensor,
-             span: int) -> torch.Tensor:
+    def _run(self, ids: list[int], positions: list[int], slots: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """One forward of ``ids`` writing their KV to ``slots``; row r sees the pool slots ``allowed[r]``."""
         device, dtype = self.engine.device, self.engine.dtype
-        groups = self.forward.groups
+        groups = self.step.groups
         if device.type == "cpu":
             mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
             mask = mask.repeat(groups, 1)[None, None]
@@ -474,24 +446,55 @@ class TreeSearch:
                 return partial_attention(q, k, v, bool_mask, scale)[0].to(q.dtype)
 
         with torch.no_grad(), fast_linears():
-            return self.forward._run(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
-                                     _PoolView(self.pool, slots, span), attend)
+            return self.step._run(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
+                                     _PoolView(self.pool, slots), attend)
 
     def _prefill(self, root: _Node, tokens: list[int]) -> None:
-        """The prompt's KV (all but its last token) into the pool, once, in causal chunks."""
-        for start in range(0, len(tokens), PREFILL_CHUNK):
+        """The prompt's KV (all but its last token) into the pool, once: the rows the engine's prefix
+        cache holds are copied, the rest computed in causal chunks and offered back to that cache."""
+        cache = self.engine.prefix_cache
+        cached = 0
+        if cache is not None:
+            match = cache.match_prefix(tokens, self.engine.namespace)
+            cached = match.length
+            if cached:
+                slots = self._alloc(cached)
+                _copy_rows(cache.pool, match.slots, self.pool, slots)
+                root.slots += slots.tolist()
+        for start in range(cached, len(tokens), PREFILL_CHUNK):
             chunk = tokens[start : start + PREFILL_CHUNK]
-            slots = self.pool.alloc(len(chunk))
-            span = self.pool.span
-            allowed = torch.zeros(len(chunk), span, dtype=torch.bool)
+            slots = self._alloc(len(chunk))
+            allowed = torch.zeros(len(chunk), self.pool.k[0].shape[1], dtype=torch.bool)
             if root.slots:
                 allowed[:, root.path_slots()] = True
             allowed[:, slots] = torch.ones(len(chunk), len(chunk), dtype=torch.bool).tril()
-            self._run(chunk, list(range(start, start + len(chunk))), slots, allowed, span)
+            self._run(chunk, list(range(start, start + len(chunk))), slots, allowed)
             root.slots += slots.tolist()
             self.stats.forwards += 1
+        if cache is not None and cached < len(tokens):
+            cache.lock(match.node)  # the prefix we extend stays while eviction makes room
+            try:
+                new = cache.alloc(len(tokens) - cached)
+            finally:
+                cache.unlock(match.node)
+            if new is not None:
+                _copy_rows(self.pool, root.path_slots()[cached:], cache.pool, new)
+                cache.insert(tokens, torch.cat((match.slots, new)), self.engine.namespace)
 
     # ------------------------------------------------------------------ tree bookkeeping
+    def _alloc(self, n: int) -> torch.Tensor:
+        """``n`` pool slots; rows the buffers gained are zeroed (masked rows must hold finite values:
+        0 * NaN is NaN)."""
+        slots = self.pool.alloc(n)
+        if slots is None:  # the capacity bounds what a search can hold: a bug if it is reached
+            raise RuntimeError(f"search KV pool exhausted ({self.pool.capacity} slots)")
+        span = self.pool.k[0].shape[1]
+        if span > self._zeroed:
+            for buf in (*self.pool.k, *self.pool.v):
+                buf[:, self._zeroed :].zero_()
+            self._zeroed = span
+        return slots
+
     def _new_node(self, parent: _Node | None) -> _Node:
         node = _Node(next(self._ids), parent)
         if parent is not None:
@@ -504,9 +507,22 @@ class TreeSearch:
         node.refs += 1
         seq = next(self._ids)
         self.suffix.extend(seq, leaf.tail[-FORK_TAIL:])
-        return _Leaf(node=node, pending=leaf.pending, length=leaf.length, seq=seq, tail=list(leaf.tail),
-                     steps=list(leaf.steps), step_scores=list(leaf.step_scores), logprob=leaf.logprob,
-                     generated=leaf.generated)
+        child = _Leaf(node=node, pending=leaf.pending, length=leaf.length, seq=seq, tail=list(leaf.tail),
+                      steps=list(leaf.steps), step_scores=list(leaf.step_scores), logprob=leaf.logprob,
+                      generated=leaf.generated)
+        if self.drafter is not None:
+            child.request = f"search-{seq}"
+            context = self.prompt_ids + [t for step in leaf.steps for t in step]
+            self.drafter.start_request(child.request, self.config.session, context)
+        return child
+
+    def _retire(self, leaf: _Leaf) -> None:
+        """The leaf is done (finished, pruned, dropped or forked): its tokens join the drafter's
+        history, its rows go back unless others share them."""
+        if leaf.request is not None:
+            self.drafter.stop_request(leaf.request)
+            leaf.request = None
+        self._release(leaf.node)
 
     def _release(self, node: _Node | None) -> None:
         """Drop one reference; a node nobody holds frees its slots and releases its parent."""
@@ -553,14 +569,14 @@ class TreeSearch:
 
     def _drop(self, leaf: _Leaf) -> None:
         self.stats.dropped_by_scorer += 1
-        self._release(leaf.node)
+        self._retire(leaf)
 
     def _complete(self, leaf: _Leaf) -> None:
         """A trajectory ended (EOS or length): score its last step, keep its tokens, free its KV."""
         if not self._end_step(leaf):
             self._drop(leaf)
             return
-        self._release(leaf.node)
+        self._retire(leaf)
         decode = self.engine.tokenizer.decode
         tokens = [t for s in leaf.steps for t in s]
         self.finished.append(Trajectory(
@@ -570,7 +586,7 @@ class TreeSearch:
         ))
 
     def _record_kv(self, leaves: list[_Leaf]) -> None:
-        self._kv.append(self.pool.used)
+        self._kv.append(self.pool.num_used)
         self._copy.append(sum(leaf.length - 1 for leaf in leaves for _ in range(max(1, leaf.fork))))
 
 
