@@ -265,7 +265,7 @@ def run_bench(engine: Any, tasks: Sequence[SearchTask], config: SearchBenchConfi
 
 # ---------------------------------------------------------------------------------------- report
 def targets(summaries: Sequence[MethodSummary]) -> list[dict]:
-    """The issue's targets, measured side by side: ``{"target", "measured", "met"}`` for each that applies."""
+    """The search design targets, measured side by side: ``{"target", "measured", "met"}`` for each that applies."""
     by = {s.method: s for s in summaries}
     out: list[dict] = []
 
