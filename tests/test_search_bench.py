@@ -151,6 +151,7 @@ def test_hf_kv_is_width_copies_of_prompt_and_output(tiny_engine):
 def test_loop_samples_one_after_another_with_distinct_seeds(tiny_engine):
     run = sb.run_loop(tiny_engine, ANY, sb.SearchBenchConfig(width=3, max_new_tokens=4), seed=1)
     assert run.generated_tokens == 12 and run.trajectories == 3 and run.correct is None and run.covered
+    assert run.forwards == 12  # speculation off: a prefill (its first token) and 3 decode steps a sample
     assert run.kv_peak_tokens == len(tiny_engine.encode_prompt(ANY.messages)) + 4
 
 

@@ -165,7 +165,7 @@ def run_hf(engine: Any, task: SearchTask, config: SearchBenchConfig, seed: int) 
 
 def run_loop(engine: Any, task: SearchTask, config: SearchBenchConfig, seed: int) -> Run:
     """``W`` samples one after another by the same engine (speculation on, as it ships)."""
-    texts, generated, kv_peak, kv_sum, steps, accepted = [], 0, 0, 0.0, 0, 0
+    texts, generated, kv_peak, kv_sum, forwards, accepted = [], 0, 0, 0.0, 0, 0
     t0 = time.perf_counter()
     for i in range(config.width):
         result = engine.generate(task.messages, max_new_tokens=config.max_new_tokens,
@@ -175,12 +175,12 @@ def run_loop(engine: Any, task: SearchTask, config: SearchBenchConfig, seed: int
         generated += n
         kv_peak = max(kv_peak, result.prompt_tokens + n)
         kv_sum += (result.prompt_tokens + (n + 1) / 2) * n  # one copy, growing through the sample
-        steps += n
+        forwards += result.stats.steps + 1  # the prefill, then one forward per decode step
         accepted += result.stats.accepted_tokens
     wall = time.perf_counter() - t0
     return _run(task, "loop", None, texts, generated=generated, wall=wall, kv_peak=kv_peak,
-                kv_mean=kv_sum / steps if steps else 0.0, bytes_per_token=kv_bytes_per_token(engine),
-                accepted=accepted)
+                kv_mean=kv_sum / generated if generated else 0.0, bytes_per_token=kv_bytes_per_token(engine),
+                forwards=forwards, accepted=accepted)
 
 
 def run_search(engine: Any, task: SearchTask, config: SearchBenchConfig, seed: int, method: str) -> Run:
