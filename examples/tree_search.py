@@ -22,7 +22,8 @@ def main() -> None:
     engine = Engine.from_pretrained()
     prompt = "What is 27 + 48? Think step by step, then give the number."
     for scorer in (None, ends_in_number):  # None: the model's own mean token log-probability
-        result = engine.search(prompt, width=8, policy="ets", scorer=scorer, max_new_tokens=96, seed=0)
+        result = engine.search(prompt, width=8, policy="ets", scorer=scorer, max_new_tokens=64, max_step_tokens=32,
+                               seed=0)
         s = result.stats
         name = getattr(scorer, "__name__", "mean log-probability")
         print(f"scorer {name}: best answer (score {result.best.score:.2f})")
