@@ -246,31 +246,6 @@ def vocab_engine(default_tokenizer):
     return Engine(model, default_tokenizer, drafter=None, speculation=SpeculationConfig(enabled=False))
 
 
-def test_n_choices_through_the_server(vocab_engine):
-    from agentspec.integrations.server import create_app
-    from fastapi.testclient import TestClient
-
-    c = TestClient(create_app(vocab_engine, api_key="k"))
-    body = {"model": vocab_engine.model_name, "messages": [{"role": "user", "content": "hi"}], "n": 3,
-            "max_tokens": 6, "temperature": 1.0, "seed": 3}
-    r = c.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"})
-    assert r.status_code == 200, r.text
-    data = r.json()
-    assert [ch["index"] for ch in data["choices"]] == [0, 1, 2]
-    assert all(ch["finish_reason"] in ("stop", "length") for ch in data["choices"])
-    search, usage = data["agentspec"]["search"], data["usage"]
-    assert search["policy"] == "best_of_n" and search["width"] == 3
-    assert usage["prompt_tokens"] == search["prompt_tokens"]  # the prompt once, not n times
-    assert usage["completion_tokens"] == search["generated_tokens"] <= 3 * 6
-    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    again = c.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}).json()
-    assert [ch["message"] for ch in again["choices"]] == [ch["message"] for ch in data["choices"]]  # seeded
-    r = c.post("/v1/chat/completions", json={**body, "stream": True}, headers={"Authorization": "Bearer k"})
-    assert r.status_code == 400 and "n > 1" in r.text
-    r = c.post("/v1/chat/completions", json={**body, "top_p": 0.5}, headers={"Authorization": "Bearer k"})
-    assert r.status_code == 400 and "top_p" in r.text
-
-
 def test_n_generations_in_one_chat_result(vocab_engine):
     from agentspec.integrations.langchain import ChatAgentSpec
     from langchain_core.messages import HumanMessage
