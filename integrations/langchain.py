@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import asdict
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
@@ -32,7 +33,7 @@ from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.chat_models import generate_from_stream
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
 from langchain_core.messages.tool import tool_call_chunk
-from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -41,7 +42,8 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from agentspec import chat
 
-from .common import ToolCallSplitter, normalize_tool_choice, prepare_prompt
+from .choices import sample_choices
+from .common import PreparedPrompt, ToolCallSplitter, normalize_tool_choice, prepare_prompt
 
 # engines shared by every ChatAgentSpec with the same settings: (model, dtype, quantize, store) -> Engine
 ENGINES: dict[tuple, Any] = {}
@@ -91,6 +93,9 @@ class ChatAgentSpec(BaseChatModel):
     top_k: int = 0
     seed: int | None = None
     """Seeds sampling (``temperature > 0``) for reproducible outputs."""
+    n: int = Field(default=1, ge=1)
+    """Generations per call; ``n > 1`` samples them together over one shared prompt KV (best-of-N search;
+    ``stream`` yields one)."""
     stop: list[str] | None = None
     """Stop strings; the output is cut before the first one."""
     speculate: bool | None = None
@@ -204,6 +209,9 @@ class ChatAgentSpec(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        n = kwargs.pop("n", self.n)
+        if n > 1:
+            return self._generate_n(messages, stop, n, **kwargs)
         parsed: list[tuple[list[dict], list[dict]]] = []
         result = generate_from_stream(self._chunks(messages, stop, run_manager, parsed, **kwargs))
         message = result.generations[0].message
@@ -235,15 +243,7 @@ class ChatAgentSpec(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         """Content deltas as they come, then one last chunk with tool calls, usage and statistics."""
-        kwargs.pop("ls_structured_output_format", None)
-        params = self._sampling(stop, kwargs)
-        engine = self.get_engine()
-        if params.pop("model") not in (None, engine.model_name, self.model):
-            raise ValueError(f"this ChatAgentSpec runs {engine.model_name!r}; a per-call model cannot change it")
-        prepared = prepare_prompt(
-            engine.tokenizer, convert_to_openai_messages(messages), tools=tools, tool_choice=tool_choice,
-            stop=params.pop("stop"), context_window=engine.context_window,
-        )
+        engine, prepared, params = self._prepare(messages, stop, tools, tool_choice, kwargs)
         session = session_id or self.session_id
         splitter = ToolCallSplitter(prepared.parse_tools, prepared.prefix)
         splitter.feed(prepared.prefix)
@@ -278,6 +278,43 @@ class ChatAgentSpec(BaseChatModel):
         if run_manager:
             run_manager.on_llm_new_token(rest, chunk=chunk)
         yield chunk
+
+    def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, tools: Sequence[dict] | None,
+                 tool_choice: Any, kwargs: dict[str, Any]) -> tuple[Any, PreparedPrompt, dict[str, Any]]:
+        """The engine, the prompt and the sampling arguments of one call."""
+        kwargs.pop("ls_structured_output_format", None)
+        params = self._sampling(stop, kwargs)
+        engine = self.get_engine()
+        if params.pop("model") not in (None, engine.model_name, self.model):
+            raise ValueError(f"this ChatAgentSpec runs {engine.model_name!r}; a per-call model cannot change it")
+        prepared = prepare_prompt(
+            engine.tokenizer, convert_to_openai_messages(messages), tools=tools, tool_choice=tool_choice,
+            stop=params.pop("stop"), context_window=engine.context_window,
+        )
+        return engine, prepared, params
+
+    def _generate_n(self, messages: list[BaseMessage], stop: list[str] | None, n: int, *,
+                    tools: Sequence[dict] | None = None, tool_choice: Any = None, session_id: str | None = None,
+                    **kwargs: Any) -> ChatResult:
+        """``n`` generations in one ChatResult, sampled together (:func:`.choices.sample_choices`)."""
+        engine, prepared, params = self._prepare(messages, stop, tools, tool_choice, kwargs)
+        params.pop("speculate")
+        session = session_id or self.session_id
+        result = sample_choices(engine, prepared, n, session=session, **params)
+        usage = result.usage()
+        generations = []
+        for choice in result.choices:
+            message = AIMessage(
+                content=choice.content, tool_calls=[_lc_tool_call(c) for c in choice.tool_calls],
+                invalid_tool_calls=[_lc_invalid_call(c) for c in choice.invalid_tool_calls],
+                response_metadata={"model_name": engine.model_name, "model_provider": "agentspec",
+                                   "finish_reason": choice.finish_reason, "session_id": session})
+            generations.append(ChatGeneration(message=message, generation_info={"finish_reason": choice.finish_reason}))
+        first = generations[0].message  # the call's usage and search statistics, once
+        first.usage_metadata = {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+                                "total_tokens": usage["total_tokens"]}
+        first.response_metadata["search"] = asdict(result.stats)
+        return ChatResult(generations=generations, llm_output={"token_usage": usage, "model_name": engine.model_name})
 
     def _sampling(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Engine sampling arguments: the model's fields, overridden per call by ``kwargs``."""
