@@ -11,6 +11,7 @@ from rich.console import Console
 
 from agentspec.cli.data import read_sessions
 from agentspec.cli.options import MEMORY, ModelOptions, fail, model_options
+from agentspec.cli.search import bench_search
 
 console = Console(stderr=True)
 DEFAULT_DATA = ("swe_agent", "tau_bench/gpt-4o-airline.json")
@@ -69,8 +70,6 @@ def register(app: typer.Typer) -> None:
             _profile(options, contexts, tree_sizes, report, as_json)
             return
         if search:
-            from agentspec.cli.search import bench_search
-
             bench_search(options.engine(MEMORY), tasks_path=tasks, limit=limit, width=width, methods=methods,
                          max_new_tokens=max_new_tokens, report_path=report, plot_path=plot, as_json=as_json)
             return
