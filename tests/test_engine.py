@@ -448,3 +448,39 @@ def test_from_pretrained_tenants_use_scoped_store_views(tiny_from_pretrained, tm
     tenant = engine.for_tenant("acme")
     assert engine.sessions.store is store and tenant.sessions.store is store.views["acme"]
     assert tenant.drafter is not engine.drafter and tenant.namespace == "acme"
+
+
+def test_cuda_device_selects_the_triton_tree_attention(monkeypatch, tiny_model):
+    """On CUDA the verification forward is transformers' decoder with agentspec's tree attention, which
+    sends CUDA tensors to the Triton kernel (the device check is mocked: no GPU here; the kernel itself
+    runs through the engine in the interpreter, tests/test_kernels.py)."""
+    from types import SimpleNamespace
+
+    from agentspec.kernels import ATTN_NAME, dispatch
+
+    from agentspec.engine import forward
+
+    monkeypatch.setattr(forward, "model_device", lambda model: torch.device("cuda"))
+    monkeypatch.setattr(forward, "triton_available", lambda: True)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    backend = forward.select_forward(tiny_model)
+    assert isinstance(backend, forward.HFForward) and backend.attention == ATTN_NAME and backend.name == "hf+triton"
+    assert dispatch.use_triton(SimpleNamespace(is_cuda=True))
+    assert not dispatch.use_triton(SimpleNamespace(is_cuda=False))
+    monkeypatch.undo()
+    assert isinstance(forward.select_forward(tiny_model), forward.LeanForward)  # a CPU Llama: the lean forward
+    assert forward.select_forward(tiny_model, fast_cpu=False).name == "hf"
+
+
+@pytest.mark.parametrize("fast_cpu", [True, False])
+def test_forward_backends_give_the_same_greedy_output(tiny_model, default_tokenizer, fast_cpu):
+    from agentspec.engine.forward import select_forward
+
+    prompt = list(range(60, 90))
+    truth = hf_greedy(tiny_model, prompt, 20)
+    backend = select_forward(tiny_model, fast_cpu=fast_cpu)
+    engine = Engine(tiny_model, default_tokenizer, drafter=ScriptedDrafter(truth, 512), forward=backend,
+                    speculation=SpeculationConfig(adaptive=False))
+    engine.eos_ids = set()
+    result = engine.generate(prompt, max_new_tokens=20)
+    assert result.token_ids == truth and result.stats.accepted_tokens > 0

@@ -35,9 +35,9 @@ from agentspec import chat
 from agentspec.config import SamplingParams, SpeculationConfig
 from agentspec.draft.base import SOURCE_NAMES, Drafter, DraftTree
 from agentspec.draft.builder import SuffixDrafter
-from agentspec.engine.forward import ForwardBackend, select_forward
+from agentspec.engine.forward import ForwardBackend, model_device, select_forward
 from agentspec.engine.kvcache import TreeKVCache
-from agentspec.engine.model import load_model, resolve_model
+from agentspec.engine.model import default_device, load_model, resolve_model
 from agentspec.engine.quantize import quantize_model
 from agentspec.engine.radix import KVPool, PrefixMatch, RadixCache
 from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask, sample_token
@@ -168,7 +168,7 @@ class Engine:
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.num_layers = int(model.config.num_hidden_layers)
         self.dtype = next(model.parameters()).dtype
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self.forward = forward or select_forward(model)
         self.prefix_cache = _prefix_cache(model, self.speculation.prefix_cache_bytes)
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -191,26 +191,33 @@ class Engine:
         speculation: SpeculationConfig | None = None,
         threads: int | None = None,
         drafter: Drafter | None = None,
+        device: str | None = None,
     ) -> Engine:
         """Load ``model`` (default SmolLM2-135M-Instruct, or a local dir / .gguf) and compose its parts.
 
+        ``device``: ``"cuda"`` (tree steps through the Triton tree-attention kernel) or ``"cpu"`` (the
+        lean CPU forward and its kernels); default: CUDA when torch sees a GPU.
         ``store``: a session store URL or store object; None (the default) is the persistent store
         ``sqlite:///$AGENTSPEC_HOME/cache.db``; ``"memory"`` keeps sessions in memory only.
         ``quantize="int8"``: Q8_0-rounded weights in the linear layers (CPU).
         """
+        device = device or default_device()
+        if quantize and device != "cpu":
+            raise ValueError(f"quantize={quantize!r} runs on the CPU only; got device={device!r}")
         if threads:
             torch.set_num_threads(threads)
         source = resolve_model(model)
         hf_model, tokenizer = load_model(model, dtype=dtype)
         if quantize:
             hf_model = quantize_model(hf_model, quantize)
+        hf_model = hf_model.to(device)
         speculation = speculation or SpeculationConfig()
         backend = select_forward(hf_model)
         fingerprint = tokenizer_fingerprint(tokenizer)
         store = None if store == "memory" else open_store(store) if store is None or isinstance(store, str) else store
         curve = None
         if speculation.adaptive:
-            device = next(hf_model.parameters()).device
+            device = model_device(hf_model)
             # v3: the lean forward and the GGUF-block kernel; bump when the forward changes again
             key = f"{source.name}-{quantize or dtype}-{device}-t{torch.get_num_threads()}-v3"
             curve = CostCurve.cached(key, cost_probe(backend, hf_model.config.num_hidden_layers))
