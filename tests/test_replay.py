@@ -275,3 +275,34 @@ def test_swebench_example_runs(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "1 sessions, 4 calls" in out.stdout and "tokens / verification step" in out.stdout
     assert (tmp_path / "p.png").is_file()
+
+
+def test_copies_are_detected_and_figures_reported_without_them(fake_engine):
+    from agentspec.replay.report import copied_share
+
+    assert copied_share([5, 6, 7, 8, 9], [1, 5, 6, 7, 8, 2]) == pytest.approx(0.8)
+    assert copied_share([5, 6, 7, 8, 9], [5, 6, 1, 7, 8, 9]) == pytest.approx(0.6)
+    assert copied_share([], [1]) == 0.0
+
+    def nospec(prompt_ids, session, n):
+        return list(range(n)), 0.4, 1.0, n - 1  # twice agentspec's decode time (0.2 s, fake engine)
+
+    sessions = load_sessions(DATA / "jsonl")
+    report = replay_live(fake_engine, sessions, max_new_tokens=8, compare=["agentspec_nospec"],
+                         runners={"agentspec_nospec": nospec})
+    assert all(c.copied is not None for c in report.calls)
+    report.calls[0].copied = 0.9  # the first call copies its prompt; with the others at 0.5
+    for c in report.calls[1:]:
+        c.copied = 0.5
+    report.calls[0].stats.decode_seconds = 0.1  # ... and runs four times faster than speculation off
+    assert report.speedup("agentspec", "agentspec_nospec", not_copies=True) == pytest.approx(2.0)
+    assert report.speedup("agentspec", "agentspec_nospec") > 2.0
+    assert report.totals("agentspec", not_copies=True).calls == len(report.calls) - 1
+    summary = report.to_dict()["summary"]
+    assert summary["copies"] == 1 and summary["speculation_gain_not_copies"] == pytest.approx(2.0)
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(render_methods(report))
+    text = " ".join(console.export_text().split())
+    assert "speculation off" in text and "2.00x (not copies)" in text and "covers less than 80%" in text

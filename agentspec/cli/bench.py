@@ -14,7 +14,7 @@ from agentspec.cli.options import MEMORY, ModelOptions, fail, model_options
 
 console = Console(stderr=True)
 DEFAULT_DATA = ("swe_agent", "tau_bench/gpt-4o-airline.json")
-METHODS = ("agentspec", "hf", "hf_pld", "llamacpp", "agentspec_int8", "hf_int8")
+METHODS = ("agentspec", "hf", "hf_pld", "llamacpp", "agentspec_int8", "hf_int8", "agentspec_nospec")
 
 
 def register(app: typer.Typer) -> None:
@@ -32,13 +32,18 @@ def register(app: typer.Typer) -> None:
         methods: str = typer.Option(None, help=f"Live: comma-separated methods among {', '.join(METHODS)} "
                                     "(hf_int8 is HF greedy on the int8 weights: the reference agentspec_int8 must "
                                     "equal) (default: agentspec, hf, hf_pld, and llamacpp where llama-cpp-python is "
-                                    "installed)."),
+                                    "installed; agentspec_nospec, speculation off, always runs)."),
         report: Path = typer.Option(None, "--report", help="Write the report as JSON here (live: rewritten after "
                                     "every call, so a long run interrupted keeps what it measured)."),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
         cost_curve: str = typer.Option(None, "--cost-curve", help="Simulate: forward cost curve as 'k:ms,...' "
                                        "(e.g. 1:65,8:110,32:181) or a JSON file of [k, seconds] pairs (default: the "
                                        "built-in curve of the default model, fp32, 2 CPU threads)."),
+        profile: bool = typer.Option(False, "--profile", help="Time one verification step by part (matmuls, "
+                                     "attention, norms, rotary, element-wise, glue) against the memory bandwidth "
+                                     "floor; no sessions are read."),
+        contexts: str = typer.Option("1k,3k,6k", help="Profile: context lengths."),
+        tree_sizes: str = typer.Option("1,4,8,16", help="Profile: tree sizes (tokens per step)."),
         options: ModelOptions = None,
     ) -> None:
         """Benchmark agentspec on recorded agent sessions.
@@ -55,6 +60,9 @@ def register(app: typer.Typer) -> None:
         accepted; no model forward) with the modelled speedup: plain decoding's forward cost over the cost
         of the verification forwards on the cost curve.
         """
+        if profile:
+            _profile(options, contexts, tree_sizes, report, as_json)
+            return
         if simulate:
             sessions = read_sessions(paths, list(DEFAULT_DATA), limit=limit, per_path=True, calls=calls)
             _simulate(sessions, options.model, cost_curve, report, as_json)
@@ -77,14 +85,14 @@ def _comparisons(methods: str | None) -> list[str]:
     from agentspec.replay.baselines import llamacpp_available  # deferred: torch loads only when a command runs
 
     if methods is None:
-        return ["hf", "hf_pld"] + (["llamacpp"] if llamacpp_available() else [])
+        return ["agentspec_nospec", "hf", "hf_pld"] + (["llamacpp"] if llamacpp_available() else [])
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = sorted(set(chosen) - set(METHODS))
     if unknown:
         raise fail(f"unknown --methods {', '.join(unknown)}; choose among {', '.join(METHODS)}")
     if "llamacpp" in chosen and not llamacpp_available():
         raise fail("--methods llamacpp needs llama-cpp-python: pip install 'agentspec[llamacpp]'")
-    return [m for m in chosen if m != "agentspec"]
+    return ["agentspec_nospec"] + [m for m in chosen if m not in ("agentspec", "agentspec_nospec")]  # always beside
 
 
 def _live(sessions, engine, compare: list[str], *, max_new_tokens: int, max_context: int,
@@ -103,13 +111,7 @@ def _live(sessions, engine, compare: list[str], *, max_new_tokens: int, max_cont
 
         replay_live(engine, sessions, max_new_tokens=max_new_tokens, max_context=max_context, compare=compare,
                     on_call=tick, report=result)
-    if report_path:
-        result.save(report_path)
-        console.print(f"report written to {report_path}")
-    if as_json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        Console(width=max(Console().width, 140)).print(render_methods(result))
+    _emit(result.to_dict(), render_methods(result), report_path, as_json, width=170)
     for note in result.skipped:
         console.print(f"[yellow]skipped[/yellow] {note}")
 
@@ -139,10 +141,32 @@ def _simulate(sessions, model: str | None, cost_curve: str | None, report_path: 
     cost = parse_cost_curve(cost_curve)
     tokenized = tokenize_sessions(load_tokenizer(model), sessions)
     report = simulate_sessions(tokenized, cost_curve=cost, progress=not as_json)
+    _emit(report.to_dict(), report.render(f"teacher-forced drafting: {len(sessions)} sessions"), report_path, as_json)
+
+
+def _profile(options: ModelOptions, contexts: str, tree_sizes: str, report_path: Path | None, as_json: bool) -> None:
+    """``--profile``: one verification step by part, against the memory bandwidth floor."""
+    from agentspec.engine.profile import machine_load, parse_sizes, profile_steps
+
+    try:
+        context_list, tree_list = parse_sizes(contexts), parse_sizes(tree_sizes)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    engine = options.engine(MEMORY)
+    console.print(f"profiling {len(context_list) * len(tree_list)} step shapes (machine load {machine_load()})")
+    report = profile_steps(engine, context_list, tree_list, on_step=lambda s: console.print(
+        f"  context {s.context:,}, tree {s.tree}: {s.step_seconds * 1e3:.1f} ms"))
+    _emit(report.to_dict(), report.render(), report_path, as_json, width=180)
+
+
+def _emit(data: dict, table, report_path: Path | None, as_json: bool, width: int = 0) -> None:
+    """Write a report's ``data`` as JSON to ``report_path``, then print it as JSON on stdout or ``table``."""
     if report_path:
-        report_path.write_text(json.dumps(report.to_dict(), indent=2))
+        tmp = Path(report_path).with_name(Path(report_path).name + ".tmp")  # atomic: never half a report
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(report_path)
         console.print(f"report written to {report_path}")
     if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(data, indent=2))
     else:
-        Console().print(report.render(f"teacher-forced drafting: {len(sessions)} sessions"))
+        Console(width=max(Console().width, width)).print(table)

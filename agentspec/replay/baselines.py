@@ -1,6 +1,7 @@
 """What agentspec is compared against, call by call: plain HF greedy ``generate`` (the reference
-every benchmark and the replay tool use), HF prompt lookup, llama.cpp, and agentspec itself on
-int8 weights. :func:`comparison_runner` builds any of them by name.
+every benchmark and the replay tool use), HF prompt lookup, llama.cpp, agentspec itself on int8
+weights, and agentspec with speculation off (its own gain). :func:`comparison_runner` builds any of
+them by name.
 """
 
 from __future__ import annotations
@@ -89,8 +90,13 @@ def comparison_runner(name: str, engine, window: int) -> Runner:
     ``hf`` and ``hf_pld`` (prompt lookup, 10 tokens) run HF ``generate`` on the engine's own
     model; ``llamacpp`` loads the engine's GGUF file into llama.cpp with a ``window``-token
     context; ``agentspec_int8`` is a second engine on the same weights with int8 linear layers and
-    ``hf_int8`` plain HF greedy on that int8 model (the reference agentspec_int8 must equal).
+    ``hf_int8`` plain HF greedy on that int8 model (the reference agentspec_int8 must equal);
+    ``agentspec_nospec`` is the engine decoding one token per step, as a tenant so that its prefix
+    cache never serves agentspec's run of the same prompt.
     """
+    if name == "agentspec_nospec":  # a tenant: the same weights and forward, its own prefix-cache namespace
+        plain = engine.for_tenant("speculation-off")
+        return lambda ids, session, n: _engine_run(plain, ids, None, n, speculate=False)
     if name == "hf":
         return lambda ids, session, n: hf_generate(engine.model, ids, n, engine.eos_ids)
     if name == "hf_pld":
@@ -124,8 +130,8 @@ def _int8_engine(engine):
     return _INT8_ENGINES[engine.model_source]
 
 
-def _engine_run(engine, prompt_ids: list[int], session: str, max_new_tokens: int):
+def _engine_run(engine, prompt_ids: list[int], session: str | None, max_new_tokens: int, **kwargs: Any):
     t0 = time.perf_counter()
-    out = engine.generate(prompt_ids, session=session, max_new_tokens=max_new_tokens)
+    out = engine.generate(prompt_ids, session=session, max_new_tokens=max_new_tokens, **kwargs)
     total = time.perf_counter() - t0
     return out.token_ids, out.stats.decode_seconds, total, out.stats.steps

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 from agentspec import chat
 from agentspec.replay.baselines import Runner, comparison_runner
-from agentspec.replay.report import COMPARISONS, REFERENCES, MethodRun, ReplayedCall, ReplayReport
+from agentspec.replay.report import COMPARISONS, REFERENCES, MethodRun, ReplayedCall, ReplayReport, copied_share
 from agentspec.replay.trajectories import Call, Session, tokenize_call
 
 
@@ -111,6 +111,7 @@ def _live_call(engine, session: Session, index: int, call: Call, budget: int, ma
         return None
     record.total_seconds = time.perf_counter() - t0
     record.stats = result.stats
+    record.copied = copied_share(result.token_ids, prompt_ids)
     if "hf" in outputs:
         record.identical = result.token_ids == outputs["hf"]
     for name, run in record.methods.items():  # each against plain greedy decoding of the same weights

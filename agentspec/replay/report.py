@@ -8,7 +8,9 @@ call carries the engine's own :class:`~agentspec.stats.SpecStats`.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from agentspec.stats import DraftCounts, SpecStats
 AGENTSPEC = "agentspec"  # the engine under test; always run
 # what agentspec is compared with (runners in agentspec.replay.baselines): name -> label
 COMPARISONS = {
+    "agentspec_nospec": "agentspec, speculation off",
     "hf": "HF greedy",
     "hf_pld": "HF prompt lookup",
     "llamacpp": "llama.cpp (GGUF, prefix reuse)",
@@ -27,6 +30,16 @@ COMPARISONS = {
 }
 # the plain greedy run a method's outputs must equal, token for token (default: "hf")
 REFERENCES = {"agentspec_int8": "hf_int8"}
+SPECULATION_OFF = "agentspec_nospec"  # the same engine decoding one token per step: speculation's own gain
+COPY_SHARE = 0.8  # an output is a copy of earlier text when its longest match in the prompt covers this much of it
+
+
+def copied_share(output_ids: Sequence[int], prompt_ids: Sequence[int]) -> float:
+    """The share of ``output_ids`` covered by its longest contiguous match in ``prompt_ids`` (0 to 1)."""
+    if not output_ids:
+        return 0.0
+    matcher = SequenceMatcher(None, list(output_ids), list(prompt_ids), autojunk=False)
+    return matcher.find_longest_match(0, len(output_ids), 0, len(prompt_ids)).size / len(output_ids)
 
 
 @dataclass
@@ -84,6 +97,12 @@ class ReplayedCall:
     methods: dict[str, MethodRun] = field(default_factory=dict)  # comparisons run on the same prompt
     identical: bool | None = None  # live output == plain HF greedy output, token for token
     modelled_seconds: float | None = None  # simulate: step costs on the cost curve
+    copied: float | None = None  # live: agentspec's output share covered by its longest match in the prompt
+
+    @property
+    def is_copy(self) -> bool:
+        """The output copies earlier text (see :data:`COPY_SHARE`)."""
+        return self.copied is not None and self.copied >= COPY_SHARE
 
     def run(self, method: str) -> MethodRun | None:
         """``method``'s run of this call (``"agentspec"``: the engine's own, live mode only)."""
@@ -122,19 +141,21 @@ class ReplayReport:
     def modelled_seconds(self) -> float:
         return sum(c.modelled_seconds or 0.0 for c in self.calls)
 
-    def totals(self, method: str, over: str | None = None) -> MethodTotals:
-        """``method``'s sums over the calls it ran (and ``over`` ran too, when given)."""
+    def totals(self, method: str, over: str | None = None, *, not_copies: bool = False) -> MethodTotals:
+        """``method``'s sums over the calls it ran (and ``over`` ran too, when given); with
+        ``not_copies``, only over the calls whose output is not a copy of earlier text."""
         totals = MethodTotals()
         for call in self.calls:
             run = call.run(method)
-            if run is not None and (over is None or call.run(over) is not None):
+            if run is not None and (over is None or call.run(over) is not None) and not (not_copies and call.is_copy):
                 totals.count(run)
         return totals
 
-    def speedup(self, method: str = AGENTSPEC, over: str = "hf", end_to_end: bool = False) -> float | None:
+    def speedup(self, method: str = AGENTSPEC, over: str = "hf", end_to_end: bool = False, *,
+                not_copies: bool = False) -> float | None:
         """``method`` over ``over``: decode tokens/s ratio, or the wall-time ratio of whole calls
         (prefill included) with ``end_to_end``; ``None`` where either was not measured."""
-        a, b = self.totals(method, over), self.totals(over, method)
+        a, b = self.totals(method, over, not_copies=not_copies), self.totals(over, method, not_copies=not_copies)
         if end_to_end:
             return b.total_seconds / a.total_seconds if a.total_seconds and b.total_seconds else None
         ra, rb = a.decode_tokens_per_second, b.decode_tokens_per_second
@@ -159,6 +180,8 @@ class ReplayReport:
                 "decode_tokens_per_second": t.decode_tokens_per_second,
                 "decode_speedup_vs_hf": self.speedup(m, "hf"),
                 "end_to_end_speedup_vs_hf": self.speedup(m, "hf", end_to_end=True),
+                "not_copies": {"decode_tokens_per_second": self.totals(m, not_copies=True).decode_tokens_per_second,
+                               "decode_speedup_vs_hf": self.speedup(m, "hf", not_copies=True)},
             }
         stats = self.stats
         return {
@@ -169,6 +192,9 @@ class ReplayReport:
                 "decode_speedup": self.speedup(AGENTSPEC, "hf"),
                 "end_to_end_speedup": self.speedup(AGENTSPEC, "hf", end_to_end=True),
                 "modelled_speedup": self.modelled_speedup(),
+                "speculation_gain": self.speedup(AGENTSPEC, SPECULATION_OFF),
+                "speculation_gain_not_copies": self.speedup(AGENTSPEC, SPECULATION_OFF, not_copies=True),
+                "copies": sum(c.is_copy for c in self.calls),
                 "identical": sum(bool(c.identical) for c in self.calls if c.identical is not None),
                 "compared": sum(c.identical is not None for c in self.calls),
                 "skipped": len(self.skipped),
@@ -196,16 +222,24 @@ def render_methods(report: ReplayReport):
     """A rich table, one row per method (live): decode tok/s, tokens/step, speedups vs HF greedy."""
     labels = {AGENTSPEC: "agentspec"} | COMPARISONS
     n = report.totals(AGENTSPEC).calls
-    table = Table(title=f"agentspec live benchmark: {report.sessions} sessions, {n} calls")
+    originals = report.totals(AGENTSPEC, not_copies=True).calls
+    caption = (f"not copies: the {originals} of {n} calls whose output's longest match in the prompt covers less "
+               f"than {COPY_SHARE:.0%} of it")
+    if SPECULATION_OFF in report.compared:
+        gain, gain_originals = (report.speedup(AGENTSPEC, SPECULATION_OFF, not_copies=c) for c in (False, True))
+        caption += f"; speculation's own decode gain: {_ratio(gain)} (all), {_ratio(gain_originals)} (not copies)"
+    table = Table(title=f"agentspec live benchmark: {report.sessions} sessions, {n} calls", caption=caption)
     for col in ("method", "out tokens", "decode tok/s", "tokens/step", "decode speedup", "end-to-end s",
-                "e2e speedup", "identical to plain greedy, same weights"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+                "e2e speedup", "tok/s, not copies", "speedup, not copies",
+                "identical to plain greedy, same weights"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=col == "method")
     for m in report.compared + [AGENTSPEC]:
-        t = report.totals(m)
+        t, originals = report.totals(m), report.totals(m, not_copies=True)
         table.add_row(
             labels[m], str(t.output_tokens), f"{t.decode_tokens_per_second:.1f}", f"{t.tokens_per_step:.2f}",
             _ratio(report.speedup(m, "hf")), f"{t.total_seconds:.1f}",
-            _ratio(report.speedup(m, "hf", end_to_end=True)), f"{t.identical}/{t.compared}" if t.compared else "-",
+            _ratio(report.speedup(m, "hf", end_to_end=True)), f"{originals.decode_tokens_per_second:.1f}",
+            _ratio(report.speedup(m, "hf", not_copies=True)), f"{t.identical}/{t.compared}" if t.compared else "-",
         )
     return table
 
