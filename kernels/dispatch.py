@@ -22,7 +22,8 @@ import torch
 from .cpu import cpu_tree_attention
 from .reference import partial_attention, split_tree_attention
 
-__all__ = ["ATTN_NAME", "register_attention", "tree_attention", "tree_attention_forward", "triton_available"]
+__all__ = ["ATTN_NAME", "register_attention", "tree_attention", "tree_attention_forward", "triton_available",
+           "use_triton"]
 
 ATTN_NAME = "agentspec_tree"
 MAX_TREE_QUERIES = 256  # longer query blocks (prefill chunks) go to transformers' SDPA
@@ -38,6 +39,11 @@ def triton_available() -> bool:
     return True
 
 
+def use_triton(q: torch.Tensor) -> bool:
+    """Whether :func:`tree_attention` runs the Triton kernel for ``q``: CUDA tensors, triton importable."""
+    return q.is_cuda and triton_available()
+
+
 def tree_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor, prefix_len: int,
     scale: float | None = None,
@@ -47,7 +53,7 @@ def tree_attention(
     q: [B, H, T, D], k/v: [B, Hkv, P+T, D] (prefix KV then the tree tokens' KV), tree_mask: [T, T]
     or [B, T, T] bool (True = node i sees node j), prefix_len = P. Returns [B, H, T, D] in q's dtype.
     """
-    if q.is_cuda and triton_available():
+    if use_triton(q):
         from .triton_tree import triton_tree_attention
 
         return triton_tree_attention(q, k, v, tree_mask, prefix_len, scale)

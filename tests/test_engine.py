@@ -448,3 +448,80 @@ def test_from_pretrained_tenants_use_scoped_store_views(tiny_from_pretrained, tm
     tenant = engine.for_tenant("acme")
     assert engine.sessions.store is store and tenant.sessions.store is store.views["acme"]
     assert tenant.drafter is not engine.drafter and tenant.namespace == "acme"
+
+
+def test_cuda_device_selects_the_triton_tree_attention(monkeypatch, tiny_model):
+    """On CUDA the verification forward is transformers' decoder with agentspec's tree attention, which
+    sends CUDA tensors to the Triton kernel (the device check is mocked: no GPU here; the kernel itself
+    runs through the engine in the interpreter, tests/test_kernels.py)."""
+    from types import SimpleNamespace
+
+    from agentspec.kernels import ATTN_NAME, dispatch
+
+    from agentspec.engine import forward
+
+    monkeypatch.setattr(forward, "model_device", lambda model: torch.device("cuda"))
+    monkeypatch.setattr(forward, "triton_available", lambda: True)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    backend = forward.select_forward(tiny_model)
+    assert isinstance(backend, forward.HFForward) and backend.attention == ATTN_NAME and backend.name == "hf+triton"
+    assert dispatch.use_triton(SimpleNamespace(is_cuda=True))
+    assert not dispatch.use_triton(SimpleNamespace(is_cuda=False))
+    monkeypatch.undo()
+    assert isinstance(forward.select_forward(tiny_model), forward.LeanForward)  # a CPU Llama: the lean forward
+    assert forward.select_forward(tiny_model, fast_cpu=False).name == "hf"
+
+
+@pytest.mark.parametrize("fast_cpu", [True, False])
+def test_forward_backends_give_the_same_greedy_output(tiny_model, default_tokenizer, fast_cpu):
+    from agentspec.engine.forward import select_forward
+
+    prompt = list(range(60, 90))
+    truth = hf_greedy(tiny_model, prompt, 20)
+    backend = select_forward(tiny_model, fast_cpu=fast_cpu)
+    engine = Engine(tiny_model, default_tokenizer, drafter=ScriptedDrafter(truth, 512), forward=backend,
+                    speculation=SpeculationConfig(adaptive=False))
+    engine.eos_ids = set()
+    result = engine.generate(prompt, max_new_tokens=20)
+    assert result.token_ids == truth and result.stats.accepted_tokens > 0
+
+
+@pytest.mark.parametrize("prompt, tools, problem", [
+    ([{"role": "wizard", "content": "hi"}], None, "message 0 has role 'wizard'; expected one of system, user"),
+    ([{"role": "user", "content": "hi"}, {"role": None, "content": "x"}], None, "message 1 has role None"),
+    ([{"content": "hi"}], None, "message 0 has role None"),
+    (["hello"], None, "message 0 must be a dict"),
+    ([{"role": "user", "content": 5}], None, "content must be a string or a list of text parts, got int"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], None, "content part 0 must be"),
+    ([{"role": "user", "content": "a\ud800b"}], None, r"message 0 \(user\) content holds a lone surrogate"),
+    ("a\ud800b", None, "prompt holds a lone surrogate '\\\\ud800' at character 1"),
+    ([{"role": "user", "content": [{"type": "text", "text": "x\udc00"}]}], None, "part 0 holds a lone surrogate"),
+    ([{"role": "tool", "content": "ok", "tool_call_id": 7}], None, "tool_call_id must be a string"),
+    ([{"role": "assistant", "content": None, "tool_calls": "f()"}], None, "tool_calls must be a list"),
+    ([{"role": "user", "content": "hi"}], "get_weather", "tools must be a list"),
+    ([{"role": "user", "content": "hi"}], [{"name": "f\ud800"}], "tool 0 holds a lone surrogate"),
+    ([5, 600], None, r"token id 1 is 600, outside the vocabulary \[0, 512\)"),
+    ([5, -1], None, "token id 1 is -1, outside"),
+    ([5, "6"], None, "token id 1 must be an integer"),
+    ([5, 2.0], None, "token id 1 must be an integer"),
+    ([True, 5], None, "token id 0 must be an integer"),
+    (42, None, "expected a string, messages or token ids; got int"),
+])
+def test_invalid_input_is_a_value_error_before_anything_starts(tiny_model, default_tokenizer, prompt, tools, problem):
+    drafter = ScriptedDrafter([], 512)
+    engine = make_engine(tiny_model, default_tokenizer, drafter)
+    with pytest.raises(ValueError, match=problem):
+        engine.stream(prompt, tools=tools)
+    assert not drafter.context  # no request started
+
+
+def test_valid_messages_of_every_role_are_accepted(tiny_model, default_tokenizer):
+    engine = make_engine(tiny_model, default_tokenizer, None)
+    call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    ids = engine.encode_prompt([
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": " there"}]},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "ok", "tool_call_id": "1", "name": "f"},
+    ], tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert ids and all(isinstance(t, int) for t in ids)

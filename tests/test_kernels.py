@@ -192,6 +192,64 @@ def test_triton_interp_batched_mask_and_empty_rows(triton_kernel):
     assert torch.equal(empty, torch.zeros_like(q))
 
 
+class _TruthDrafter:
+    """Drafts the known continuation with a wrong sibling at every level (a 2-wide tree)."""
+
+    def __init__(self, truth: list[int]):
+        self.truth, self.done, self.trees = truth, 0, 0
+
+    def start_request(self, request_id, session_id, prompt_ids):
+        self.done = 0
+
+    def propose(self, request_id, budget):
+        from agentspec.draft.base import DraftTree
+
+        tree, parent = DraftTree(), -1
+        for tok in self.truth[self.done : self.done + min(4, budget // 2)]:
+            for t in ((tok + 1) % 512, tok):
+                tree.tokens.append(t), tree.parents.append(parent), tree.probs.append(0.5), tree.sources.append(0)
+            parent = len(tree) - 1
+        self.trees += bool(len(tree))
+        return tree
+
+    def accept(self, request_id, tree, accepted, new_tokens):
+        self.done += len(new_tokens)
+
+    def stop_request(self, request_id):
+        pass
+
+    def add_history(self, session_id, prompt_ids, output_ids, *, to_global=True):
+        pass
+
+
+def test_triton_interp_engine_verifies_through_the_kernel(triton_kernel, tiny_model, default_tokenizer, monkeypatch):
+    """The engine's CUDA path (transformers' decoder + agentspec_tree attention -> Triton kernel) on CPU
+    tensors in the interpreter: greedy output equal to plain decoding, every tree step through the kernel."""
+    from agentspec.kernels import register_attention
+
+    from agentspec.config import SpeculationConfig
+    from agentspec.engine import Engine
+    from agentspec.engine.forward import HFForward
+
+    model = copy.deepcopy(tiny_model)
+    calls = []
+    kernel = triton_kernel.triton_tree_attention
+    monkeypatch.setattr(triton_kernel, "triton_tree_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(dispatch, "use_triton", lambda q: True)  # as for CUDA tensors
+    prompt = list(range(30, 50))
+    with torch.no_grad():
+        truth = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, len(prompt):].tolist()
+    drafter = _TruthDrafter(truth)
+    engine = Engine(model, default_tokenizer, drafter=drafter,
+                    forward=HFForward(model, model.get_output_embeddings(), register_attention()),
+                    speculation=SpeculationConfig(adaptive=False, prefix_cache_bytes=0))
+    engine.eos_ids = set()
+    result = engine.generate(prompt, max_new_tokens=10)
+    assert result.token_ids == truth and result.stats.accepted_tokens > 0
+    assert drafter.trees and len(calls) == drafter.trees * model.config.num_hidden_layers
+
+
 # ---------------------------------------------------------------- transformers integration
 
 

@@ -35,9 +35,9 @@ from agentspec import chat
 from agentspec.config import SamplingParams, SpeculationConfig
 from agentspec.draft.base import SOURCE_NAMES, Drafter, DraftTree
 from agentspec.draft.builder import SuffixDrafter
-from agentspec.engine.forward import ForwardBackend, select_forward
+from agentspec.engine.forward import ForwardBackend, model_device, select_forward
 from agentspec.engine.kvcache import TreeKVCache
-from agentspec.engine.model import load_model, resolve_model
+from agentspec.engine.model import default_device, load_model, resolve_model
 from agentspec.engine.quantize import quantize_model
 from agentspec.engine.radix import KVPool, PrefixMatch, RadixCache
 from agentspec.engine.search import SearchConfig, run_search
@@ -167,7 +167,7 @@ class Engine:
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.num_layers = int(model.config.num_hidden_layers)
         self.dtype = next(model.parameters()).dtype
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self.forward = forward or select_forward(model)
         self.prefix_cache = _prefix_cache(model, self.speculation.prefix_cache_bytes)
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -176,7 +176,7 @@ class Engine:
         self._lock = threading.RLock()
         self._request_ids = itertools.count()
         self._fingerprint: str | None = None
-        self._spare_kv: tuple[list[int], TreeKVCache] | None = None  # the last request's tokens and KV rows
+        self._spare_kv = _SpareKV()  # shared with the tenants (see for_tenant)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -190,26 +190,33 @@ class Engine:
         speculation: SpeculationConfig | None = None,
         threads: int | None = None,
         drafter: Drafter | None = None,
+        device: str | None = None,
     ) -> Engine:
         """Load ``model`` (default SmolLM2-135M-Instruct, or a local dir / .gguf) and compose its parts.
 
+        ``device``: ``"cuda"`` (tree steps through the Triton tree-attention kernel) or ``"cpu"`` (the
+        lean CPU forward and its kernels); default: CUDA when torch sees a GPU.
         ``store``: a session store URL or store object; None (the default) is the persistent store
         ``sqlite:///$AGENTSPEC_HOME/cache.db``; ``"memory"`` keeps sessions in memory only.
         ``quantize="int8"``: Q8_0-rounded weights in the linear layers (CPU).
         """
+        device = device or default_device()
+        if quantize and device != "cpu":
+            raise ValueError(f"quantize={quantize!r} runs on the CPU only; got device={device!r}")
         if threads:
             torch.set_num_threads(threads)
         source = resolve_model(model)
         hf_model, tokenizer = load_model(model, dtype=dtype)
         if quantize:
             hf_model = quantize_model(hf_model, quantize)
+        hf_model = hf_model.to(device)
         speculation = speculation or SpeculationConfig()
         backend = select_forward(hf_model)
         fingerprint = tokenizer_fingerprint(tokenizer)
         store = None if store == "memory" else open_store(store) if store is None or isinstance(store, str) else store
         curve = None
         if speculation.adaptive:
-            device = next(hf_model.parameters()).device
+            device = model_device(hf_model)
             # v3: the lean forward and the GGUF-block kernel; bump when the forward changes again
             key = f"{source.name}-{quantize or dtype}-{device}-t{torch.get_num_threads()}-v3"
             curve = CostCurve.cached(key, cost_probe(backend, hf_model.config.num_hidden_layers))
@@ -240,7 +247,7 @@ class Engine:
             raise ValueError("this engine has no tenant factory: build it with from_pretrained or pass tenants=")
         parts = self._tenants(name)
         tenant = copy.copy(self)  # shares the model, forward, prefix cache, lock and request ids
-        tenant.namespace, tenant.policy, tenant._spare_kv = name, parts.policy, None
+        tenant.namespace, tenant.policy = name, parts.policy
         if share_global:
             tenant._session_prefix = f"{self._session_prefix}{name}/"
         else:
@@ -444,7 +451,7 @@ class Engine:
                         self.prefix_cache.cache_sequence(prompt_ids + output[:-1], cache, self.namespace)
                     self.prefix_cache.unlock(match.node)
                 if cache is not None:
-                    self._spare_kv = (prompt_ids + output[:-1], cache)
+                    self._spare_kv.keep(self.namespace, prompt_ids + output[:-1], cache)
                 if stats.finish_reason and self.sessions is not None and session is not None:
                     self._record(session, prompt_ids, output, stats)
 
@@ -471,13 +478,13 @@ class Engine:
         then they are kept as they are; otherwise the matched prefix's rows are copied from the pool.
         """
         limit = len(prompt_ids) - 1  # at least one prompt token must run, for its logits
-        spare, self._spare_kv = self._spare_kv, None
-        cache = spare[1] if spare is not None else TreeKVCache(self.num_layers, len(prompt_ids) + 256)
+        tokens, cache = self._spare_kv.take(self.namespace)
+        cache = cache or TreeKVCache(self.num_layers, len(prompt_ids) + 256)
         if match is None:
             cache.truncate(0)
             return cache, 0
         reused = min(match.length, limit)
-        held = min(common_prefix(spare[0], prompt_ids), limit) if spare is not None else 0
+        held = min(common_prefix(tokens, prompt_ids), limit)
         if held >= reused:  # the same values as the pool's rows: both are this prefix's KV
             cache.truncate(held)
             return cache, held
@@ -570,6 +577,25 @@ def check_token_ids(ids: list, vocab_size: int) -> list[int]:
         if not 0 <= tok < vocab_size:
             raise ValueError(f"token id {i} is {tok}, outside the vocabulary [0, {vocab_size})")
     return ids
+
+
+class _SpareKV:
+    """The KV buffers of the last finished request, reused by the next request of any tenant of an
+    engine (fresh memory costs page faults; one spare bounds the memory outside the radix budget).
+    Its rows count as a cached prefix only for the tenant that computed them."""
+
+    def __init__(self) -> None:
+        self._namespace, self._tokens, self._cache = "", [], None
+
+    def keep(self, namespace: str, tokens: list[int], cache: TreeKVCache) -> None:
+        """Keep ``cache``, whose first ``len(tokens)`` rows are the KV of ``tokens`` under ``namespace``."""
+        self._namespace, self._tokens, self._cache = namespace, tokens, cache
+
+    def take(self, namespace: str) -> tuple[list[int], TreeKVCache | None]:
+        """The spare buffers (None if there are none) and the tokens whose KV they hold for ``namespace``."""
+        tokens = self._tokens if self._namespace == namespace else []
+        cache, self._tokens, self._cache = self._cache, [], None
+        return tokens, cache
 
 
 def _prefix_cache(model: Any, max_bytes: int) -> RadixCache | None:

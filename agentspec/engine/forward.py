@@ -75,8 +75,8 @@ class HFForward:
         self.decoder = model.get_decoder()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        on_cuda = self.device.type == "cuda"
-        self.name = "hf" + (f"+{'triton' if on_cuda and triton_available() else attention}" if attention else "")
+        triton = model_device(model).type == "cuda" and triton_available()
+        self.name = "hf" + (f"+{'triton' if triton else attention}" if attention else "")
 
     def prefill(self, input_ids: list[int], cache: TreeKVCache) -> torch.Tensor:
         with torch.no_grad(), fast_linears():
@@ -104,6 +104,11 @@ class HFForward:
             return self.head(out.last_hidden_state[0]).float()
 
 
+def model_device(model: Any) -> torch.device:
+    """The device ``model``'s weights are on (where its forwards run)."""
+    return next(model.parameters()).device
+
+
 def select_forward(model: Any, *, fast_cpu: bool = True) -> ForwardBackend:
     """The backend for ``model`` on its device, decided once.
 
@@ -112,7 +117,7 @@ def select_forward(model: Any, *, fast_cpu: bool = True) -> ForwardBackend:
     transformers' forward with the fused CPU tree attention; ``fast_cpu=False`` keeps the stock
     CPU layers and attention (a reference for tests).
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     if device.type == "cuda":
         if not triton_available():
             logger.warning("triton is not importable: tree attention runs the torch reference on CUDA")

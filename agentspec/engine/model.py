@@ -122,7 +122,7 @@ def load_model(
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
 ):
-    """Load ``(model, tokenizer)`` in eval mode. ``dtype`` is ``float32`` or ``bfloat16``."""
+    """Load ``(model, tokenizer)`` on the CPU in eval mode. ``dtype`` is ``float32`` or ``bfloat16``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -133,6 +133,13 @@ def load_model(
     )
     hf_model.eval()
     return hf_model, AutoTokenizer.from_pretrained(path)
+
+
+def default_device() -> str:
+    """``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":  # `python -m agentspec.engine.model`: convert the default model once
