@@ -18,6 +18,7 @@ class Source(IntEnum):
     SESSION = 1  # suffix tree of the session's earlier calls
     GLOBAL = 2  # suffix tree of all outputs of all sessions
     RECYCLED = 3  # Token Recycling successor table
+    GRAMMAR = 4  # forced by the output's grammar (constrained decoding), not guessed
 
 
 SOURCE_NAMES = {s: s.name.lower() for s in Source}

@@ -29,8 +29,10 @@ import torch
 from agentspec import chat
 from agentspec.config import SamplingParams, SpeculationConfig
 from agentspec.draft.base import SOURCE_NAMES, Drafter, DraftTree
+from agentspec.engine.constraints import Grammar, GrammarCompiler
 from agentspec.engine.cpu_fast import attention, fast_linears, output_head, skinny_linears, tree_attention_name
 from agentspec.engine.kvcache import PrefixCache, TreeKVCache
+from agentspec.engine.processors import LogitsPipeline, TokenLogprob
 from agentspec.engine.step_forward import LlamaStepForward
 from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask, sample_token, tree_inputs
 from agentspec.stats import SpecStats
@@ -50,6 +52,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS or stop string) | "length"
     prompt_tokens: int
     stats: SpecStats = field(default_factory=SpecStats)
+    logprobs: list[TokenLogprob] | None = None  # with ``logprobs=k``: one entry per output token
 
 
 class GenerationStream:
@@ -116,6 +119,7 @@ class Engine:
         self._request_ids = itertools.count()
         self._observe = getattr(drafter, "observe", None)  # recycling table feed, if the drafter has one
         self._fingerprint: str | None = None
+        self._grammars: GrammarCompiler | None = None  # built on the first constrained request
         self._decoder = model.get_decoder()
         self._head = model.get_output_embeddings()
         self._tree_attention: str | None = None  # attention implementation for verification forwards
@@ -203,16 +207,29 @@ class Engine:
         stop: Sequence[str] | str = (),
         seed: int | None = None,
         speculate: bool | None = None,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
+        logprobs: int | None = None,
+        grammar: Grammar | dict | None = None,
     ) -> GenerationStream:
         """Stream text deltas of a completion.
 
         ``prompt``: a string (one user message, chat template applied), OpenAI-style messages,
         or raw prompt token ids. ``session`` names the agent session whose cache drafts for it.
         ``speculate=False`` decodes one token per step (the baseline through the same code).
+        Penalties, ``logit_bias`` and ``logprobs`` (top-k alternatives per token) are as in
+        :class:`~agentspec.config.SamplingParams`. ``grammar``: a :class:`Grammar` or an OpenAI
+        ``response_format`` dict the output must match (constrained decoding, drafts included).
         Raises ``ValueError`` at once for bad input; the engine stays usable.
         """
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, stop, seed)
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, stop, seed, repetition_penalty,
+                                presence_penalty, frequency_penalty, logit_bias, logprobs)
         params.validate()
+        if isinstance(grammar, dict):
+            grammar = Grammar.from_response_format(grammar)
+        matcher = self.grammar_compiler().matcher(grammar) if grammar is not None else None
         prompt_ids = self.encode_prompt(prompt, tools)
         if len(prompt_ids) >= self.context_window:
             raise ValueError(
@@ -220,8 +237,17 @@ class Engine:
             )
         spec = self.speculation.enabled if speculate is None else speculate
         stream = GenerationStream(iter(()))
-        stream._deltas = self._text_deltas(stream, prompt_ids, session, params, spec and self.drafter is not None)
+        pipeline = LogitsPipeline(params, prompt_ids, matcher)
+        stream._deltas = self._text_deltas(stream, prompt_ids, session, params, spec and self.drafter is not None,
+                                           pipeline)
         return stream
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Compiles grammars for this engine's tokenizer and vocabulary (built once, on first use)."""
+        if self._grammars is None:
+            vocab = int(self.model.config.vocab_size)
+            self._grammars = GrammarCompiler(self.tokenizer, vocab, sorted(self.eos_ids))
+        return self._grammars
 
     def encode_prompt(
         self, prompt: str | Sequence[dict] | Sequence[int], tools: Sequence[dict] | None = None
@@ -244,7 +270,7 @@ class Engine:
     # ------------------------------------------------------------------ text layer
     def _text_deltas(
         self, stream: GenerationStream, prompt_ids: list[int], session: str | None,
-        params: SamplingParams, speculate: bool,
+        params: SamplingParams, speculate: bool, pipeline: LogitsPipeline,
     ) -> Iterator[str]:
         """Decode token steps into text deltas, cut at stop strings, hold back partial ones."""
         stops = [s for s in params.stop if s]
@@ -253,7 +279,7 @@ class Engine:
         sent = 0
         text = ""
         stats = SpecStats(prompt_tokens=len(prompt_ids))
-        steps = self._token_steps(prompt_ids, session, params, speculate, stats)
+        steps = self._token_steps(prompt_ids, session, params, speculate, stats, pipeline)
         try:
             for new_tokens in steps:
                 output.extend(new_tokens)
@@ -273,12 +299,13 @@ class Engine:
             steps.close()
         if len(text) > sent:
             yield text[sent:]
-        stream.result = GenerationResult(text, output, stats.finish_reason, len(prompt_ids), stats)
+        logprobs = pipeline.logprobs[: len(output)] if pipeline.logprobs is not None else None
+        stream.result = GenerationResult(text, output, stats.finish_reason, len(prompt_ids), stats, logprobs)
 
     # ------------------------------------------------------------------ token layer
     def _token_steps(
         self, prompt_ids: list[int], session: str | None, params: SamplingParams, speculate: bool,
-        stats: SpecStats,
+        stats: SpecStats, pipeline: LogitsPipeline,
     ) -> Iterator[list[int]]:
         """Yield the tokens committed by each step, counting into ``stats``.
 
@@ -301,7 +328,9 @@ class Engine:
                     self.drafter.start_request(request_id, session, prompt_ids)
                 t0 = time.perf_counter()
                 cache, logits = self._prefill(prompt_ids, stats)
+                logits = pipeline.process(logits[None], DraftTree())[0]
                 root = sample_token(logits, params, generator)
+                pipeline.commit([root], logits[None], [0])
                 stats.prefill_seconds = time.perf_counter() - t0
                 if speculate:
                     self.drafter.accept(request_id, DraftTree(), [], [root])
@@ -313,7 +342,7 @@ class Engine:
                 with self._lock:
                     t0 = time.perf_counter()
                     new_tokens = self._step(request_id, cache, root, params, generator, stats, speculate,
-                                            room=max_new - len(output))
+                                            room=max_new - len(output), pipeline=pipeline)
                     stats.decode_seconds += time.perf_counter() - t0
                 done = new_tokens[-1] in self.eos_ids
                 output.extend(new_tokens)
@@ -366,12 +395,15 @@ class Engine:
     def _step(
         self, request_id: str, cache: TreeKVCache, root: int, params: SamplingParams,
         generator: torch.Generator | None, stats: SpecStats, speculate: bool, room: int,
+        pipeline: LogitsPipeline,
     ) -> list[int]:
         """One verification step: draft, verify, accept, compact, update. Returns committed tokens."""
         past = cache.length
-        tree = self._draft(request_id, past, room) if speculate else DraftTree()
+        tree = self._draft(request_id, past, room, pipeline) if speculate else DraftTree()
         t0 = time.perf_counter()
         logits = self._verify(cache, root, tree, past)
+        if pipeline.active:
+            logits = pipeline.process(logits, tree)
         if self.policy is not None and speculate:
             self.policy.observe(1 + len(tree), time.perf_counter() - t0)
         if params.greedy:
@@ -381,6 +413,7 @@ class Engine:
         cache.compact(past, [0] + [1 + i for i in accepted])
         new_tokens = _truncate([tree.tokens[i] for i in accepted] + [bonus], room, self.eos_ids)
         accepted = accepted[: len(new_tokens)]
+        pipeline.commit(new_tokens, logits, [0] + [1 + i for i in accepted])
         stats.steps += 1
         stats.drafted_tokens += len(tree)
         stats.accepted_tokens += len(accepted)
@@ -394,7 +427,7 @@ class Engine:
                 self._observe([root, *tree.tokens], top.cpu().numpy())
         return new_tokens
 
-    def _draft(self, request_id: str, past: int, room: int) -> DraftTree:
+    def _draft(self, request_id: str, past: int, room: int, pipeline: LogitsPipeline) -> DraftTree:
         # the tree must fit the window: deepest node at position past + depth < context_window
         budget = min(self.speculation.max_draft_tokens, room, self.context_window - past - 2)
         if budget <= 0:
@@ -402,7 +435,7 @@ class Engine:
         tree = self.drafter.propose(request_id, budget)
         if self.policy is not None and len(tree):
             tree = self.policy.select(tree)
-        return tree
+        return pipeline.draft(tree, budget)  # under a grammar: rejected branches cut, forced tokens added
 
     def _verify(self, cache: TreeKVCache, root: int, tree: DraftTree, past: int) -> torch.Tensor:
         """One forward over ``[root] + tree``: logits ``[1 + n, V]`` (fp32)."""
