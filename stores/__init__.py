@@ -1,18 +1,24 @@
 """Persistent per-session stores: SQLite by default, PostgreSQL when many processes share one cache."""
 
 from .base import (
+    NAMESPACE_LIMIT,
+    SESSION_ID_LIMIT,
     CallRecord,
     CorruptRecordError,
     LoadedSession,
     OutputHistory,
     SchemaVersionError,
     SessionInfo,
+    StoreDamagedError,
     StoreError,
     TokenizerMismatchError,
+    check_name,
 )
-from .sql import SCHEMA_VERSION, SqlStore, default_url, open_store
+from .schema import SCHEMA_VERSION
+from .sql import SqlStore, default_url, open_store
 
 __all__ = [
-    "CallRecord", "CorruptRecordError", "LoadedSession", "OutputHistory", "SchemaVersionError", "SessionInfo",
-    "StoreError", "TokenizerMismatchError", "SCHEMA_VERSION", "SqlStore", "default_url", "open_store",
+    "NAMESPACE_LIMIT", "SESSION_ID_LIMIT", "CallRecord", "CorruptRecordError", "LoadedSession", "OutputHistory",
+    "SchemaVersionError", "SessionInfo", "StoreDamagedError", "StoreError", "TokenizerMismatchError", "check_name",
+    "SCHEMA_VERSION", "SqlStore", "default_url", "open_store",
 ]

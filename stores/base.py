@@ -7,11 +7,36 @@ lazily, and the global tree from the most recent outputs of all sessions.
 Tokenizers: every session records the fingerprint of the tokenizer that wrote it. Appending to
 a session with another fingerprint raises :class:`TokenizerMismatchError`; the global history
 is read per fingerprint, so token ids of another tokenizer never reach a tree.
+
+Names: session ids (at most :data:`SESSION_ID_LIMIT` characters) and namespaces (at most
+:data:`NAMESPACE_LIMIT`) are checked before they reach a database: a name that is too long,
+holds a NUL or a lone surrogate is a ``ValueError`` that says which, on every backend.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+SESSION_ID_LIMIT = 512  # characters
+NAMESPACE_LIMIT = 128
+
+
+def check_name(value: str, what: str = "session id", limit: int = SESSION_ID_LIMIT, empty: bool = False) -> str:
+    """``value`` if it can name a session (or a namespace); otherwise a ``ValueError`` naming the problem."""
+    if not isinstance(value, str):
+        raise ValueError(f"a {what} must be a string, got {type(value).__name__}")
+    if not value and not empty:
+        raise ValueError(f"a {what} must be a non-empty string")
+    if len(value) > limit:
+        raise ValueError(f"the {what} {value[:32]!r}... is {len(value)} characters long; the limit is {limit}")
+    if "\x00" in value:
+        raise ValueError(f"the {what} {value[:64]!r} holds a NUL character (at {value.index(chr(0))})")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the {what} {value[:64]!r} holds a lone surrogate ({value[exc.start]!r} at {exc.start}); "
+                         "it must be valid Unicode") from None
+    return value
 
 
 class StoreError(RuntimeError):
@@ -24,6 +49,10 @@ class SchemaVersionError(StoreError):
 
 class TokenizerMismatchError(StoreError):
     """A session's tokens came from another tokenizer than the caller's."""
+
+
+class StoreDamagedError(StoreError):
+    """The database file is damaged; the message names the damage and how to save what is readable."""
 
 
 class CorruptRecordError(StoreError):

@@ -1,8 +1,9 @@
-"""Token payloads: msgpack envelopes of zlib-compressed little-endian uint16/uint32 arrays.
+"""Payloads: token ids as msgpack envelopes of zlib-compressed little-endian uint16/uint32 arrays.
 
 Envelope: ``{"v": 1, "w": 2|4, "n": count, "z": zlib(bytes), "c": crc32(bytes)}``. Ids under
-65536 take 2 bytes before compression (about 1-1.5 bytes per token after, on agent traffic);
-the checksum turns a truncated or altered payload into :class:`CorruptRecordError`.
+65536 take 2 bytes before compression (about 1-1.5 bytes per token after, on agent traffic).
+A call's statistics: ``{"v": 1, "m": msgpack(map), "c": crc32(m)}``. The checksums turn a
+truncated or altered payload into :class:`CorruptRecordError`.
 """
 
 from __future__ import annotations
@@ -29,34 +30,52 @@ def encode_tokens(tokens: Sequence[int]) -> bytes:
                           "c": zlib.crc32(raw)})
 
 
-def decode_tokens(payload: bytes) -> list[int]:
-    """Unpack :func:`encode_tokens` output; ``CorruptRecordError`` names what is wrong."""
+def _envelope(payload: bytes, what: str) -> dict:
+    """The msgpack map around a payload, or ``CorruptRecordError`` naming what is wrong."""
     try:
         env = msgpack.unpackb(payload)
-        if not isinstance(env, dict) or env.get("v") != VERSION:
-            raise CorruptRecordError(f"not a v{VERSION} token payload")
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise CorruptRecordError(f"undecodable {what} payload ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(env, dict) or env.get("v") != VERSION:
+        raise CorruptRecordError(f"not a v{VERSION} {what} payload")
+    return env
+
+
+def decode_tokens(payload: bytes) -> list[int]:
+    """Unpack :func:`encode_tokens` output; ``CorruptRecordError`` names what is wrong."""
+    env = _envelope(payload, "token")
+    try:
         raw = zlib.decompress(env["z"])
-    except CorruptRecordError:
-        raise
-    except (ValueError, KeyError, TypeError, zlib.error, msgpack.ExtraData, msgpack.FormatError,
-            msgpack.StackError) as exc:
+    except (KeyError, TypeError, zlib.error) as exc:
         raise CorruptRecordError(f"undecodable token payload ({type(exc).__name__}: {exc})") from exc
-    if zlib.crc32(raw) != env.get("c") or len(raw) != env.get("n", -1) * env.get("w", 0):
+    if zlib.crc32(raw) != env.get("c") or env.get("w") not in (2, 4) or len(raw) != env.get("n", -1) * env["w"]:
         raise CorruptRecordError("token payload checksum or length mismatch")
     return np.frombuffer(raw, dtype="<u2" if env["w"] == 2 else "<u4").astype(np.int64).tolist()
 
 
 def encode_stats(stats: dict) -> bytes:
-    return msgpack.packb(stats)
+    """Pack a call's statistics (a map of msgpack-able values) with a checksum."""
+    raw = msgpack.packb(stats)
+    return msgpack.packb({"v": VERSION, "m": raw, "c": zlib.crc32(raw)})
 
 
-def decode_stats(payload: bytes | None) -> dict:
+def decode_stats(payload: bytes) -> dict:
+    """Unpack :func:`encode_stats` output; ``CorruptRecordError`` names what is wrong."""
+    env = _envelope(payload, "stats")
+    raw = env.get("m")
+    if not isinstance(raw, bytes) or zlib.crc32(raw) != env.get("c"):
+        raise CorruptRecordError("stats payload checksum mismatch")
+    return decode_legacy_stats(raw)
+
+
+def decode_legacy_stats(payload: bytes | None) -> dict:
+    """A bare msgpack map (the statistics payload of schema v3 and older, without a checksum)."""
     if not payload:
         return {}
     try:
         value = msgpack.unpackb(payload)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise CorruptRecordError(f"undecodable stats payload ({exc})") from exc
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise CorruptRecordError(f"undecodable stats payload ({type(exc).__name__}: {exc})") from exc
     if not isinstance(value, dict):
         raise CorruptRecordError("stats payload is not a map")
     return value

@@ -1,19 +1,27 @@
 """The session store on SQLAlchemy 2: SQLite by default, PostgreSQL for many processes or machines.
 
 Open with :func:`open_store`; any number of processes may open a new or old store at once (the
-first creates or upgrades the tables, the others wait). SQLite runs in WAL mode with a busy timeout, so several local
-processes can read and append at once and a killed writer never leaves a half-written call
-(each call is one transaction). PostgreSQL (``postgresql+psycopg://user:pw@host/db``) lets any
-number of agentspec processes on any machines share one cache: point every process at the same
-URL (``agentspec run --store URL``, ``Engine.from_pretrained(store=URL)``); each appends in its
-own transaction, and a session's calls come back in append order.
+first creates or upgrades the tables, the others wait). SQLite runs in WAL mode (see
+:mod:`.sqlite`): several local processes read and append at once, a read never blocks a writer
+and a killed writer never leaves a half-written call (each call is one transaction).
+PostgreSQL (``postgresql+psycopg://user:pw@host/db``) lets any number of agentspec processes on
+any machines share one cache: point every process at the same URL (``agentspec run --store URL``,
+``Engine.from_pretrained(store=URL)``); each appends in its own transaction, and a session's
+calls come back in append order.
 
-Tables: ``agentspec_sessions`` (id, tokenizer fingerprint, times), ``agentspec_records`` (one row per
-finished call: token payloads as msgpack+zlib, see :mod:`.codec`, and the call's statistics),
-``agentspec_stats`` (running totals per session, updated in the same transaction as each append,
-kept when :meth:`SqlStore.prune` evicts old calls) and ``agentspec_schema`` (the schema version).
-:data:`MIGRATIONS` upgrades older stores in place when they are opened (in one transaction), and
-a store written by a newer agentspec is refused with :class:`SchemaVersionError`.
+Tables (see :mod:`.schema`): sessions, records (one row per finished call: token payloads as
+msgpack+zlib with checksums, see :mod:`.codec`, and the call's statistics), running totals per
+session (kept when :meth:`SqlStore.prune` evicts old calls) and the schema version. Older stores
+are upgraded in place when opened; a store written by a newer agentspec is refused with
+:class:`SchemaVersionError`.
+
+Tenants: :meth:`SqlStore.scoped` is a view of one namespace: its session ids, listings, exports
+and global history are its own. The namespace is a key column, not a prefix of the session id.
+
+Damage is never silent: a damaged SQLite file is refused when it opens (``PRAGMA integrity_check``,
+bounded by :data:`CHECK_SECONDS`: about 0.5 ms on a 1M-token store) or as soon as a read meets it, with a
+:class:`StoreDamagedError` saying how to save what can still be read (:mod:`.repair`); a corrupt
+record is skipped and counted; every database error surfaces as :class:`StoreError`.
 
 Durability: a call is there once :meth:`SqlStore.append` returns (SQLite: WAL with
 ``synchronous=NORMAL`` survives a killed process; a power cut may lose the last few commits).
@@ -21,251 +29,235 @@ Durability: a call is there once :meth:`SqlStore.append` returns (SQLite: WAL wi
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
-import os
+import logging
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
+from . import sqlite
 from .base import (
+    NAMESPACE_LIMIT,
     CallRecord,
     CorruptRecordError,
     LoadedSession,
     OutputHistory,
-    SchemaVersionError,
     SessionInfo,
+    StoreDamagedError,
     StoreError,
     TokenizerMismatchError,
+    check_name,
 )
 from .codec import decode_stats, decode_tokens, encode_stats, encode_tokens
+from .schema import (
+    COUNTERS,
+    SCHEMA_VERSION,
+    SOURCES,
+    prepare_schema,
+    records_table,
+    schema_table,
+    sessions_table,
+    stats_row,
+    stats_table,
+)
 
-SCHEMA_VERSION = 3
+logger = logging.getLogger(__name__)
+
+CHECK_SECONDS = 2.0  # the most the integrity check may take when a SQLite store opens (then: a warning)
+KNOWN_SESSIONS = 1024  # sessions whose header this process remembers (the append fast path)
 _SCHEMA_LOCK = 0x61676E7473706563  # PostgreSQL advisory lock key while creating or migrating tables
-SOURCES = ("request", "session", "global", "recycled")  # SpecStats.accepted_by_source keys
-
-metadata = sa.MetaData()
-schema_table = sa.Table("agentspec_schema", metadata, sa.Column("version", sa.Integer, nullable=False))
-sessions_table = sa.Table(
-    "agentspec_sessions", metadata,
-    sa.Column("session_id", sa.String(512), primary_key=True),
-    sa.Column("fingerprint", sa.String(64), nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("updated_at", sa.Float, nullable=False),  # added in schema v2
-)
-records_table = sa.Table(
-    "agentspec_records", metadata,
-    sa.Column("record_id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("session_id", sa.String(512), sa.ForeignKey("agentspec_sessions.session_id", ondelete="CASCADE"),
-              nullable=False, index=True),
-    sa.Column("fingerprint", sa.String(64), nullable=False, index=True),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("prompt_tokens", sa.Integer, nullable=False),
-    sa.Column("output_tokens", sa.Integer, nullable=False),
-    sa.Column("prompt", sa.LargeBinary, nullable=False),
-    sa.Column("output", sa.LargeBinary, nullable=False),
-    sa.Column("stats", sa.LargeBinary, nullable=True),
-)
-
-COUNTERS = ("prompt_tokens", "prefill_tokens", "output_tokens", "steps", "drafted_tokens", "accepted_tokens")
-stats_table = sa.Table(  # added in schema v3
-    "agentspec_stats", metadata,
-    sa.Column("session_id", sa.String(512), sa.ForeignKey("agentspec_sessions.session_id", ondelete="CASCADE"),
-              primary_key=True),
-    sa.Column("calls", sa.BigInteger, nullable=False),
-    *(sa.Column(name, sa.BigInteger, nullable=False) for name in COUNTERS),
-    *(sa.Column(f"accepted_{src}", sa.BigInteger, nullable=False) for src in SOURCES),
-    sa.Column("prefill_seconds", sa.Float, nullable=False),
-    sa.Column("decode_seconds", sa.Float, nullable=False),
-)
-
-_TOUCH = (sessions_table.update()
-          .where(sessions_table.c.session_id == sa.bindparam("sid"), sessions_table.c.fingerprint == sa.bindparam("fp"))
-          .values(updated_at=sa.bindparam("now")))
 _INSERT_RECORD = records_table.insert()
-
-
-def _stats_row(prompt_tokens: int, output_tokens: int, stats: dict) -> dict:
-    """The ``agentspec_stats`` increments of one call (token counts from the payloads themselves)."""
-    by_source = stats.get("accepted_by_source") or {}
-    row = {name: int(stats.get(name) or 0) for name in COUNTERS}
-    row.update(calls=1, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-               prefill_seconds=float(stats.get("prefill_seconds") or 0.0),
-               decode_seconds=float(stats.get("decode_seconds") or 0.0),
-               **{f"accepted_{src}": int(by_source.get(src, 0)) for src in SOURCES})
-    return row
-
-
-def _migrate_1_to_2(conn: Connection) -> None:
-    """v2 added ``agentspec_sessions.updated_at`` (filled from the newest record)."""
-    conn.execute(sa.text("ALTER TABLE agentspec_sessions ADD COLUMN updated_at FLOAT"))
-    conn.execute(sa.text(
-        "UPDATE agentspec_sessions SET updated_at = COALESCE((SELECT MAX(r.created_at) FROM agentspec_records r "
-        "WHERE r.session_id = agentspec_sessions.session_id), created_at)"
-    ))
-
-
-def _migrate_2_to_3(conn: Connection) -> None:
-    """v3 added ``agentspec_stats``: per-session totals, filled here from the stored calls."""
-    stats_table.create(conn)
-    r = records_table
-    totals: dict[str, dict] = {}
-    for sid, n_prompt, n_output, payload in conn.execute(
-            sa.select(r.c.session_id, r.c.prompt_tokens, r.c.output_tokens, r.c.stats).order_by(r.c.record_id)):
-        try:
-            row = _stats_row(n_prompt, n_output, decode_stats(payload))
-        except CorruptRecordError:
-            row = _stats_row(n_prompt, n_output, {})
-        total = totals.setdefault(sid, dict.fromkeys(row, 0))
-        for key, value in row.items():
-            total[key] += value
-    if totals:
-        conn.execute(stats_table.insert(), [dict(session_id=sid, **t) for sid, t in totals.items()])
-
-
-MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}  # from version -> function upgrading to version + 1
+DATABASE_ERRORS = (sa.exc.SQLAlchemyError, UnicodeDecodeError)  # the driver decodes damaged text itself
 
 
 def default_url() -> str:
     """``sqlite:///$AGENTSPEC_HOME/cache.db``."""
-    from agentspec.config import agentspec_home
+    from agentspec.config import agentspec_home  # config is a leaf module; imported late to keep stores standalone
 
     return f"sqlite:///{agentspec_home() / 'cache.db'}"
 
 
-def open_store(url: str | None = None) -> SqlStore:
-    """Open (creating or upgrading) the store at ``url`` (default: the SQLite file under $AGENTSPEC_HOME)."""
-    return SqlStore(url or default_url())
+def open_store(url: str | None = None, *, create: bool = True, check: bool = True) -> SqlStore:
+    """Open the store at ``url`` (default: the SQLite file under $AGENTSPEC_HOME), upgrading an
+    older schema. ``create=False`` (read commands): a missing SQLite file is a :class:`StoreError`
+    naming it. ``check=False`` skips the integrity check at open (to save or inspect a damaged file)."""
+    return SqlStore(url or default_url(), create=create, check=check)
+
+
+def _cause(exc: Exception) -> str:
+    """The driver's message, with the usual causes said plainly."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    if "readonly" in text or "read-only" in text:
+        return f"the database is read-only ({text})"
+    return text
 
 
 class SqlStore:
     """Sessions and their calls in a SQL database. Safe to share between threads and processes."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True, check: bool = True) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        self._known: dict[str, str] = {}  # session id -> fingerprint, seen in this process (append fast path)
-        if self.is_sqlite:
-            self._check_sqlite_path(url)
+        self.namespace = ""
+        self._known: OrderedDict[str, str] = OrderedDict()  # session id -> fingerprint (append fast path)
+        self._damage: list[str] = []  # damage met so far (shared by the scoped views): writes are refused
         try:
-            self.engine = self._create_engine(url)
-            self._add_stats = self._stats_upsert()  # statements are built once; appends only bind values
-            with self.engine.begin() as conn:
-                self._prepare_schema(conn)
-        except sa.exc.ArgumentError as exc:
-            raise StoreError(f"invalid store URL {url!r}: {exc}") from exc
-        except sa.exc.NoSuchModuleError as exc:
-            raise StoreError(f"no driver for {url!r} ({exc}); for PostgreSQL: pip install 'psycopg[binary]'") from exc
-        except sa.exc.DBAPIError as exc:
-            raise StoreError(f"cannot open the store at {self._safe_url()}: {_cause(exc)}") from exc
+            self._connect(create, damaged=not check)
+            if check and self.is_sqlite:
+                self._check_at_open()
+            self._prepare_schema()
+        except DATABASE_ERRORS as exc:
+            error = self._error(exc, "open")
+            if check or not isinstance(error, StoreDamagedError):
+                raise error from exc
+            # check=False: a damaged file opens, for reading what can still be read (it takes no writes)
 
     # ------------------------------------------------------------------ set-up
     def _safe_url(self) -> str:
         return sa.engine.make_url(self.url).render_as_string(hide_password=True)
 
-    @staticmethod
-    def _check_sqlite_path(url: str) -> None:
-        path = sa.engine.make_url(url).database
-        if not path or path == ":memory:" or path.startswith("file:"):  # in memory, or a URI the driver parses
-            return
-        file = Path(path)
-        if file.exists() and not os.access(file, os.W_OK):
-            raise StoreError(f"the store file {file} is read-only; agentspec needs to write to it")
-        if not file.exists():
-            folder = file.parent
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(f"cannot create the folder {folder} for the store: {exc}") from exc
-            if not os.access(folder, os.W_OK):
-                raise StoreError(f"cannot create the store {file}: the folder {folder} is read-only")
-
-    def _create_engine(self, url: str) -> Engine:
+    def _connect(self, create: bool, damaged: bool) -> None:
         if not self.is_sqlite:
-            return sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10}
-                                    if url.startswith("postgresql") else {})
-        engine = sa.create_engine(url, connect_args={"timeout": 60})
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True, connect_args={"connect_timeout": 10}
+                                           if self.url.startswith("postgresql") else {})
+        else:
+            file = sqlite.file_path(self.url)
+            if file is not None and sqlite.check_file(file, create):
+                sqlite.create_file(file, self._create_tables)
+            self.engine = sqlite.engine_for(file, self.url, damaged)
+        self._writer = self.engine.execution_options(**{sqlite.WRITE: True})
+        self._add_stats = self._stats_upsert()  # statements are built once; appends only bind values
+        self._touch = (sessions_table.update()
+                       .where(sessions_table.c.namespace == sa.bindparam("ns"),
+                              sessions_table.c.session_id == sa.bindparam("sid"),
+                              sessions_table.c.fingerprint == sa.bindparam("fp"))
+                       .values(updated_at=sa.bindparam("now")))
 
-        @sa.event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn, _record):  # WAL: readers never block the writer; a killed writer rolls back
-            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see below)
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=60000")
-            cur.close()
+    def _create_tables(self, engine: sa.Engine) -> None:
+        with engine.execution_options(**{sqlite.WRITE: True}).begin() as conn:
+            prepare_schema(conn, self._safe_url())
 
-        @sa.event.listens_for(engine, "begin")
-        def _begin_immediate(conn):  # take the write lock up front: no lock upgrade deadlocks
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+    def _check_at_open(self) -> None:
+        with self.engine.connect() as conn:
+            problems = sqlite.integrity_problems(conn, full=True, seconds=CHECK_SECONDS)
+        if problems is None:
+            logger.warning("the integrity check of %s did not finish in %.1f s and was left out; "
+                           "run `agentspec sessions check` to check it whole", self._safe_url(), CHECK_SECONDS)
+        elif problems:
+            raise StoreDamagedError(f"cannot open the store at {self._safe_url()}: {self._damaged(problems)}")
 
-        return engine
+    def _damaged(self, problems: Sequence[str]) -> str:
+        """What is damaged and the way out (also remembered: no more writes into this file)."""
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        message = (f"the database file is damaged ({shown}). agentspec will not use it: save what can still be "
+                   f"read into a new store with `agentspec sessions export --into sqlite:///NEW.db --store "
+                   f"{self._safe_url()}` and use the new store (or move the file away to start afresh)")
+        if not self._damage:
+            self._damage.append(message)
+        return message
 
-    def _prepare_schema(self, conn: Connection) -> None:
-        """Create the tables, or check the version and migrate; one process at a time (SQLite: the
-        transaction's write lock; PostgreSQL: an advisory lock held until commit)."""
-        if not self.is_sqlite:
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
-        inspector = sa.inspect(conn)
-        tables = set(inspector.get_table_names())
-        if "agentspec_schema" not in tables:
-            if tables & {"agentspec_sessions", "agentspec_records"}:
-                raise SchemaVersionError(f"{self._safe_url()} has agentspec tables but no schema version")
-            metadata.create_all(conn)
-            conn.execute(schema_table.insert().values(version=SCHEMA_VERSION))
-            return
-        version = conn.execute(sa.select(schema_table.c.version)).scalar()
-        if version is None:
-            raise SchemaVersionError(f"{self._safe_url()}: the schema version row is missing")
-        if version > SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"{self._safe_url()} has schema v{version}, newer than this agentspec's v{SCHEMA_VERSION}; "
-                "upgrade agentspec to use it"
-            )
-        while version < SCHEMA_VERSION:
-            MIGRATIONS[version](conn)
-            version += 1
-            conn.execute(schema_table.update().values(version=version))
+    def _prepare_schema(self) -> None:
+        """Create or upgrade the tables, one process at a time (SQLite: the write lock; PostgreSQL: an
+        advisory lock held until commit); a store already at this version only reads its version."""
+        with self.engine.connect() as conn:
+            if sa.inspect(conn).has_table("agentspec_schema") and (
+                    conn.execute(sa.select(schema_table.c.version)).scalar() == SCHEMA_VERSION):
+                return
+        with self._writer.begin() as conn:
+            if not self.is_sqlite:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+            prepare_schema(conn, self._safe_url())
+
+    def _error(self, exc: Exception, action: str) -> StoreError:
+        """The one translation of database errors into :class:`StoreError`."""
+        if isinstance(exc, sa.exc.ArgumentError):
+            return StoreError(f"invalid store URL {self.url!r}: {exc}")
+        if isinstance(exc, sa.exc.NoSuchModuleError):
+            return StoreError(f"no driver for {self.url!r} ({exc}); for PostgreSQL: pip install 'psycopg[binary]'")
+        where = f"cannot {action} the store at {self._safe_url()}"
+        if self.is_sqlite and sqlite.is_damage(exc):
+            return StoreDamagedError(f"{where}: {self._damaged([_cause(exc)])}")
+        return StoreError(f"{where}: {_cause(exc)}")
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A read transaction (SQLite: a snapshot that never blocks a writer)."""
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except DATABASE_ERRORS as exc:
+            raise self._error(exc, "read") from exc
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction, committed when the block ends; refused once the file is known damaged."""
+        if self._damage:
+            raise StoreDamagedError(f"cannot write to the store at {self._safe_url()}: {self._damage[0]}")
+        try:
+            with self._writer.begin() as conn:
+                yield conn
+        except DATABASE_ERRORS as exc:
+            raise self._error(exc, "write to") from exc
+
+    def scoped(self, namespace: str) -> SqlStore:
+        """A view of this store in which session ids, listings, exports, statistics and the global
+        history are ``namespace``'s own (the unscoped store is namespace ``""``). Shares the
+        connections; any number of views may be used at once."""
+        view = copy.copy(self)
+        view.namespace = check_name(namespace, "namespace", NAMESPACE_LIMIT, empty=True)
+        view._known = OrderedDict()
+        return view
+
+    def namespaces(self) -> list[str]:
+        """Every namespace that holds sessions, ``""`` (the unscoped store) included."""
+        with self._read() as conn:
+            return list(conn.execute(sa.select(sessions_table.c.namespace).distinct()
+                                     .order_by(sessions_table.c.namespace)).scalars())
 
     def schema_version(self) -> int:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return int(conn.execute(sa.select(schema_table.c.version)).scalar())
 
     def close(self) -> None:
+        """Close the connections (of every view of this store)."""
         self.engine.dispose()
 
     # ------------------------------------------------------------------ writing
     def open_session(self, session_id: str, fingerprint: str) -> SessionInfo:
         """Create the session if new; raise if it exists with another tokenizer."""
-        with self.engine.begin() as conn:
-            self._ensure_session(conn, session_id, fingerprint, time.time())
+        with self._write() as conn:
+            self._ensure_session(conn, check_name(session_id), fingerprint, time.time())
         info = self.session_info(session_id)
         assert info is not None
         return info
 
     def _ensure_session(self, conn: Connection, session_id: str, fingerprint: str, now: float) -> None:
-        if not session_id:
-            raise ValueError("session id must be a non-empty string")
         insert = self._insert(sessions_table).values(
-            session_id=session_id, fingerprint=fingerprint, created_at=now, updated_at=now)
-        conn.execute(insert.on_conflict_do_nothing(index_elements=["session_id"]))  # races with other processes
-        existing = conn.execute(sa.select(sessions_table.c.fingerprint)
-                                .where(sessions_table.c.session_id == session_id)).scalar()
-        if existing != fingerprint:
+            namespace=self.namespace, session_id=session_id, fingerprint=fingerprint, created_at=now, updated_at=now)
+        conn.execute(insert.on_conflict_do_nothing(index_elements=["namespace", "session_id"]))  # races
+        self._check_tokenizer(conn, session_id, fingerprint)
+
+    def _check_tokenizer(self, conn: Connection, session_id: str, fingerprint: str) -> None:
+        s = sessions_table
+        existing = conn.execute(sa.select(s.c.fingerprint).where(
+            s.c.namespace == self.namespace, s.c.session_id == session_id)).scalar()
+        if existing is not None and existing != fingerprint:
             raise TokenizerMismatchError(
                 f"session {session_id!r} holds tokens of tokenizer {existing}, not {fingerprint}; "
-                "use another session id for this model"
-            )
+                "token ids of different tokenizers are never mixed: use another session id for this model")
 
     def _stats_upsert(self):
-        """``INSERT ... ON CONFLICT (session_id) DO UPDATE`` adding one call's increments (built once)."""
+        """``INSERT ... ON CONFLICT DO UPDATE`` adding one call's increments (built once)."""
         insert = self._insert(stats_table)
-        columns = [c.name for c in stats_table.c if c.name != "session_id"]
-        return insert.on_conflict_do_update(
-            index_elements=["session_id"], set_={c: stats_table.c[c] + insert.excluded[c] for c in columns})
+        columns = [c.name for c in stats_table.c if c.name not in ("namespace", "session_id")]
+        return insert.on_conflict_do_update(index_elements=["namespace", "session_id"],
+                                            set_={c: stats_table.c[c] + insert.excluded[c] for c in columns})
 
     def _insert(self, table: sa.Table):
         if self.is_sqlite:
@@ -278,28 +270,29 @@ class SqlStore:
                stats: dict | None = None, fingerprint: str = "") -> int:
         """Append one finished call in one transaction (the record, the session's time and its
         statistics); returns its record id (append order)."""
-        try:
-            with self.engine.begin() as conn:
-                record_id = self._append(conn, session_id, prompt_ids, output_ids, stats or {}, fingerprint)
-        except sa.exc.DBAPIError as exc:
-            raise StoreError(f"cannot write to the store at {self._safe_url()}: {_cause(exc)}") from exc
+        check_name(session_id)
+        with self._write() as conn:
+            record_id = self._append(conn, session_id, prompt_ids, output_ids, stats or {}, fingerprint)
         self._known[session_id] = fingerprint
+        self._known.move_to_end(session_id)
+        if len(self._known) > KNOWN_SESSIONS:
+            self._known.popitem(last=False)
         return record_id
 
     def _append(self, conn: Connection, session_id: str, prompt_ids: Sequence[int], output_ids: Sequence[int],
                 stats: dict, fingerprint: str) -> int:
         now = time.time()
-        touch = {"sid": session_id, "fp": fingerprint, "now": now}
+        touch = {"ns": self.namespace, "sid": session_id, "fp": fingerprint, "now": now}
         # fast path: a session this process has written to, still there with the same tokenizer
-        if not (self._known.get(session_id) == fingerprint and conn.execute(_TOUCH, touch).rowcount == 1):
+        if not (self._known.get(session_id) == fingerprint and conn.execute(self._touch, touch).rowcount == 1):
             self._ensure_session(conn, session_id, fingerprint, now)
-            conn.execute(_TOUCH, touch)
-        row = dict(session_id=session_id, fingerprint=fingerprint, created_at=now,
+            conn.execute(self._touch, touch)
+        row = dict(namespace=self.namespace, session_id=session_id, fingerprint=fingerprint, created_at=now,
                    prompt_tokens=len(prompt_ids), output_tokens=len(output_ids),
                    prompt=encode_tokens(prompt_ids), output=encode_tokens(output_ids), stats=encode_stats(stats))
         record_id = conn.execute(_INSERT_RECORD, row).inserted_primary_key[0]
-        conn.execute(self._add_stats, {"session_id": session_id,
-                                       **_stats_row(len(prompt_ids), len(output_ids), stats)})
+        conn.execute(self._add_stats, {"namespace": self.namespace, "session_id": session_id,
+                                       **stats_row(len(prompt_ids), len(output_ids), stats)})
         return int(record_id)
 
     # ------------------------------------------------------------------ reading
@@ -313,40 +306,48 @@ class SqlStore:
             sa.select(s.c.session_id, s.c.fingerprint, s.c.created_at, s.c.updated_at,
                       sa.func.count(r.c.record_id), sa.func.coalesce(sa.func.sum(r.c.prompt_tokens), 0),
                       sa.func.coalesce(sa.func.sum(r.c.output_tokens), 0))
-            .select_from(s.outerjoin(r, r.c.session_id == s.c.session_id))
+            .select_from(s.outerjoin(r, (r.c.namespace == s.c.namespace) & (r.c.session_id == s.c.session_id)))
+            .where(s.c.namespace == self.namespace)
             .group_by(s.c.session_id, s.c.fingerprint, s.c.created_at, s.c.updated_at)
             .order_by(s.c.updated_at.desc())
         )
         if session_id is not None:
-            query = query.where(s.c.session_id == session_id)
-        with self.engine.connect() as conn:
+            query = query.where(s.c.session_id == check_name(session_id))
+        with self._read() as conn:
             return [SessionInfo(*row[:4], int(row[4]), int(row[5]), int(row[6])) for row in conn.execute(query)]
 
-    def load_session(self, session_id: str, with_prompts: bool = True) -> LoadedSession:
-        """All readable calls of a session in append order; corrupt records are skipped and counted."""
+    def load_session(self, session_id: str, with_prompts: bool = True, fingerprint: str | None = None) -> LoadedSession:
+        """All readable calls of a session in append order; corrupt records are skipped and counted.
+        With ``fingerprint``: a session of another tokenizer raises :class:`TokenizerMismatchError`."""
         info = self.session_info(session_id)
-        loaded = self.calls_since(session_id, 0, with_prompts)
+        loaded = self.calls_since(session_id, 0, with_prompts, fingerprint)
         loaded.info = info
         return loaded
 
-    def calls_since(self, session_id: str, after: int, with_prompts: bool = True) -> LoadedSession:
+    def calls_since(self, session_id: str, after: int, with_prompts: bool = True,
+                    fingerprint: str | None = None) -> LoadedSession:
         """A session's readable calls with record ids above ``after``, in append order (``info`` is
-        left None: this is the cheap query a process runs before each call to see others' appends)."""
+        left None: this is the cheap query a process runs before each call to see others' appends).
+        With ``fingerprint``: only that tokenizer's calls, and :class:`TokenizerMismatchError` if the
+        session now belongs to another tokenizer (dropped and re-created by another model)."""
         r = records_table
-        query = (sa.select(r.c.record_id, r.c.created_at, r.c.output, r.c.stats,
-                           r.c.prompt if with_prompts else sa.null())
-                 .where(r.c.session_id == session_id, r.c.record_id > after).order_by(r.c.record_id))
+        query = (sa.select(r.c.record_id, r.c.created_at, r.c.prompt_tokens, r.c.output_tokens,
+                           r.c.prompt if with_prompts else sa.null(), r.c.output, r.c.stats)
+                 .where(r.c.namespace == self.namespace, r.c.session_id == check_name(session_id),
+                        r.c.record_id > after).order_by(r.c.record_id))
+        if fingerprint is not None:
+            query = query.where(r.c.fingerprint == fingerprint)
         loaded = LoadedSession(None, [], newest_id=after)
-        with self.engine.connect() as conn:
-            for record_id, created, output, stats, prompt in conn.execute(query):
-                loaded.newest_id = record_id
+        with self._read() as conn:
+            if fingerprint is not None:
+                self._check_tokenizer(conn, session_id, fingerprint)
+            for row in conn.execute(query):
+                loaded.newest_id = row.record_id
                 try:
-                    loaded.calls.append(CallRecord(
-                        record_id, session_id, decode_tokens(prompt) if prompt is not None else [],
-                        decode_tokens(output), decode_stats(stats), created))
+                    loaded.calls.append(decode_call(session_id, *row))
                 except CorruptRecordError as exc:
                     loaded.skipped += 1
-                    loaded.errors.append(f"record {record_id}: {exc}")
+                    loaded.errors.append(f"record {row.record_id}: {exc}")
         return loaded
 
     def recent_outputs(self, fingerprint: str, max_tokens: int, after: int = 0) -> OutputHistory:
@@ -354,15 +355,16 @@ class SqlStore:
         up to ``max_tokens`` tokens, oldest first."""
         r = records_table
         query = (sa.select(r.c.record_id, r.c.session_id, r.c.output, r.c.output_tokens)
-                 .where(r.c.fingerprint == fingerprint, r.c.record_id > after).order_by(r.c.record_id.desc()))
+                 .where(r.c.namespace == self.namespace, r.c.fingerprint == fingerprint, r.c.record_id > after)
+                 .order_by(r.c.record_id.desc()))
         history, total = OutputHistory([], [], [], 0, after), 0
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             for record_id, sid, output, n in conn.execute(query):
                 history.newest_id = max(history.newest_id, record_id)
                 if total + n > max_tokens and history.outputs:
                     break
                 try:
-                    history.outputs.append(decode_tokens(output))
+                    history.outputs.append(decode_counted(output, n, "output"))
                 except CorruptRecordError:
                     history.skipped += 1
                     continue
@@ -376,11 +378,11 @@ class SqlStore:
     def session_stats(self, session_id: str | None = None) -> dict[str, dict]:
         """Running totals per session (all calls ever appended, pruned ones included):
         ``{session id: {"calls": n, <SpecStats counters>, "accepted_by_source": {...}}}``."""
-        query = sa.select(stats_table)
+        query = sa.select(stats_table).where(stats_table.c.namespace == self.namespace)
         if session_id is not None:
-            query = query.where(stats_table.c.session_id == session_id)
+            query = query.where(stats_table.c.session_id == check_name(session_id))
         out: dict[str, dict] = {}
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             for row in conn.execute(query).mappings():
                 d = {k: row[k] for k in ("calls", *COUNTERS, "prefill_seconds", "decode_seconds")}
                 d["accepted_by_source"] = {src: int(row[f"accepted_{src}"]) for src in SOURCES}
@@ -390,20 +392,22 @@ class SqlStore:
     # ------------------------------------------------------------------ maintenance
     def delete_session(self, session_id: str) -> bool:
         """Delete a session, its calls and its statistics; False if there was no such session."""
+        check_name(session_id)
         self._known.pop(session_id, None)
-        with self.engine.begin() as conn:
-            conn.execute(records_table.delete().where(records_table.c.session_id == session_id))
-            conn.execute(stats_table.delete().where(stats_table.c.session_id == session_id))
-            return conn.execute(sessions_table.delete().where(sessions_table.c.session_id == session_id)).rowcount > 0
+        with self._write() as conn:
+            for table in (records_table, stats_table, sessions_table):  # children first
+                deleted = conn.execute(table.delete().where(
+                    table.c.namespace == self.namespace, table.c.session_id == session_id)).rowcount
+            return deleted > 0
 
     def prune(self, max_session_tokens: int | None = None, max_total_tokens: int | None = None) -> int:
-        """Delete the oldest calls beyond a token budget (prompt + output) per session and in total.
-        Returns the number of calls deleted."""
+        """Delete the oldest calls beyond a token budget (prompt + output) per session and in total
+        (of this namespace). Returns the number of calls deleted."""
         r = records_table
         doomed: list[int] = []
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(sa.select(r.c.record_id, r.c.session_id, r.c.prompt_tokens + r.c.output_tokens)
-                                .order_by(r.c.record_id.desc())).all()
+                                .where(r.c.namespace == self.namespace).order_by(r.c.record_id.desc())).all()
         per_session: dict[str, int] = {}
         total = 0
         for record_id, sid, n in rows:  # newest first: keep until a budget is spent
@@ -412,7 +416,7 @@ class SqlStore:
             if (max_session_tokens is not None and per_session[sid] > max_session_tokens) or (
                     max_total_tokens is not None and total > max_total_tokens):
                 doomed.append(record_id)
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             for start in range(0, len(doomed), 500):
                 conn.execute(r.delete().where(r.c.record_id.in_(doomed[start:start + 500])))
         return len(doomed)
@@ -436,7 +440,7 @@ class SqlStore:
         try:
             lines = Path(path).read_text().splitlines()
             header = json.loads(lines[0])
-            sid = session_id or header["agentspec_session"]
+            sid = check_name(session_id or header["agentspec_session"])
             fingerprint = header["fingerprint"]
             calls = [json.loads(line) for line in lines[1:] if line.strip()]
             rows = [(call["prompt"], call["output"], call.get("stats") or {}) for call in calls]
@@ -448,29 +452,42 @@ class SqlStore:
             raise StoreError(f"session {sid!r} exists already in {self._safe_url()}; drop it first or import it "
                              "under another id")
         try:
-            with self.engine.begin() as conn:
-                self._ensure_session(conn, sid, fingerprint, time.time())
-                for prompt, output, stats in rows:
-                    self._append(conn, sid, prompt, output, stats, fingerprint)
+            self.append_many(sid, fingerprint, rows)
         except (TypeError, ValueError) as exc:  # token ids that are not ints in range
             raise StoreError(f"{path} holds invalid calls ({exc}); nothing was imported") from exc
-        except sa.exc.DBAPIError as exc:
-            raise StoreError(f"cannot write to the store at {self._safe_url()}: {_cause(exc)}") from exc
         return sid
 
+    def append_many(self, session_id: str, fingerprint: str,
+                    calls: Sequence[tuple[Sequence[int], Sequence[int], dict]]) -> None:
+        """Append several calls ``(prompt ids, output ids, stats)`` to a session in one transaction."""
+        check_name(session_id)
+        with self._write() as conn:
+            self._ensure_session(conn, session_id, fingerprint, time.time())
+            for prompt, output, stats in calls:
+                self._append(conn, session_id, prompt, output, stats, fingerprint)
+
     def stored_bytes(self) -> tuple[int, int]:
-        """``(payload bytes, tokens)`` over all records: the storage cost per token."""
+        """``(payload bytes, tokens)`` over all records of this namespace: the storage cost per token."""
         r = records_table
         size = sa.func.length(r.c.prompt) + sa.func.length(r.c.output)
-        with self.engine.connect() as conn:
-            tokens = sa.func.coalesce(sa.func.sum(r.c.prompt_tokens + r.c.output_tokens), 0)
-            b, n = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(size), 0), tokens)).one()
+        tokens = sa.func.coalesce(sa.func.sum(r.c.prompt_tokens + r.c.output_tokens), 0)
+        with self._read() as conn:
+            b, n = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(size), 0), tokens)
+                                .where(r.c.namespace == self.namespace)).one()
         return int(b), int(n)
 
 
-def _cause(exc: sa.exc.DBAPIError) -> str:
-    """The driver's message, with the usual causes said plainly."""
-    text = str(exc.orig).strip()
-    if "readonly" in text or "read-only" in text:
-        return f"the database is read-only ({text})"
-    return text
+def decode_counted(payload: bytes, count: int, what: str) -> list[int]:
+    """Token ids of a payload that must hold ``count`` of them (the row's own token count)."""
+    ids = decode_tokens(payload)
+    if len(ids) != count:
+        raise CorruptRecordError(f"the {what} holds {len(ids)} tokens, its row says {count}")
+    return ids
+
+
+def decode_call(session_id: str, record_id: int, created_at: float, prompt_tokens: int, output_tokens: int,
+                prompt: bytes | None, output: bytes, stats: bytes) -> CallRecord:
+    """One stored row as a :class:`CallRecord` (no prompt ids when ``prompt`` is None);
+    ``CorruptRecordError`` when any part of it does not check out."""
+    return CallRecord(record_id, session_id, decode_counted(prompt, prompt_tokens, "prompt") if prompt is not None
+                      else [], decode_counted(output, output_tokens, "output"), decode_stats(stats), created_at)

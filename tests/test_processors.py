@@ -14,7 +14,7 @@ from agentspec.config import SamplingParams
 from agentspec.draft.base import DraftTree
 
 PROCESSORS = {
-    "repetition": {"repetition_penalty": 1.8},
+    "repetition": {"repetition_penalty": 4.0},
     "presence": {"presence_penalty": 1.5},
     "frequency": {"frequency_penalty": 2.0},
     "logit_bias": {"logit_bias": {7: 0.3, 300: 0.2}},  # and -100 on plain greedy's first token (in the test)

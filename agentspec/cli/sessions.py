@@ -13,14 +13,17 @@ console = Console()
 err = Console(stderr=True)
 
 STORE_HELP = "Store URL (default: sqlite:///$AGENTSPEC_HOME/cache.db; or postgresql+psycopg://...)."
+TENANT_HELP = "The tenant (namespace) whose sessions to use; default: the sessions of no tenant."
 
 
-def _open(url: str | None):
+def _open(url: str | None, tenant: str | None = None, create: bool = False, check: bool = True):
+    """The store (a tenant's view of it with ``tenant``); read commands never create one."""
     from agentspec.stores import StoreError, open_store
 
     try:
-        return open_store(url)
-    except StoreError as exc:
+        store = open_store(url, create=create, check=check)
+        return store.scoped(tenant) if tenant else store
+    except (StoreError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
 
@@ -61,15 +64,39 @@ def _stats_table(rows: dict[str, dict]) -> Table:
     return table
 
 
+def _scanned(run):
+    """``run()`` with store errors said plainly."""
+    from agentspec.stores import StoreError
+
+    try:
+        return run()
+    except StoreError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _export_into(url: str | None, into: str) -> None:
+    from agentspec.stores.repair import salvage
+
+    source, target = _open(url, check=False), _open(into, create=True)
+    report = _scanned(lambda: salvage(source, target))
+    for line in report.bad[:20]:
+        err.print(f"[yellow]not saved:[/yellow] {line}")
+    console.print(f"saved {report.records} calls of {len(report.sessions)} sessions into {target._safe_url()}; "
+                  f"{len(report.bad)} calls could not be read, {report.missing} record ids not found (deleted "
+                  "earlier, or lost)")
+
+
 def register(app: typer.Typer) -> None:
     sessions = typer.Typer(help="List, show, drop, export and import stored agent sessions.", no_args_is_help=True)
     app.add_typer(sessions, name="sessions")
 
     @sessions.command("list")
-    def list_(store: str = typer.Option(None, help=STORE_HELP),
+    def list_(store: str = typer.Option(None, help=STORE_HELP), tenant: str = typer.Option(None, help=TENANT_HELP),
               as_json: bool = typer.Option(False, "--json", help="JSON on stdout.")) -> None:
         """Every session with its calls and tokens, most recently used first."""
-        infos = _open(store).list_sessions()
+        opened = _open(store, tenant)
+        infos = opened.list_sessions()
         if as_json:
             print(json.dumps([i.__dict__ for i in infos], indent=2))
             return
@@ -79,11 +106,16 @@ def register(app: typer.Typer) -> None:
         for i in infos:
             table.add_row(i.session_id, str(i.calls), f"{i.prompt_tokens:,}", f"{i.output_tokens:,}", i.fingerprint)
         console.print(table)
+        others = [t for t in opened.namespaces() if t != (tenant or "")]
+        if others:
+            names = ", ".join(repr(t) for t in others)
+            console.print(f"other tenants hold sessions too (see them with --tenant NAME): {names}")
 
     @sessions.command("show")
-    def show(session_id: str, store: str = typer.Option(None, help=STORE_HELP)) -> None:
+    def show(session_id: str, store: str = typer.Option(None, help=STORE_HELP),
+             tenant: str = typer.Option(None, help=TENANT_HELP)) -> None:
         """A session's calls: tokens and speculation figures per call."""
-        loaded = _open(store).load_session(session_id)
+        loaded = _open(store, tenant).load_session(session_id)
         if loaded.info is None:
             err.print(f"[red]error:[/red] no session {session_id!r}")
             raise typer.Exit(1)
@@ -97,31 +129,64 @@ def register(app: typer.Typer) -> None:
         console.print(table)
 
     @sessions.command("drop")
-    def drop(session_id: str, store: str = typer.Option(None, help=STORE_HELP)) -> None:
+    def drop(session_id: str, store: str = typer.Option(None, help=STORE_HELP),
+             tenant: str = typer.Option(None, help=TENANT_HELP)) -> None:
         """Delete a session and all its calls."""
-        if not _open(store).delete_session(session_id):
+        if not _open(store, tenant).delete_session(session_id):
             err.print(f"[red]error:[/red] no session {session_id!r}")
             raise typer.Exit(1)
         console.print(f"dropped {session_id}")
 
     @sessions.command("export")
-    def export(session_id: str, path: Path, store: str = typer.Option(None, help=STORE_HELP)) -> None:
-        """Write a session to a JSON-lines file."""
+    def export(session_id: str = typer.Argument(None, help="The session to write (with PATH)."),
+               path: Path = typer.Argument(None, help="The JSON-lines file to write."),
+               into: str = typer.Option(None, help="Instead: copy every session of every tenant that can still be "
+                                                   "read into a new store at this URL (the way out of a damaged "
+                                                   "store)."),
+               store: str = typer.Option(None, help=STORE_HELP), tenant: str = typer.Option(None, help=TENANT_HELP),
+               ) -> None:
+        """Write a session to a JSON-lines file, or (`--into URL`) copy what can still be read of the
+        whole store into a new one; unreadable calls are counted and named."""
+        if into is not None:
+            _export_into(store, into)
+            return
+        if session_id is None or path is None:
+            raise typer.BadParameter("give SESSION_ID and PATH, or --into URL")
         try:
-            n = _open(store).export_session(session_id, path)
+            n = _open(store, tenant, check=False).export_session(session_id, path)
         except KeyError as exc:
             err.print(f"[red]error:[/red] {exc.args[0]}")
             raise typer.Exit(1) from exc
         console.print(f"exported {n} calls of {session_id} to {path}")
 
+    @sessions.command("check")
+    def check(store: str = typer.Option(None, help=STORE_HELP)) -> None:
+        """Check the whole store: the database file (SQLite: PRAGMA integrity_check) and every stored
+        call's checksums. Exit status 1 when anything is damaged, with the way out."""
+        from agentspec.stores.repair import scan
+
+        opened = _open(store, check=False)
+        report = _scanned(lambda: scan(opened))
+        for line in report.problems + report.bad[:20]:
+            console.print(f"[red]damaged:[/red] {line}")
+        if len(report.bad) > 20:
+            console.print(f"... and {len(report.bad) - 20} more damaged records")
+        console.print(f"{report.records} calls in {len(report.sessions)} sessions read back intact, "
+                      f"{len(report.bad)} damaged")
+        if not report.ok:
+            console.print("save what can still be read into a new store: agentspec sessions export --into "
+                          f"sqlite:///NEW.db --store {opened._safe_url()}")
+            raise typer.Exit(1)
+
     @sessions.command("import")
     def import_(path: Path, session_id: str = typer.Option(None, "--as", help="Store it under this id."),
-                store: str = typer.Option(None, help=STORE_HELP)) -> None:
+                store: str = typer.Option(None, help=STORE_HELP), tenant: str = typer.Option(None, help=TENANT_HELP),
+                ) -> None:
         """Read a session exported by `agentspec sessions export`."""
         from agentspec.stores import StoreError
 
         try:
-            sid = _open(store).import_session(path, session_id)
+            sid = _open(store, tenant, create=True).import_session(path, session_id)
         except (OSError, StoreError) as exc:
             err.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from exc
@@ -153,11 +218,12 @@ def register(app: typer.Typer) -> None:
         max_session_tokens: int = typer.Option(None, help="Keep at most this many tokens per session."),
         max_total_tokens: int = typer.Option(None, help="Keep at most this many tokens in all."),
         store: str = typer.Option(None, help=STORE_HELP),
+        tenant: str = typer.Option(None, help=TENANT_HELP),
     ) -> None:
-        """Delete the oldest calls beyond a token budget (per session and/or in total)."""
+        """Delete the oldest calls beyond a token budget (per session and/or in total) of one tenant."""
         if max_session_tokens is None and max_total_tokens is None:
             raise typer.BadParameter("give --max-session-tokens and/or --max-total-tokens")
-        n = _open(store).prune(max_session_tokens, max_total_tokens)
+        n = _open(store, tenant).prune(max_session_tokens, max_total_tokens)
         console.print(f"deleted {n} calls")
 
     @app.command()
@@ -165,11 +231,12 @@ def register(app: typer.Typer) -> None:
         session: str = typer.Option(None, help="Only this session."),
         as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
         store: str = typer.Option(None, help=STORE_HELP),
+        tenant: str = typer.Option(None, help=TENANT_HELP),
     ) -> None:
         """Cache hit rates per session and overall: calls, tokens, drafted and accepted tokens, acceptance,
         tokens per verification step, share of output from drafts, and which tree the drafts came from.
         Totals count every call ever stored, including calls `agentspec prune` has deleted since."""
-        rows = session_totals(_open(store), session)
+        rows = session_totals(_open(store, tenant), session)
         if as_json:
             print(json.dumps(rows, indent=2))
         elif not rows:

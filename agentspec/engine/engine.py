@@ -31,8 +31,9 @@ from agentspec.config import SamplingParams, SpeculationConfig
 from agentspec.draft.base import SOURCE_NAMES, Drafter, DraftTree
 from agentspec.engine.constraints import Grammar, GrammarCompiler
 from agentspec.engine.cpu_fast import attention, fast_linears, output_head, skinny_linears, tree_attention_name
-from agentspec.engine.kvcache import PrefixCache, TreeKVCache
+from agentspec.engine.kvcache import TreeKVCache
 from agentspec.engine.processors import LogitsPipeline, TokenLogprob
+from agentspec.engine.radix import KVPool, PrefixMatch, RadixCache
 from agentspec.engine.step_forward import LlamaStepForward
 from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask, sample_token, tree_inputs
 from agentspec.stats import SpecStats
@@ -113,7 +114,7 @@ class Engine:
         self.num_layers = int(model.config.num_hidden_layers)
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
-        self.prefix_cache = PrefixCache(self.speculation.prefix_cache_bytes)
+        self.prefix_cache = _prefix_cache(model, self.speculation.prefix_cache_bytes)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._lock = threading.RLock()
         self._request_ids = itertools.count()
@@ -319,6 +320,7 @@ class Engine:
         max_new = min(params.max_new_tokens, self.context_window - len(prompt_ids))
         output: list[int] = []
         cache: TreeKVCache | None = None
+        match: PrefixMatch | None = None
         if self.sessions is not None and session is not None:
             with self._lock:  # may refuse the session (another tokenizer's): nothing has started yet
                 self.sessions.ensure_loaded(session)
@@ -327,7 +329,8 @@ class Engine:
                 if speculate:
                     self.drafter.start_request(request_id, session, prompt_ids)
                 t0 = time.perf_counter()
-                cache, logits = self._prefill(prompt_ids, stats)
+                match = self._match_prefix(prompt_ids)
+                cache, logits = self._prefill(prompt_ids, match, stats)
                 logits = pipeline.process(logits[None], DraftTree())[0]
                 root = sample_token(logits, params, generator)
                 pipeline.commit([root], logits[None], [0])
@@ -355,9 +358,10 @@ class Engine:
             with self._lock:
                 if speculate:
                     self.drafter.stop_request(request_id)
-                if cache is not None and self.speculation.prefix_cache_bytes > 0:
-                    # the cache holds KV of prompt + output[:-1] (the last root is not computed)
-                    self.prefix_cache.insert(prompt_ids + output[:-1], cache)
+                if match is not None:
+                    if cache is not None:  # valid rows: prompt + output[:-1] (the last root is not computed yet)
+                        self.prefix_cache.cache_sequence(prompt_ids + output[:-1], cache)
+                    self.prefix_cache.unlock(match.node)
                 if stats.finish_reason and self.sessions is not None and session is not None:
                     self._record(session, prompt_ids, output, stats)
 
@@ -370,13 +374,23 @@ class Engine:
         except StoreError as exc:
             logger.warning("session %r: the call was generated but not stored: %s", session, exc)
 
-    def _prefill(self, prompt_ids: list[int], stats: SpecStats) -> tuple[TreeKVCache, torch.Tensor]:
-        """Fill the KV cache for the prompt (reusing a cached prefix); logits of the last position."""
-        reused, cache = self.prefix_cache.match(prompt_ids)
-        reused = min(reused, len(prompt_ids) - 1)  # at least one token must run for its logits
-        if cache is None:
-            cache = TreeKVCache(self.num_layers, capacity=len(prompt_ids) + 256)
-        cache.truncate(reused)
+    def _match_prefix(self, prompt_ids: list[int]) -> PrefixMatch | None:
+        """The prompt's longest cached prefix, locked until the request ends (None without a cache)."""
+        if self.prefix_cache is None:
+            return None
+        match = self.prefix_cache.match_prefix(prompt_ids)
+        self.prefix_cache.lock(match.node)
+        return match
+
+    def _prefill(
+        self, prompt_ids: list[int], match: PrefixMatch | None, stats: SpecStats
+    ) -> tuple[TreeKVCache, torch.Tensor]:
+        """Fill the KV cache for the prompt (copying a cached prefix's rows); logits of the last position."""
+        cache = TreeKVCache(self.num_layers, capacity=len(prompt_ids) + 256)
+        reused = 0
+        if match is not None:
+            reused = min(match.length, len(prompt_ids) - 1)  # at least one token must run for its logits
+            self.prefix_cache.pool.read_into(match.slots[:reused], cache)
         stats.prefill_tokens = len(prompt_ids) - reused
         with torch.no_grad(), fast_linears():
             for start in range(reused, len(prompt_ids), PREFILL_CHUNK):
@@ -465,7 +479,7 @@ class Engine:
     def forward_cost(self, k: int, past: int = 1000) -> float:
         """Seconds of one verification forward over ``k`` tree tokens (a chain) after ``past`` cached tokens."""
         if getattr(self, "_cost_cache", None) is None or self._cost_cache[0] != past:
-            cache, _ = self._prefill(list(range(1, past + 1)), SpecStats())
+            cache, _ = self._prefill(list(range(1, past + 1)), None, SpecStats())
             self._cost_cache = (past, cache)
         cache = self._cost_cache[1]
         cache.truncate(past)
@@ -474,6 +488,18 @@ class Engine:
         t0 = time.perf_counter()
         self._verify(cache, 1, tree, past)
         return time.perf_counter() - t0
+
+
+def _prefix_cache(model: Any, max_bytes: int) -> RadixCache | None:
+    """A radix cache of ``max_bytes`` of KV for ``model`` (None when ``max_bytes`` is 0)."""
+    if max_bytes <= 0:
+        return None
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    param = next(model.parameters())
+    pool = KVPool.for_budget(config.num_hidden_layers, config.num_key_value_heads, head_dim, max_bytes,
+                             dtype=param.dtype, device=param.device)
+    return RadixCache(pool)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

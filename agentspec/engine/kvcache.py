@@ -1,22 +1,17 @@
-"""KV cache for tree verification, and a prefix cache of recent prompts' KV.
+"""KV cache of one request, for tree verification.
 
 ``TreeKVCache`` is a transformers ``Cache`` whose layers write into preallocated buffers
 (no ``torch.cat`` per step, gpt-fast style) and can *compact*: after verification keep the
-committed prefix plus the accepted path, drop the rejected tree rows.
-
-``PrefixCache`` keeps the KV of recent sequences (bounded by bytes, LRU) so an agent's next
-prompt, which extends the previous prompt and completion, only prefills its new tokens.
+committed prefix plus the accepted path, drop the rejected tree rows. KV shared across
+requests lives in the radix prefix cache (:mod:`agentspec.engine.radix`).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
-
-from agentspec.tokens import common_prefix as _common_prefix
 
 
 class TreeKVLayer(DynamicLayer):
@@ -112,64 +107,5 @@ class TreeKVCache(Cache):
         for layer in self.layers:
             layer.keep(start, positions.to(layer.device) if layer.is_initialized else positions)
 
-    def copy_prefix(self, length: int) -> TreeKVCache:
-        """A new cache holding a copy of the first ``length`` positions."""
-        out = TreeKVCache(len(self.layers), capacity=max(256, length + 256))
-        for src, dst in zip(self.layers, out.layers):
-            if src.is_initialized and length:
-                dst.update(src._k[..., :length, :], src._v[..., :length, :])
-        return out
-
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
-
-
-class PrefixCache:
-    """Recent sequences' KV, bounded by bytes with LRU eviction.
-
-    ``match(tokens)`` finds the entry sharing the longest common prefix with ``tokens`` and
-    *takes* it (an agent loop extends the same sequence call after call, so the entry is moved
-    to the new request rather than copied); ``insert(tokens, cache)`` gives it back, longer.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[int, tuple[tuple[int, ...], TreeKVCache]] = OrderedDict()
-        self._next_key = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def nbytes(self) -> int:
-        return sum(cache.nbytes() for _, cache in self._entries.values())
-
-    def match(self, tokens: Sequence[int]) -> tuple[int, TreeKVCache | None]:
-        """Take the entry with the longest common prefix: ``(prefix length, cache)`` or ``(0, None)``."""
-        best_key, best_len = None, 0
-        for key, (seq, _) in self._entries.items():
-            n = _common_prefix(seq, tokens)
-            if n > best_len:
-                best_key, best_len = key, n
-        if best_key is None:
-            return 0, None
-        _, cache = self._entries.pop(best_key)
-        cache.truncate(best_len)
-        return best_len, cache
-
-    def insert(self, tokens: Sequence[int], cache: TreeKVCache) -> None:
-        """Keep ``cache`` (holding KV of ``tokens``) as the most recent entry, then evict to budget."""
-        if self.max_bytes <= 0:
-            return
-        tokens = tuple(tokens[: cache.length])
-        for key, (seq, _) in list(self._entries.items()):  # drop entries this one covers
-            if len(seq) <= len(tokens) and tokens[: len(seq)] == seq:
-                del self._entries[key]
-        self._entries[self._next_key] = (tokens, cache)
-        self._next_key += 1
-        while len(self._entries) > 1 and self.nbytes() > self.max_bytes:
-            self._entries.popitem(last=False)
-        if self.nbytes() > self.max_bytes:
-            self._entries.clear()
-
-    def clear(self) -> None:
-        self._entries.clear()
