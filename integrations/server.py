@@ -29,6 +29,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from agentspec.engine.constraints import Grammar
+
 from .common import PreparedPrompt, ToolCallSplitter, prepare_prompt, raw_block
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
@@ -85,6 +87,20 @@ class NamedToolChoice(_Strict):
     function: FunctionName
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """``text``, ``json_object`` (any JSON object) or ``json_schema`` (output constrained by a grammar)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class StreamOptions(_Strict):
     include_usage: bool | None = None
 
@@ -107,6 +123,14 @@ class ChatCompletionRequest(_Strict):
     parallel_tool_calls: bool | None = None
     n: int | None = Field(default=None, ge=1, le=1)
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (a JSON key) -> bias
+    top_k: int | None = Field(default=None, ge=0)  # not OpenAI's: send through extra_body
+    repetition_penalty: float | None = Field(default=None, gt=0)  # not OpenAI's: send through extra_body
 
 
 class ErrorDetail(BaseModel):
@@ -328,7 +352,8 @@ def create_app(
         def prepare() -> PreparedPrompt:
             with tokenizer_lock:
                 return prepare_prompt(engine.tokenizer, messages, tools=tools, tool_choice=tool_choice,
-                                      stop=body.stop, context_window=engine.context_window)
+                                      stop=body.stop, context_window=engine.context_window,
+                                      constrain=hasattr(engine, "grammar_compiler"))
 
         try:
             prepared = await asyncio.to_thread(prepare)
@@ -342,6 +367,7 @@ def create_app(
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "seed": body.seed,
             "stop": prepared.stop,
+            **_processing(body, prepared),
         }
         completion = _Completion(served, params["session"])
         ticket = _reserve(scheduler)
@@ -363,9 +389,43 @@ def create_app(
             ticket.cancel()
         if result is None:  # the client went away
             return JSONResponse({}, status_code=499)
-        return completion.full_response("".join(deltas), *result)
+        response = completion.full_response("".join(deltas), *result)
+        response["choices"][0]["logprobs"] = _logprobs(engine.tokenizer, result[-1])
+        return response
 
     return app
+
+
+def _processing(body: ChatCompletionRequest, prepared: PreparedPrompt) -> dict:
+    """Engine arguments for the logits processors and the output grammar, only those the request sets."""
+    out: dict[str, Any] = {}
+    for name in ("top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias"):
+        if getattr(body, name) is not None:
+            out[name] = getattr(body, name)
+    if body.logprobs:
+        out["logprobs"] = body.top_logprobs or 0
+    grammar = prepared.grammar  # a forced or chosen tool call's grammar comes first
+    if grammar is None and body.response_format is not None and body.response_format.type != "text":
+        try:
+            grammar = Grammar.from_response_format(body.response_format.model_dump(by_alias=True, exclude_none=True))
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="response_format") from exc
+    if grammar is not None:
+        out["grammar"] = grammar
+    return out
+
+
+def _logprobs(tokenizer: Any, result: Any) -> dict | None:
+    """OpenAI's ``choice.logprobs``: ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``."""
+    if getattr(result, "logprobs", None) is None:
+        return None
+
+    def entry(token: int, logprob: float) -> dict:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in result.logprobs]}
 
 
 def _reserve(scheduler: Scheduler) -> Ticket:

@@ -61,6 +61,21 @@ def run(engine: Engine, messages: list, name: str, tools: list[dict], mode: str,
             "output_tokens": len(result.token_ids), "finish": result.finish_reason}
 
 
+def summarize(rows: list[dict]) -> dict:
+    """Valid shares, identical count, decode tokens/s and tokens per step of each mode."""
+    modes = ("free", "constrained", "plain")
+    decoded = {m: sum(r[m]["output_tokens"] - 1 for r in rows) for m in modes}  # tokens after the first
+    return {
+        "calls": len(rows),
+        "valid_free": sum(r["free"]["valid"] for r in rows) / len(rows),
+        "valid_constrained": sum(r["constrained"]["valid"] for r in rows) / len(rows),
+        "identical_to_plain": sum(r["identical"] for r in rows),
+        "decode_tok_s": {m: round(decoded[m] / max(sum(r[m]["decode_seconds"] for r in rows), 1e-9), 2)
+                         for m in modes},
+        "tokens_per_step": {m: round(decoded[m] / max(1, sum(r[m]["steps"] for r in rows)), 2) for m in modes},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("path", nargs="?", help="tau-bench JSON file (default: the data folder's, else the sample)")
@@ -91,22 +106,10 @@ def main() -> None:
         rows.append({"tool": name, **{m: {k: v for k, v in r.items() if k != "tokens"} for m, r in out.items()},
                      "identical": same})
         print(f"{i + 1:3d} {name:30s} free {'ok ' if out['free']['valid'] else 'BAD'} constrained "
-              f"{'ok ' if out['constrained']['valid'] else 'BAD'} identical {same}", flush=True)
+              f"{'ok ' if out['constrained']['valid'] else 'BAD'} identical {same}  so far: "
+              f"{json.dumps(summarize(rows))}", flush=True)
+    summary = summarize(rows)
 
-    def rate(mode: str) -> float:
-        toks = sum(r[mode]["output_tokens"] - 1 for r in rows)  # decode: tokens after the first
-        return toks / max(sum(r[mode]["decode_seconds"] for r in rows), 1e-9)
-
-    n = len(rows)
-    summary = {
-        "calls": n,
-        "valid_free": sum(r["free"]["valid"] for r in rows) / n,
-        "valid_constrained": sum(r["constrained"]["valid"] for r in rows) / n,
-        "identical_to_plain": sum(r["identical"] for r in rows),
-        "decode_tok_s": {m: rate(m) for m in ("free", "constrained", "plain")},
-        "tokens_per_step": {m: sum(r[m]["output_tokens"] - 1 for r in rows) / max(1, sum(r[m]["steps"] for r in rows))
-                            for m in ("free", "constrained", "plain")},
-    }
     print(json.dumps(summary, indent=1))
     if args.report:
         Path(args.report).write_text(json.dumps({"summary": summary, "calls": rows}, indent=1))

@@ -89,7 +89,8 @@ class ScriptedEngine:
     def stream(self, prompt: Any, *, session: str | None = None, tools: Sequence[dict] | None = None,
                max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                stop: Sequence[str] | str = (), seed: int | None = None,
-               speculate: bool | None = None) -> ScriptedStream:
+               speculate: bool | None = None, **processing: Any) -> ScriptedStream:
+        """``processing``: penalties, logit_bias, logprobs, grammar; recorded in ``calls``, not applied."""
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if temperature < 0:
@@ -102,7 +103,7 @@ class ScriptedEngine:
         prompt_text = self.tokenizer.decode(ids)
         with self._lock:
             self.calls.append(dict(prompt=prompt_text, session=session, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, stop=stop, seed=seed))
+                                   temperature=temperature, stop=stop, seed=seed, **processing))
             n = len(self.calls) - 1
         reply = self.replies(prompt_text) if callable(self.replies) else self.replies[n % len(self.replies)]
         stream = ScriptedStream(self, iter(()))

@@ -129,7 +129,7 @@ def test_multi_turn_tool_session_reports_session_drafts() -> None:
     ("body", "status", "needle"),
     [
         ('{"model": "scripted", "messages": [', 400, "not valid JSON"),
-        ({"model": "scripted", "messages": USER, "frequency_penalty": 1}, 422, "frequency_penalty"),
+        ({"model": "scripted", "messages": USER, "frequency_penalty": 3}, 422, "frequency_penalty"),
         ({"model": "scripted", "messages": [{"role": "user", "content": "hi", "extra": 1}]}, 422, "extra"),
         ({"model": "scripted", "messages": "hi"}, 422, "messages"),
         ({"model": "scripted", "messages": []}, 422, "messages"),
