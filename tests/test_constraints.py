@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from pydantic import BaseModel
 from test_engine import ContextTreeDrafter, ScriptedDrafter, make_engine
 
 from agentspec import chat
@@ -259,3 +260,59 @@ def test_constrained_sampling_matches_plain_distribution(tiny_model, default_tok
     observed.append(n - sum(observed))
     expected.append(n - sum(expected))
     assert chisquare(observed, expected).pvalue > 1e-3
+
+
+# ---------------------------------------------------------------------------- the surface, real default model
+class Person(BaseModel):
+    """A person."""
+
+    name: str
+    age: int
+
+
+@pytest.mark.model
+def test_chat_openai_structured_output_against_the_server_returns_the_model(default_engine):
+    from agentspec.integrations.server import create_app
+    from doubles import serve_in_thread
+    from langchain_openai import ChatOpenAI
+
+    app = create_app(default_engine, api_key="k", max_queue=2, default_max_tokens=64)
+    with serve_in_thread(app) as url:
+        llm = ChatOpenAI(base_url=url + "/v1", api_key="k", model=default_engine.model_name, temperature=0,
+                         max_tokens=64, max_retries=0)
+        for method in ("json_schema", "function_calling", "json_mode"):
+            structured = llm.with_structured_output(Person, method=method)
+            prompt = "Alice is 30 years old. Give her name and age as JSON with keys name and age."
+            out = structured.invoke(prompt)
+            assert isinstance(out, Person), (method, out)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("method", ["function_calling", "json_schema", "json_mode"])
+def test_chat_agentspec_structured_output_honours_method(default_engine, method):
+    from agentspec.integrations.langchain import ChatAgentSpec
+
+    llm = ChatAgentSpec(engine=default_engine, max_tokens=64)
+    prompt = "Alice is 30 years old. Give her name and age as JSON with keys name and age."
+    out = llm.with_structured_output(Person, method=method).invoke(prompt)
+    assert isinstance(out, Person)
+    cut = llm.bind(max_tokens=3).with_structured_output(Person, method=method, include_raw=True).invoke(prompt)
+    assert cut["parsed"] is None and cut["parsing_error"] is not None  # 3 tokens cannot hold the object
+
+
+@pytest.mark.model
+def test_server_logprobs_and_response_format(default_engine):
+    from agentspec.integrations.server import create_app
+    from doubles import serve_in_thread
+    from openai import OpenAI
+
+    app = create_app(default_engine, api_key="k", max_queue=2, default_max_tokens=32)
+    with serve_in_thread(app) as url:
+        client = OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        resp = client.chat.completions.create(
+            model=default_engine.model_name, messages=[{"role": "user", "content": "A JSON object about Paris."}],
+            temperature=0, max_tokens=32, logprobs=True, top_logprobs=2, response_format={"type": "json_object"},
+            frequency_penalty=0.5, extra_body={"top_k": 5, "repetition_penalty": 1.1})
+        content = resp.choices[0].logprobs.content
+        assert len(content) == resp.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+        assert resp.choices[0].message.content.startswith("{")
