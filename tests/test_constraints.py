@@ -296,7 +296,8 @@ def test_chat_agentspec_structured_output_honours_method(default_engine, method)
     prompt = "Alice is 30 years old. Give her name and age as JSON with keys name and age."
     out = llm.with_structured_output(Person, method=method).invoke(prompt)
     assert isinstance(out, Person)
-    cut = llm.bind(max_tokens=3).with_structured_output(Person, method=method, include_raw=True).invoke(prompt)
+    short = ChatAgentSpec(engine=default_engine, max_tokens=3)
+    cut = short.with_structured_output(Person, method=method, include_raw=True).invoke(prompt)
     assert cut["parsed"] is None and cut["parsing_error"] is not None  # 3 tokens cannot hold the object
 
 
