@@ -1,9 +1,9 @@
 """agentspec: lossless speculative decoding for LLM agents, drafted from a persistent suffix-tree cache."""
 
-from agentspec.config import EngineConfig, SamplingParams, SpeculationConfig
+from agentspec.config import SamplingParams, SpeculationConfig
 from agentspec.stats import SpecStats
 
-__all__ = ["Engine", "GenerationResult", "EngineConfig", "SamplingParams", "SpeculationConfig", "SpecStats"]
+__all__ = ["Engine", "GenerationResult", "SamplingParams", "SpeculationConfig", "SpecStats"]
 __version__ = "0.1.0"
 
 

@@ -34,6 +34,65 @@ TOOLS_PREAMBLE = (
 )
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_text(text: str, where: str) -> None:
+    """``ValueError`` if ``text`` holds a lone surrogate (it has no UTF-8 form, so no tokens)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{where} holds a lone surrogate {text[exc.start]!r} at character {exc.start}") from None
+
+
+def check_messages(messages: Sequence[Any]) -> None:
+    """``ValueError`` naming the first message that is not OpenAI-style: a dict with a known role
+    (:data:`ROLES`) and a string, ``None`` or list-of-text-parts ``content``, all valid text."""
+    for i, message in enumerate(messages):
+        where = f"message {i}"
+        if not isinstance(message, dict):
+            raise ValueError(f"{where} must be a dict with 'role' and 'content', got {message!r:.80}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ValueError(f"{where} has role {role!r}; expected one of {', '.join(ROLES)}")
+        _check_content(message.get("content"), f"{where} ({role})")
+        calls = message.get("tool_calls")
+        if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+            raise ValueError(f"{where}: tool_calls must be a list of objects, got {calls!r:.80}")
+        for key in ("name", "tool_call_id"):
+            value = message.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{where}: {key} must be a string, got {value!r:.80}")
+            if value is not None:
+                check_text(value, f"{where} {key}")
+        if calls:
+            check_text(json.dumps(calls, ensure_ascii=False, default=str), f"{where} tool_calls")
+
+
+def _check_content(content: Any, where: str) -> None:
+    if content is None:
+        return
+    if isinstance(content, str):
+        check_text(content, f"{where} content")
+        return
+    if not isinstance(content, list):
+        raise ValueError(f"{where}: content must be a string or a list of text parts, got {type(content).__name__}")
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(f"{where}: content part {j} must be {{'type': 'text', 'text': str}}, got {part!r:.80}")
+        check_text(part["text"], f"{where} content part {j}")
+
+
+def check_tools(tools: Sequence[Any]) -> None:
+    """``ValueError`` unless ``tools`` is a list of OpenAI tool objects (dicts) of valid text."""
+    if isinstance(tools, (str, bytes)) or not isinstance(tools, Sequence):
+        raise ValueError(f"tools must be a list of tool objects, got {type(tools).__name__}")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise ValueError(f"tool {i} must be an object, got {tool!r:.80}")
+        check_text(json.dumps(tool, ensure_ascii=False, default=str), f"tool {i}")
+
+
 def content_text(content: Any) -> str:
     """Text of a message ``content``: a string, ``None`` or a list of text parts."""
     if content is None:

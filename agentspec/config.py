@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -65,16 +65,4 @@ class SpeculationConfig:
     enabled: bool = True  # False = plain one-token-per-step decoding through the same engine
     max_draft_tokens: int = 32  # hard cap on tree nodes verified in one forward pass
     adaptive: bool = True  # prune each tree to maximise (expected accepted + 1) / c(size)
-    prefix_cache_bytes: int = 512 * 2**20  # radix prefix-KV cache budget; 0 disables reuse
-
-
-@dataclass
-class EngineConfig:
-    """Everything an engine is built from besides the model itself."""
-
-    model: str | None = None  # None = default SmolLM2-135M-Instruct; or a local dir / .gguf
-    dtype: str = "float32"  # float32 | bfloat16
-    quantize: str | None = None  # None | "int8" (dynamic int8 linear layers, CPU)
-    threads: int | None = None  # torch intra-op threads; None = torch default
-    store_url: str | None = None  # session store URL; None = in-memory sessions only
-    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    prefix_cache_bytes: int = 512 * 2**20  # radix prefix-KV cache budget (agentspec.engine.radix); 0 = off

@@ -17,14 +17,17 @@ from pathlib import Path
 
 from rich.console import Console
 
-from agentspec.replay.live import plot_report, render_summary, replay_live, replay_simulate
+from agentspec.replay.live import replay_live
+from agentspec.replay.report import plot_report, render_summary
+from agentspec.replay.simulate import replay_simulate
 from agentspec.replay.trajectories import default_data_dir, load_sessions
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("path", nargs="?", type=Path, default=default_data_dir() / "swe_agent",
-                        help="SWE-agent .traj file or folder (default: %(default)s)")
+                        help="SWE-agent .traj file or folder (default: swe_agent in $AGENTSPEC_DATA or "
+                        "../shared/data: %(default)s)")
     parser.add_argument("--live", action="store_true", help="generate with the model (default: simulate)")
     parser.add_argument("--baseline", action="store_true", help="live: also time plain HF greedy generate")
     parser.add_argument("--limit", type=int, default=None, help="sessions to replay")
@@ -35,16 +38,17 @@ def main() -> None:
     console = Console()
     sessions = load_sessions(args.path, limit=args.limit,
                              on_error=lambda path, why: console.print(f"[yellow]skipped {path}: {why}"))
-    console.print(f"{len(sessions)} sessions, {sum(len(s.calls) for s in sessions)} calls from {args.path}")
+    console.print(f"{len(sessions)} sessions, {sum(len(s.calls) for s in sessions)} calls from "
+                  f"{args.path.resolve()}")
 
     if args.live:
         from agentspec.engine import Engine
 
-        engine = Engine.from_pretrained()
+        engine = Engine.from_pretrained(store="memory")  # a measurement: start from an empty cache
         report = replay_live(engine, sessions, max_new_tokens=args.max_new_tokens, baseline=args.baseline,
                              on_call=lambda c: c and console.print(
-                                 f"  {c.session} #{c.index}: {c.output_tokens} tokens, "
-                                 f"{c.tokens_per_step:.2f} tokens/step, {c.hit_rate:.0%} from drafts"))
+                                 f"  {c.session} #{c.index}: {c.stats.output_tokens} tokens, "
+                                 f"{c.stats.tokens_per_step:.2f} tokens/step, {c.stats.hit_rate:.0%} from drafts"))
     else:
         from agentspec.engine.model import load_tokenizer
 

@@ -92,7 +92,7 @@ def main() -> None:
     print(f"data: {path}")
     tools = json.loads(TOOLS.read_text())
     validators = {t["function"]["name"]: jsonschema_rs.validator_for(t["function"]["parameters"]) for t in tools}
-    engine = Engine.from_pretrained()
+    engine = Engine.from_pretrained(store="memory")  # a benchmark keeps nothing in the user's cache
     prompts = forced_calls(path, args.calls, engine.tokenizer, tools, args.max_context)
     rows = []
     for i, (messages, name) in enumerate(prompts):

@@ -1,12 +1,33 @@
-"""Shared fixtures: a tiny random Llama for mechanics, the real default model for integration."""
+"""Shared fixtures: a tiny random Llama for mechanics, the real default model for integration.
+
+The whole test session runs with ``AGENTSPEC_HOME`` in a temporary folder, so no test reads or
+writes the user's session store (``cache.db``). The converted default model, a pure function of
+its GGUF file, is shared with the real home (``models/``) and its measured cost curves are copied
+from it, so neither is made again for every run.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
+
+_REAL_HOME = Path(os.environ.get("AGENTSPEC_HOME", Path.home() / ".cache" / "agentspec")).expanduser()
+_TEST_HOME = Path(tempfile.mkdtemp(prefix="agentspec-test-home-"))
+(_REAL_HOME / "models").mkdir(parents=True, exist_ok=True)
+(_TEST_HOME / "models").symlink_to(_REAL_HOME / "models", target_is_directory=True)
+if (_REAL_HOME / "cost_curves").is_dir():
+    shutil.copytree(_REAL_HOME / "cost_curves", _TEST_HOME / "cost_curves")
+os.environ["AGENTSPEC_HOME"] = str(_TEST_HOME)  # before any test imports agentspec: subprocesses inherit it
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(_TEST_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ class ScriptedDrafter:
                 tree.tokens.append(tok)
                 tree.parents.append(parent)
                 tree.probs.append(0.5)
-                tree.sources.append(int(Source.SESSION if right else Source.RECYCLED))
+                tree.sources.append(int(Source.SESSION if right else Source.GLOBAL))
                 depth = tree.depths()[-1]
                 if depth < self.depth:
                     frontier.append((len(tree) - 1, pos + 1 if right else 10**9))
@@ -351,3 +352,99 @@ def test_int8_greedy_equals_plain_decoding_of_the_int8_model(tiny_model, default
     result = engine.generate(prompt, max_new_tokens=40)
     assert result.token_ids == truth
     assert result.stats.accepted_tokens > 0
+
+
+class RecordingDrafter(ScriptedDrafter):
+    """A scripted drafter that remembers the session ids it was given."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sessions: list[str | None] = []
+
+    def start_request(self, request_id, session_id, prompt_ids):
+        super().start_request(request_id, session_id, prompt_ids)
+        self.sessions.append(session_id)
+
+
+class ListRecorder:
+    """A session recorder keeping calls in a list."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, list[int], list[int]]] = []
+
+    def ensure_loaded(self, session_id):
+        pass
+
+    def record(self, session_id, prompt_ids, output_ids, stats):
+        self.calls.append((session_id, list(prompt_ids), list(output_ids)))
+        return len(self.calls)
+
+
+def test_tenants_keep_drafters_sessions_and_prefix_cache_apart(tiny_model, default_tokenizer):
+    from agentspec.engine.engine import TenantParts
+
+    prompt = list(range(20, 50))
+    truth = hf_greedy(tiny_model, prompt, 8)
+    made: dict[str, TenantParts] = {}
+
+    def tenants(name):
+        made[name] = TenantParts(RecordingDrafter(truth, 512), None, ListRecorder())
+        return made[name]
+
+    root = Engine(tiny_model, default_tokenizer, drafter=RecordingDrafter(truth, 512), sessions=ListRecorder(),
+                  speculation=SpeculationConfig(adaptive=False), tenants=tenants)
+    root.eos_ids = set()
+    a, b = root.for_tenant("a"), root.for_tenant("b")
+    assert a.forward is root.forward and a.model is root.model and a._lock is root._lock
+    assert a.drafter is made["a"].drafter and b.sessions is made["b"].sessions
+    first = a.generate(prompt, session="s", max_new_tokens=8)
+    again = a.generate(prompt, session="s", max_new_tokens=8)
+    other = b.generate(prompt, session="s", max_new_tokens=8)
+    assert first.token_ids == again.token_ids == other.token_ids == truth
+    assert again.stats.prefill_tokens == 1  # a's own prefix cache
+    assert other.stats.prefill_tokens == len(prompt)  # b never reuses a's KV
+    assert [c[0] for c in made["a"].sessions.calls] == ["s", "s"] and len(made["b"].sessions.calls) == 1
+    assert root.sessions.calls == [] and root.drafter.sessions == []
+    shared = root.for_tenant("c", share_global=True)  # the root's drafter and store; sessions apart by id
+    shared.generate(prompt, session="s", max_new_tokens=8)
+    assert root.drafter.sessions == ["c/s"] and root.sessions.calls[0][0] == "c/s"
+    with pytest.raises(ValueError, match="tenant factory"):
+        Engine(tiny_model, default_tokenizer).for_tenant("a")
+
+
+@pytest.fixture
+def tiny_from_pretrained(monkeypatch, tiny_model, default_tokenizer):
+    """``Engine.from_pretrained`` composing the tiny model (no weights loaded)."""
+    from agentspec.engine import engine as engine_module
+    from agentspec.engine.model import ModelSource
+
+    monkeypatch.setattr(engine_module, "resolve_model", lambda model: ModelSource("tiny", Path("tiny.gguf")))
+    monkeypatch.setattr(engine_module, "load_model", lambda model, dtype, device=None: (tiny_model, default_tokenizer))
+
+
+def test_from_pretrained_is_persistent_by_default(tiny_from_pretrained, tmp_path, monkeypatch):
+    from agentspec.stores import open_store
+
+    monkeypatch.setenv("AGENTSPEC_HOME", str(tmp_path))
+    engine = Engine.from_pretrained(speculation=SpeculationConfig(adaptive=False))
+    assert engine.model_source == "tiny.gguf" and engine.policy is None
+    engine.generate([5, 6, 7], session="kept", max_new_tokens=3)
+    calls = open_store(f"sqlite:///{tmp_path / 'cache.db'}").load_session("kept").calls
+    assert len(calls) == 1 and calls[0].prompt_ids == [5, 6, 7]
+    memory = Engine.from_pretrained(store="memory", speculation=SpeculationConfig(adaptive=False))
+    assert memory.sessions is None and memory.drafter is not None
+
+
+def test_from_pretrained_tenants_use_scoped_store_views(tiny_from_pretrained, tmp_path):
+    class ScopedStore:  # what from_pretrained needs of a store for tenants: scoped(namespace)
+        def __init__(self, namespace=""):
+            self.namespace, self.views = namespace, {}
+
+        def scoped(self, namespace):
+            return self.views.setdefault(namespace, ScopedStore(namespace))
+
+    store = ScopedStore()
+    engine = Engine.from_pretrained(store=store, speculation=SpeculationConfig(adaptive=False))
+    tenant = engine.for_tenant("acme")
+    assert engine.sessions.store is store and tenant.sessions.store is store.views["acme"]
+    assert tenant.drafter is not engine.drafter and tenant.namespace == "acme"

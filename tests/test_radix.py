@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from agentspec.config import SpeculationConfig
-from agentspec.engine import Engine
+from agentspec.engine import Engine, radix
 from agentspec.engine.kvcache import TreeKVCache
 from agentspec.engine.radix import KVPool, RadixCache
 
@@ -139,21 +139,26 @@ def test_namespaces_never_match_each_other():
     assert cache.match_prefix([1, 2, 3], namespace="a").length == 3
 
 
-def test_pool_round_trip_through_tree_caches():
+@pytest.mark.parametrize("max_runs", [64, 0])  # slice copies of slot runs; a gather / scatter per layer
+def test_pool_round_trip_through_tree_caches(monkeypatch, max_runs):
+    monkeypatch.setattr(radix, "MAX_RUNS", max_runs)
     torch.manual_seed(0)
     pool = KVPool(LAYERS, HEADS, DIM, capacity=100)
     src = TreeKVCache(LAYERS)
     for layer in src.layers:
         layer.update(torch.randn(1, HEADS, 10, DIM), torch.randn(1, HEADS, 10, DIM))
-    slots = pool.alloc(6)
+    slots = pool.alloc(20)
+    pool.free(slots[[1, 3, 5, 6, 7, 11]])
+    slots = pool.alloc(6)  # two runs, 1 and 3 apart from the rest
+    assert slots.tolist() == [1, 3, 5, 6, 7, 11]
     pool.write_from(slots, src, 4)  # rows 4..9
     dst = TreeKVCache(LAYERS)
     pool.read_into(slots[2:], dst)  # rows 6..9, in order
     for a, b in zip(src.layers, dst.layers):
         assert torch.equal(b.keys, a.keys[:, :, 6:10]) and torch.equal(b.values, a.values[:, :, 6:10])
-    assert pool.num_used == 6
+    assert pool.num_used == 20
     pool.free(slots)
-    assert pool.num_used == 0 and pool.nbytes() == 0
+    assert pool.num_used == 14 and pool.nbytes() == 14 * pool.bytes_per_slot
 
 
 def test_budget_sets_capacity():
@@ -185,8 +190,10 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 def test_engine_outputs_identical_with_cache_on_and_off(tiny_model, default_tokenizer):
-    """An agent loop (each prompt extends the last prompt and its completion) and a branch off an
-    earlier call: the same tokens with the radix cache as without, and fewer prefilled tokens."""
+    """Two agent loops taking turns (each prompt extends that agent's last prompt and completion),
+    then a branch off an earlier call: the same tokens with the radix cache as without it, and fewer
+    prefilled tokens. The turns exercise both paths: the request's own buffers still holding the
+    prefix (same agent twice in a row) and the copy from the pool (the other agent ran in between)."""
     engines = {
         on: Engine(tiny_model, default_tokenizer, drafter=None,
                    speculation=SpeculationConfig(enabled=False, adaptive=False, prefix_cache_bytes=2**26 if on else 0))
@@ -195,19 +202,22 @@ def test_engine_outputs_identical_with_cache_on_and_off(tiny_model, default_toke
     for engine in engines.values():
         engine.eos_ids = set()
     rng = random.Random(0)
-    prompts = [[rng.randrange(3, 512) for _ in range(30)]]
-    results: dict[bool, list] = {True: [], False: []}
-    for call in range(4):
-        for on, engine in engines.items():
-            results[on].append(engine.generate(prompts[-1], max_new_tokens=12))
-        assert results[True][-1].token_ids == results[False][-1].token_ids
-        base = prompts[0] if call == 2 else prompts[-1] + results[True][-1].token_ids  # call 3 branches off call 0
-        prompts.append(base + [rng.randrange(3, 512) for _ in range(5)])
-    assert results[True][-1].token_ids == hf_greedy(tiny_model, prompts[-2], 12)
-    on_prefill = [r.stats.prefill_tokens for r in results[True]]
-    off_prefill = [r.stats.prefill_tokens for r in results[False]]
-    assert on_prefill[0] == off_prefill[0] and all(a < b for a, b in zip(on_prefill[1:], off_prefill[1:]))
-    assert on_prefill[1] == 5 + 1  # the new observation, plus the previous call's last token
+    first = {agent: [rng.randrange(3, 512) for _ in range(30)] for agent in "ab"}
+    prompts = dict(first)
+    turns = ["a", "a", "b", "a", "b", "b", "branch"]
+    prefill: dict[bool, list[int]] = {True: [], False: []}
+    for turn in turns:
+        prompt = first["a"] + [7, 8] if turn == "branch" else prompts[turn]
+        results = {on: engine.generate(prompt, max_new_tokens=12) for on, engine in engines.items()}
+        assert results[True].token_ids == results[False].token_ids
+        for on, result in results.items():
+            prefill[on].append(result.stats.prefill_tokens)
+        if turn != "branch":
+            prompts[turn] = prompt + results[True].token_ids + [rng.randrange(3, 512) for _ in range(5)]
+    assert results[True].token_ids == hf_greedy(tiny_model, prompt, 12)
+    assert prefill[False] == [30, 47, 30, 64, 47, 64, 32]  # every prompt in full
+    # a call extending its agent's last one prefills the new observation plus that call's last token
+    assert prefill[True] == [30, 6, 30, 6, 6, 6, 2]
     cache = engines[True].prefix_cache
     cache.check_integrity()
     assert cache.evictable_tokens() == cache.total_tokens  # every request unlocked its path

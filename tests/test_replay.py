@@ -9,14 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agentspec.replay.live import (
-    ReplayReport,
-    plot_report,
-    render_methods,
-    render_summary,
-    replay_live,
-    replay_simulate,
-)
+from agentspec.replay.live import replay_live
+from agentspec.replay.report import ReplayedCall, ReplayReport, plot_report, render_methods, render_summary
+from agentspec.replay.simulate import replay_simulate
 from agentspec.replay.trajectories import load_sessions
 from agentspec.stats import SpecStats
 
@@ -65,9 +60,11 @@ def test_live_replays_every_call_in_order_under_the_trajectory_id(fake_engine):
     assert [(c.session, c.index) for c in report.calls] == expected
     assert [sid for sid, _ in fake_engine.seen] == [sid for sid, _ in expected]
     assert seen == report.calls and report.skipped == []
-    assert report.output_tokens == 8 * len(expected)
-    assert report.tokens_per_step == pytest.approx(2.0) and report.hit_rate == pytest.approx(0.5)
-    assert report.decode_speedup() is None and report.end_to_end_speedup() is None  # no baseline
+    assert report.stats.output_tokens == 8 * len(expected)
+    assert report.stats.tokens_per_step == pytest.approx(2.0) and report.stats.hit_rate == pytest.approx(0.5)
+    assert report.speedup() is None and report.speedup(end_to_end=True) is None  # no baseline
+    # one definition of tokens per step: the method table's equals the summary's
+    assert report.totals("agentspec").tokens_per_step == report.stats.tokens_per_step
 
 
 def test_live_fits_long_prompts_and_skips_what_cannot_fit(fake_engine):
@@ -99,8 +96,9 @@ def test_live_baseline_gives_speedups_and_identity(fake_engine):
     report = replay_live(fake_engine, sessions, max_new_tokens=8, baseline=True, runners={"hf": fake_hf})
     assert calls == [c.prompt_tokens for c in report.calls]  # same prompt ids, same calls
     assert [c.identical for c in report.calls] == [True, False, True]
-    assert report.decode_speedup() == pytest.approx(2.0)  # 7 tokens in 0.2 s vs 0.4 s
-    assert report.end_to_end_speedup() > 1  # 0.6 s a call against a fake engine's microseconds
+    assert report.speedup() == pytest.approx(2.0)  # 7 tokens in 0.2 s vs 0.4 s
+    assert report.speedup(end_to_end=True) > 1  # 0.6 s a call against a fake engine's microseconds
+    assert report.tokens_per_second() == pytest.approx(7 / 0.2)  # decode: the tokens after the first
     summary = report.to_dict()
     assert summary["summary"]["identical"] == 2
     assert summary["methods"]["hf"]["compared"] == 0  # the reference is not compared with itself
@@ -166,14 +164,16 @@ def test_simulate_records_match_the_shared_simulation(default_tokenizer):
     n_calls = sum(len(s.calls) for s in sessions)
     assert len(report.calls) == len(ticks) == sim["calls"] == n_calls
     assert [(c.session, c.index) for c in report.calls] == [(s.id, k) for s in sessions for k in range(len(s.calls))]
-    assert report.output_tokens == sim["completion_tokens"]
-    assert sum(c.steps for c in report.calls) == sim["steps"]
-    assert sum(c.accepted for c in report.calls) == sim["accepted_tokens"]
-    assert sum(c.drafted for c in report.calls) == sim["drafted_tokens"]
+    stats = report.stats
+    for name in ("output_tokens", "steps", "accepted_tokens", "drafted_tokens", "tokens_per_step", "hit_rate"):
+        assert getattr(stats, name) == pytest.approx(sim[name]), name
+    assert stats.accepted_by_source == sim["accepted_by_source"]
     assert report.modelled_speedup() == pytest.approx(sim["speedup"])
-    assert report.tokens_per_step > 1.2 and 0 < report.hit_rate < 1  # repetition is found and used
+    assert report.tokens_per_second() == pytest.approx(sim["modelled_tokens_per_second"])
+    assert stats.tokens_per_step > 1.2 and 0 < stats.hit_rate < 1  # repetition is found and used
     # each step commits its accepted tokens plus one bonus token (none when the drafts ran to the end)
-    assert all(c.steps + c.accepted - 1 <= c.output_tokens <= c.steps + c.accepted for c in report.calls)
+    assert all(c.stats.steps + c.stats.accepted_tokens - 1 <= c.stats.output_tokens
+               <= c.stats.steps + c.stats.accepted_tokens for c in report.calls)
 
 
 def test_simulate_skips_calls_that_cannot_fit(default_tokenizer):
@@ -181,15 +181,17 @@ def test_simulate_skips_calls_that_cannot_fit(default_tokenizer):
     ticks = []
     report = replay_simulate(sessions, default_tokenizer, max_prompt_tokens=10, on_call=ticks.append)
     assert report.calls == [] and len(report.skipped) == 3 and ticks == [None] * 3
-    assert report.tokens_per_step == 0.0 and report.hit_rate == 0.0
+    assert report.stats.tokens_per_step == 0.0 and report.stats.hit_rate == 0.0
 
 
 # ------------------------------------------------------------------------------ output
-def _small_report() -> ReplayReport:
-    from agentspec.replay.live import CallRecord
+def _call(session: str, index: int, output: int, steps: int, drafted: int = 0, accepted: int = 0) -> ReplayedCall:
+    stats = SpecStats(output_tokens=output, steps=steps, drafted_tokens=drafted, accepted_tokens=accepted)
+    return ReplayedCall(session, index, 100, stats, modelled_seconds=0.1 * steps)
 
-    calls = [CallRecord("a", 0, 100, 10, 10), CallRecord("a", 1, 150, 20, 5, drafted=30, accepted=15),
-             CallRecord("b", 0, 90, 8, 4, drafted=8, accepted=4)]
+
+def _small_report() -> ReplayReport:
+    calls = [_call("a", 0, 10, 10), _call("a", 1, 20, 5, drafted=30, accepted=15), _call("b", 0, 8, 4, 8, 4)]
     return ReplayReport("simulate", calls=calls, skipped=["x call 3: too long"], info={"modelled_speedup": 1.5})
 
 
@@ -200,6 +202,7 @@ def test_report_json_round_trip(tmp_path):
     assert data["summary"]["calls"] == 3 and data["summary"]["sessions"] == 2
     assert data["summary"]["tokens_per_step"] == pytest.approx(38 / 19)
     assert data["summary"]["hit_rate"] == pytest.approx(19 / 38)
+    assert data["summary"]["tokens_per_second"] == pytest.approx(38 / 1.9)  # modelled: 19 steps of 0.1 s
     assert data["calls"][1]["tokens_per_step"] == 4.0 and data["skipped"] == ["x call 3: too long"]
 
 
@@ -210,7 +213,7 @@ def test_summary_table_and_plot(tmp_path):
     console = Console(record=True, width=100)
     console.print(render_summary(report))
     text = console.export_text()
-    assert "2.00" in text and "50.0%" in text and "1.50x" in text
+    assert "2.00" in text and "50.0%" in text and "1.50x" in text and "20.0" in text  # tokens/s
     out = plot_report(report, tmp_path / "p.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
@@ -258,8 +261,8 @@ def test_live_on_the_real_model_matches_plain_greedy(default_engine):
     assert report.skipped == [] and [(c.session, c.index) for c in report.calls] == [
         ("weather-1", 0), ("weather-1", 1), ("weather-2", 0)]
     assert all(c.identical for c in report.calls)  # lossless: token for token plain greedy
-    assert all(0 < c.output_tokens <= 8 and c.steps > 0 for c in report.calls)
-    assert report.decode_speedup() is not None and report.end_to_end_speedup() is not None
+    assert all(0 < c.stats.output_tokens <= 8 and c.stats.steps > 0 for c in report.calls)
+    assert report.speedup() is not None and report.speedup(end_to_end=True) is not None
 
 
 def test_swebench_example_runs(tmp_path):

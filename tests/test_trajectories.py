@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,9 @@ from agentspec.replay.trajectories import (
 )
 
 DATA = Path(__file__).parent / "data"
-SHARED = Path("/work/shared/data")
+# the full recorded data set (SWE-agent, tau-bench, OpenHands, Spec-Bench): $AGENTSPEC_DATA, else
+# ../shared/data beside the repository (.ci/run sets AGENTSPEC_DATA when it is there)
+SHARED = Path(os.environ.get("AGENTSPEC_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 class Errors(list):
@@ -158,7 +161,10 @@ def test_duplicate_session_ids_are_made_unique(tmp_path):
 
 
 # ------------------------------------------------------------------------------ real data
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
+needs_shared = pytest.mark.skipif(
+    not (SHARED / "swe_agent").is_dir(),
+    reason=f"needs the full recorded data set (swe_agent, tau_bench, openhands): not found at {SHARED}; "
+    "set AGENTSPEC_DATA to its folder")
 
 
 @needs_shared

@@ -6,6 +6,8 @@ import importlib
 
 import typer
 
+from agentspec import __version__
+
 app = typer.Typer(
     name="agentspec",
     help="Lossless speculative decoding for LLM agents, drafted from a persistent suffix-tree cache.",
@@ -13,6 +15,20 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="markdown",  # docstrings are reflowed paragraphs, `code` shown as code
 )
+
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"agentspec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")) -> None:
+    """Lossless speculative decoding for LLM agents, drafted from a persistent suffix-tree cache."""
+
 
 # one module per concern; each defines register(app: typer.Typer)
 COMMAND_MODULES = ("run", "bench", "replay", "sessions", "serve")

@@ -3,58 +3,42 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from agentspec.cli.options import ModelOptions, model_options
+from agentspec.cli.data import read_sessions
+from agentspec.cli.options import MEMORY, ModelOptions, fail, model_options
 
 console = Console(stderr=True)
-
-
-def _default_paths() -> list[Path]:
-    from agentspec.replay.trajectories import default_data_dir
-
-    data = Path(default_data_dir())
-    paths = [data / "swe_agent", data / "tau_bench" / "gpt-4o-airline.json"]
-    return [p for p in paths if p.exists()] or [data]
-
-
-def _load(paths: list[Path], limit: int | None):
-    from agentspec.replay.trajectories import load_sessions
-
-    sessions = []
-    for path in paths:
-        sessions += load_sessions(path, limit=limit,
-                                  on_error=lambda p, why: console.print(f"[yellow]skipped {p}: {why}"))
-    if not sessions:
-        console.print(f"[red]error:[/red] no sessions could be read from {', '.join(map(str, paths))}")
-        raise typer.Exit(1)
-    return sessions
+DEFAULT_DATA = ("swe_agent", "tau_bench/gpt-4o-airline.json")
+METHODS = ("agentspec", "hf", "hf_pld", "llamacpp", "agentspec_int8", "hf_int8")
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     @model_options
     def bench(
-        paths: list[Path] = typer.Argument(None, help="Trajectory files or folders (default: ../shared/data "
-                                           "SWE-agent and tau-bench sessions)."),
+        paths: list[Path] = typer.Argument(None, help="Trajectory files or folders (default: the SWE-agent and "
+                                           "tau-bench sessions of the data folder, $AGENTSPEC_DATA or "
+                                           "../shared/data)."),
         simulate: bool = typer.Option(False, "--simulate", help="Teacher-forced drafting only: no model forward."),
         limit: int = typer.Option(None, help="Sessions per path (default: live 2, simulate all)."),
-        calls: int = typer.Option(4, help="Live: calls per session."),
-        max_new_tokens: int = typer.Option(128, help="Live: tokens generated per call."),
+        calls: int = typer.Option(None, help="Calls per session (default: live 4, simulate all)."),
+        max_new_tokens: int = typer.Option(128, min=1, help="Live: tokens generated per call."),
         max_context: int = typer.Option(4096, help="Live: prompt + output budget (oldest turns dropped)."),
-        methods: str = typer.Option(None, help="Live: comma-separated methods among agentspec, hf, hf_pld, "
-                                    "llamacpp, agentspec_int8, hf_int8 (HF greedy on the int8 weights: the reference "
-                                    "agentspec_int8 must equal) (default: agentspec, hf, hf_pld, and llamacpp where "
-                                    "llama-cpp-python is installed)."),
-        report: Path = typer.Option(None, "--report", help="Live: write the per-call report as JSON here, "
-                                    "rewritten after every call (a long run interrupted keeps what it measured)."),
+        methods: str = typer.Option(None, help=f"Live: comma-separated methods among {', '.join(METHODS)} "
+                                    "(hf_int8 is HF greedy on the int8 weights: the reference agentspec_int8 must "
+                                    "equal) (default: agentspec, hf, hf_pld, and llamacpp where llama-cpp-python is "
+                                    "installed)."),
+        report: Path = typer.Option(None, "--report", help="Write the report as JSON here (live: rewritten after "
+                                    "every call, so a long run interrupted keeps what it measured)."),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
         cost_curve: str = typer.Option(None, "--cost-curve", help="Simulate: forward cost curve as 'k:ms,...' "
-                                       "(e.g. 1:65,8:110,32:181) or a JSON file of [k, seconds] pairs "
-                                       "(default: the DESIGN.md fp32 curve)."),
+                                       "(e.g. 1:65,8:110,32:181) or a JSON file of [k, seconds] pairs (default: the "
+                                       "built-in curve of the default model, fp32, 2 CPU threads)."),
         options: ModelOptions = None,
     ) -> None:
         """Benchmark agentspec on recorded agent sessions.
@@ -63,54 +47,62 @@ def register(app: typer.Typer) -> None:
         plain HF greedy `generate`, HF prompt lookup (10 tokens), llama.cpp on the same GGUF file with its
         prefix reuse, agentspec on int8 weights (agentspec_int8) and agentspec, interleaved call by call
         in one process, and reports decode tokens/s, tokens per verification step, decode and end-to-end
-        speedups over plain HF greedy, and how many outputs equal plain greedy.
+        speedups over plain HF greedy, and how many outputs equal plain greedy. Its sessions go to a
+        scratch store made for the run (removed at the end), so a benchmark never drafts from an earlier
+        one and never fills your cache; `--store URL` keeps them there instead.
 
-        --simulate: the teacher-forced drafting benchmark (the recorded completion decides acceptance)
-        with the modelled speedup on the DESIGN.md fp32 cost curve.
+        --simulate: the teacher-forced drafting benchmark (the recorded completion decides what is
+        accepted; no model forward) with the modelled speedup: plain decoding's forward cost over the cost
+        of the verification forwards on the cost curve.
         """
-        paths = paths or _default_paths()
         if simulate:
-            _simulate(_load(paths, limit), options.model, cost_curve, as_json)
+            sessions = read_sessions(paths, list(DEFAULT_DATA), limit=limit, per_path=True, calls=calls)
+            _simulate(sessions, options.model, cost_curve, report, as_json)
             return
         compare = _comparisons(methods)
-        sessions = _load(paths, limit or 2)
-        _live(sessions, options.engine(), compare, calls=calls, max_new_tokens=max_new_tokens,
-              max_context=max_context, report_path=report, as_json=as_json)
+        sessions = read_sessions(paths, list(DEFAULT_DATA), limit=limit or 2, per_path=True, calls=calls or 4)
+        with tempfile.TemporaryDirectory(prefix="agentspec-bench-") as scratch:
+            store = options.store
+            if store is None:
+                store = f"sqlite:///{Path(scratch) / 'bench.db'}"
+                console.print(f"sessions of this run go to a scratch store, {store} (removed at the end)")
+            elif store != MEMORY:
+                console.print(f"sessions of this run go to {store}")
+            _live(sessions, options.engine(store), compare, max_new_tokens=max_new_tokens,
+                  max_context=max_context, report_path=report, as_json=as_json)
 
 
 def _comparisons(methods: str | None) -> list[str]:
     """The comparison methods named by ``--methods`` (agentspec itself always runs)."""
-    from agentspec.replay.baselines import COMPARISONS, llamacpp_available
+    from agentspec.replay.baselines import llamacpp_available  # deferred: torch loads only when a command runs
 
     if methods is None:
         return ["hf", "hf_pld"] + (["llamacpp"] if llamacpp_available() else [])
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = sorted(set(chosen) - set(COMPARISONS) - {"agentspec"})
+    unknown = sorted(set(chosen) - set(METHODS))
     if unknown:
-        raise typer.BadParameter(f"unknown methods {unknown}; expected some of {['agentspec', *COMPARISONS]}",
-                                 param_hint="--methods")
+        raise fail(f"unknown --methods {', '.join(unknown)}; choose among {', '.join(METHODS)}")
     if "llamacpp" in chosen and not llamacpp_available():
-        raise typer.BadParameter("llamacpp needs llama-cpp-python: pip install 'agentspec[llamacpp]'",
-                                 param_hint="--methods")
+        raise fail("--methods llamacpp needs llama-cpp-python: pip install 'agentspec[llamacpp]'")
     return [m for m in chosen if m != "agentspec"]
 
 
-def _live(sessions, engine, compare: list[str], *, calls: int, max_new_tokens: int, max_context: int,
+def _live(sessions, engine, compare: list[str], *, max_new_tokens: int, max_context: int,
           report_path: Path | None, as_json: bool) -> None:
     from tqdm import tqdm
 
-    from agentspec.replay.live import ReplayReport, render_methods, replay_live
+    from agentspec.replay.live import replay_live
+    from agentspec.replay.report import ReplayReport, render_methods
 
-    total = sum(min(len(s.calls), calls) for s in sessions)
     result = ReplayReport("live")
-    with tqdm(total=total, desc="calls", unit="call", file=console.file) as bar:
+    with tqdm(total=sum(len(s.calls) for s in sessions), desc="calls", unit="call", file=console.file) as bar:
         def tick(_record) -> None:
             bar.update(1)
             if report_path:
                 result.save(report_path)
 
         replay_live(engine, sessions, max_new_tokens=max_new_tokens, max_context=max_context, compare=compare,
-                    calls_per_session=calls, on_call=tick, report=result)
+                    on_call=tick, report=result)
     if report_path:
         result.save(report_path)
         console.print(f"report written to {report_path}")
@@ -133,11 +125,12 @@ def parse_cost_curve(spec: str | None):
     try:
         points = [(int(k), float(ms) / 1000) for k, ms in (item.split(":") for item in spec.split(","))]
     except ValueError as exc:
-        raise typer.BadParameter(f"expected 'k:ms,k:ms,...' or a JSON file, got {spec!r}") from exc
+        raise typer.BadParameter(f"expected 'k:ms,k:ms,...' or a JSON file, got {spec!r}",
+                                 param_hint="--cost-curve") from exc
     return CostCurve(points)
 
 
-def _simulate(sessions, model: str | None, cost_curve: str | None, as_json: bool) -> None:
+def _simulate(sessions, model: str | None, cost_curve: str | None, report_path: Path | None, as_json: bool) -> None:
     """Teacher-forced drafting over ``sessions``: the same simulation as ``agentspec replay --mode simulate``."""
     from agentspec.engine.model import load_tokenizer
     from agentspec.replay.simulate import simulate_sessions
@@ -146,6 +139,9 @@ def _simulate(sessions, model: str | None, cost_curve: str | None, as_json: bool
     cost = parse_cost_curve(cost_curve)
     tokenized = tokenize_sessions(load_tokenizer(model), sessions)
     report = simulate_sessions(tokenized, cost_curve=cost, progress=not as_json)
+    if report_path:
+        report_path.write_text(json.dumps(report.to_dict(), indent=2))
+        console.print(f"report written to {report_path}")
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, get_args
 
 import typer
 from rich.console import Console
 
-from agentspec.cli.options import ModelOptions, model_options
+from agentspec.cli.data import read_sessions
+from agentspec.cli.options import MEMORY, ModelOptions, model_options
 
 console = Console(stderr=True)
-
-
-def _default_paths() -> list[Path]:
-    from agentspec.replay.trajectories import default_data_dir
-
-    data = Path(default_data_dir())
-    swe = data / "swe_agent"
-    return [swe] if swe.is_dir() else [data]
+Mode = Literal["simulate", "live"]
+MODES = get_args(Mode)
 
 
 def register(app: typer.Typer) -> None:
@@ -26,15 +22,17 @@ def register(app: typer.Typer) -> None:
     def replay(
         paths: list[Path] = typer.Argument(None, help="Trajectory files or folders: SWE-agent .traj, mini-swe-agent "
                                            ".traj.json, tau-bench JSON, OpenHands log folders, generic JSONL "
-                                           "(default: the SWE-agent trajectories in ../shared/data)."),
-        mode: str = typer.Option("simulate", help="simulate: teacher-forced drafting, no model forward; "
-                                 "live: the engine generates every call."),
+                                           "(default: the SWE-agent trajectories of the data folder, $AGENTSPEC_DATA "
+                                           "or ../shared/data)."),
+        mode: Mode = typer.Option("simulate", help="simulate: teacher-forced "
+                                 "drafting, no model forward; live: the engine generates every call."),
         baseline: bool = typer.Option(False, "--baseline", help="Live: also run plain HF greedy generate on the "
                                       "same calls (interleaved) for speedups and an identity check."),
-        max_new_tokens: int = typer.Option(128, help="Live: tokens generated per call."),
+        max_new_tokens: int = typer.Option(128, min=1, help="Live: tokens generated per call."),
         max_context: int = typer.Option(None, help="Prompt + output budget in tokens (live default: the model's "
                                         "window; simulate default: no limit). Oldest turns are dropped to fit."),
         limit: int = typer.Option(None, help="Sessions to replay (default: simulate all, live 1)."),
+        calls: int = typer.Option(None, min=1, help="Calls per session (default: all)."),
         report: Path = typer.Option(None, "--report", help="Write the per-call report as JSON here (live: "
                                     "rewritten after every call)."),
         plot: Path = typer.Option(None, "--plot", help="Save a PNG: tokens per step vs call index, cumulative "
@@ -43,38 +41,27 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Replay recorded agent trajectories, one agent session per trajectory, calls in order.
 
-        Unreadable files and calls that cannot fit the window are skipped with a note; the exit status is non-zero
-        only if nothing could be replayed.
+        Live mode writes the sessions to the session store (`--store`; default: the persistent cache), so a
+        second replay of the same trajectories drafts from the first: use `--store memory` for a clean
+        measurement. Unreadable files and calls that cannot fit the window are skipped with a note; the exit
+        status is non-zero only if nothing could be replayed.
         """
         from tqdm import tqdm
 
-        from agentspec.replay.live import MODES, ReplayReport, plot_report, render_summary, replay_live, replay_simulate
-        from agentspec.replay.trajectories import load_sessions
+        # deferred: torch and transformers load only when the command runs, not for --help
+        from agentspec.replay.live import replay_live
+        from agentspec.replay.report import ReplayReport, plot_report, render_summary
+        from agentspec.replay.simulate import replay_simulate
 
-        if mode not in MODES:
-            raise typer.BadParameter(f"expected one of {', '.join(MODES)}, got {mode!r}", param_hint="--mode")
-        if max_new_tokens <= 0:
-            raise typer.BadParameter(f"must be positive, got {max_new_tokens}", param_hint="--max-new-tokens")
-        paths = paths or _default_paths()
         if limit is None and mode == "live":
             limit = 1
-        sessions = []
-        for path in paths:
-            if not path.exists():
-                console.print(f"[yellow]skipped[/yellow] {path}: no such file or folder")
-                continue
-            left = None if limit is None else limit - len(sessions)
-            if left is not None and left <= 0:
-                break
-            sessions += load_sessions(path, limit=left, on_error=lambda p, why: console.print(
-                f"[yellow]skipped[/yellow] {p}: {why}"))
-        if not sessions:
-            console.print(f"[red]error:[/red] no trajectory could be read from {', '.join(map(str, paths))}")
-            raise typer.Exit(1)
+        sessions = read_sessions(paths, ["swe_agent"], limit=limit, calls=calls)
         total = sum(len(s.calls) for s in sessions)
         console.print(f"replaying {len(sessions)} sessions, {total} calls ({mode})")
         if mode == "live":
             engine = options.engine()
+            if options.store != MEMORY:
+                console.print(f"sessions go to {options.store_url}")
         else:
             from agentspec.engine.model import load_tokenizer
 

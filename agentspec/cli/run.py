@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agentspec.cli.options import ModelOptions, model_options
+from agentspec.cli.options import MEMORY, ModelOptions, model_options
 
 console = Console()
 
@@ -16,12 +16,17 @@ def register(app: typer.Typer) -> None:
     @model_options
     def run(
         prompt: str = typer.Option(None, "--prompt", "-p", help="Generate once from this prompt and stream it."),
-        session: str = typer.Option(None, help="Session id whose cache drafts for the prompt."),
+        session: str = typer.Option("run", help="--prompt: the session the call belongs to (its earlier calls "
+                                    "draft for it, and it is stored under this id)."),
         turns: int = typer.Option(4, help="Demo: assistant turns to play."),
         max_new_tokens: int = typer.Option(96, help="Tokens to generate per turn."),
         options: ModelOptions = None,
     ) -> None:
-        """Run a short live agent session with and without speculation (or one --prompt)."""
+        """Run a short live agent session with and without speculation (or one --prompt).
+
+        Calls are stored in the session store (`--store`; default: the persistent cache), so `agentspec stats`
+        shows them and later runs draft from them.
+        """
         engine = options.engine()
         if prompt is not None:
             stream = engine.stream(prompt, session=session, max_new_tokens=max_new_tokens)
@@ -31,10 +36,13 @@ def register(app: typer.Typer) -> None:
             console.print(f"\n[dim]{stats.output_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s, "
                           f"{stats.tokens_per_step:.2f} tokens/step, {stats.hit_rate:.0%} from drafts[/dim]")
             return
-        from agentspec.replay.demo import run_demo
+        from agentspec.replay.demo import run_demo, sample_path
 
-        console.print(f"[bold]agentspec demo[/bold]: {engine.model_name}, a tau-bench airline conversation, "
-                      f"{turns} live assistant turns, each decoded without and with speculation")
+        console.print(f"[bold]agentspec demo[/bold]: {engine.model_name}, a recorded tau-bench airline conversation "
+                      f"({sample_path()}), {turns} live assistant turns, each decoded without and with speculation")
+        if options.store != MEMORY:
+            console.print(f"[dim]session 'demo' is stored in {options.store_url}: a second run drafts from this "
+                          "one too (--store memory for a cold start)[/dim]")
 
         def show(turn):
             console.print(f"turn {turn.turn}: {turn.prompt_tokens} prompt tokens, {turn.output_tokens} new | "

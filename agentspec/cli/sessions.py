@@ -45,21 +45,22 @@ def session_totals(store, session_id: str | None = None) -> dict[str, dict]:
         d["calls"] = calls
         out[key] = {k: d[k] for k in ("calls", "prompt_tokens", "output_tokens", "steps", "drafted_tokens",
                                       "accepted_tokens", "acceptance_rate", "tokens_per_step", "hit_rate",
-                                      "accepted_by_source")}
+                                      "decode_tokens_per_second", "accepted_by_source")}
     return out
 
 
 def _stats_table(rows: dict[str, dict]) -> Table:
     table = Table(title="agentspec cache statistics")
     cols = ("session", "calls", "prompt tok", "output tok", "drafted", "accepted", "accept rate", "tok/step",
-            "hit rate", "accepted from (request/session/global/recycled)")
+            "tok/s", "hit rate", "accepted from (request/session/global/recycled)")
     for col in cols:
         table.add_column(col, justify="left" if col in ("session", cols[-1]) else "right")
     for sid, r in sorted(rows.items(), key=lambda kv: (kv[0] == "*", kv[0])):
         src = r["accepted_by_source"]
         table.add_row("all sessions" if sid == "*" else sid, str(r["calls"]), f"{r['prompt_tokens']:,}",
                       f"{r['output_tokens']:,}", f"{r['drafted_tokens']:,}", f"{r['accepted_tokens']:,}",
-                      f"{r['acceptance_rate']:.1%}", f"{r['tokens_per_step']:.2f}", f"{r['hit_rate']:.1%}",
+                      f"{r['acceptance_rate']:.1%}", f"{r['tokens_per_step']:.2f}",
+                      f"{r['decode_tokens_per_second']:.1f}", f"{r['hit_rate']:.1%}",
                       " / ".join(str(src.get(k, 0)) for k in ("request", "session", "global", "recycled")))
     return table
 
@@ -237,6 +238,9 @@ def register(app: typer.Typer) -> None:
         tokens per verification step, share of output from drafts, and which tree the drafts came from.
         Totals count every call ever stored, including calls `agentspec prune` has deleted since."""
         rows = session_totals(_open(store, tenant), session)
+        if session is not None and not rows:
+            err.print(f"[red]error:[/red] no session {session!r}")
+            raise typer.Exit(1)
         if as_json:
             print(json.dumps(rows, indent=2))
         elif not rows:

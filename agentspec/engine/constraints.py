@@ -15,7 +15,7 @@ outlines-core   0.63 s     0 us (precomputed index)     43 / 63 us   ``rollback_
 JSON mode (any object): xgrammar 3 us median, llguidance 2 us (max 1372 us); outlines-core cannot express
 it (a regex has no recursion). xgrammar is the fastest on schemas, rolls back any number of tokens (a
 tree walk accepts a node's token, descends, and rolls back), and composes grammars (concatenation,
-union, tag-triggered sections), which the tool-call formats need. ``.dev/grammar_libs.py`` re-measures.
+union, tag-triggered sections), which the tool-call formats need. ``scripts/grammar_libs.py`` re-measures.
 
 A draft tree under a grammar (:func:`constrain_tree`)::
 

@@ -2,46 +2,87 @@
 
 One call of :meth:`Engine.generate` (``stream`` is the same code path)::
 
-    prompt ids -> prefix KV from the prefix cache -> prefill the rest -> first token (root)
+    prompt ids -> prefix KV from the radix cache -> prefill the rest -> first token (root)
     loop: draft = drafter.propose(...) pruned by the lookahead policy
-          logits = model([root] + draft, tree mask, positions)       # one forward
+          logits = forward([root] + draft, tree mask, positions)      # one forward
           accepted, bonus = accept(draft, logits)                     # greedy or sampling
           compact KV to prefix + root + accepted;  root = bonus
-    -> drafter / session store learn the call
+    -> the drafter learns the call; the session recorder stores it; the radix cache keeps its KV
 
 Greedy output equals plain one-token-at-a-time greedy decoding; sampling output has exactly
 the plain sampling distribution (model-free drafts, sample-and-match acceptance).
+
+The engine is composed of typed parts, all given at construction: a
+:class:`~agentspec.draft.base.Drafter`, a :class:`DraftPolicy`, a :class:`SessionRecorder` and a
+:class:`~agentspec.engine.forward.ForwardBackend`. :meth:`Engine.from_pretrained` only composes them.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from agentspec import chat
 from agentspec.config import SamplingParams, SpeculationConfig
 from agentspec.draft.base import SOURCE_NAMES, Drafter, DraftTree
+from agentspec.draft.builder import SuffixDrafter
 from agentspec.engine.constraints import Grammar, GrammarCompiler
-from agentspec.engine.cpu_fast import attention, fast_linears, output_head, skinny_linears, tree_attention_name
+from agentspec.engine.forward import ForwardBackend, select_forward
 from agentspec.engine.kvcache import TreeKVCache
+from agentspec.engine.model import load_model, resolve_model
 from agentspec.engine.processors import LogitsPipeline, TokenLogprob
+from agentspec.engine.quantize import quantize_model
 from agentspec.engine.radix import KVPool, PrefixMatch, RadixCache
-from agentspec.engine.step_forward import LlamaStepForward
-from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask, sample_token, tree_inputs
+from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask, sample_token
+from agentspec.lookahead import CostCurve, LookaheadPolicy
+from agentspec.sessions import SessionManager
 from agentspec.stats import SpecStats
+from agentspec.stores import StoreError, open_store
+from agentspec.tokens import common_prefix
 
 logger = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 2048  # prompt tokens per prefill forward (bounds attention memory)
-RECYCLE_TOP_K = 8
+
+class DraftPolicy(Protocol):
+    """Decides how much of a draft tree to verify (:class:`~agentspec.lookahead.LookaheadPolicy`)."""
+
+    def select(self, tree: DraftTree) -> DraftTree:
+        """The subtree (closed under parents, maybe empty) worth verifying."""
+
+    def observe(self, k: int, seconds: float) -> None:
+        """An observed verification forward over ``k`` tokens took ``seconds``."""
+
+
+class SessionRecorder(Protocol):
+    """Stores finished calls (:class:`~agentspec.sessions.SessionManager`)."""
+
+    def ensure_loaded(self, session_id: str) -> None:
+        """Feed the drafter what the store knows of ``session_id`` (may raise before a call starts)."""
+
+    def record(self, session_id: str, prompt_ids: Sequence[int], output_ids: Sequence[int],
+               stats: SpecStats) -> int | None:
+        """Append a finished call; returns its record id (None when nothing is persisted)."""
+
+
+@dataclass
+class TenantParts:
+    """What a tenant does not share with the other tenants of an engine (see :meth:`Engine.for_tenant`)."""
+
+    drafter: Drafter | None
+    policy: DraftPolicy | None
+    sessions: SessionRecorder | None
+
+
+TenantFactory = Callable[[str], TenantParts]  # tenant name -> its own parts
 
 
 @dataclass
@@ -62,15 +103,20 @@ class GenerationStream:
     ``close()`` cancels the generation (e.g. when an HTTP client disconnects).
     """
 
-    def __init__(self, deltas: Iterator[str]) -> None:
+    def __init__(self, deltas: Generator[str, None, GenerationResult]) -> None:
         self._deltas = deltas
         self.result: GenerationResult | None = None
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> GenerationStream:
         return self
 
     def __next__(self) -> str:
-        return next(self._deltas)
+        try:
+            return next(self._deltas)
+        except StopIteration as stop:  # the generator returns the result
+            if stop.value is not None:
+                self.result = stop.value
+            raise
 
     def close(self) -> None:
         self._deltas.close()
@@ -85,8 +131,15 @@ class GenerationStream:
 class Engine:
     """Lossless tree-speculative generation on a Hugging Face causal LM.
 
-    Build with :meth:`from_pretrained`; the constructor takes ready objects (tests pass a tiny
-    model and a scripted drafter).
+    Build with :meth:`from_pretrained`; the constructor takes ready parts (tests pass a tiny
+    model and a scripted drafter):
+
+    * ``drafter`` proposes token trees (None: no speculation);
+    * ``policy`` prunes each tree to what is worth verifying (None: verify it whole);
+    * ``sessions`` stores finished calls (None: nothing is stored);
+    * ``forward`` runs the model (None: :func:`~agentspec.engine.forward.select_forward` picks the
+      backend for the model's device);
+    * ``tenants`` builds a tenant's own parts for :meth:`for_tenant`.
     """
 
     def __init__(
@@ -95,42 +148,40 @@ class Engine:
         tokenizer: Any,
         *,
         drafter: Drafter | None = None,
-        policy: Any | None = None,
-        sessions: Any | None = None,
+        policy: DraftPolicy | None = None,
+        sessions: SessionRecorder | None = None,
+        forward: ForwardBackend | None = None,
         speculation: SpeculationConfig | None = None,
         model_name: str = "model",
-        fast_cpu: bool = True,
+        model_source: str | None = None,
+        quantization: str | None = None,
+        tenants: TenantFactory | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.drafter = drafter
-        self.policy = policy  # LookaheadPolicy: select(tree) -> tree, observe(k, seconds)
-        self.sessions = sessions  # SessionManager: ensure_loaded(id), record(id, prompt, output, stats)
+        self.policy = policy
+        self.sessions = sessions
         self.speculation = speculation or SpeculationConfig()
         self.model_name = model_name
-        self.model_source: str | None = None  # the path the weights came from (from_pretrained sets it)
-        self.quantization: str | None = None  # e.g. "int8" (from_pretrained sets it)
+        self.model_source = model_source  # the path the weights came from
+        self.quantization = quantization  # e.g. "int8"
+        self.namespace = ""  # the tenant (see for_tenant); "" for the engine itself
         self.context_window = int(getattr(model.config, "max_position_embeddings", 8192))
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.num_layers = int(model.config.num_hidden_layers)
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        self.forward = forward or select_forward(model)
         self.prefix_cache = _prefix_cache(model, self.speculation.prefix_cache_bytes)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self._tenants = tenants
+        self._session_prefix = ""  # tenants sharing this engine's drafter keep their sessions apart by id
         self._lock = threading.RLock()
         self._request_ids = itertools.count()
-        self._observe = getattr(drafter, "observe", None)  # recycling table feed, if the drafter has one
         self._fingerprint: str | None = None
         self._grammars: GrammarCompiler | None = None  # built on the first constrained request
-        self._decoder = model.get_decoder()
-        self._head = model.get_output_embeddings()
-        self._tree_attention: str | None = None  # attention implementation for verification forwards
-        self._step_forward: LlamaStepForward | None = None  # lean verification forward, where it applies
-        if fast_cpu:
-            skinny_linears(model)
-            self._head = output_head(model)
-            self._tree_attention = tree_attention_name(model)
-            if self._tree_attention is not None:
-                self._step_forward = LlamaStepForward.for_model(model)
+        self._spare_kv: tuple[list[int], TreeKVCache] | None = None  # the last request's tokens and KV rows
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -145,45 +196,67 @@ class Engine:
         threads: int | None = None,
         drafter: Drafter | None = None,
     ) -> Engine:
-        """Load ``model`` (default SmolLM2-135M-Instruct, or a local dir / .gguf) and its drafters.
+        """Load ``model`` (default SmolLM2-135M-Instruct, or a local dir / .gguf) and compose its parts.
 
-        ``store``: a session store URL, a store object, or ``None`` for in-memory sessions.
-        ``quantize="int8"``: dynamic int8 weights in the linear layers (CPU).
+        ``store``: a session store URL or store object; None (the default) is the persistent store
+        ``sqlite:///$AGENTSPEC_HOME/cache.db``; ``"memory"`` keeps sessions in memory only.
+        ``quantize="int8"``: Q8_0-rounded weights in the linear layers (CPU).
         """
-        from agentspec.engine.model import load_model, resolve_model
-
         if threads:
             torch.set_num_threads(threads)
         source = resolve_model(model)
         hf_model, tokenizer = load_model(model, dtype=dtype)
         if quantize:
-            from agentspec.engine.quantize import quantize_model
-
             hf_model = quantize_model(hf_model, quantize)
         speculation = speculation or SpeculationConfig()
-        if drafter is None:
-            from agentspec.draft.builder import SuffixDrafter
-
-            drafter = SuffixDrafter()
-        engine = cls(hf_model, tokenizer, drafter=drafter, speculation=speculation, model_name=source.name)
-        engine.model_source = str(source.path)
-        engine.quantization = quantize
+        backend = select_forward(hf_model)
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        store = None if store == "memory" else open_store(store) if store is None or isinstance(store, str) else store
+        curve = None
         if speculation.adaptive:
-            from agentspec.lookahead import LookaheadPolicy
+            device = next(hf_model.parameters()).device
+            # v3: the lean forward and the GGUF-block kernel; bump when the forward changes again
+            key = f"{source.name}-{quantize or dtype}-{device}-t{torch.get_num_threads()}-v3"
+            curve = CostCurve.cached(key, cost_probe(backend, hf_model.config.num_hidden_layers))
 
-            engine.policy = LookaheadPolicy.for_engine(engine)
-        if store is not None:  # without a store the drafter keeps sessions in memory by itself
-            from agentspec.sessions import SessionManager
+        def parts(namespace: str, drafter: Drafter | None = None) -> TenantParts:
+            drafter = drafter or SuffixDrafter()
+            tenant_store = store.scoped(namespace) if store is not None and namespace else store
+            sessions = SessionManager(tenant_store, drafter, fingerprint) if tenant_store is not None else None
+            return TenantParts(drafter, LookaheadPolicy(curve) if curve else None, sessions)
 
-            engine.sessions = SessionManager.open(store, drafter, engine.fingerprint)
-        return engine
+        own = parts("", drafter)
+        return cls(hf_model, tokenizer, drafter=own.drafter, policy=own.policy, sessions=own.sessions,
+                   forward=backend, speculation=speculation, model_name=source.name,
+                   model_source=str(source.path), quantization=quantize, tenants=parts)
+
+    def for_tenant(self, name: str, *, share_global: bool = False) -> Engine:
+        """An engine for tenant ``name``: the same weights, forward, lock and cost curve; its own
+        drafter, session store view (``store.scoped(name)``) and prefix-cache namespace, so nothing
+        one tenant generated drafts for, or speeds up, another.
+
+        ``share_global=True`` (one team, many keys): sessions stay apart (their ids are prefixed with
+        ``name/``) but all such tenants draft from this engine's drafter, so its global tree pools
+        every tenant's outputs.
+        """
+        if not name:
+            raise ValueError("a tenant needs a non-empty name")
+        if self._tenants is None:
+            raise ValueError("this engine has no tenant factory: build it with from_pretrained or pass tenants=")
+        parts = self._tenants(name)
+        tenant = copy.copy(self)  # shares the model, forward, prefix cache, lock and request ids
+        tenant.namespace, tenant.policy, tenant._spare_kv = name, parts.policy, None
+        if share_global:
+            tenant._session_prefix = f"{self._session_prefix}{name}/"
+        else:
+            tenant.drafter, tenant.sessions = parts.drafter, parts.sessions
+        return tenant
 
     @property
     def fingerprint(self) -> str:
         """Stable hash of the tokenizer's vocabulary: token ids are only shared between equal ones."""
         if self._fingerprint is None:
-            vocab = sorted(self.tokenizer.get_vocab().items())
-            self._fingerprint = hashlib.sha1(repr(vocab).encode()).hexdigest()[:16]
+            self._fingerprint = tokenizer_fingerprint(self.tokenizer)
         return self._fingerprint
 
     # ------------------------------------------------------------------ public API
@@ -217,9 +290,10 @@ class Engine:
     ) -> GenerationStream:
         """Stream text deltas of a completion.
 
-        ``prompt``: a string (one user message, chat template applied), OpenAI-style messages,
-        or raw prompt token ids. ``session`` names the agent session whose cache drafts for it.
-        ``speculate=False`` decodes one token per step (the baseline through the same code).
+        ``prompt``: a string (one user message, chat template applied), OpenAI-style messages
+        (roles system, user, assistant, tool; string or text-part contents), or raw prompt token
+        ids. ``session`` names the agent session whose cache drafts for it. ``speculate=False``
+        decodes one token per step (the baseline through the same code).
         Penalties, ``logit_bias`` and ``logprobs`` (top-k alternatives per token) are as in
         :class:`~agentspec.config.SamplingParams`. ``grammar``: a :class:`Grammar` or an OpenAI
         ``response_format`` dict the output must match (constrained decoding, drafts included).
@@ -237,43 +311,45 @@ class Engine:
                 f"prompt is {len(prompt_ids)} tokens but the context window is {self.context_window} tokens"
             )
         spec = self.speculation.enabled if speculate is None else speculate
-        stream = GenerationStream(iter(()))
+        if session is not None:
+            session = self._session_prefix + session
         pipeline = LogitsPipeline(params, prompt_ids, matcher)
-        stream._deltas = self._text_deltas(stream, prompt_ids, session, params, spec and self.drafter is not None,
-                                           pipeline)
-        return stream
+        return GenerationStream(self._text_deltas(prompt_ids, session, params, spec and self.drafter is not None,
+                                                  pipeline))
 
     def grammar_compiler(self) -> GrammarCompiler:
         """Compiles grammars for this engine's tokenizer and vocabulary (built once, on first use)."""
         if self._grammars is None:
-            vocab = int(self.model.config.vocab_size)
-            self._grammars = GrammarCompiler(self.tokenizer, vocab, sorted(self.eos_ids))
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_ids))
         return self._grammars
 
     def encode_prompt(
         self, prompt: str | Sequence[dict] | Sequence[int], tools: Sequence[dict] | None = None
     ) -> list[int]:
-        """Prompt token ids for a string, a message list or ready ids; ``ValueError`` if empty."""
+        """Prompt token ids for a string, a message list or ready ids; ``ValueError`` naming what is wrong."""
         if isinstance(prompt, str):
+            chat.check_text(prompt, "prompt")
             if not prompt.strip():
                 raise ValueError("prompt is empty")
             prompt = [{"role": "user", "content": prompt}]
+        if not isinstance(prompt, Sequence):
+            raise ValueError(f"expected a string, messages or token ids; got {type(prompt).__name__}")
         prompt = list(prompt)
         if not prompt:
             raise ValueError("prompt is empty: expected a string, messages or token ids")
-        if all(isinstance(t, int) for t in prompt):
-            return prompt
+        if any(isinstance(t, int) for t in prompt):
+            return check_token_ids(prompt, self.vocab_size)
+        chat.check_messages(prompt)
+        if tools is not None:
+            chat.check_tools(tools)
         return chat.prompt_ids(self.tokenizer, prompt, tools)
-
-    def count_tokens(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> int:
-        return len(chat.prompt_ids(self.tokenizer, messages, tools))
 
     # ------------------------------------------------------------------ text layer
     def _text_deltas(
-        self, stream: GenerationStream, prompt_ids: list[int], session: str | None,
-        params: SamplingParams, speculate: bool, pipeline: LogitsPipeline,
-    ) -> Iterator[str]:
-        """Decode token steps into text deltas, cut at stop strings, hold back partial ones."""
+        self, prompt_ids: list[int], session: str | None, params: SamplingParams, speculate: bool,
+        pipeline: LogitsPipeline,
+    ) -> Generator[str, None, GenerationResult]:
+        """Decode token steps into text deltas, cut at stop strings, hold back partial ones; returns the result."""
         stops = [s for s in params.stop if s]
         hold = max((len(s) for s in stops), default=1) - 1
         output: list[int] = []
@@ -301,13 +377,13 @@ class Engine:
         if len(text) > sent:
             yield text[sent:]
         logprobs = pipeline.logprobs[: len(output)] if pipeline.logprobs is not None else None
-        stream.result = GenerationResult(text, output, stats.finish_reason, len(prompt_ids), stats, logprobs)
+        return GenerationResult(text, output, stats.finish_reason, len(prompt_ids), stats, logprobs)
 
     # ------------------------------------------------------------------ token layer
     def _token_steps(
         self, prompt_ids: list[int], session: str | None, params: SamplingParams, speculate: bool,
         stats: SpecStats, pipeline: LogitsPipeline,
-    ) -> Iterator[list[int]]:
+    ) -> Generator[list[int], None, None]:
         """Yield the tokens committed by each step, counting into ``stats``.
 
         ``stats.finish_reason`` ends as "stop" / "length"; it stays "" when the generation is
@@ -316,7 +392,7 @@ class Engine:
         request_id = f"req-{next(self._request_ids)}"
         generator = None
         if not params.greedy and params.seed is not None:
-            generator = torch.Generator().manual_seed(params.seed)
+            generator = torch.Generator(self.device).manual_seed(params.seed)
         max_new = min(params.max_new_tokens, self.context_window - len(prompt_ids))
         output: list[int] = []
         cache: TreeKVCache | None = None
@@ -360,15 +436,15 @@ class Engine:
                     self.drafter.stop_request(request_id)
                 if match is not None:
                     if cache is not None:  # valid rows: prompt + output[:-1] (the last root is not computed yet)
-                        self.prefix_cache.cache_sequence(prompt_ids + output[:-1], cache)
+                        self.prefix_cache.cache_sequence(prompt_ids + output[:-1], cache, self.namespace)
                     self.prefix_cache.unlock(match.node)
+                if cache is not None:
+                    self._spare_kv = (prompt_ids + output[:-1], cache)
                 if stats.finish_reason and self.sessions is not None and session is not None:
                     self._record(session, prompt_ids, output, stats)
 
     def _record(self, session: str, prompt_ids: list[int], output: list[int], stats: SpecStats) -> None:
         """Append the call to the session store; a store failure is logged, never the caller's lost output."""
-        from agentspec.stores import StoreError
-
         try:
             self.sessions.record(session, prompt_ids, output, stats)
         except StoreError as exc:
@@ -378,33 +454,39 @@ class Engine:
         """The prompt's longest cached prefix, locked until the request ends (None without a cache)."""
         if self.prefix_cache is None:
             return None
-        match = self.prefix_cache.match_prefix(prompt_ids)
+        match = self.prefix_cache.match_prefix(prompt_ids, self.namespace)
         self.prefix_cache.lock(match.node)
         return match
+
+    def _request_kv(self, prompt_ids: list[int], match: PrefixMatch | None) -> tuple[TreeKVCache, int]:
+        """KV buffers for a request and how many leading prompt rows they already hold.
+
+        The last request's buffers are reused (fresh memory costs page faults). In an agent loop the
+        prompt extends the last request's prompt and output, whose rows those buffers still hold:
+        then they are kept as they are; otherwise the matched prefix's rows are copied from the pool.
+        """
+        limit = len(prompt_ids) - 1  # at least one prompt token must run, for its logits
+        spare, self._spare_kv = self._spare_kv, None
+        cache = spare[1] if spare is not None else TreeKVCache(self.num_layers, len(prompt_ids) + 256)
+        if match is None:
+            cache.truncate(0)
+            return cache, 0
+        reused = min(match.length, limit)
+        held = min(common_prefix(spare[0], prompt_ids), limit) if spare is not None else 0
+        if held >= reused:  # the same values as the pool's rows: both are this prefix's KV
+            cache.truncate(held)
+            return cache, held
+        cache.truncate(0)
+        self.prefix_cache.pool.read_into(match.slots[:reused], cache)
+        return cache, reused
 
     def _prefill(
         self, prompt_ids: list[int], match: PrefixMatch | None, stats: SpecStats
     ) -> tuple[TreeKVCache, torch.Tensor]:
         """Fill the KV cache for the prompt (copying a cached prefix's rows); logits of the last position."""
-        cache = TreeKVCache(self.num_layers, capacity=len(prompt_ids) + 256)
-        reused = 0
-        if match is not None:
-            reused = min(match.length, len(prompt_ids) - 1)  # at least one token must run for its logits
-            self.prefix_cache.pool.read_into(match.slots[:reused], cache)
+        cache, reused = self._request_kv(prompt_ids, match)
         stats.prefill_tokens = len(prompt_ids) - reused
-        with torch.no_grad(), fast_linears():
-            for start in range(reused, len(prompt_ids), PREFILL_CHUNK):
-                chunk = prompt_ids[start : start + PREFILL_CHUNK]
-                if self._step_forward is not None:
-                    hidden = self._step_forward.prefill(torch.tensor(chunk, device=self.device), cache)[None]
-                    continue
-                hidden = self._decoder(
-                    input_ids=torch.tensor([chunk], device=self.device),
-                    position_ids=torch.arange(start, start + len(chunk), device=self.device)[None],
-                    past_key_values=cache, use_cache=True,
-                ).last_hidden_state
-            logits = self._head(hidden[0, -1:])[0]
-        return cache, logits
+        return cache, self.forward.prefill(prompt_ids[reused:], cache)
 
     def _step(
         self, request_id: str, cache: TreeKVCache, root: int, params: SamplingParams,
@@ -436,9 +518,6 @@ class Engine:
             stats.accepted_by_source[name] = stats.accepted_by_source.get(name, 0) + 1
         if speculate:
             self.drafter.accept(request_id, tree, accepted, new_tokens)
-            if self._observe is not None and len(tree):
-                top = logits.topk(RECYCLE_TOP_K, dim=-1).indices
-                self._observe([root, *tree.tokens], top.cpu().numpy())
         return new_tokens
 
     def _draft(self, request_id: str, past: int, room: int, pipeline: LogitsPipeline) -> DraftTree:
@@ -453,41 +532,43 @@ class Engine:
 
     def _verify(self, cache: TreeKVCache, root: int, tree: DraftTree, past: int) -> torch.Tensor:
         """One forward over ``[root] + tree``: logits ``[1 + n, V]`` (fp32)."""
-        with torch.no_grad(), fast_linears():
-            if self._step_forward is not None:
-                ids = torch.tensor([root, *tree.tokens], device=self.device)
-                positions = torch.tensor([past, *(past + d for d in tree.depths())], device=self.device)
-                hidden = self._step_forward(ids, positions, ancestor_mask(tree.parents).to(self.device), cache)
-                return self._head(hidden).float()
-            if not len(tree):
-                out = self._decoder(
-                    input_ids=torch.tensor([[root]], device=self.device),
-                    position_ids=torch.tensor([[past]], device=self.device),
-                    past_key_values=cache, use_cache=True,
-                )
-            else:
-                inputs = tree_inputs(root, tree, past, self.dtype)
-                with attention(self.model, self._tree_attention):
-                    out = self._decoder(
-                        input_ids=inputs.input_ids.to(self.device),
-                        position_ids=inputs.position_ids.to(self.device),
-                        attention_mask=inputs.attention_mask.to(self.device),
-                        past_key_values=cache, use_cache=True,
-                    )
-            return self._head(out.last_hidden_state[0]).float()
+        ids = torch.tensor([root, *tree.tokens])
+        positions = torch.tensor([past, *(past + d for d in tree.depths())])
+        return self.forward.verify(ids, positions, ancestor_mask(tree.parents), cache)
 
-    def forward_cost(self, k: int, past: int = 1000) -> float:
-        """Seconds of one verification forward over ``k`` tree tokens (a chain) after ``past`` cached tokens."""
-        if getattr(self, "_cost_cache", None) is None or self._cost_cache[0] != past:
-            cache, _ = self._prefill(list(range(1, past + 1)), None, SpecStats())
-            self._cost_cache = (past, cache)
-        cache = self._cost_cache[1]
+
+def cost_probe(backend: ForwardBackend, num_layers: int, past: int = 1000) -> Callable[[int], float]:
+    """``c(k)`` for :meth:`~agentspec.lookahead.CostCurve.measure`: seconds of one verification forward
+    of ``backend`` over a chain of ``k`` tokens after ``past`` cached ones (prefilled once, on first use)."""
+    cache = TreeKVCache(num_layers, capacity=past + 256)
+
+    def seconds(k: int) -> float:
+        if cache.length < past:
+            cache.truncate(0)
+            backend.prefill(list(range(1, past + 1)), cache)
         cache.truncate(past)
-        tree = DraftTree(tokens=list(range(3, 2 + k)), parents=list(range(-1, k - 2)),
-                         probs=[1.0] * (k - 1), sources=[0] * (k - 1))
+        ids, positions = torch.arange(1, k + 1), torch.arange(past, past + k)
         t0 = time.perf_counter()
-        self._verify(cache, 1, tree, past)
+        backend.verify(ids, positions, torch.ones(k, k, dtype=torch.bool).tril(), cache)
         return time.perf_counter() - t0
+
+    return seconds
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Stable hash of a tokenizer's vocabulary: token ids are only shared between equal ones."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha1(repr(vocab).encode()).hexdigest()[:16]
+
+
+def check_token_ids(ids: list, vocab_size: int) -> list[int]:
+    """``ids`` if every one is an integer in ``[0, vocab_size)``, else ``ValueError`` naming the first bad one."""
+    for i, tok in enumerate(ids):
+        if isinstance(tok, bool) or not isinstance(tok, int):
+            raise ValueError(f"token id {i} must be an integer, got {tok!r:.80}")
+        if not 0 <= tok < vocab_size:
+            raise ValueError(f"token id {i} is {tok}, outside the vocabulary [0, {vocab_size})")
+    return ids
 
 
 def _prefix_cache(model: Any, max_bytes: int) -> RadixCache | None:

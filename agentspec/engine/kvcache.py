@@ -56,6 +56,18 @@ class TreeKVLayer(DynamicLayer):
         self._refresh_views()
         return self.keys, self.values
 
+    def claim(
+        self, n: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``n`` rows and return views ``[1, kv_heads, n, head_dim]`` of them (K, V) to fill in place."""
+        if not self.is_initialized:
+            empty = torch.empty(1, kv_heads, 0, head_dim, dtype=dtype, device=device)
+            self.lazy_initialization(empty, empty)
+        self._reserve(self.length + n)
+        start, self.length = self.length, self.length + n
+        self._refresh_views()
+        return self._k[..., start : self.length, :], self._v[..., start : self.length, :]
+
     def get_seq_length(self) -> int:
         return self.length
 

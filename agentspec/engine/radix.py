@@ -5,7 +5,8 @@ Modelled on SGLang's ``RadixCache``. Two parts:
 * :class:`KVPool` -- per-layer K/V buffers of ``capacity`` *slots* (one slot = one token's K and V
   in every layer). ``alloc(n)`` hands out free slots, ``free(slots)`` takes them back; rows move
   between a pool and a request's contiguous :class:`~agentspec.engine.kvcache.TreeKVCache` with
-  :meth:`KVPool.read_into` (one ``index_select`` per layer) and :meth:`KVPool.write_from`.
+  :meth:`KVPool.read_into` and :meth:`KVPool.write_from` (slice copies of runs of consecutive slots,
+  one gather per layer when the slots are scattered).
 * :class:`RadixCache` -- a radix tree over token ids whose edges are token *segments* and whose
   values are the pool slots holding those tokens' KV::
 
@@ -90,18 +91,21 @@ class KVPool:
         return self.num_used * self.bytes_per_slot
 
     def alloc(self, n: int) -> torch.Tensor | None:
-        """``n`` free slots as a LongTensor, or None when fewer than ``n`` are free (nothing is taken)."""
+        """``n`` free slots as a LongTensor, or None when fewer than ``n`` are free (nothing is taken).
+
+        Slots freed together come back together and in order, so a sequence's slots are mostly
+        runs of consecutive ids, which :meth:`read_into` and :meth:`write_from` copy as slices."""
         if n > self.num_free:
             return None
         if n > len(self._free):
             self._grow(n - len(self._free))
         slots = self._free[len(self._free) - n:]
         del self._free[len(self._free) - n:]
-        return torch.tensor(slots, dtype=torch.long)
+        return torch.tensor(slots[::-1], dtype=torch.long)
 
     def free(self, slots: torch.Tensor | Sequence[int]) -> None:
         """Give ``slots`` back (their rows become garbage)."""
-        self._free.extend(int(s) for s in torch.as_tensor(slots, dtype=torch.long).tolist())
+        self._free.extend(reversed(torch.as_tensor(slots, dtype=torch.long).tolist()))
 
     def _grow(self, needed: int) -> None:
         new_size = min(self.capacity, max(self._allocated + needed, 2 * self._allocated, 256))
@@ -118,24 +122,51 @@ class KVPool:
         self._allocated = new_size
 
     def read_into(self, slots: torch.Tensor, cache: TreeKVCache) -> None:
-        """Append the rows of ``slots`` to ``cache`` (after its ``length``), in order; one gather per layer."""
-        if not len(slots):
+        """Append the rows of ``slots`` to ``cache`` (after its ``length``), in order."""
+        n = len(slots)
+        if not n:
             return
-        index = slots.to(self.device)
+        runs = _runs(slots)
         for i, layer in enumerate(cache.layers):
-            k = self.k[i].index_select(1, index)[None]  # [1, kv_heads, n, head_dim]
-            v = self.v[i].index_select(1, index)[None]
-            layer.update(k, v)
+            k_dst, v_dst = layer.claim(n, self.kv_heads, self.head_dim, self.dtype, self.device)  # [1, H, n, D]
+            if runs is None:  # scattered slots: one gather per layer
+                index = slots.to(self.device)
+                k_dst[0] = self.k[i].index_select(1, index)
+                v_dst[0] = self.v[i].index_select(1, index)
+                continue
+            for offset, first, length in runs:  # slices copy at memory speed; a gather allocates
+                k_dst[0, :, offset : offset + length] = self.k[i][:, first : first + length]
+                v_dst[0, :, offset : offset + length] = self.v[i][:, first : first + length]
 
     def write_from(self, slots: torch.Tensor, cache: TreeKVCache, start: int) -> None:
         """Store ``cache`` rows ``start .. start + len(slots)`` into ``slots``."""
         if not len(slots):
             return
-        index = slots.to(self.device)
+        runs = _runs(slots)
         stop = start + len(slots)
         for i, layer in enumerate(cache.layers):
-            self.k[i].index_copy_(1, index, layer.keys[0, :, start:stop])
-            self.v[i].index_copy_(1, index, layer.values[0, :, start:stop])
+            keys, values = layer.keys[0, :, start:stop], layer.values[0, :, start:stop]  # [H, n, D]
+            if runs is None:
+                index = slots.to(self.device)
+                self.k[i].index_copy_(1, index, keys)
+                self.v[i].index_copy_(1, index, values)
+                continue
+            for offset, first, length in runs:
+                self.k[i][:, first : first + length] = keys[:, offset : offset + length]
+                self.v[i][:, first : first + length] = values[:, offset : offset + length]
+
+
+MAX_RUNS = 64  # more runs of consecutive slots than this: gather / scatter instead of slice copies
+
+
+def _runs(slots: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """``slots`` as runs of consecutive ids ``(offset in slots, first slot, length)``; None if too many."""
+    breaks = (torch.nonzero(slots[1:] != slots[:-1] + 1).flatten() + 1).tolist()
+    if len(breaks) >= MAX_RUNS:
+        return None
+    starts, ends = [0, *breaks], [*breaks, len(slots)]
+    firsts = slots[starts].tolist()
+    return [(a, first, b - a) for a, b, first in zip(starts, ends, firsts)]
 
 
 @dataclass(eq=False)

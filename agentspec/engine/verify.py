@@ -42,15 +42,20 @@ def ancestor_mask(parents: list[int]) -> torch.Tensor:
     return mask
 
 
+def tree_mask_4d(tree_mask: torch.Tensor, past: int, dtype: torch.dtype) -> torch.Tensor:
+    """transformers' additive mask ``[1, 1, T, past + T]`` (0 attend, dtype min masked) for a ``[T, T]``
+    bool tree mask after ``past`` committed positions, which every token sees."""
+    t = tree_mask.shape[-1]
+    allowed = torch.ones(t, past + t, dtype=torch.bool)
+    allowed[:, past:] = tree_mask.cpu()
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
 def tree_inputs(root: int, tree: DraftTree, past: int, dtype: torch.dtype) -> TreeInputs:
     """Build the forward inputs for verifying ``tree`` after ``past`` cached positions."""
     ids = torch.tensor([[root, *tree.tokens]], dtype=torch.long)
-    depths = torch.tensor([0, *tree.depths()], dtype=torch.long)
-    positions = (past + depths).unsqueeze(0)
-    allowed = torch.ones(tree_size := len(tree) + 1, past + tree_size, dtype=torch.bool)
-    allowed[:, past:] = ancestor_mask(tree.parents)
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return TreeInputs(ids, positions, mask[None, None])
+    positions = (past + torch.tensor([0, *tree.depths()], dtype=torch.long)).unsqueeze(0)
+    return TreeInputs(ids, positions, tree_mask_4d(ancestor_mask(tree.parents), past, dtype))
 
 
 def children_index(tree: DraftTree) -> list[dict[int, int]]:

@@ -5,21 +5,17 @@ int8 weights. :func:`comparison_runner` builds any of them by name.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-# name -> label; "agentspec" (the engine under test) is always run and is not listed here
-COMPARISONS = {
-    "hf": "HF greedy",
-    "hf_pld": "HF prompt lookup",
-    "llamacpp": "llama.cpp (GGUF, prefix reuse)",
-    "agentspec_int8": "agentspec, int8 weights",
-    "hf_int8": "HF greedy, int8 weights",
-}
-# the plain greedy run a method's outputs must equal, token for token (default: "hf")
-REFERENCES = {"agentspec_int8": "hf_int8"}
+from agentspec.engine.model import resolve_model
+from agentspec.replay.report import COMPARISONS
+
 # (prompt ids, session id, max new tokens) -> (new token ids, decode seconds, total seconds, decode steps)
 Runner = Callable[[list[int], str, int], tuple[list[int], float, float, int]]
 
@@ -64,8 +60,6 @@ class LlamaCppBaseline:
             from llama_cpp import Llama
         except ImportError as exc:
             raise ImportError("the llama.cpp baseline needs: pip install 'agentspec[llamacpp]'") from exc
-        import os
-
         self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
                          verbose=False)
 
@@ -86,8 +80,6 @@ class LlamaCppBaseline:
 
 
 def llamacpp_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("llama_cpp") is not None
 
 
@@ -104,8 +96,6 @@ def comparison_runner(name: str, engine, window: int) -> Runner:
     if name == "hf_pld":
         return lambda ids, session, n: hf_generate(engine.model, ids, n, engine.eos_ids, prompt_lookup_num_tokens=10)
     if name == "llamacpp":
-        from agentspec.engine.model import resolve_model
-
         source = resolve_model(engine.model_source)
         if not source.is_gguf:
             raise ValueError("the llama.cpp baseline needs a GGUF model (the default one is)")
@@ -119,15 +109,19 @@ def comparison_runner(name: str, engine, window: int) -> Runner:
     raise ValueError(f"unknown comparison {name!r}; expected one of {sorted(COMPARISONS)}")
 
 
+_INT8_ENGINES: dict[str, Any] = {}  # model source -> its int8 engine, built once per process
+
+
 def _int8_engine(engine):
-    """A second engine on ``engine``'s weights with int8 linear layers, built once per engine."""
-    if getattr(engine, "_int8_twin", None) is None:
+    """A second engine on ``engine``'s weights with int8 linear layers (sessions in memory), built once."""
+    if engine.device.type != "cpu":
+        raise ValueError("int8 weights run on the CPU only")
+    if engine.model_source not in _INT8_ENGINES:
         from agentspec.engine import Engine
 
-        if engine.device.type != "cpu":
-            raise ValueError("int8 weights run on the CPU only")
-        engine._int8_twin = Engine.from_pretrained(engine.model_source, quantize="int8", speculation=engine.speculation)
-    return engine._int8_twin
+        _INT8_ENGINES[engine.model_source] = Engine.from_pretrained(
+            engine.model_source, quantize="int8", speculation=engine.speculation, store="memory")
+    return _INT8_ENGINES[engine.model_source]
 
 
 def _engine_run(engine, prompt_ids: list[int], session: str, max_new_tokens: int):

@@ -29,10 +29,14 @@ class DemoTurn:
     text: str
 
 
+def sample_path():
+    """The bundled recording the demo plays (a ``Traversable``; a plain path in an installed package)."""
+    return resources.files("agentspec.samples").joinpath(SAMPLE)
+
+
 def sample_conversation() -> list[dict]:
     """The bundled recorded conversation (system, user, assistant, tool messages)."""
-    text = resources.files("agentspec.samples").joinpath(SAMPLE).read_text()
-    return json.loads(text)[0]["traj"]
+    return json.loads(sample_path().read_text())[0]["traj"]
 
 
 def run_demo(engine, turns: int = 4, max_new_tokens: int = 96, session: str = "demo",

@@ -1,6 +1,6 @@
 """Compare grammar libraries for constrained decoding on this CPU: per-token mask cost and rollback.
 
-Run: ``python .dev/grammar_libs.py``. For each of xgrammar, llguidance and outlines-core: compile the
+Run: ``python scripts/grammar_libs.py``. For each of xgrammar, llguidance and outlines-core: compile the
 JSON schema of tau-bench's ``book_reservation`` tool (the largest) for SmolLM2's 49,152-token vocabulary,
 then walk a recorded argument object token by token, computing the next-token mask at every step;
 then walk it again with a rollback of one token after every step (a tree walk's pattern).

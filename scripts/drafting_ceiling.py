@@ -1,8 +1,12 @@
 """How far the teacher-forced modelled speedup could go with the default drafter's candidates.
 
-python .dev/drafting_ceiling.py tau|swe [--auc]
+    python scripts/drafting_ceiling.py tau|swe [--data DIR] [--auc]
 
-Prints, on the same stream and cost curve as `agentspec bench --simulate`:
+Reads the recorded trajectories of the teacher-forced benchmarks (``tau``: the first 60
+trajectories of ``tau_bench/gpt-4o-airline.json``; ``swe``: every ``swe_agent`` trajectory) from
+the data folder (``--data``, else ``$AGENTSPEC_DATA``, else ``../shared/data`` beside the repo) and
+prints, on the same stream and cost curve as ``agentspec bench --simulate``:
+
   policy        the default drafter + lookahead policy (what the benchmark reports);
   first-token   the same steps, but a step whose first drafted token is wrong drafts nothing
                 (a perfect "is the first token right" oracle on top of the policy; exact for
@@ -10,7 +14,8 @@ Prints, on the same stream and cost curve as `agentspec bench --simulate`:
   oracle        re-simulated: every step drafts exactly the path of the candidate tree (budget
                 32, before the policy) that the recorded completion accepts, and nothing else;
   no-candidate  steps of the oracle run whose candidate tree holds no right first token.
---auc (needs scikit-learn) adds cross-validated (by session) AUCs of "this first-level node is
+
+``--auc`` (needs scikit-learn) adds cross-validated (by session) AUCs of "this first-level node is
 accepted": the calibrated estimate alone, gradient boosting on the calibration features, and on
 those plus request-context features (position in the completion, recent acceptance, inside a
 ``` fence, characters since the last newline, call index). Then, on the policy's own steps and
@@ -19,18 +24,28 @@ gradient-boosted model refit on all earlier sessions every few sessions (a nonli
 that only sees the past, as a live engine would); it prints tokens x c(1) / cost of both.
 """
 
-import sys
+import argparse
+from pathlib import Path
 
-sys.path.insert(0, ".dev")
-from drafting_data import load_benchmark  # noqa: E402
+from agentspec.draft.base import DraftTree
+from agentspec.draft.builder import DrafterConfig, SuffixDrafter
+from agentspec.engine.model import load_tokenizer
+from agentspec.lookahead import CostCurve, LookaheadPolicy
+from agentspec.replay.simulate import accepted_path
+from agentspec.replay.trajectories import default_data_dir, load_sessions, tokenize_sessions
 
-from agentspec.draft.builder import DrafterConfig, SuffixDrafter  # noqa: E402
-from agentspec.lookahead import CostCurve, LookaheadPolicy  # noqa: E402
-from agentspec.replay.simulate import accepted_path  # noqa: E402
+BENCHMARKS = {"tau": ("tau_bench/gpt-4o-airline.json", 60), "swe": ("swe_agent", None)}  # path, sessions
 
-name = sys.argv[1]
-want_auc = "--auc" in sys.argv[2:]
-sessions = load_benchmark(name)
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="See the module docstring for the rows.")
+parser.add_argument("name", choices=sorted(BENCHMARKS), help="the teacher-forced benchmark")
+parser.add_argument("--data", type=Path, default=None, help="data folder (default: $AGENTSPEC_DATA or ../shared/data)")
+parser.add_argument("--auc", action="store_true", help="acceptance-model AUCs and a re-selection (needs scikit-learn)")
+args = parser.parse_args()
+name, want_auc = args.name, args.auc
+relative, limit = BENCHMARKS[name]
+path = (args.data or default_data_dir()) / relative
+print(f"reading {path.resolve()}")
+sessions = [s for s in tokenize_sessions(load_tokenizer(), load_sessions(path, limit=limit)) if s]
 cost = CostCurve()
 total_tokens = sum(len(c) for calls in sessions for _, c in calls)  # the tokenised completions end in EOS
 
@@ -90,8 +105,6 @@ if want_auc:
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.metrics import roc_auc_score
 
-    from agentspec.engine.model import load_tokenizer
-
     tok = load_tokenizer()
     fence = set(tok.encode("```", add_special_tokens=False))
     base, extra, y, groups = [], [], [], []
@@ -128,8 +141,6 @@ if want_auc:
 
     # Prequential gradient boosting: conditional acceptance of a node whose parent is accepted,
     # the model for sessions [s0, s0 + refit) trained on sessions < s0 only.
-    from agentspec.draft.base import DraftTree
-
     refit = 5 if name == "tau" else 2
     rows, labels, trainable, row_groups, where = [], [], [], [], []
     for k, s in enumerate(steps):

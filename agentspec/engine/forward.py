@@ -1,0 +1,129 @@
+"""Forward backends: the model's prefill and tree-verification forwards, decided once per engine.
+
+The engine needs two forwards (:class:`ForwardBackend`); which code runs them depends on the
+model and the device, and is decided once, at construction (:func:`select_forward`):
+
+* :class:`LeanForward` -- CPU, plain Llama architectures: agentspec's own lean decoder forward
+  (:mod:`agentspec.engine.step_forward`) with the CPU fast paths (:mod:`agentspec.engine.cpu_fast`);
+* :class:`HFForward` -- any other model: transformers' own decoder with a 4D tree mask. With
+  ``attention="agentspec_tree"`` tree steps go through :func:`agentspec.kernels.tree_attention`,
+  which is the Triton kernel on CUDA and the fused torch kernel on a CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import torch
+
+from agentspec.engine.cpu_fast import attention, fast_linears, output_head, skinny_linears, tree_attention_name
+from agentspec.engine.kvcache import TreeKVCache
+from agentspec.engine.step_forward import LlamaStepForward
+from agentspec.engine.verify import tree_mask_4d
+from agentspec.kernels import register_attention, triton_available
+
+logger = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 2048  # prompt tokens per prefill forward (bounds attention memory)
+
+
+class ForwardBackend(Protocol):
+    """The two forwards the engine runs. Both write the new tokens' KV into ``cache`` after its
+    ``cache.length`` committed positions."""
+
+    name: str  # what runs the forwards, for logs and tests (e.g. "lean-cpu", "hf+triton")
+
+    def prefill(self, input_ids: list[int], cache: TreeKVCache) -> torch.Tensor:
+        """Causal forward over prompt tokens at positions ``cache.length ..``: fp32 logits ``[V]``
+        of the last one."""
+
+    def verify(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor, cache: TreeKVCache
+    ) -> torch.Tensor:
+        """Forward over a token tree: ``input_ids``, ``position_ids`` ``[T]``; ``tree_mask`` ``[T, T]``
+        bool (True = token i sees token j; every token sees all committed positions). fp32 logits ``[T, V]``."""
+
+
+class LeanForward:
+    """:class:`LlamaStepForward` and the packed output head (CPU)."""
+
+    name = "lean-cpu"
+
+    def __init__(self, step: LlamaStepForward, head: torch.nn.Module, device: torch.device) -> None:
+        self.step, self.head, self.device = step, head, device
+
+    def prefill(self, input_ids: list[int], cache: TreeKVCache) -> torch.Tensor:
+        with torch.no_grad(), fast_linears():
+            for start in range(0, len(input_ids), PREFILL_CHUNK):
+                hidden = self.step.prefill(torch.tensor(input_ids[start : start + PREFILL_CHUNK]), cache)
+            return self.head(hidden[-1:])[0].float()
+
+    def verify(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor, cache: TreeKVCache
+    ) -> torch.Tensor:
+        with torch.no_grad(), fast_linears():
+            return self.head(self.step(input_ids, position_ids, tree_mask, cache)).float()
+
+
+class HFForward:
+    """transformers' decoder with a 4D tree mask; tree steps run under ``attention`` (an attention
+    implementation name, or None to keep the model's own)."""
+
+    def __init__(self, model: Any, head: torch.nn.Module, attention: str | None) -> None:
+        self.model, self.head, self.attention = model, head, attention
+        self.decoder = model.get_decoder()
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        on_cuda = self.device.type == "cuda"
+        self.name = "hf" + (f"+{'triton' if on_cuda and triton_available() else attention}" if attention else "")
+
+    def prefill(self, input_ids: list[int], cache: TreeKVCache) -> torch.Tensor:
+        with torch.no_grad(), fast_linears():
+            for start in range(0, len(input_ids), PREFILL_CHUNK):
+                chunk = input_ids[start : start + PREFILL_CHUNK]
+                past = cache.length
+                hidden = self.decoder(
+                    input_ids=torch.tensor([chunk], device=self.device),
+                    position_ids=torch.arange(past, past + len(chunk), device=self.device)[None],
+                    past_key_values=cache, use_cache=True,
+                ).last_hidden_state
+            return self.head(hidden[0, -1:])[0].float()
+
+    def verify(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor, cache: TreeKVCache
+    ) -> torch.Tensor:
+        with torch.no_grad(), fast_linears():
+            kwargs: dict[str, Any] = {}
+            if len(input_ids) > 1:
+                kwargs["attention_mask"] = tree_mask_4d(tree_mask, cache.length, self.dtype).to(self.device)
+            with attention(self.model, self.attention if kwargs else None):
+                out = self.decoder(input_ids=input_ids.to(self.device)[None],
+                                   position_ids=position_ids.to(self.device)[None],
+                                   past_key_values=cache, use_cache=True, **kwargs)
+            return self.head(out.last_hidden_state[0]).float()
+
+
+def select_forward(model: Any, *, fast_cpu: bool = True) -> ForwardBackend:
+    """The backend for ``model`` on its device, decided once.
+
+    CUDA: transformers' forward with tree steps through the Triton tree-attention kernel (the torch
+    reference where triton is missing). CPU: the lean Llama forward where it applies, else
+    transformers' forward with the fused CPU tree attention; ``fast_cpu=False`` keeps the stock
+    CPU layers and attention (a reference for tests).
+    """
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        if not triton_available():
+            logger.warning("triton is not importable: tree attention runs the torch reference on CUDA")
+        return HFForward(model, model.get_output_embeddings(), register_attention())
+    if not fast_cpu:
+        return HFForward(model, model.get_output_embeddings(), None)
+    skinny_linears(model)
+    head = output_head(model)
+    name = tree_attention_name(model)
+    step = LlamaStepForward.for_model(model) if name is not None else None
+    if step is not None:
+        return LeanForward(step, head, device)
+    return HFForward(model, head, name)
+
