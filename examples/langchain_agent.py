@@ -65,12 +65,13 @@ def run_agent(llm: BaseChatModel, question: str, *, session_id: str, max_steps: 
     return str(final.content), messages
 
 
-def make_llm(base_url: str | None, max_tokens: int) -> BaseChatModel:
+def make_llm(base_url: str | None, max_tokens: int, session: str, api_key: str = "unused") -> BaseChatModel:
     if base_url:
         from langchain_openai import ChatOpenAI
 
-        return ChatOpenAI(base_url=base_url, api_key="unused", model="smollm2-135m-instruct",
-                          temperature=0, max_tokens=max_tokens)
+        # the server reads the session from a header: ChatOpenAI does not see LangChain's configurable
+        return ChatOpenAI(base_url=base_url, api_key=api_key, model="smollm2-135m-instruct",
+                          temperature=0, max_tokens=max_tokens, default_headers={"X-Session-Id": session})
     from agentspec.integrations.langchain import ChatAgentSpec
 
     return ChatAgentSpec(temperature=0, max_tokens=max_tokens)
@@ -81,8 +82,9 @@ def main() -> None:
     parser.add_argument("--base-url", help="use ChatOpenAI against an `agentspec serve` at this URL")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--session", default="weather-agent")
+    parser.add_argument("--api-key", default="unused", help="the server's API key, if it needs one")
     args = parser.parse_args()
-    llm = make_llm(args.base_url, args.max_tokens)
+    llm = make_llm(args.base_url, args.max_tokens, args.session, args.api_key)
     total = SpecStats()
 
     def on_call(reply: Any) -> None:

@@ -1,7 +1,7 @@
 """Integrations: the LangChain chat model and the OpenAI-compatible server.
 
 Both import their framework on first use: ``from agentspec.integrations import ChatAgentSpec``
-needs langchain-core, ``create_app`` needs the ``server`` extra (fastapi, uvicorn).
+needs langchain-core, ``create_app`` needs the ``server`` extra (fastapi, uvicorn, prometheus-client).
 """
 
 from __future__ import annotations

@@ -101,6 +101,8 @@ def prepare_prompt(
     With ``context_window`` a prompt that does not fit raises ``ValueError`` naming both lengths.
     """
     choice = normalize_tool_choice(tool_choice)
+    if not tools and (choice == "required" or isinstance(choice, dict)):
+        raise ValueError(f"tool_choice {choice!r} needs tools, but the request gives none")
     stops = [stop] if isinstance(stop, str) else [s for s in stop or () if s]
     rendered_tools = list(tools) if tools and choice != "none" else None
     ids = chat.prompt_ids(tokenizer, [_as_chat_message(m) for m in messages], rendered_tools)

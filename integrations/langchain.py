@@ -11,7 +11,10 @@ Swap it in for any LangChain chat model (``ChatOpenAI``, ``ChatOllama`` ...)::
 
 One agent thread should map to one session: every call of a session drafts from the session's
 earlier prompts and outputs. The session id comes from the constructor or per call from
-``config={"configurable": {"session_id": ...}}``.
+``config={"configurable": {"session_id": ...}}``; in LangGraph, the thread's
+``config={"configurable": {"thread_id": ...}}`` names the session when no ``session_id`` does.
+Token counts (``get_num_tokens``, ``trim_messages(..., token_counter=llm)``) use the model's own
+tokenizer.
 
 The engine is created on first use (constructing the model loads nothing) and shared by all
 instances with the same model settings; pass ``engine=`` to use one you built.
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import json
 import threading
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -37,6 +39,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.json import parse_partial_json
 from pydantic import ConfigDict, Field, PrivateAttr
 
+from agentspec import chat
 from agentspec.engine.constraints import Grammar
 
 from .common import ToolCallSplitter, normalize_tool_choice, prepare_prompt
@@ -44,8 +47,6 @@ from .common import ToolCallSplitter, normalize_tool_choice, prepare_prompt
 # engines shared by every ChatAgentSpec with the same settings: (model, dtype, quantize, store) -> Engine
 ENGINES: dict[tuple, Any] = {}
 _ENGINES_LOCK = threading.Lock()
-# one generation at a time per engine, held for the whole generation (batch runs in threads)
-_GENERATION_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
 
 
 def shared_engine(model: str | None = None, dtype: str = "float32", quantize: str | None = None,
@@ -58,11 +59,6 @@ def shared_engine(model: str | None = None, dtype: str = "float32", quantize: st
 
             ENGINES[key] = Engine.from_pretrained(model, dtype=dtype, quantize=quantize, store=store)
         return ENGINES[key]
-
-
-def _generation_lock(engine: Any) -> threading.Lock:
-    with _ENGINES_LOCK:
-        return _GENERATION_LOCKS.setdefault(engine, threading.Lock())
 
 
 class ChatAgentSpec(BaseChatModel):
@@ -84,7 +80,8 @@ class ChatAgentSpec(BaseChatModel):
     quantize: str | None = None
     """``"int8"``: dynamic int8 linear layers (CPU), when the engine is built here."""
     store: str | None = None
-    """Session store URL (``sqlite:///...``) when the engine is built here; ``None`` = in memory."""
+    """Session store URL when the engine is built here; ``None`` = the persistent default
+    (``sqlite:///$AGENTSPEC_HOME/cache.db``), ``"memory"`` = nothing kept."""
     session_id: str | None = None
     """Agent session whose cache drafts for the calls; per call: ``configurable.session_id``."""
     temperature: float = 0.0
@@ -105,6 +102,7 @@ class ChatAgentSpec(BaseChatModel):
     """Accepted for compatibility with remote chat models; local generation is not retried."""
 
     _resolved_engine: Any = PrivateAttr(default=None)
+    _tokenizer_only: Any = PrivateAttr(default=None)  # for token counts before the engine is needed
 
     # ------------------------------------------------------------------ LangChain identity
     @property
@@ -141,6 +139,27 @@ class ChatAgentSpec(BaseChatModel):
         if self._resolved_engine is None:
             self._resolved_engine = shared_engine(self.model, self.dtype, self.quantize, self.store)
         return self._resolved_engine
+
+    # ------------------------------------------------------------------ tokens
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` under the model's own tokenizer (loads the tokenizer, not the weights)."""
+        return self._tokenizer().encode(text, add_special_tokens=False)
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage],
+                                     tools: Sequence[dict[str, Any] | type | Callable | BaseTool] | None = None) -> int:
+        """Prompt tokens of ``messages`` (and ``tools``) as generation would see them: chat template included."""
+        rendered = [convert_to_openai_tool(t) for t in tools] if tools else None
+        return len(chat.prompt_ids(self._tokenizer(), convert_to_openai_messages(messages), rendered))
+
+    def _tokenizer(self) -> Any:
+        engine = self.engine or self._resolved_engine
+        if engine is not None:
+            return engine.tokenizer
+        if self._tokenizer_only is None:
+            from agentspec.engine.model import load_tokenizer  # deferred: transformers, only when counting
+
+            self._tokenizer_only = load_tokenizer(self.model)
+        return self._tokenizer_only
 
     # ------------------------------------------------------------------ tools
     def bind_tools(
@@ -283,18 +302,18 @@ class ChatAgentSpec(BaseChatModel):
         session = session_id or self.session_id
         splitter = ToolCallSplitter(prepared.parse_tools, prepared.prefix)
         splitter.feed(prepared.prefix)
-        with _generation_lock(engine):
-            stream = engine.stream(prepared.prompt_ids, session=session, stop=prepared.stop, **params)
-            try:
-                for delta in stream:
-                    text = splitter.feed(delta)
-                    if text:
-                        chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
-                        if run_manager:
-                            run_manager.on_llm_new_token(text, chunk=chunk)
-                        yield chunk
-            finally:
-                stream.close()
+        # no lock here: the engine's own lock serialises the model (batch() calls interleave step by step)
+        stream = engine.stream(prepared.prompt_ids, session=session, stop=prepared.stop, **params)
+        try:
+            for delta in stream:
+                text = splitter.feed(delta)
+                if text:
+                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
+                    if run_manager:
+                        run_manager.on_llm_new_token(text, chunk=chunk)
+                    yield chunk
+        finally:
+            stream.close()
         result = stream.result
         rest, calls, invalid = splitter.finish()
         if parsed is not None:
@@ -342,8 +361,10 @@ def _required(parsed: Any) -> Any:
 
 
 def _session_kwargs(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` plus ``session_id`` from ``config["configurable"]`` when the config names one."""
-    session = ((config or {}).get("configurable") or {}).get("session_id")
+    """``kwargs`` plus ``session_id`` from ``config["configurable"]``: its ``session_id``, else LangGraph's
+    ``thread_id`` (one conversation thread, one session)."""
+    configurable = (config or {}).get("configurable") or {}
+    session = configurable.get("session_id", configurable.get("thread_id"))
     if session is not None and "session_id" not in kwargs:
         kwargs = {**kwargs, "session_id": str(session)}
     return kwargs

@@ -1,293 +1,129 @@
 """OpenAI-compatible HTTP server on the agentspec engine (``agentspec serve``).
 
-Endpoints: ``POST /v1/chat/completions`` (streaming as server-sent events, or not),
-``GET /v1/models``, ``GET /health``. The session whose cache drafts for a request is named by
-the ``X-Session-Id`` header or else the request's ``user`` field; each response carries its
-speculation statistics under the extra key ``agentspec``.
+Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming as server-sent
+events, or not), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus). The session
+whose cache drafts for a request is named by the ``X-Session-Id`` header or else the request's
+``user`` field; each response carries its speculation statistics under the extra key
+``agentspec`` (unless the server hides them). ``temperature`` omitted means greedy decoding.
 
-One model generates one answer at a time: requests wait in a bounded queue (full -> 503 with
-``Retry-After``), the engine runs in one worker thread, and a streaming client that disconnects
-cancels its generation.
+Tenants: each API key may name a tenant; a tenant's requests run on ``engine.for_tenant(name)``,
+so its session ids, session trees and (unless ``share_global``) global tree are its own. The key
+is checked before the body is read.
+
+Admission: at most ``max_queue + 1`` generations are in flight (more get 503 with
+``Retry-After``); the engine's own lock serialises the model, step by step, so admitted
+generations advance in turn. A streaming client that disconnects cancels its generation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Request
+from agentspec.stores import TokenizerMismatchError
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from agentspec.engine.constraints import Grammar
-
 from .common import PreparedPrompt, ToolCallSplitter, prepare_prompt, raw_block
+from .metrics import RequestMetrics, ServerMetrics
+from .middleware import Authenticate, BodyLimit, parse_api_keys
+from .openai_api import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    check_text,
+    error_responses,
+    sampling_options,
+    session_id,
+    validation_error,
+)
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 DEFAULT_MAX_QUEUE = 16
+_DONE = object()
 
 
-# ---------------------------------------------------------------------------------------- schema
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class FunctionCall(_Strict):
-    name: str
-    arguments: str
-
-
-class ToolCall(_Strict):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
-
-
-class FunctionDefinition(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class Tool(_Strict):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class FunctionName(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-
-
-class NamedToolChoice(_Strict):
-    type: Literal["function"]
-    function: FunctionName
-
-
-class JsonSchemaFormat(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(_Strict):
-    """``text``, ``json_object`` (any JSON object) or ``json_schema`` (output constrained by a grammar)."""
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_given(self) -> ResponseFormat:
-        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
-            raise ValueError("response_format of type json_schema needs json_schema: {name, schema}")
-        return self
-
-
-class StreamOptions(_Strict):
-    include_usage: bool | None = None
-
-
-class ChatCompletionRequest(_Strict):
-    """The OpenAI chat-completions request fields this server supports (others are rejected)."""
-
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = Field(default=None, max_length=16)
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
-    n: int | None = Field(default=None, ge=1, le=1)
-    user: str | None = None
-    response_format: ResponseFormat | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (a JSON key) -> bias
-    top_k: int | None = Field(default=None, ge=0)  # not OpenAI's: send through extra_body
-    repetition_penalty: float | None = Field(default=None, gt=0)  # not OpenAI's: send through extra_body
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """Every error: ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape)."""
-
-    error: ErrorDetail
-
-
-def _errors(*statuses: int) -> dict:
-    """OpenAPI documentation of the error responses a route can give."""
-    what = {400: "Bad request (malformed JSON, prompt over the context window, bad tool_choice)",
-            401: "Missing or wrong API key", 404: "Unknown model", 413: "Request body too large",
-            422: "Invalid request fields", 503: "Queue full; see Retry-After"}
-    return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
-
-
-# ---------------------------------------------------------------------------------------- errors
-class APIError(Exception):
-    """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", *,
-                 param: str | None = None, code: str | None = None, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-def _validation_error(exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    if any(e.get("type") == "json_invalid" for e in errors):
-        detail = next(e for e in errors if e.get("type") == "json_invalid")
-        return APIError(400, f"request body is not valid JSON: {detail.get('ctx', {}).get('error', detail['msg'])}",
-                        code="invalid_json").response()
-    parts = []
-    for e in errors[:5]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        parts.append(f"{loc or 'body'}: {e.get('msg')}" + (f" (got {e['input']!r:.60})" if "input" in e else ""))
-    param = ".".join(str(x) for x in errors[0].get("loc", ()) if x != "body") if errors else None
-    return APIError(422, "invalid request: " + "; ".join(parts), param=param or None,
-                    code="invalid_request").response()
-
-
-# ---------------------------------------------------------------------------------------- queue
+# ---------------------------------------------------------------------------------------- admission
 class QueueFull(Exception):
     pass
 
 
-class Scheduler:
-    """One generation at a time, at most ``max_queue`` requests waiting; engine work in one thread.
+class Admission:
+    """At most ``max_queue + 1`` requests in flight (one generating, the rest waiting their turn).
 
-    A request first takes a :class:`Ticket` (synchronously, so a full queue is an HTTP 503 before
-    any response starts), then waits for its turn with ``async with ticket:``.
+    A request takes a :class:`Ticket` synchronously, so a full server answers 503 before any
+    response starts. There is no lock here: admitted generations interleave on the engine,
+    whose lock serialises each step. Engine calls run in a thread pool with one thread per place.
     """
 
     def __init__(self, max_queue: int) -> None:
         self.max_queue = max_queue
-        self.waiting = 0
-        self.running = 0
+        self.limit = max_queue + 1
+        self.in_flight = 0
         self.served = 0
         self.rejected = 0
-        self._slot = asyncio.Lock()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentspec-engine")
+        self.executor = ThreadPoolExecutor(max_workers=self.limit + 1, thread_name_prefix="agentspec-engine")
 
-    def reserve(self) -> Ticket:
-        """A place in the queue; raises :class:`QueueFull` when ``max_queue`` requests already wait."""
-        if self.waiting >= self.max_queue:
+    def admit(self) -> Ticket:
+        """A place; raises :class:`QueueFull` when ``max_queue + 1`` requests are already in flight."""
+        if self.in_flight >= self.limit:
             self.rejected += 1
             raise QueueFull
-        self.waiting += 1
+        self.in_flight += 1
         return Ticket(self)
 
     async def run(self, fn: Callable, *args: Any) -> Any:
-        """Run ``fn(*args)`` in the engine thread."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        """``fn(*args)`` in an engine thread."""
+        return await asyncio.wrap_future(self.executor.submit(fn, *args))
 
 
 class Ticket:
-    """A reserved place in the queue. ``async with ticket:`` waits for and holds the engine;
-    ``cancel()`` gives an unused place back (idempotent)."""
+    """A place in flight; ``release()`` gives it back (idempotent)."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
-        self._scheduler = scheduler
-        self._waiting = True
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._held = True
 
-    def cancel(self) -> None:
-        if self._waiting:
-            self._waiting = False
-            self._scheduler.waiting -= 1
-
-    async def __aenter__(self) -> Ticket:
-        s = self._scheduler
-        try:
-            await s._slot.acquire()
-        finally:
-            self.cancel()
-        s.running += 1
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        s = self._scheduler
-        s.running -= 1
-        s.served += 1
-        s._slot.release()
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._admission.in_flight -= 1
+            self._admission.served += 1
 
 
-# ---------------------------------------------------------------------------------------- body size
-class BodyLimit:
-    """ASGI middleware: 413 for request bodies over ``max_bytes`` (declared or actually sent)."""
+class _EngineStream:
+    """An engine stream driven from the event loop: each ``next()`` runs in an engine thread.
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    ``close()`` runs after a ``next()`` still in progress, never beside it (a generator cannot be
+    closed while it runs), and cancels the generation.
+    """
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_large = APIError(413, f"request body is larger than the limit of {self.max_bytes} bytes",
-                             code="body_too_large").response()
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await too_large(scope, receive, send)
-        body, more = [], True
-        size = 0
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return await self.app(scope, _replay([message], receive), send)
-            size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                return await too_large(scope, receive, send)
-            body.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        first = {"type": "http.request", "body": b"".join(body), "more_body": False}
-        await self.app(scope, _replay([first], receive), send)
+    def __init__(self, admission: Admission, stream: Any) -> None:
+        self._admission, self.stream = admission, stream
+        self._pending: Future | None = None
 
+    async def next(self) -> Any:
+        self._pending = self._admission.executor.submit(next, self.stream, _DONE)
+        return await asyncio.wrap_future(self._pending)
 
-def _replay(messages: list[dict], receive: Callable) -> Callable:
-    async def replay() -> dict:
-        return messages.pop(0) if messages else await receive()
+    def close(self) -> None:
+        def close(_: Any = None) -> None:
+            self._admission.executor.submit(self.stream.close)
 
-    return replay
+        if self._pending is None or self._pending.done():
+            close()
+        else:
+            self._pending.add_done_callback(close)
 
 
 # ---------------------------------------------------------------------------------------- app
@@ -295,150 +131,150 @@ def create_app(
     engine: Any,
     *,
     model_name: str | None = None,
-    api_key: str | None = None,
+    api_keys: str | Mapping[str, str | None] | None = None,
+    share_global: bool = False,
+    hide_stats: bool = False,
+    max_tokens_cap: int | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     default_max_tokens: int = 512,
 ) -> FastAPI:
     """The FastAPI app serving ``engine`` under ``model_name`` (default: the engine's name).
 
-    ``api_key``: when set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
+    ``api_keys``: ``None`` (open), one bare key, or ``{key: tenant name}`` (see
+    :func:`~agentspec.integrations.middleware.parse_api_keys`); every ``/v1`` request then needs
+    ``Authorization: Bearer <key>``. ``share_global``: tenants draft from one pooled global tree.
+    ``hide_stats``: no speculation statistics in responses. ``max_tokens_cap``: a request asking
+    for more tokens gets a 400 naming the cap.
     """
+    keys = parse_api_keys([api_keys]) if isinstance(api_keys, str) else dict(api_keys or {})
+    tenants = {name: engine.for_tenant(name, share_global=share_global)
+               for name in sorted({n for n in keys.values() if n is not None})}
     served = model_name or engine.model_name
-    scheduler = Scheduler(max_queue)
-    tokenizer_lock = threading.Lock()
+    admission = Admission(max_queue)
+    metrics = ServerMetrics(lambda: admission.in_flight)
+    tokenizer_lock = threading.Lock()  # HF fast tokenizers must not encode from two threads at once
+    limits = {"default_max_tokens": default_max_tokens, "max_tokens_cap": max_tokens_cap}
     app = FastAPI(title="agentspec", version="0.1.0",
-                  description="OpenAI-compatible chat completions with lossless speculative decoding.")
-    app.state.engine, app.state.scheduler, app.state.model_name = engine, scheduler, served
+                  description="OpenAI-compatible completions with lossless speculative decoding.")
+    app.state.engine, app.state.admission, app.state.model_name = engine, admission, served
+    app.state.tenants = tenants  # tenant name -> its engine
 
     app.add_exception_handler(APIError, lambda request, exc: exc.response())
-    app.add_exception_handler(RequestValidationError, lambda request, exc: _validation_error(exc))
+    app.add_exception_handler(RequestValidationError, lambda request, exc: validation_error(exc))
     app.add_exception_handler(StarletteHTTPException, lambda request, exc: APIError(
         exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else "invalid_request_error",
     ).response())
+    app.add_exception_handler(Exception, lambda request, exc: APIError(
+        500, f"internal error: {type(exc).__name__}", "server_error", code="internal_error").response())
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(Authenticate, keys=keys)  # outermost: no body is read before the key is checked
+    routes = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"})
+    app.add_middleware(RequestMetrics, metrics=metrics, endpoints=routes)
 
-    async def authorize(authorization: Annotated[str | None, Header()] = None) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           "authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    def tenant_engine(request: Request) -> Any:
+        return tenants.get(request.scope.get("state", {}).get("tenant"), engine)
 
-    @app.get("/health", responses=_errors(413))
+    def accept(body: ChatCompletionRequest | CompletionRequest, request: Request) -> Any:
+        """The engine of the request's tenant, once the body's text and model are known to be fine."""
+        check_text(body.model_dump(exclude_none=True))
+        _check_model(body.model, served)
+        return tenant_engine(request)
+
+    def tokenize(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def locked() -> Any:
+            with tokenizer_lock:
+                return fn()
+        return locked
+
+    async def run(body: Any, request: Request, header_session: str | None, prepared: PreparedPrompt,
+            kind: Literal["chat", "text"]) -> Any:
+        params = {**sampling_options(body, **limits), "stop": prepared.stop,
+                  "session": session_id(header_session, body.user)}
+        response = _Responses(kind, served, params["session"], hide_stats)
+        generation = _Generation(admission, metrics, tenant_engine(request), prepared, params, _reserve(admission))
+        if body.stream:
+            include_usage = body.stream_options.include_usage if body.stream_options else None
+            events = _sse(response, generation, include_usage)
+            weakref.finalize(events, generation.ticket.release)  # a response that never starts frees its place
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await _complete(response, generation, request)
+
+    @app.get("/health", responses=error_responses(413))
     async def health() -> dict:
-        """Liveness and queue state."""
-        return {"status": "ok", "model": served, "waiting": scheduler.waiting, "running": scheduler.running,
-                "served": scheduler.served, "rejected": scheduler.rejected}
+        """Liveness and admission state."""
+        return {"status": "ok", "model": served, "in_flight": admission.in_flight, "limit": admission.limit,
+                "served": admission.served, "rejected": admission.rejected}
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)], responses=_errors(401, 413))
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def prometheus() -> Response:
+        """Prometheus metrics (text exposition format), summed over all tenants."""
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models", responses=error_responses(401, 413))
     async def models() -> dict:
         """The one served model."""
         return {"object": "list", "data": [_model_card(served)]}
 
-    @app.get("/v1/models/{model_id}", dependencies=[Depends(authorize)], responses=_errors(401, 404, 413, 422))
+    @app.get("/v1/models/{model_id}", responses=error_responses(401, 404, 413, 422))
     async def model(model_id: str) -> dict:
         _check_model(model_id, served)
         return _model_card(served)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)],
-              responses={200: {"description": "A chat.completion, or with stream=true chat.completion.chunk events",
-                               "content": {"text/event-stream": {"schema": {
-                                   "type": "object", "properties": {"data": {"type": "string"}}}}}},
-                         **_errors(400, 401, 404, 413, 422, 503)})
+    @app.post("/v1/chat/completions", responses=_stream_responses("chat.completion"))
     async def chat_completions(body: ChatCompletionRequest, request: Request,
                                x_session_id: Annotated[str | None, Header()] = None) -> Any:
         """Create a chat completion (``stream: true`` for server-sent events)."""
-        _check_model(body.model, served)
+        target = accept(body, request)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         tool_choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
-
-        def prepare() -> PreparedPrompt:
-            with tokenizer_lock:
-                return prepare_prompt(engine.tokenizer, messages, tools=tools, tool_choice=tool_choice,
-                                      stop=body.stop, context_window=engine.context_window,
-                                      constrain=hasattr(engine, "grammar_compiler"))
-
         try:
-            prepared = await asyncio.to_thread(prepare)
+            prepared = await admission.run(tokenize(lambda: prepare_prompt(
+                target.tokenizer, messages, tools=tools, tool_choice=tool_choice, stop=body.stop,
+                context_window=target.context_window)))
         except ValueError as exc:
             param = "tool_choice" if "tool_choice" in str(exc) else "messages"
             raise APIError(400, str(exc), param=param, code="invalid_prompt") from exc
-        params = {
-            "session": x_session_id or body.user,
-            "max_new_tokens": body.max_completion_tokens or body.max_tokens or default_max_tokens,
-            "temperature": 1.0 if body.temperature is None else body.temperature,
-            "top_p": 1.0 if body.top_p is None else body.top_p,
-            "seed": body.seed,
-            "stop": prepared.stop,
-            **_processing(body, prepared),
-        }
-        completion = _Completion(served, params["session"])
-        ticket = _reserve(scheduler)
-        if body.stream:
-            include_usage = body.stream_options.include_usage if body.stream_options else None
-            events = _sse(completion, scheduler, ticket, engine, prepared, params, include_usage)
-            weakref.finalize(events, ticket.cancel)  # a response that never starts frees its place
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        result, deltas = None, []
-        try:
-            async with ticket:
-                splitter = ToolCallSplitter(prepared.parse_tools, prepared.prefix)
-                async for event in _generate(scheduler, engine, prepared, params, splitter, request):
-                    if isinstance(event, str):
-                        deltas.append(event)
-                    else:
-                        result = event
-        finally:
-            ticket.cancel()
-        if result is None:  # the client went away
-            return JSONResponse({}, status_code=499)
-        response = completion.full_response("".join(deltas), *result)
-        response["choices"][0]["logprobs"] = _logprobs(engine.tokenizer, result[-1])
-        return response
+        return await run(body, request, x_session_id, prepared, "chat")
+
+    @app.post("/v1/completions", responses=_stream_responses("text_completion"))
+    async def completions(body: CompletionRequest, request: Request,
+                          x_session_id: Annotated[str | None, Header()] = None) -> Any:
+        """Create a text completion of a plain prompt (no chat template; ``stream: true`` for events)."""
+        target = accept(body, request)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, f"one prompt per request, got {len(prompt)}", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            prompt_ids = await admission.run(tokenize(lambda: target.tokenizer.encode(prompt)))
+        else:
+            prompt_ids = list(prompt)
+        if not prompt_ids:
+            raise APIError(400, "prompt is empty", param="prompt", code="invalid_prompt")
+        if len(prompt_ids) >= target.context_window:
+            raise APIError(400, f"prompt is {len(prompt_ids)} tokens but the model's context window is "
+                                f"{target.context_window} tokens", param="prompt", code="invalid_prompt")
+        stops = [body.stop] if isinstance(body.stop, str) else [s for s in body.stop or () if s]
+        return await run(body, request, x_session_id, PreparedPrompt(prompt_ids, stop=stops, parse_tools=False), "text")
 
     return app
 
 
-def _processing(body: ChatCompletionRequest, prepared: PreparedPrompt) -> dict:
-    """Engine arguments for the logits processors and the output grammar, only those the request sets."""
-    out: dict[str, Any] = {}
-    for name in ("top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias"):
-        if getattr(body, name) is not None:
-            out[name] = getattr(body, name)
-    if body.logprobs:
-        out["logprobs"] = body.top_logprobs or 0
-    grammar = prepared.grammar  # a forced or chosen tool call's grammar comes first
-    if grammar is None and body.response_format is not None and body.response_format.type != "text":
-        try:
-            grammar = Grammar.from_response_format(body.response_format.model_dump(by_alias=True, exclude_none=True))
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="response_format") from exc
-    if grammar is not None:
-        out["grammar"] = grammar
-    return out
+def _stream_responses(obj: str) -> dict:
+    return {200: {"description": f"A {obj}, or with stream=true {obj} chunk events",
+                  "content": {"text/event-stream": {"schema": {
+                      "type": "object", "properties": {"data": {"type": "string"}}}}}},
+            **error_responses(400, 401, 404, 413, 422, 503)}
 
 
-def _logprobs(tokenizer: Any, result: Any) -> dict | None:
-    """OpenAI's ``choice.logprobs``: ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``."""
-    if getattr(result, "logprobs", None) is None:
-        return None
-
-    def entry(token: int, logprob: float) -> dict:
-        text = tokenizer.decode([token])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-    return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-                        for lp in result.logprobs]}
-
-
-def _reserve(scheduler: Scheduler) -> Ticket:
+def _reserve(admission: Admission) -> Ticket:
     try:
-        return scheduler.reserve()
+        return admission.admit()
     except QueueFull as exc:
-        raise APIError(503, f"the server is busy: {scheduler.max_queue} requests are already waiting, retry later",
+        raise APIError(503, f"the server is busy: {admission.limit} requests are already in flight, retry later",
                        "server_busy", code="queue_full", headers={"Retry-After": "1"}) from exc
 
 
@@ -452,45 +288,101 @@ def _check_model(model: str, served: str) -> None:
                        param="model", code="model_not_found")
 
 
-async def _generate(scheduler: Scheduler, engine: Any, prepared: PreparedPrompt, params: dict,
-                    splitter: ToolCallSplitter, request: Request | None) -> AsyncIterator[Any]:
-    """Content deltas (str), then ``(rest, tool_calls, invalid, result)`` once done.
+# ---------------------------------------------------------------------------------------- generation
+class _Generation:
+    """One admitted generation: the engine stream behind a ticket, and what it reports."""
 
-    Runs the engine in the scheduler's thread; closing this generator (a cancelled request)
-    closes the engine stream there, which cancels the generation.
-    """
+    def __init__(self, admission: Admission, metrics: ServerMetrics, engine: Any, prepared: PreparedPrompt,
+                 params: dict, ticket: Ticket) -> None:
+        self.admission, self.metrics, self.engine = admission, metrics, engine
+        self.prepared, self.params, self.ticket = prepared, params, ticket
+
+    async def events(self, request: Request | None) -> AsyncIterator[Any]:
+        """Content deltas (str), then ``(rest, tool_calls, invalid, result)`` once done.
+
+        Engine errors caused by the request become :class:`APIError`; closing this generator (a
+        cancelled request) cancels the generation.
+        """
+        t0 = time.perf_counter()
+        stream: _EngineStream | None = None
+        splitter = ToolCallSplitter(self.prepared.parse_tools, self.prepared.prefix)
+        splitter.feed(self.prepared.prefix)
+        try:
+            stream = _EngineStream(self.admission, await self.admission.run(
+                lambda: self.engine.stream(self.prepared.prompt_ids, **self.params)))
+            while True:
+                delta = await stream.next()
+                if delta is _DONE:
+                    break
+                if t0:
+                    self.metrics.first_token.observe(time.perf_counter() - t0)
+                    t0 = 0.0
+                if request is not None and await request.is_disconnected():
+                    return
+                text = splitter.feed(delta)
+                if text:
+                    yield text
+        except TokenizerMismatchError as exc:
+            raise APIError(400, f"session {self.params['session']!a} was written by another tokenizer: {exc}",
+                           param="user", code="session_tokenizer_mismatch") from exc
+        except ValueError as exc:
+            raise APIError(400, str(exc), code="invalid_request") from exc
+        finally:
+            if stream is not None:
+                stream.close()
+        result = stream.stream.result
+        self.metrics.finished(result.stats)
+        yield (*splitter.finish(), result)
+
+
+async def _complete(response: _Responses, generation: _Generation, request: Request) -> Any:
+    deltas, final = [], None
     try:
-        stream = await scheduler.run(lambda: engine.stream(prepared.prompt_ids, **params))
-    except ValueError as exc:
-        raise APIError(400, str(exc), code="invalid_request") from exc
-    splitter.feed(prepared.prefix)
-    done = object()
-    try:
-        while True:
-            delta = await scheduler.run(next, stream, done)
-            if delta is done:
-                break
-            if request is not None and await request.is_disconnected():
-                return
-            text = splitter.feed(delta)
-            if text:
-                yield text
+        async for event in generation.events(request):
+            if isinstance(event, str):
+                deltas.append(event)
+            else:
+                final = event
     finally:
-        scheduler.executor.submit(stream.close)  # after any next() still running in that thread
-    rest, calls, invalid = splitter.finish()
-    yield (rest, calls, invalid, stream.result)
+        generation.ticket.release()
+    if final is None:  # the client went away
+        return JSONResponse({}, status_code=499)
+    return response.full("".join(deltas), *final)
 
 
-class _Completion:
-    """Builds the OpenAI response objects of one completion."""
+async def _sse(response: _Responses, generation: _Generation, include_usage: bool | None) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format; always ends with ``[DONE]`` (after an error event if one)."""
+    try:
+        if response.kind == "chat":
+            yield response.chunk({"role": "assistant", "content": ""})
+        async for event in generation.events(None):
+            if isinstance(event, str):
+                yield response.chunk({"content": event})
+            else:
+                for chunk in response.last_chunks(*event, include_usage=include_usage):
+                    yield chunk
+    except APIError as exc:
+        yield _event(exc.body(), ensure_ascii=True)
+    except Exception as exc:  # noqa: BLE001 - a stream must still end with an error event and [DONE]
+        yield _event(APIError(500, f"internal error: {type(exc).__name__}", "server_error",
+                              code="internal_error").body(), ensure_ascii=True)
+    finally:
+        generation.ticket.release()
+    yield "data: [DONE]\n\n"
 
-    def __init__(self, model: str, session: str | None) -> None:
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+
+# ---------------------------------------------------------------------------------------- responses
+class _Responses:
+    """Builds the OpenAI response objects of one completion: chat (``chat.completion``) or text."""
+
+    def __init__(self, kind: Literal["chat", "text"], model: str, session: str | None, hide_stats: bool) -> None:
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        self.kind, self.model, self.session, self.hide_stats = kind, model, session, hide_stats
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.model = model
-        self.session = session
 
-    def _base(self, obj: str) -> dict:
+    def _base(self, chunk: bool) -> dict:
+        obj = "text_completion" if self.kind == "text" else "chat.completion.chunk" if chunk else "chat.completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     @staticmethod
@@ -500,7 +392,8 @@ class _Completion:
                 "total_tokens": result.prompt_tokens + out}
 
     def extra(self, result: Any) -> dict:
-        return {"session_id": self.session, "stats": result.stats.to_dict()}
+        """The ``agentspec`` key: session and speculation statistics (nothing when they are hidden)."""
+        return {} if self.hide_stats else {"agentspec": {"session_id": self.session, "stats": result.stats.to_dict()}}
 
     @staticmethod
     def content_and_calls(rest: str, calls: list[dict], invalid: list[dict]) -> tuple[str, list[dict]]:
@@ -516,56 +409,42 @@ class _Completion:
     def finish_reason(calls: list[dict], result: Any) -> str:
         return "tool_calls" if calls else result.finish_reason
 
-    def full_response(self, streamed: str, rest: str, calls: list[dict], invalid: list[dict], result: Any) -> dict:
+    def full(self, streamed: str, rest: str, calls: list[dict], invalid: list[dict], result: Any) -> dict:
         rest, tool_calls = self.content_and_calls(rest, calls, invalid)
-        message: dict[str, Any] = {"role": "assistant", "content": (streamed + rest) or (None if calls else "")}
-        if tool_calls:
-            message["tool_calls"] = tool_calls
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason(calls, result)}
-        return {**self._base("chat.completion"), "choices": [choice], "usage": self.usage(result),
-                "agentspec": self.extra(result)}
+        finish = self.finish_reason(calls, result)
+        if self.kind == "text":
+            choice: dict[str, Any] = {"text": streamed + rest, "index": 0, "logprobs": None, "finish_reason": finish}
+        else:
+            message: dict[str, Any] = {"role": "assistant", "content": (streamed + rest) or (None if calls else "")}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        return {**self._base(False), "choices": [choice], "usage": self.usage(result), **self.extra(result)}
 
     def chunk(self, delta: dict, finish_reason: str | None = None, **extra: Any) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return _event({**self._base("chat.completion.chunk"), "choices": [choice], **extra})
-
-
-def _event(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-async def _sse(completion: _Completion, scheduler: Scheduler, ticket: Ticket, engine: Any, prepared: PreparedPrompt,
-               params: dict, include_usage: bool | None) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, generated when the ticket's turn comes."""
-    try:
-        async with ticket:
-            async for event in _sse_events(completion, scheduler, engine, prepared, params, include_usage):
-                yield event
-    except APIError as exc:
-        yield _event({"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}})
-    finally:
-        ticket.cancel()
-    yield "data: [DONE]\n\n"
-
-
-async def _sse_events(completion: _Completion, scheduler: Scheduler, engine: Any, prepared: PreparedPrompt,
-                      params: dict, include_usage: bool | None) -> AsyncIterator[str]:
-    yield completion.chunk({"role": "assistant", "content": ""})
-    splitter = ToolCallSplitter(prepared.parse_tools, prepared.prefix)
-    async for event in _generate(scheduler, engine, prepared, params, splitter, None):
-        if isinstance(event, str):
-            yield completion.chunk({"content": event})
-            continue
-        rest, calls, invalid, result = event
-        rest, tool_calls = completion.content_and_calls(rest, calls, invalid)
-        if rest:
-            yield completion.chunk({"content": rest})
-        if tool_calls:
-            yield completion.chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(tool_calls)]})
-        finish = completion.finish_reason(calls, result)
-        if include_usage:  # OpenAI's way: one more chunk, no choices
-            yield completion.chunk({}, finish, agentspec=completion.extra(result))
-            yield _event({**completion._base("chat.completion.chunk"), "choices": [],
-                          "usage": completion.usage(result)})
+        if self.kind == "text":
+            choice = {"text": delta.get("content", ""), "index": 0, "logprobs": None, "finish_reason": finish_reason}
         else:
-            yield completion.chunk({}, finish, usage=completion.usage(result), agentspec=completion.extra(result))
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return _event({**self._base(True), "choices": [choice], **extra})
+
+    def last_chunks(self, rest: str, calls: list[dict], invalid: list[dict], result: Any,
+                    include_usage: bool | None) -> list[str]:
+        """The events after the streamed deltas: the rest, tool calls, finish reason, usage."""
+        rest, tool_calls = self.content_and_calls(rest, calls, invalid)
+        out = []
+        if rest:
+            out.append(self.chunk({"content": rest}))
+        if tool_calls:
+            out.append(self.chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(tool_calls)]}))
+        finish = self.finish_reason(calls, result)
+        if include_usage:  # OpenAI's way: one more chunk, no choices
+            out.append(self.chunk({}, finish, **self.extra(result)))
+            out.append(_event({**self._base(True), "choices": [], "usage": self.usage(result)}))
+        else:
+            out.append(self.chunk({}, finish, usage=self.usage(result), **self.extra(result)))
+        return out
+
+
+def _event(obj: dict, ensure_ascii: bool = False) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=ensure_ascii)}\n\n"

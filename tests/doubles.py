@@ -8,6 +8,7 @@ Its tokenizer is one token per character, so prompt lengths are easy to reason a
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,11 @@ class CharTokenizer:
         return text + ("<|assistant|>" if add_generation_prompt else "")
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # as a Hugging Face fast tokenizer fails
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]") \
+                from exc
         return [ord(c) for c in text]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -74,10 +80,20 @@ class ScriptedEngine:
         self.context_window = context_window
         self.model_name = model_name
         self.tokenizer = CharTokenizer()
-        self.calls: list[dict] = []  # the arguments of every stream() call
+        self.tenant: str | None = None
+        self.calls: list[dict] = []  # the arguments of every stream() call (tenants' too)
         self.cancelled = 0  # streams closed before they finished
+        self.session_errors: dict[str, Exception] = {}  # raised on a stream's first next(), as a store would
         self._sessions: dict[str, list[str]] = {}
+        self._global: list[str] = []  # every reply: the "global tree"
         self._lock = threading.Lock()
+
+    def for_tenant(self, name: str, *, share_global: bool = False) -> ScriptedEngine:
+        """A view with the same script and call log, its own sessions and (unless shared) global replies."""
+        view = copy.copy(self)
+        view.tenant, view._sessions, view.session_errors = name, {}, {}
+        view._global = self._global if share_global else []
+        return view
 
     def generate(self, prompt: Any, **kwargs: Any) -> ScriptedResult:
         stream = self.stream(prompt, **kwargs)
@@ -90,7 +106,7 @@ class ScriptedEngine:
                max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                stop: Sequence[str] | str = (), seed: int | None = None,
                speculate: bool | None = None, **processing: Any) -> ScriptedStream:
-        """``processing``: penalties, logit_bias, logprobs, grammar; recorded in ``calls``, not applied."""
+        """``processing``: penalties, logit_bias, logprobs, grammar; accepted, not applied."""
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if temperature < 0:
@@ -103,7 +119,8 @@ class ScriptedEngine:
         prompt_text = self.tokenizer.decode(ids)
         with self._lock:
             self.calls.append(dict(prompt=prompt_text, session=session, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, stop=stop, seed=seed, **processing))
+                                   temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,
+                                   tenant=self.tenant))
             n = len(self.calls) - 1
         reply = self.replies(prompt_text) if callable(self.replies) else self.replies[n % len(self.replies)]
         stream = ScriptedStream(self, iter(()))
@@ -119,20 +136,33 @@ class ScriptedEngine:
         cuts = [i for s in stops if s and (i := reply.find(s)) >= 0]
         if cuts:
             reply, finish = reply[: min(cuts)], "stop"
+        if session in self.session_errors:
+            raise self.session_errors[session]
         seen = self._sessions.setdefault(session, []) if session else []
-        # "session drafts": characters of this reply that a previous reply of the session already had
-        from_session = sum(1 for i, c in enumerate(reply) if any(i < len(p) and p[i] == c for p in seen))
+        # "drafts": characters of this reply that an earlier reply of the session (or of anyone: global) had
+        from_session = _matching(reply, seen)
+        from_global = _matching(reply, self._global) - from_session
         words = reply.split(" ")
         for i, word in enumerate(words):
             if self.delay:
                 time.sleep(self.delay)
             yield word + (" " if i < len(words) - 1 else "")
+        storable = session is None or (len(session) <= 512 and "\x00" not in session
+                                       and session.encode(errors="ignore").decode() == session)
+        if not storable:
+            raise RuntimeError(f"the store cannot keep session id {session!a}")  # as SQLite / PostgreSQL fail
         seen.append(reply)
+        self._global.append(reply)
+        sources = {k: v for k, v in (("session", from_session), ("global", from_global)) if v}
+        accepted = from_session + from_global
         stats = SpecStats(prompt_tokens=prompt_tokens, prefill_tokens=prompt_tokens, output_tokens=len(reply),
-                          steps=max(1, len(reply) - from_session), drafted_tokens=from_session,
-                          accepted_tokens=from_session, finish_reason=finish,
-                          accepted_by_source={"session": from_session} if from_session else {})
+                          steps=max(1, len(reply) - accepted), drafted_tokens=accepted,
+                          accepted_tokens=accepted, finish_reason=finish, accepted_by_source=sources)
         stream.result = ScriptedResult(reply, self.tokenizer.encode(reply), finish, prompt_tokens, stats)
+
+
+def _matching(reply: str, earlier: Sequence[str]) -> int:
+    return sum(1 for i, c in enumerate(reply) if any(i < len(p) and p[i] == c for p in earlier))
 
 
 @contextmanager

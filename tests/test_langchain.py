@@ -244,3 +244,39 @@ def test_rambling_forced_call_keeps_its_complete_members() -> None:
     splitter.feed(prefix + '\n{"city": "Par,is", "unit": "C", "properties": {\n    "type": "str')
     _, calls, _ = splitter.finish()
     assert calls[0]["arguments"] == {"city": "Par,is", "unit": "C"}
+
+
+# ------------------------------------------------------------------ token counts and LangGraph threads
+def test_token_counts_use_the_engines_tokenizer() -> None:
+    from langchain_core.messages import SystemMessage, trim_messages
+
+    llm = ChatAgentSpec(engine=ScriptedEngine())
+    assert llm.get_token_ids("hello world") == [ord(c) for c in "hello world"]  # the engine's (one per char)
+    assert llm.get_num_tokens("hello world") == 11
+    history = [SystemMessage("sys"), HumanMessage("a" * 50), AIMessage("b" * 50), HumanMessage("last")]
+    n = llm.get_num_tokens_from_messages(history)
+    assert n == len("<|system|>sys\n<|user|>" + "a" * 50 + "\n<|assistant|>" + "b" * 50 + "\n<|user|>last\n"
+                    "<|assistant|>")  # the chat template's tokens included
+    trimmed = trim_messages(history, token_counter=llm, max_tokens=n - 60, strategy="last", include_system=True)
+    assert [m.content for m in trimmed] == ["sys", "last"]
+
+
+def test_token_counts_before_the_engine_loads_nothing_but_the_tokenizer(default_tokenizer) -> None:
+    llm = ChatAgentSpec()
+    assert llm.get_num_tokens("hello world") == len(default_tokenizer.encode("hello world")) > 0
+    assert llm._resolved_engine is None
+
+
+@pytest.mark.filterwarnings("ignore:create_react_agent has been moved")
+def test_langgraph_thread_id_names_the_session() -> None:
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.prebuilt import create_react_agent
+
+    engine = ScriptedEngine([CALL, "The sum is 3."])
+    agent = create_react_agent(ChatAgentSpec(engine=engine), [add], checkpointer=InMemorySaver())
+    out = agent.invoke({"messages": [("user", "What is 1 + 2?")]}, {"configurable": {"thread_id": "thread-9"}})
+    assert out["messages"][-1].content == "The sum is 3."
+    assert any(m.type == "tool" and m.content == "3" for m in out["messages"])  # the tool really ran
+    assert [c["session"] for c in engine.calls] == ["thread-9", "thread-9"]
+    ChatAgentSpec(engine=engine).invoke("x", config={"configurable": {"thread_id": "t", "session_id": "s"}})
+    assert engine.calls[-1]["session"] == "s"  # an explicit session_id wins

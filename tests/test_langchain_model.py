@@ -6,11 +6,15 @@ import functools
 import inspect
 import os
 import sys
+import uuid
 
 import pytest
 from agentspec.integrations import langchain as lc
 from agentspec.integrations.langchain import ChatAgentSpec
 from langchain_tests.integration_tests import ChatModelIntegrationTests
+
+from agentspec.lookahead import CostCurve, LookaheadPolicy
+from agentspec.lookahead.policy import FP32_CPU_CURVE
 
 pytestmark = pytest.mark.model
 WEAK = "SmolLM2-135M cannot do this task reliably"
@@ -40,7 +44,7 @@ def _xfail(name: str, reason: str):
     else:
         def test(self, *args, **kwargs):
             return base(self, *args, **kwargs)
-    return pytest.mark.xfail(reason=reason)(functools.wraps(base)(test))
+    return pytest.mark.xfail(reason=reason, strict=True)(functools.wraps(base)(test))
 
 
 class TestChatAgentSpecIntegration(ChatModelIntegrationTests):
@@ -70,36 +74,69 @@ class TestChatAgentSpecIntegration(ChatModelIntegrationTests):
     def supports_json_mode(self) -> bool:
         return False
 
-    @pytest.mark.xfail(reason=f"{WEAK}: 16 tokens of a conversation rarely end with a tool call it was not forced to")
+    @pytest.mark.xfail(reason=f"{WEAK}: 16 tokens of a conversation rarely end with a tool call it was not forced to",
+                       strict=True)
     def test_tool_calling_with_no_arguments(self, model) -> None:
         super().test_tool_calling_with_no_arguments(model)
 
-    @pytest.mark.xfail(reason=f"{WEAK}: structured few-shot answers need a model that follows examples")
+    @pytest.mark.xfail(reason=f"{WEAK}: structured few-shot answers need a model that follows examples", strict=True)
     def test_structured_few_shot_examples(self, *args) -> None:
         super().test_structured_few_shot_examples(*args)
 
     # Tool calls are forced correctly (the answer starts with the call), but a 135M model then writes
     # arguments that do not match the schema (keys of the schema itself, wrong names, rambling JSON).
+    # Strict: the day schema-constrained arguments make one pass, the suite fails until its mark goes.
     for _name in _SCHEMA_ARGUMENT_TESTS:
         locals()[_name] = _xfail(_name, f"{WEAK}: arguments matching the tool schema")
 
 
-def test_agent_loop_session_drafts_from_its_cache() -> None:
+@pytest.fixture
+def pinned_cost_curve(default_engine, monkeypatch):
+    """The engine drafts by a fixed cost curve (not one measured, nor nudged, on this busy machine)."""
+    monkeypatch.setattr(default_engine, "policy", LookaheadPolicy(CostCurve(FP32_CPU_CURVE, ema=0.0)))
+
+
+def _from_cache(stats: dict) -> int:
+    # an accepted node is credited to the tree with the highest calibrated estimate among those that
+    # proposed it; this session's earlier outputs live in its session tree and in the global tree
+    return stats["accepted_by_source"].get("session", 0) + stats["accepted_by_source"].get("global", 0)
+
+
+def test_agent_loop_session_drafts_from_its_cache(pinned_cost_curve) -> None:
     """The example's agent loop, two questions in one session: later calls accept session drafts."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
     from langchain_agent import run_agent
 
     llm = ChatAgentSpec(max_tokens=24)
     stats = []
+    session = f"agent-test-{uuid.uuid4().hex}"
     for question in ["What is the weather in Paris?", "What is the weather in Paris?"]:
-        answer, messages = run_agent(llm, question, session_id="agent-test", max_steps=2,
+        answer, messages = run_agent(llm, question, session_id=session, max_steps=2,
                                      on_call=lambda m: stats.append(m.response_metadata["speculation"]))
         assert isinstance(answer, str)
         assert any(m.type == "tool" for m in messages)  # a tool really ran
     assert len(stats) >= 4
-    later = stats[1:]
-    # an accepted node is credited to the tree with the highest calibrated estimate among those that
-    # proposed it; this session's earlier outputs live in its session tree and in the global tree
-    from_cache = [s["accepted_by_source"].get("session", 0) + s["accepted_by_source"].get("global", 0)
-                  for s in later]
-    assert any(n > 0 for n in from_cache), later
+    assert any(_from_cache(s) > 0 for s in stats[1:]), stats[1:]
+
+
+@pytest.mark.filterwarnings("ignore:create_react_agent has been moved")
+def test_langgraph_react_agent_thread_is_one_session(pinned_cost_curve) -> None:
+    """LangGraph's prebuilt ReAct agent with a checkpointer: the thread is the session, and it drafts from it."""
+    from langchain_core.tools import tool
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.prebuilt import create_react_agent
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        return f"18 C, light rain in {city}"
+
+    agent = create_react_agent(ChatAgentSpec(max_tokens=24), [get_weather], checkpointer=InMemorySaver())
+    thread = f"thread-{uuid.uuid4().hex}"
+    config = {"configurable": {"thread_id": thread}, "recursion_limit": 6}
+    for _ in range(2):
+        out = agent.invoke({"messages": [("user", "What is the weather in Paris?")]}, config)
+    replies = [m for m in out["messages"] if m.type == "ai"]
+    assert len(replies) >= 2
+    assert {m.response_metadata["session_id"] for m in replies} == {thread}
+    assert any(_from_cache(m.response_metadata["speculation"]) > 0 for m in replies[1:])

@@ -1,21 +1,19 @@
-"""The OpenAI-compatible server on a scripted engine: protocol, errors, auth, queue, cancellation, fuzzing."""
+"""The OpenAI-compatible server on a scripted engine: protocol, errors, auth, tenants, queue, cancellation."""
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import threading
 import time
 
 import httpx
 import pytest
+from agentspec.integrations.middleware import parse_api_keys
 from agentspec.integrations.server import create_app
 from doubles import ScriptedEngine, serve_in_thread
 from fastapi.testclient import TestClient
 
 KEY = "sk-test-key"
-FUZZ_EXAMPLES = int(os.environ.get("AGENTSPEC_FUZZ_EXAMPLES", 60))
 AUTH = {"Authorization": f"Bearer {KEY}"}
 USER = [{"role": "user", "content": "hi"}]
 TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add", "parameters": {
@@ -24,7 +22,7 @@ CALL = 'Let me add. <tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\
 
 
 def client(engine: ScriptedEngine | None = None, **kwargs) -> TestClient:
-    return TestClient(create_app(engine or ScriptedEngine(), api_key=KEY, **kwargs))
+    return TestClient(create_app(engine or ScriptedEngine(), api_keys=KEY, **kwargs))
 
 
 def post(c: TestClient, body: dict | str | bytes, headers: dict | None = None) -> httpx.Response:
@@ -130,6 +128,14 @@ def test_multi_turn_tool_session_reports_session_drafts() -> None:
     [
         ('{"model": "scripted", "messages": [', 400, "not valid JSON"),
         ({"model": "scripted", "messages": USER, "frequency_penalty": 3}, 422, "frequency_penalty"),
+        ({"model": "scripted", "messages": USER, "response_format": {"type": "json_schema"}}, 400, "json_schema"),
+        ({"model": "scripted", "messages": USER, "logprobs": True, "top_logprobs": 2}, 400, "logprobs; top_logprobs"),
+        ({"model": "scripted", "messages": USER, "logit_bias": {"x": 1}}, 400, "logit_bias"),
+        ({"model": "scripted", "messages": USER, "repetition_penalty": 0}, 422, "repetition_penalty"),
+        ({"model": "scripted", "messages": USER, "unknown_field": 1}, 422, "unknown_field"),
+        ({"model": "scripted", "messages": USER, "tool_choice": "required"}, 400, "needs tools"),
+        ({"model": "scripted", "messages": USER, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+         400, "needs tools"),
         ({"model": "scripted", "messages": [{"role": "user", "content": "hi", "extra": 1}]}, 422, "extra"),
         ({"model": "scripted", "messages": "hi"}, 422, "messages"),
         ({"model": "scripted", "messages": []}, 422, "messages"),
@@ -138,7 +144,7 @@ def test_multi_turn_tool_session_reports_session_drafts() -> None:
         ({"model": "scripted", "messages": USER, "max_tokens": "ten"}, 422, "max_tokens"),
         ({"model": "scripted", "messages": USER, "temperature": -1}, 422, "temperature"),
         ({"model": "scripted", "messages": USER, "top_p": 0}, 422, "top_p"),
-        ({"model": "scripted", "messages": USER, "n": 2}, 422, "n"),
+        ({"model": "scripted", "messages": USER, "n": 2}, 400, "not supported yet: n > 1"),
         ({"model": "scripted", "messages": USER, "tools": [{"type": "function", "function": {"name": "a b"}}]},
          422, "name"),
         ({"model": "scripted", "messages": USER, "tools": TOOLS,
@@ -190,7 +196,7 @@ def test_no_key_configured_means_open() -> None:
 # ------------------------------------------------------------------ queue, concurrency, cancellation (real sockets)
 def test_full_queue_answers_503_with_retry_after_and_all_requests_are_answered() -> None:
     engine = ScriptedEngine(["one two three four"], delay=0.01)
-    app = create_app(engine, api_key=KEY, max_queue=2)
+    app = create_app(engine, api_keys=KEY, max_queue=2)
     results: list[int] = []
     with serve_in_thread(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:
         def one(i: int) -> None:
@@ -207,12 +213,12 @@ def test_full_queue_answers_503_with_retry_after_and_all_requests_are_answered()
             t.join()
         assert sorted(set(results)) == [200, 503] and len(results) == 24
         health = http.get("/health").json()
-        assert health["waiting"] == 0 and health["running"] == 0 and health["rejected"] == results.count(503)
+        assert health["in_flight"] == 0 and health["rejected"] == results.count(503)
 
 
 def test_client_disconnect_cancels_streaming_generation() -> None:
     engine = ScriptedEngine([" ".join(["word"] * 400)], delay=0.02)
-    app = create_app(engine, api_key=KEY, max_queue=4)
+    app = create_app(engine, api_keys=KEY, max_queue=4)
     with serve_in_thread(app) as url:
         with httpx.Client(base_url=url, headers=AUTH, timeout=30) as http:
             body = {"model": "scripted", "messages": USER, "stream": True}
@@ -228,7 +234,7 @@ def test_client_disconnect_cancels_streaming_generation() -> None:
             r = http.post("/v1/chat/completions", json={"model": "scripted", "messages": USER})
             assert r.json()["choices"][0]["message"]["content"] == "fine"
             health = http.get("/health").json()
-            assert health["running"] == 0 and health["waiting"] == 0
+            assert health["in_flight"] == 0
 
 
 def test_openapi_schema_forbids_unknown_fields() -> None:
@@ -237,33 +243,152 @@ def test_openapi_schema_forbids_unknown_fields() -> None:
     assert request["additionalProperties"] is False
 
 
-def test_schemathesis_fuzz() -> None:
-    """Property-based fuzzing of every endpoint from the OpenAPI schema with schemathesis' default checks."""
-    import schemathesis
-    from hypothesis import HealthCheck, given, settings
-    from schemathesis.checks import positive_data_acceptance
+# ------------------------------------------------------------------ tenants, caps, defaults
+TENANTS = {"key-a": "alice", "key-b": "bob"}
 
-    app = create_app(ScriptedEngine(["ok <tool_call>\n{\"name\": \"add\", \"arguments\": {}}\n</tool_call>"],
-                                    context_window=2048), api_key=KEY, max_queue=64)
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    calls: list[int] = []
-    for operation in schema.get_all_operations():
-        op = operation.ok()
 
-        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        @given(case=op.as_strategy())
-        def run(case) -> None:
-            case.headers = {**(case.headers or {}), **AUTH}
-            if isinstance(case.body, dict) and "model" in case.body:
-                case.body["model"] = "scripted"  # reach generation (unknown models are tested above)
-            # schema-valid requests may still be semantically wrong: a forced tool that is not among
-            # the tools, or a prompt over the window; those are 400s with their own messages
-            response = case.call_and_validate(excluded_checks=[positive_data_acceptance])
-            if response.status_code == 400:
-                assert re.search(r"context window|tool_choice names", response.json()["error"]["message"])
-            else:
-                assert response.status_code < 400 or response.status_code in (401, 404, 422), response.text
-            calls.append((case.operation.path, response.status_code))
+def tenant_post(c: TestClient, key: str, body: dict, session: str = "s1") -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}", "X-Session-Id": session}
+    return c.post("/v1/chat/completions", json=body, headers=headers)
 
-        run()
-    assert ("/v1/chat/completions", 200) in calls and len(calls) >= 60
+
+@pytest.mark.parametrize("share_global", [False, True])
+def test_tenants_keep_sessions_and_global_tree_apart(share_global: bool) -> None:
+    engine = ScriptedEngine(["The capital of France is Paris."])
+    c = TestClient(create_app(engine, api_keys=TENANTS, share_global=share_global))
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "Capital of France?"}]}
+    assert tenant_post(c, "key-a", body).status_code == 200
+    stats = tenant_post(c, "key-b", body).json()["agentspec"]["stats"]  # same session id, same question
+    assert "session" not in stats["accepted_by_source"]  # never another tenant's session
+    assert ("global" in stats["accepted_by_source"]) == share_global
+    assert [call["tenant"] for call in engine.calls] == ["alice", "bob"]
+    again = tenant_post(c, "key-a", body).json()["agentspec"]["stats"]
+    assert again["accepted_by_source"]["session"] > 0  # alice's own session drafts
+
+
+def test_hide_stats_drops_the_agentspec_key() -> None:
+    c = client(hide_stats=True)
+    assert "agentspec" not in post(c, {"model": "scripted", "messages": USER}).json()
+    events = sse_events(post(c, {"model": "scripted", "messages": USER, "stream": True}).text)
+    assert all("agentspec" not in e for e in events if isinstance(e, dict))
+
+
+def test_max_tokens_cap_and_greedy_default() -> None:
+    engine = ScriptedEngine(["ok"])
+    c = client(engine, max_tokens_cap=32, default_max_tokens=512)
+    r = post(c, {"model": "scripted", "messages": USER, "max_completion_tokens": 33})
+    assert r.status_code == 400 and "cap of 32" in r.json()["error"]["message"]
+    assert post(c, {"model": "scripted", "messages": USER, "max_tokens": 32}).status_code == 200
+    assert post(c, {"model": "scripted", "messages": USER}).status_code == 200
+    assert [call["max_new_tokens"] for call in engine.calls] == [32, 32]  # the default is capped too
+    assert engine.calls[1]["temperature"] == 0.0  # omitted temperature: greedy
+
+
+def test_supported_extra_body_parameters_reach_the_engine() -> None:
+    engine = ScriptedEngine(["ok"])
+    body = {"model": "scripted", "messages": USER, "top_k": 5, "repetition_penalty": 1.0, "n": 1,
+            "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "logprobs": False,
+            "response_format": {"type": "text"}, "temperature": 0.7}
+    assert post(client(engine), body).status_code == 200
+    assert (engine.calls[0]["top_k"], engine.calls[0]["temperature"]) == (5, 0.7)
+
+
+def test_key_is_checked_before_the_body_is_read() -> None:
+    c = client()
+    r = c.post("/v1/chat/completions", content=b'{"model": ', headers={"Content-Type": "application/json"})
+    assert r.status_code == 401
+    assert post(c, b'{"model": ').status_code == 400  # with the key, the same body is a 400
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [(["sk-1"], {"sk-1": None}), (["a=k1", "# comment", "", "b = k=2"], {"k1": "a", "k=2": "b"})],
+)
+def test_parse_api_keys(entries: list[str], expected: dict) -> None:
+    assert parse_api_keys(entries) == expected
+
+
+@pytest.mark.parametrize(("entries", "needle"), [(["k1", "k2"], "bare"), (["a=k", "a=j"], "twice"),
+                                                 (["a=k", "b=k"], "twice"), (["a b=k"], "tenant name"),
+                                                 (["a="], "empty key")])
+def test_parse_api_keys_refuses(entries: list[str], needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        parse_api_keys(entries)
+
+
+# ------------------------------------------------------------------ /v1/completions and /metrics
+def test_text_completions_plain_and_streamed() -> None:
+    engine = ScriptedEngine(["Paris is the capital."])
+    c = client(engine)
+    r = c.post("/v1/completions", json={"model": "scripted", "prompt": "The capital of France:", "max_tokens": 50,
+                                        "user": "u"}, headers=AUTH)
+    body = r.json()
+    assert body["object"] == "text_completion" and body["choices"][0]["text"] == "Paris is the capital."
+    assert engine.calls[0]["prompt"] == "The capital of France:"  # no chat template
+    assert body["usage"]["prompt_tokens"] == len("The capital of France:")
+    r = c.post("/v1/completions", json={"model": "scripted", "prompt": [1, 2, 3], "stream": True}, headers=AUTH)
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "Paris is the capital."
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_metrics_in_prometheus_format() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    c = client(ScriptedEngine(["same answer"]))
+    for _ in range(2):
+        post(c, {"model": "scripted", "messages": USER, "user": "m"})
+    post(c, {"model": "other", "messages": USER})
+    r = c.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(r.text) for s in family.samples}
+    assert samples[("agentspec_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "200")))] == 2
+    assert samples[("agentspec_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "404")))] == 1
+    assert samples[("agentspec_output_tokens_total", ())] == 2 * len("same answer")
+    assert samples[("agentspec_hit_rate", (("source", "session"),))] == 0.5  # the second call drafted it all
+    assert samples[("agentspec_tokens_per_step_count", ())] == 2
+    assert samples[("agentspec_requests_in_flight", ())] == 0
+    assert ("agentspec_request_seconds_count", (("endpoint", "/v1/chat/completions"),)) in samples
+
+
+# ------------------------------------------------------------------ sessions through ChatOpenAI
+def test_chat_openai_passes_sessions_by_header_or_user() -> None:
+    from langchain_openai import ChatOpenAI
+
+    engine = ScriptedEngine(["hello"])
+    with serve_in_thread(create_app(engine, api_keys=KEY)) as url:
+        llm = ChatOpenAI(base_url=url + "/v1", api_key=KEY, model="scripted", max_retries=0,
+                         default_headers={"X-Session-Id": "by-header"})
+        assert llm.invoke("hi").content == "hello"
+        llm = ChatOpenAI(base_url=url + "/v1", api_key=KEY, model="scripted", max_retries=0)
+        llm.bind(user="by-user").invoke("hi")
+        llm.invoke("hi", extra_headers={"X-Session-Id": "per-call"})
+    assert [call["session"] for call in engine.calls] == ["by-header", "by-user", "per-call"]
+    assert engine.calls[0]["temperature"] == 0.0
+
+
+# ------------------------------------------------------------------ agentspec serve
+def test_serve_checks_its_port_before_loading_the_model(monkeypatch, tmp_path) -> None:
+    import socket
+
+    from typer.testing import CliRunner
+
+    from agentspec.cli import app
+    from agentspec.cli.options import ModelOptions
+
+    def no_loading(self):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(ModelOptions, "engine", no_loading)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "--port", str(port)])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
+    keys = tmp_path / "keys.txt"
+    keys.write_text("alice=k1\nalice=k2\n")
+    result = CliRunner().invoke(app, ["serve", "--api-keys", str(keys)])
+    assert result.exit_code == 2 and "given twice" in result.output

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 
 import httpx
 import pytest
 from agentspec.integrations.server import create_app
+from agentspec.stores import open_store
 from doubles import serve_in_thread
+
+from agentspec.lookahead import CostCurve, LookaheadPolicy
+from agentspec.lookahead.policy import FP32_CPU_CURVE
 
 pytestmark = pytest.mark.model
 KEY = "sk-model-test"
@@ -19,7 +24,7 @@ TOOLS = [{"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def server(default_engine):
-    app = create_app(default_engine, api_key=KEY, max_queue=4, default_max_tokens=16)
+    app = create_app(default_engine, api_keys=KEY, max_queue=4, default_max_tokens=16)
     with serve_in_thread(app) as url:
         yield url, default_engine.model_name
 
@@ -110,4 +115,67 @@ def test_200_concurrent_requests_all_answered_and_health_ok(server) -> None:
         assert len(statuses) == 200 and set(statuses) <= {200, 503}, sorted(set(statuses))
         assert statuses.count(200) >= 1 and statuses.count(503) >= 1
         health = http.get("/health").json()
-        assert health["status"] == "ok" and health["running"] == 0 and health["waiting"] == 0
+        assert health["status"] == "ok" and health["in_flight"] == 0
+
+
+def test_omitted_temperature_is_greedy_like_every_entry_point(server, default_engine) -> None:
+    url, model = server
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300) as http:
+        answers = [http.post("/v1/chat/completions", json={"model": model, "messages": messages, "max_tokens": 12,
+                                                           "seed": seed}).json()["choices"][0]["message"]["content"]
+                   for seed in (1, 2)]
+    greedy = default_engine.generate(messages, max_new_tokens=12).text
+    assert answers == [greedy, greedy]
+
+
+# ------------------------------------------------------------------ tenants through the real server
+QUESTION = [{"role": "user", "content": "Write the numbers from one to twenty in words, separated by commas."}]
+
+
+@pytest.mark.parametrize("share_global", [False, True])
+def test_tenants_cannot_draft_from_each_other(default_engine, share_global: bool) -> None:
+    """Two keys, the same session id and question: the second tenant drafts nothing from the first's
+    output (unless the global tree is shared), and the store keeps their sessions apart."""
+    suffix = uuid.uuid4().hex[:8]
+    alice, bob = f"alice-{suffix}", f"bob-{suffix}"
+    app = create_app(default_engine, api_keys={"key-a": alice, "key-b": bob}, share_global=share_global,
+                     default_max_tokens=40)
+    for tenant in app.state.tenants.values():  # draft by a fixed cost curve, not one measured on a busy machine
+        tenant.policy = LookaheadPolicy(CostCurve(FP32_CPU_CURVE, ema=0.0))
+    body = {"model": default_engine.model_name, "messages": QUESTION}
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=600) as http:
+        answers = [http.post("/v1/chat/completions", json=body, headers={
+            "Authorization": f"Bearer {key}", "X-Session-Id": "shared-session"}).json() for key in ("key-a", "key-b")]
+    first, second = (a["agentspec"]["stats"]["accepted_by_source"] for a in answers)
+    assert answers[0]["choices"][0]["message"]["content"] == answers[1]["choices"][0]["message"]["content"]
+    assert "session" not in second  # bob's "shared-session" is not alice's
+    if share_global:
+        assert second.get("global", 0) > first.get("global", 0)  # alice's answer is in the pooled tree
+    else:
+        assert "global" not in second, second
+    store = open_store()  # the engine's: the persistent default under AGENTSPEC_HOME
+    for tenant in (alice, bob):
+        if share_global:  # one drafter and store view for all; the tenant's name prefixes its session ids
+            assert store.session_info(f"{tenant}/shared-session").calls == 1
+        else:
+            assert store.scoped(tenant).session_info("shared-session").calls == 1
+    assert store.session_info("shared-session") is None
+
+
+def test_session_of_another_tokenizer_is_a_clear_error(server) -> None:
+    """A session id the store holds for another tokenizer: a 400 without streaming, an error event and
+    [DONE] with it; nothing is mixed into the session."""
+    url, model = server
+    store = open_store()
+    store.append("foreign-session", [1, 2, 3], [4, 5], fingerprint="another-tokenizer")
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "user": "foreign-session"}
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300) as http:
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "session_tokenizer_mismatch", r.text
+        events = [line[6:] for line in http.post("/v1/chat/completions", json={**body, "stream": True}).text
+                  .splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "session_tokenizer_mismatch"
+        assert http.get("/health").json()["in_flight"] == 0
+    assert store.session_info("foreign-session").calls == 1

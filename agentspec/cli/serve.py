@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import typer
 
 from agentspec.cli.options import ModelOptions, model_options
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def register(app: typer.Typer) -> None:
@@ -12,28 +17,69 @@ def register(app: typer.Typer) -> None:
     @model_options
     def serve(
         host: str = typer.Option("127.0.0.1", help="Interface to bind (default: loopback only)."),
-        port: int = typer.Option(8000, help="TCP port."),
-        api_key: str = typer.Option(None, envvar="AGENTSPEC_API_KEY",
-                                    help="Require 'Authorization: Bearer <key>' on /v1 (env AGENTSPEC_API_KEY)."),
+        port: int = typer.Option(8000, help="TCP port (checked before the model loads)."),
+        api_key: list[str] = typer.Option(
+            None, "--api-key", envvar="AGENTSPEC_API_KEY",
+            help="Require 'Authorization: Bearer KEY' on /v1. Repeat as NAME=KEY for tenants (each key a "
+                 "tenant with its own sessions); a bare KEY is one tenant (env AGENTSPEC_API_KEY)."),
+        api_keys: Path = typer.Option(
+            None, "--api-keys", exists=True, dir_okay=False, readable=True,
+            help="File of tenants: one 'name=key' per line (split at the first '='; name: letters, digits, "
+                 "'_', '.', '-'); blank lines and lines starting with '#' are skipped."),
+        share_global: bool = typer.Option(
+            False, "--share-global", help="Tenants draft from one pooled global tree (a single-team server); "
+                                          "default: each tenant's global tree is its own."),
+        hide_stats: bool = typer.Option(
+            False, "--hide-stats", help="Leave the speculation statistics ('agentspec' key) out of responses."),
+        max_tokens_cap: int = typer.Option(
+            None, min=1, help="Largest max_tokens a request may ask for; more is a 400 that names the cap."),
         served_model_name: str = typer.Option(None, help="Model id clients must send (default: the model's name)."),
         max_queue: int = typer.Option(16, min=0, help="Requests allowed to wait; more get 503 + Retry-After."),
         max_body_bytes: int = typer.Option(4 * 2**20, min=1, help="Largest request body accepted (else 413)."),
         max_tokens: int = typer.Option(512, min=1, help="Default max_tokens when a request sets none."),
         options: ModelOptions = None,
     ) -> None:
-        """Serve /v1/chat/completions, /v1/models and /health (sessions: X-Session-Id header or 'user')."""
+        """Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics.
+
+        Sessions: the X-Session-Id header or the request's 'user'. Omitted temperature: greedy.
+        """
         try:
             import uvicorn
 
+            from agentspec.integrations.middleware import parse_api_keys
             from agentspec.integrations.server import create_app
         except ImportError as exc:
             typer.echo(f"error: the server needs its extra: pip install 'agentspec[server]' ({exc})", err=True)
             raise typer.Exit(2) from exc
-        if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        entries = list(api_key or []) + (api_keys.read_text().splitlines() if api_keys else [])
+        try:
+            keys = parse_api_keys(entries)
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        if host not in LOOPBACK and not keys:
             typer.echo(f"warning: binding {host} without --api-key: anyone who can reach it can use the model",
                        err=True)
+        sock = _bind(host, port)  # before the model loads: a busy port fails in a second, not after loading
         engine = options.engine()
-        app = create_app(engine, model_name=served_model_name, api_key=api_key, max_queue=max_queue,
+        app = create_app(engine, model_name=served_model_name, api_keys=keys, share_global=share_global,
+                         hide_stats=hide_stats, max_tokens_cap=max_tokens_cap, max_queue=max_queue,
                          max_body_bytes=max_body_bytes, default_max_tokens=max_tokens)
-        typer.echo(f"agentspec serving {app.state.model_name!r} on http://{host}:{port}/v1")
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        tenants = sorted({t for t in keys.values() if t})
+        typer.echo(f"agentspec serving {app.state.model_name!r} on http://{host}:{port}/v1"
+                   + (f" for tenants {', '.join(tenants)}" if tenants else ""))
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``; exits with a one-line error when the port is taken."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        typer.echo(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from exc
+    return sock

@@ -42,8 +42,10 @@ from agentspec.engine.model import load_model, resolve_model
 from agentspec.engine.processors import LogitsPipeline, TokenLogprob
 from agentspec.engine.quantize import quantize_model
 from agentspec.engine.radix import KVPool, PrefixMatch, RadixCache
+from agentspec.engine.search import SearchConfig, run_search
 from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask, sample_token
 from agentspec.lookahead import CostCurve, LookaheadPolicy
+from agentspec.search import Scorer, SearchResult
 from agentspec.sessions import SessionManager
 from agentspec.stats import SpecStats
 from agentspec.stores import StoreError, open_store
@@ -322,6 +324,43 @@ class Engine:
         if self._grammars is None:
             self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_ids))
         return self._grammars
+
+    def search(
+        self,
+        prompt: str | Sequence[dict] | Sequence[int],
+        *,
+        width: int = 4,
+        policy: str = "ets",
+        scorer: Scorer | None = None,
+        step_stop: str = "\n\n",
+        max_step_tokens: int = 256,
+        max_new_tokens: int = 1024,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        session: str | None = None,
+        lambda_kv: float = 1.0,
+        lambda_cover: float = 1.5,
+        draft: bool = True,
+        tools: Sequence[dict] | None = None,
+    ) -> SearchResult:
+        """Tree search over reasoning steps (ending at ``step_stop`` or EOS) with ``width`` trajectories.
+
+        ``policy``: "ets" | "rebase" | "beam" | "best_of_n" (see :mod:`agentspec.search`). All live
+        trajectories share one KV tree and advance in one forward; ``draft`` drafts each from its
+        siblings. ``scorer(prompt, steps) -> float`` ranks them (default: the model's mean token
+        log-probability); a scorer that raises or returns NaN drops that trajectory. With a
+        ``session``, the engine's drafter (that session's and the global trees) drafts for every
+        trajectory too, and their tokens join its history. Returns the finished trajectories, best
+        first, and statistics. ``ValueError`` for bad arguments.
+        """
+        if session is not None:
+            session = self._session_prefix + session
+        config = SearchConfig(width, policy, scorer, step_stop, max_step_tokens, max_new_tokens, temperature,
+                              seed, session, lambda_kv, lambda_cover, draft)
+        config.validate()
+        prompt_ids = self.encode_prompt(prompt, tools)
+        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt_ids)
+        return run_search(self, prompt_ids, text, config)
 
     def encode_prompt(
         self, prompt: str | Sequence[dict] | Sequence[int], tools: Sequence[dict] | None = None
