@@ -302,7 +302,7 @@ def test_chat_agentspec_structured_output_honours_method(default_engine, method)
 
 
 @pytest.mark.model
-def test_server_logprobs_and_response_format(default_engine):
+def test_server_response_format_and_penalties(default_engine):
     from agentspec.integrations.server import create_app
     from doubles import serve_in_thread
     from openai import OpenAI
@@ -312,8 +312,6 @@ def test_server_logprobs_and_response_format(default_engine):
         client = OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
         resp = client.chat.completions.create(
             model=default_engine.model_name, messages=[{"role": "user", "content": "A JSON object about Paris."}],
-            temperature=0, max_tokens=32, logprobs=True, top_logprobs=2, response_format={"type": "json_object"},
+            temperature=0, max_tokens=32, response_format={"type": "json_object"},
             frequency_penalty=0.5, extra_body={"top_k": 5, "repetition_penalty": 1.1})
-        content = resp.choices[0].logprobs.content
-        assert len(content) == resp.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
         assert resp.choices[0].message.content.startswith("{")
