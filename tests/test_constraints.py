@@ -276,7 +276,7 @@ def test_chat_openai_structured_output_against_the_server_returns_the_model(defa
     from doubles import serve_in_thread
     from langchain_openai import ChatOpenAI
 
-    app = create_app(default_engine, api_key="k", max_queue=2, default_max_tokens=64)
+    app = create_app(default_engine, api_keys="k", max_queue=2, default_max_tokens=64)
     with serve_in_thread(app) as url:
         llm = ChatOpenAI(base_url=url + "/v1", api_key="k", model=default_engine.model_name, temperature=0,
                          max_tokens=64, max_retries=0)
@@ -307,7 +307,7 @@ def test_server_response_format_and_penalties(default_engine):
     from doubles import serve_in_thread
     from openai import OpenAI
 
-    app = create_app(default_engine, api_key="k", max_queue=2, default_max_tokens=32)
+    app = create_app(default_engine, api_keys="k", max_queue=2, default_max_tokens=32)
     with serve_in_thread(app) as url:
         client = OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
         resp = client.chat.completions.create(
