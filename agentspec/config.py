@@ -23,6 +23,11 @@ class SamplingParams:
     top_k: int = 0  # keep only the k most likely tokens; 0 = off
     stop: Sequence[str] = ()  # stop strings; the output is cut before the first one
     seed: int | None = None  # seeds the sampler for reproducible sampling
+    repetition_penalty: float = 1.0  # > 0; tokens in prompt or output: logit / rp if > 0 else logit * rp
+    presence_penalty: float = 0.0  # in [-2, 2]; subtracted once from every token already in the output
+    frequency_penalty: float = 0.0  # in [-2, 2]; subtracted per occurrence in the output
+    logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100], added to its logit
+    logprobs: int | None = None  # None = off; k >= 0 = each output token's logprob and the top k (k <= 20)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad field and value."""
@@ -34,6 +39,17 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k!r}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()} or None  # JSON keys: str
+        for token, bias in (self.logit_bias or {}).items():
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {token!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"top logprobs must be in [0, 20], got {self.logprobs!r}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
 

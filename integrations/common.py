@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentspec import chat
+from agentspec.engine.constraints import Grammar
 
 TOOL_OPEN = "<tool_call>"
 TOOL_CLOSE = "</tool_call>"
@@ -78,6 +79,7 @@ class PreparedPrompt:
     prefix: str = ""  # forced start of the answer (already in prompt_ids); feed it to the splitter first
     stop: list[str] = field(default_factory=list)
     parse_tools: bool = True  # False with tool_choice="none": tool-call syntax stays plain text
+    grammar: Grammar | None = None  # with constrain=True: tool-call arguments must match their schemas
 
 
 def prepare_prompt(
@@ -88,8 +90,13 @@ def prepare_prompt(
     tool_choice: Any = None,
     stop: Sequence[str] | str | None = None,
     context_window: int | None = None,
+    constrain: bool = False,
 ) -> PreparedPrompt:
     """Prompt ids for OpenAI-style ``messages`` and ``tools`` (``ValueError`` for bad input).
+
+    ``constrain=True``: the answer's ``<tool_call>`` blocks are held to the tools' schemas by a grammar
+    (a forced call from its forced start to ``</tool_call>``; with ``tool_choice="auto"`` every block the
+    model opens), instead of stop strings and repairs after the fact.
 
     With ``context_window`` a prompt that does not fit raises ``ValueError`` naming both lengths.
     """
@@ -100,16 +107,21 @@ def prepare_prompt(
     rendered_tools = list(tools) if tools and choice != "none" else None
     ids = chat.prompt_ids(tokenizer, [_as_chat_message(m) for m in messages], rendered_tools)
     prefix = forced_prefix(rendered_tools, choice)
+    grammar = None
+    if constrain and rendered_tools:
+        grammar = Grammar.tool_calls(rendered_tools, mode="required" if prefix else "auto", prefix=prefix)
     if prefix:
         ids = ids + tokenizer.encode(prefix, add_special_tokens=False)
         # one forced call, then stop; a named call ends at the "}}" closing its arguments and the call
         # (the splitter closes the braces again), so a small model cannot ramble past it
-        stops += [s for s in ((FORCED_END,) if prefix.endswith(ARGS_OPEN) else ()) + (TOOL_CLOSE,) if s not in stops]
+        if grammar is None:  # the grammar ends the block itself (then the end of the answer)
+            ends = ((FORCED_END,) if prefix.endswith(ARGS_OPEN) else ()) + (TOOL_CLOSE,)
+            stops += [s for s in ends if s not in stops]
     if context_window is not None and len(ids) >= context_window:
         raise ValueError(
             f"prompt is {len(ids)} tokens but the model's context window is {context_window} tokens"
         )
-    return PreparedPrompt(ids, prefix, stops, parse_tools=choice != "none")
+    return PreparedPrompt(ids, prefix, stops, parse_tools=choice != "none", grammar=grammar)
 
 
 def _as_chat_message(message: dict) -> dict:

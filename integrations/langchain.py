@@ -36,11 +36,12 @@ from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.json import parse_partial_json
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from agentspec import chat
+from agentspec.engine.constraints import Grammar
 
 from .choices import sample_choices
 from .common import PreparedPrompt, ToolCallSplitter, normalize_tool_choice, prepare_prompt
@@ -185,6 +186,55 @@ class ChatAgentSpec(BaseChatModel):
             kwargs["tool_choice"] = choice
         return super().bind(tools=formatted, **kwargs)
 
+    def with_structured_output(
+        self,
+        schema: dict | type,
+        *,
+        method: str = "function_calling",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        """Answers parsed into ``schema`` (a pydantic class, a TypedDict or a JSON schema), as ``ChatOpenAI`` does.
+
+        ``method``: ``"function_calling"`` (default: a forced tool call, so the prompt shows the schema
+        and the grammar holds the arguments to it; a small model writes better values when it sees the
+        schema), ``"json_schema"`` (the answer is JSON constrained by the schema's grammar) or
+        ``"json_mode"`` (any JSON object; say the shape in the prompt). ``include_raw=True``
+        returns ``{"raw", "parsed", "parsing_error"}``; an answer that does not parse (cut by
+        ``max_tokens``, say) reports its error there instead of raising.
+        """
+        from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser  # deferred: parsers
+        from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
+        from langchain_core.runnables import RunnableLambda, RunnableMap, RunnablePassthrough
+
+        if kwargs:
+            raise ValueError(f"with_structured_output got unexpected arguments: {sorted(kwargs)}")
+        is_model = isinstance(schema, type) and hasattr(schema, "model_json_schema")
+        if method == "function_calling":
+            tool = convert_to_openai_tool(schema)
+            name = tool["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name,
+                                 ls_structured_output_format={"kwargs": {"method": method}, "schema": tool})
+            tools_parser = (PydanticToolsParser(tools=[schema], first_tool_only=True) if is_model
+                            else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
+            parser: Runnable = tools_parser | RunnableLambda(_required)
+        elif method in ("json_schema", "json_mode"):
+            json_schema = convert_to_json_schema(schema)
+            named = {"name": json_schema.get("title", "output"), "schema": json_schema}
+            response_format = {"type": "json_object"} if method == "json_mode" else {"type": "json_schema",
+                                                                                      "json_schema": named}
+            llm = self.bind(response_format=response_format,
+                            ls_structured_output_format={"kwargs": {"method": method}, "schema": json_schema})
+            parser = PydanticOutputParser(pydantic_object=schema) if is_model else JsonOutputParser()
+        else:
+            raise ValueError(f"method must be 'json_schema', 'json_mode' or 'function_calling', got {method!r}")
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=lambda x: parser.invoke(x["raw"]), parsing_error=lambda _: None)
+        failed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([failed], exception_key="parsing_error")
+
     # ------------------------------------------------------------------ session id from the config
     def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any) -> AIMessage:
         return super().invoke(input, config, **_session_kwargs(config, kwargs))
@@ -240,10 +290,14 @@ class ChatAgentSpec(BaseChatModel):
         tools: Sequence[dict] | None = None,
         tool_choice: Any = None,
         session_id: str | None = None,
+        response_format: dict | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         """Content deltas as they come, then one last chunk with tool calls, usage and statistics."""
         engine, prepared, params = self._prepare(messages, stop, tools, tool_choice, kwargs)
+        grammar = prepared.grammar or Grammar.from_response_format(response_format)
+        if grammar is not None:
+            params["grammar"] = grammar
         session = session_id or self.session_id
         splitter = ToolCallSplitter(prepared.parse_tools, prepared.prefix)
         splitter.feed(prepared.prefix)
@@ -289,7 +343,7 @@ class ChatAgentSpec(BaseChatModel):
             raise ValueError(f"this ChatAgentSpec runs {engine.model_name!r}; a per-call model cannot change it")
         prepared = prepare_prompt(
             engine.tokenizer, convert_to_openai_messages(messages), tools=tools, tool_choice=tool_choice,
-            stop=params.pop("stop"), context_window=engine.context_window,
+            stop=params.pop("stop"), context_window=engine.context_window, constrain=True,
         )
         return engine, prepared, params
 
@@ -331,6 +385,15 @@ class ChatAgentSpec(BaseChatModel):
         if kwargs:
             raise TypeError(f"ChatAgentSpec got unexpected call arguments: {sorted(kwargs)}")
         return params
+
+
+def _required(parsed: Any) -> Any:
+    """A forced tool call that came back missing or invalid is a parse error, not ``None``."""
+    if parsed is None:
+        from langchain_core.exceptions import OutputParserException  # deferred with the parsers
+
+        raise OutputParserException("the answer holds no valid call of the structured-output tool")
+    return parsed
 
 
 def _session_kwargs(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from agentspec.engine.constraints import Grammar
+
 
 # ---------------------------------------------------------------------------------------- errors
 class APIError(Exception):
@@ -238,7 +240,28 @@ def sampling_options(body: ChatCompletionRequest | CompletionRequest, *, default
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "top_k": body.top_k or 0,
         "seed": body.seed,
+        **_processing(body),
     }
+
+
+def _processing(body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    """Logits processors and the response_format grammar, only those the request sets."""
+    out: dict[str, Any] = {}
+    for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+        if getattr(body, name) is not None:
+            out[name] = getattr(body, name)
+    if body.logit_bias:
+        try:
+            out["logit_bias"] = {int(k): v for k, v in body.logit_bias.items()}
+        except ValueError as exc:
+            raise APIError(400, f"logit_bias keys must be token ids: {exc}", param="logit_bias") from exc
+    response_format = getattr(body, "response_format", None)
+    if response_format is not None and response_format.type != "text":
+        try:
+            out["grammar"] = Grammar.from_response_format(response_format.model_dump(exclude_none=True))
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="response_format") from exc
+    return out
 
 
 def _not_supported_yet(body: ChatCompletionRequest | CompletionRequest) -> list[str]:
@@ -246,21 +269,11 @@ def _not_supported_yet(body: ChatCompletionRequest | CompletionRequest) -> list[
     out = []
     if (body.n or 1) > 1:
         out.append("n > 1 (one choice per request)")
-    if body.presence_penalty:
-        out.append("presence_penalty (0 only)")
-    if body.frequency_penalty:
-        out.append("frequency_penalty (0 only)")
-    if body.repetition_penalty not in (None, 1.0):
-        out.append("repetition_penalty (1 only)")
-    if body.logit_bias:
-        out.append("logit_bias (empty only)")
     if body.logprobs:
         out.append("logprobs")
     if isinstance(body, ChatCompletionRequest):
         if body.top_logprobs:
             out.append("top_logprobs")
-        if body.response_format is not None and body.response_format.type != "text":
-            out.append(f"response_format {body.response_format.type!r} ('text' only)")
     else:
         if body.echo:
             out.append("echo")

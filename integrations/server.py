@@ -191,6 +191,8 @@ def create_app(
             kind: Literal["chat", "text"]) -> Any:
         params = {**sampling_options(body, **limits), "stop": prepared.stop,
                   "session": session_id(header_session, body.user)}
+        if prepared.grammar is not None:  # a forced or chosen tool call's grammar comes first
+            params["grammar"] = prepared.grammar
         response = _Responses(kind, served, params["session"], hide_stats)
         generation = _Generation(admission, metrics, tenant_engine(request), prepared, params, _reserve(admission))
         if body.stream:
@@ -232,7 +234,7 @@ def create_app(
         try:
             prepared = await admission.run(tokenize(lambda: prepare_prompt(
                 target.tokenizer, messages, tools=tools, tool_choice=tool_choice, stop=body.stop,
-                context_window=target.context_window)))
+                context_window=target.context_window, constrain=True)))
         except ValueError as exc:
             param = "tool_choice" if "tool_choice" in str(exc) else "messages"
             raise APIError(400, str(exc), param=param, code="invalid_prompt") from exc

@@ -105,7 +105,8 @@ class ScriptedEngine:
     def stream(self, prompt: Any, *, session: str | None = None, tools: Sequence[dict] | None = None,
                max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                stop: Sequence[str] | str = (), seed: int | None = None,
-               speculate: bool | None = None) -> ScriptedStream:
+               speculate: bool | None = None, **processing: Any) -> ScriptedStream:
+        """``processing``: penalties, logit_bias, logprobs, grammar; accepted, not applied."""
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if temperature < 0:

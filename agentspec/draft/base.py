@@ -17,6 +17,7 @@ class Source(IntEnum):
     REQUEST = 0  # suffix tree of the live request (its prompt and output so far)
     SESSION = 1  # suffix tree of the session's earlier calls
     GLOBAL = 2  # suffix tree of all outputs of all sessions
+    GRAMMAR = 4  # forced by the output's grammar (constrained decoding), not guessed (3 was Token Recycling)
 
 
 SOURCE_NAMES = {s: s.name.lower() for s in Source}  # the keys of SpecStats.accepted_by_source

@@ -35,9 +35,11 @@ from agentspec import chat
 from agentspec.config import SamplingParams, SpeculationConfig
 from agentspec.draft.base import SOURCE_NAMES, Drafter, DraftTree
 from agentspec.draft.builder import SuffixDrafter
+from agentspec.engine.constraints import Grammar, GrammarCompiler
 from agentspec.engine.forward import ForwardBackend, model_device, select_forward
 from agentspec.engine.kvcache import TreeKVCache
 from agentspec.engine.model import default_device, load_model, resolve_model
+from agentspec.engine.processors import LogitsPipeline, TokenLogprob
 from agentspec.engine.quantize import quantize_model
 from agentspec.engine.radix import KVPool, PrefixMatch, RadixCache
 from agentspec.engine.search import SearchConfig, run_search
@@ -91,6 +93,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS or stop string) | "length"
     prompt_tokens: int
     stats: SpecStats = field(default_factory=SpecStats)
+    logprobs: list[TokenLogprob] | None = None  # with ``logprobs=k``: one entry per output token
 
 
 class GenerationStream:
@@ -176,6 +179,7 @@ class Engine:
         self._lock = threading.RLock()
         self._request_ids = itertools.count()
         self._fingerprint: str | None = None
+        self._grammars: GrammarCompiler | None = None  # built on the first constrained request
         self._spare_kv = _SpareKV()  # shared with the tenants (see for_tenant)
 
     # ------------------------------------------------------------------ construction
@@ -283,6 +287,12 @@ class Engine:
         stop: Sequence[str] | str = (),
         seed: int | None = None,
         speculate: bool | None = None,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
+        logprobs: int | None = None,
+        grammar: Grammar | dict | None = None,
     ) -> GenerationStream:
         """Stream text deltas of a completion.
 
@@ -290,10 +300,17 @@ class Engine:
         (roles system, user, assistant, tool; string or text-part contents), or raw prompt token
         ids. ``session`` names the agent session whose cache drafts for it. ``speculate=False``
         decodes one token per step (the baseline through the same code).
+        Penalties, ``logit_bias`` and ``logprobs`` (top-k alternatives per token) are as in
+        :class:`~agentspec.config.SamplingParams`. ``grammar``: a :class:`Grammar` or an OpenAI
+        ``response_format`` dict the output must match (constrained decoding, drafts included).
         Raises ``ValueError`` at once for bad input; the engine stays usable.
         """
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, stop, seed)
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, stop, seed, repetition_penalty,
+                                presence_penalty, frequency_penalty, logit_bias, logprobs)
         params.validate()
+        if isinstance(grammar, dict):
+            grammar = Grammar.from_response_format(grammar)
+        matcher = self.grammar_compiler().matcher(grammar) if grammar is not None else None
         prompt_ids = self.encode_prompt(prompt, tools)
         if len(prompt_ids) >= self.context_window:
             raise ValueError(
@@ -302,7 +319,15 @@ class Engine:
         spec = self.speculation.enabled if speculate is None else speculate
         if session is not None:
             session = self._session_prefix + session
-        return GenerationStream(self._text_deltas(prompt_ids, session, params, spec and self.drafter is not None))
+        pipeline = LogitsPipeline(params, prompt_ids, matcher)
+        return GenerationStream(self._text_deltas(prompt_ids, session, params, spec and self.drafter is not None,
+                                                  pipeline))
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Compiles grammars for this engine's tokenizer and vocabulary (built once, on first use)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_ids))
+        return self._grammars
 
     def search(
         self,
@@ -365,6 +390,7 @@ class Engine:
     # ------------------------------------------------------------------ text layer
     def _text_deltas(
         self, prompt_ids: list[int], session: str | None, params: SamplingParams, speculate: bool,
+        pipeline: LogitsPipeline,
     ) -> Generator[str, None, GenerationResult]:
         """Decode token steps into text deltas, cut at stop strings, hold back partial ones; returns the result."""
         stops = [s for s in params.stop if s]
@@ -373,7 +399,7 @@ class Engine:
         sent = 0
         text = ""
         stats = SpecStats(prompt_tokens=len(prompt_ids))
-        steps = self._token_steps(prompt_ids, session, params, speculate, stats)
+        steps = self._token_steps(prompt_ids, session, params, speculate, stats, pipeline)
         try:
             for new_tokens in steps:
                 output.extend(new_tokens)
@@ -393,12 +419,13 @@ class Engine:
             steps.close()
         if len(text) > sent:
             yield text[sent:]
-        return GenerationResult(text, output, stats.finish_reason, len(prompt_ids), stats)
+        logprobs = pipeline.logprobs[: len(output)] if pipeline.logprobs is not None else None
+        return GenerationResult(text, output, stats.finish_reason, len(prompt_ids), stats, logprobs)
 
     # ------------------------------------------------------------------ token layer
     def _token_steps(
         self, prompt_ids: list[int], session: str | None, params: SamplingParams, speculate: bool,
-        stats: SpecStats,
+        stats: SpecStats, pipeline: LogitsPipeline,
     ) -> Generator[list[int], None, None]:
         """Yield the tokens committed by each step, counting into ``stats``.
 
@@ -421,7 +448,9 @@ class Engine:
                 t0 = time.perf_counter()
                 match = self._match_prefix(prompt_ids)
                 cache, logits = self._prefill(prompt_ids, match, stats)
+                logits = pipeline.process(logits[None], DraftTree())[0]
                 root = sample_token(logits, params, generator)
+                pipeline.commit([root], logits[None], [0])
                 stats.prefill_seconds = time.perf_counter() - t0
                 if speculate:
                     self.drafter.accept(request_id, DraftTree(), [], [root])
@@ -433,7 +462,7 @@ class Engine:
                 with self._lock:
                     t0 = time.perf_counter()
                     new_tokens = self._step(request_id, cache, root, params, generator, stats, speculate,
-                                            room=max_new - len(output))
+                                            room=max_new - len(output), pipeline=pipeline)
                     stats.decode_seconds += time.perf_counter() - t0
                 done = new_tokens[-1] in self.eos_ids
                 output.extend(new_tokens)
@@ -503,12 +532,15 @@ class Engine:
     def _step(
         self, request_id: str, cache: TreeKVCache, root: int, params: SamplingParams,
         generator: torch.Generator | None, stats: SpecStats, speculate: bool, room: int,
+        pipeline: LogitsPipeline,
     ) -> list[int]:
         """One verification step: draft, verify, accept, compact, update. Returns committed tokens."""
         past = cache.length
-        tree = self._draft(request_id, past, room) if speculate else DraftTree()
+        tree = self._draft(request_id, past, room, pipeline) if speculate else DraftTree()
         t0 = time.perf_counter()
         logits = self._verify(cache, root, tree, past)
+        if pipeline.active:
+            logits = pipeline.process(logits, tree)
         if self.policy is not None and speculate:
             self.policy.observe(1 + len(tree), time.perf_counter() - t0)
         if params.greedy:
@@ -518,6 +550,7 @@ class Engine:
         cache.compact(past, [0] + [1 + i for i in accepted])
         new_tokens = _truncate([tree.tokens[i] for i in accepted] + [bonus], room, self.eos_ids)
         accepted = accepted[: len(new_tokens)]
+        pipeline.commit(new_tokens, logits, [0] + [1 + i for i in accepted])
         stats.steps += 1
         stats.drafted_tokens += len(tree)
         stats.accepted_tokens += len(accepted)
@@ -528,7 +561,7 @@ class Engine:
             self.drafter.accept(request_id, tree, accepted, new_tokens)
         return new_tokens
 
-    def _draft(self, request_id: str, past: int, room: int) -> DraftTree:
+    def _draft(self, request_id: str, past: int, room: int, pipeline: LogitsPipeline) -> DraftTree:
         # the tree must fit the window: deepest node at position past + depth < context_window
         budget = min(self.speculation.max_draft_tokens, room, self.context_window - past - 2)
         if budget <= 0:
@@ -536,7 +569,7 @@ class Engine:
         tree = self.drafter.propose(request_id, budget)
         if self.policy is not None and len(tree):
             tree = self.policy.select(tree)
-        return tree
+        return pipeline.draft(tree, budget)  # under a grammar: rejected branches cut, forced tokens added
 
     def _verify(self, cache: TreeKVCache, root: int, tree: DraftTree, past: int) -> torch.Tensor:
         """One forward over ``[root] + tree``: logits ``[1 + n, V]`` (fp32)."""
