@@ -222,7 +222,8 @@ def sampling_options(body: ChatCompletionRequest | CompletionRequest, *, default
                      max_tokens_cap: int | None) -> dict[str, Any]:
     """:meth:`Engine.stream` keyword arguments for ``body`` (400 for what the engine cannot do yet).
 
-    ``temperature`` omitted means greedy decoding (0), as in every other agentspec entry point.
+    ``temperature`` omitted means greedy decoding (0), as in every other agentspec entry point;
+    so ``n`` > 1 needs a ``temperature`` > 0 (and no streaming).
     """
     unsupported = _not_supported_yet(body)
     if unsupported:
@@ -233,6 +234,7 @@ def sampling_options(body: ChatCompletionRequest | CompletionRequest, *, default
         param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
         raise APIError(400, f"{param} is {requested}, over this server's cap of {max_tokens_cap} tokens",
                        param=param, code="max_tokens_over_cap")
+    _check_n(body)
     default = default_max_tokens if max_tokens_cap is None else min(default_max_tokens, max_tokens_cap)
     return {
         "max_new_tokens": requested or default,
@@ -264,11 +266,28 @@ def _processing(body: ChatCompletionRequest | CompletionRequest) -> dict[str, An
     return out
 
 
+def _check_n(body: ChatCompletionRequest | CompletionRequest) -> None:
+    """``n`` > 1 samples its choices together: it needs a temperature (greedy would repeat one answer n times)."""
+    if (body.n or 1) == 1:
+        return
+    if not body.temperature:
+        raise APIError(400, f"n is {body.n} but temperature is {body.temperature or 0} (omitted means greedy "
+                            "decoding here): n > 1 samples, set temperature > 0", param="temperature",
+                       code="n_needs_temperature")
+    if body.top_p not in (None, 1.0) or body.top_k:
+        param = "top_k" if body.top_k else "top_p"
+        raise APIError(400, f"n > 1 samples at a temperature only: {param} must be left out (top_p 1, top_k 0)",
+                       param=param, code="unsupported_parameter")
+    if _processing(body):
+        raise APIError(400, "n > 1 samples plain choices: penalties, logit_bias and response_format are not supported "
+                            "with it yet", param="n", code="unsupported_parameter")
+
+
 def _not_supported_yet(body: ChatCompletionRequest | CompletionRequest) -> list[str]:
     """Each parameter set to a value the engine cannot honour yet, with what would be accepted."""
     out = []
-    if (body.n or 1) > 1:
-        out.append("n > 1 (one choice per request)")
+    if (body.n or 1) > 1 and body.stream:
+        out.append("n > 1 with stream (n choices come in one non-streamed response)")
     if body.logprobs:
         out.append("logprobs")
     if isinstance(body, ChatCompletionRequest):

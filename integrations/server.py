@@ -6,6 +6,10 @@ whose cache drafts for a request is named by the ``X-Session-Id`` header or else
 ``user`` field; each response carries its speculation statistics under the extra key
 ``agentspec`` (unless the server hides them). ``temperature`` omitted means greedy decoding.
 
+``n`` > 1 (not streamed, ``temperature`` > 0): the ``n`` choices are sampled together by one
+best-of-N search over the prompt's KV, held once (:func:`.choices.sample_choices`); usage counts
+the prompt once and sums the choices' completion tokens; ``agentspec`` carries the search's statistics.
+
 Tenants: each API key may name a tenant; a tenant's requests run on ``engine.for_tenant(name)``,
 so its session ids, session trees and (unless ``share_global``) global tree are its own. The key
 is checked before the body is read.
@@ -23,8 +27,9 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
 from agentspec.stores import TokenizerMismatchError
@@ -34,6 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .choices import Choices, sample_choices
 from .common import PreparedPrompt, ToolCallSplitter, prepare_prompt, raw_block
 from .metrics import RequestMetrics, ServerMetrics
 from .middleware import Authenticate, BodyLimit, parse_api_keys
@@ -194,6 +200,8 @@ def create_app(
         if prepared.grammar is not None:  # a forced or chosen tool call's grammar comes first
             params["grammar"] = prepared.grammar
         response = _Responses(kind, served, params["session"], hide_stats)
+        if (body.n or 1) > 1:  # not streamed (sampling_options refuses that)
+            return await _sample_n(response, admission, tenant_engine(request), prepared, params, body.n)
         generation = _Generation(admission, metrics, tenant_engine(request), prepared, params, _reserve(admission))
         if body.stream:
             include_usage = body.stream_options.include_usage if body.stream_options else None
@@ -310,31 +318,53 @@ class _Generation:
         splitter = ToolCallSplitter(self.prepared.parse_tools, self.prepared.prefix)
         splitter.feed(self.prepared.prefix)
         try:
-            stream = _EngineStream(self.admission, await self.admission.run(
-                lambda: self.engine.stream(self.prepared.prompt_ids, **self.params)))
-            while True:
-                delta = await stream.next()
-                if delta is _DONE:
-                    break
-                if t0:
-                    self.metrics.first_token.observe(time.perf_counter() - t0)
-                    t0 = 0.0
-                if request is not None and await request.is_disconnected():
-                    return
-                text = splitter.feed(delta)
-                if text:
-                    yield text
-        except TokenizerMismatchError as exc:
-            raise APIError(400, f"session {self.params['session']!a} was written by another tokenizer: {exc}",
-                           param="user", code="session_tokenizer_mismatch") from exc
-        except ValueError as exc:
-            raise APIError(400, str(exc), code="invalid_request") from exc
+            with _request_errors(self.params["session"]):
+                stream = _EngineStream(self.admission, await self.admission.run(
+                    lambda: self.engine.stream(self.prepared.prompt_ids, **self.params)))
+                while True:
+                    delta = await stream.next()
+                    if delta is _DONE:
+                        break
+                    if t0:
+                        self.metrics.first_token.observe(time.perf_counter() - t0)
+                        t0 = 0.0
+                    if request is not None and await request.is_disconnected():
+                        return
+                    text = splitter.feed(delta)
+                    if text:
+                        yield text
         finally:
             if stream is not None:
                 stream.close()
         result = stream.stream.result
         self.metrics.finished(result.stats)
         yield (*splitter.finish(), result)
+
+
+@contextmanager
+def _request_errors(session: str | None) -> Iterator[None]:
+    """Engine errors caused by the request, as :class:`APIError` (400)."""
+    try:
+        yield
+    except TokenizerMismatchError as exc:
+        raise APIError(400, f"session {session!a} was written by another tokenizer: {exc}",
+                       param="user", code="session_tokenizer_mismatch") from exc
+    except ValueError as exc:
+        raise APIError(400, str(exc), code="invalid_request") from exc
+
+
+async def _sample_n(response: _Responses, admission: Admission, engine: Any, prepared: PreparedPrompt,
+                    params: dict, n: int) -> dict:
+    """``n`` choices from one best-of-N search, run behind a ticket like any generation (not cancellable)."""
+    ticket = _reserve(admission)
+    options = {k: params[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
+    try:
+        with _request_errors(params["session"]):
+            result = await admission.run(lambda: sample_choices(engine, prepared, n, session=params["session"],
+                                                                **options))
+    finally:
+        ticket.release()
+    return response.many(result)
 
 
 async def _complete(response: _Responses, generation: _Generation, request: Request) -> Any:
@@ -413,15 +443,22 @@ class _Responses:
 
     def full(self, streamed: str, rest: str, calls: list[dict], invalid: list[dict], result: Any) -> dict:
         rest, tool_calls = self.content_and_calls(rest, calls, invalid)
-        finish = self.finish_reason(calls, result)
-        if self.kind == "text":
-            choice: dict[str, Any] = {"text": streamed + rest, "index": 0, "logprobs": None, "finish_reason": finish}
-        else:
-            message: dict[str, Any] = {"role": "assistant", "content": (streamed + rest) or (None if calls else "")}
-            if tool_calls:
-                message["tool_calls"] = tool_calls
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        choice = self.choice(0, streamed + rest, tool_calls, self.finish_reason(calls, result))
         return {**self._base(False), "choices": [choice], "usage": self.usage(result), **self.extra(result)}
+
+    def many(self, result: Choices) -> dict:
+        """The response of ``n`` > 1: the choices indexed 0..n-1, their summed usage, the search's statistics."""
+        choices = [self.choice(i, *self.content_and_calls(c.content, c.tool_calls, c.invalid_tool_calls),
+                               c.finish_reason) for i, c in enumerate(result.choices)]
+        return {**self._base(False), "choices": choices, "usage": result.usage(), **self.extra(result)}
+
+    def choice(self, index: int, content: str, tool_calls: list[dict], finish: str) -> dict:
+        if self.kind == "text":
+            return {"text": content, "index": index, "logprobs": None, "finish_reason": finish}
+        message: dict[str, Any] = {"role": "assistant", "content": content or (None if tool_calls else "")}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        return {"index": index, "message": message, "logprobs": None, "finish_reason": finish}
 
     def chunk(self, delta: dict, finish_reason: str | None = None, **extra: Any) -> str:
         if self.kind == "text":

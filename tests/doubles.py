@@ -1,7 +1,7 @@
 """A scripted stand-in for :class:`~agentspec.engine.Engine`, for fast tests of code built on it.
 
 ``ScriptedEngine`` has the engine's public surface (``tokenizer``, ``model_name``,
-``context_window``, ``stream``, ``generate``) but no model: each call answers with the next
+``context_window``, ``stream``, ``generate``, ``search``) but no model: each call answers with the next
 scripted reply (or a function of the prompt), one character per token, streamed word by word.
 Its tokenizer is one token per character, so prompt lengths are easy to reason about.
 """
@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentspec.search.types import SearchStats
 from agentspec.stats import SpecStats
 
 
@@ -48,6 +49,12 @@ class ScriptedResult:
     finish_reason: str
     prompt_tokens: int
     stats: SpecStats = field(default_factory=SpecStats)
+
+
+@dataclass
+class ScriptedSearch:
+    trajectories: list[ScriptedResult]  # text, token_ids, finish_reason: as a search's trajectories
+    stats: SearchStats
 
 
 class ScriptedStream:
@@ -101,6 +108,16 @@ class ScriptedEngine:
             pass
         assert stream.result is not None
         return stream.result
+
+    def search(self, prompt: Any, *, width: int = 4, policy: str = "ets", max_new_tokens: int = 1024,
+               temperature: float = 1.0, seed: int | None = None, session: str | None = None,
+               **_: Any) -> ScriptedSearch:
+        """The next ``width`` replies (each one ``stream()`` call, so one ``calls`` entry) as one search's result."""
+        results = [self.generate(prompt, session=session, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 seed=seed) for _ in range(width)]
+        stats = SearchStats(width=width, policy=policy, prompt_tokens=results[0].prompt_tokens,
+                            generated_tokens=sum(len(r.token_ids) for r in results))
+        return ScriptedSearch(results, stats)
 
     def stream(self, prompt: Any, *, session: str | None = None, tools: Sequence[dict] | None = None,
                max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,

@@ -144,7 +144,11 @@ def test_multi_turn_tool_session_reports_session_drafts() -> None:
         ({"model": "scripted", "messages": USER, "max_tokens": "ten"}, 422, "max_tokens"),
         ({"model": "scripted", "messages": USER, "temperature": -1}, 422, "temperature"),
         ({"model": "scripted", "messages": USER, "top_p": 0}, 422, "top_p"),
-        ({"model": "scripted", "messages": USER, "n": 2}, 400, "not supported yet: n > 1"),
+        ({"model": "scripted", "messages": USER, "n": 2}, 400, "set temperature > 0"),
+        ({"model": "scripted", "messages": USER, "n": 2, "temperature": 0}, 400, "set temperature > 0"),
+        ({"model": "scripted", "messages": USER, "n": 2, "temperature": 1, "stream": True}, 400,
+         "not supported yet: n > 1 with stream"),
+        ({"model": "scripted", "messages": USER, "n": 2, "temperature": 1, "top_p": 0.5}, 400, "top_p must be"),
         ({"model": "scripted", "messages": USER, "tools": [{"type": "function", "function": {"name": "a b"}}]},
          422, "name"),
         ({"model": "scripted", "messages": USER, "tools": TOOLS,
@@ -161,6 +165,33 @@ def test_bad_requests(body, status: int, needle: str) -> None:
     assert needle in error["message"]
     if needle == "context window":
         assert "4096" in error["message"] and "50" in error["message"]  # both lengths
+
+
+def test_n_choices_from_one_search_with_usage_and_stats() -> None:
+    engine = ScriptedEngine(["one STOP two", CALL, "three"])
+    c = client(engine)
+    r = post(c, {"model": "scripted", "messages": USER, "tools": TOOLS, "n": 3, "temperature": 0.7, "seed": 5,
+                 "stop": "STOP", "user": "u"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [ch["index"] for ch in body["choices"]] == [0, 1, 2]
+    first, second, third = (ch["message"] for ch in body["choices"])
+    assert first["content"] == "one " and body["choices"][0]["finish_reason"] == "stop"  # cut at the stop string
+    assert second["content"] == "Let me add." and second["tool_calls"][0]["function"]["name"] == "add"
+    assert body["choices"][1]["finish_reason"] == "tool_calls"
+    assert third == {"role": "assistant", "content": "three"}
+    prompt_tokens = len(engine.calls[0]["prompt"])
+    completion_tokens = len("one STOP two") + len(CALL) + len("three")  # as generated, summed over the choices
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens}
+    stats = body["agentspec"]["stats"]
+    assert (stats["policy"], stats["width"], stats["generated_tokens"]) == ("best_of_n", 3, completion_tokens)
+    assert [(k["temperature"], k["seed"], k["session"]) for k in engine.calls] == [(0.7, 5, "u")] * 3
+    assert c.get("/health").json()["in_flight"] == 0  # the search gave its place back
+
+    r = c.post("/v1/completions", headers=AUTH, json={"model": "scripted", "prompt": "hi", "n": 2, "temperature": 1})
+    assert [(ch["index"], ch["text"]) for ch in r.json()["choices"]] == [(0, "one STOP two"), (1, CALL)]
+    assert r.json()["usage"]["prompt_tokens"] == 2
 
 
 def test_oversized_body_is_413() -> None:

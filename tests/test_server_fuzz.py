@@ -108,7 +108,7 @@ def _chat(**fields) -> dict:
         (CHAT, _chat(stop=["\ud800"]), {}, 400, "stop"),
         (CHAT, _chat(tool_choice={"type": "function", "function": {"name": "f"}}), {}, 400, "needs tools"),
         (CHAT, _chat(max_tokens=10_000), {}, 400, "cap of 64"),
-        (CHAT, _chat(n=3), {}, 400, "not supported yet"),
+        (CHAT, _chat(n=3), {}, 400, "n > 1"),  # greedy, or streamed
         ("/v1/completions", {"model": "scripted", "prompt": "x\ud800"}, {}, 400, "lone surrogate"),
         ("/v1/completions", {"model": "scripted", "prompt": ["a", "b"]}, {}, 400, "one prompt"),
         ("/v1/completions", {"model": "scripted", "prompt": "x" * 3000}, {}, 400, "context window"),

@@ -13,7 +13,7 @@ from agentspec.stores import open_store
 from doubles import serve_in_thread
 
 from agentspec.lookahead import CostCurve, LookaheadPolicy
-from agentspec.lookahead.policy import FP32_CPU_CURVE
+from agentspec.lookahead.cost import FP32_CPU_CURVE
 
 pytestmark = pytest.mark.model
 KEY = "sk-model-test"
@@ -127,6 +127,24 @@ def test_omitted_temperature_is_greedy_like_every_entry_point(server, default_en
                    for seed in (1, 2)]
     greedy = default_engine.generate(messages, max_new_tokens=12).text
     assert answers == [greedy, greedy]
+
+
+def test_openai_client_n_choices_from_one_search(server) -> None:
+    from openai import OpenAI
+
+    url, model = server
+    client = OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    resp = client.chat.completions.create(model=model, messages=messages, n=3, temperature=1.0, seed=11,
+                                          max_tokens=12)
+    one = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=1)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert all(c.message.role == "assistant" and c.finish_reason in ("stop", "length") for c in resp.choices)
+    stats = resp.model_extra["agentspec"]["stats"]
+    assert (stats["policy"], stats["width"]) == ("best_of_n", 3)
+    assert resp.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counted once
+    assert 3 <= resp.usage.completion_tokens == stats["generated_tokens"] <= 3 * 12  # summed over the choices
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
 
 
 # ------------------------------------------------------------------ tenants through the real server
