@@ -133,6 +133,9 @@ class ScriptedEngine:
             raise ValueError("prompt is empty")
         if len(ids) >= self.context_window:
             raise ValueError(f"prompt is {len(ids)} tokens but the context window is {self.context_window} tokens")
+        bad = [t for t in ids if not 0 <= t < 0x110000]  # the real engine checks ids against its vocabulary
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary")
         prompt_text = self.tokenizer.decode(ids)
         with self._lock:
             self.calls.append(dict(prompt=prompt_text, session=session, max_new_tokens=max_new_tokens,

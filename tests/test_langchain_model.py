@@ -14,7 +14,7 @@ from agentspec.integrations.langchain import ChatAgentSpec
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from agentspec.lookahead import CostCurve, LookaheadPolicy
-from agentspec.lookahead.policy import FP32_CPU_CURVE
+from agentspec.lookahead.cost import FP32_CPU_CURVE
 
 pytestmark = pytest.mark.model
 WEAK = "SmolLM2-135M cannot do this task reliably"
