@@ -140,7 +140,7 @@ class ScriptedEngine:
         with self._lock:
             self.calls.append(dict(prompt=prompt_text, session=session, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,
-                                   tenant=self.tenant))
+                                   tenant=self.tenant, grammar=processing.get("grammar")))
             n = len(self.calls) - 1
         reply = self.replies(prompt_text) if callable(self.replies) else self.replies[n % len(self.replies)]
         stream = ScriptedStream(self, iter(()))

@@ -203,7 +203,9 @@ def test_forced_tool_choice_and_structured_output() -> None:
     out = ChatAgentSpec(engine=engine).with_structured_output(Sum).invoke("four plus five")
     assert out == Sum(a=4, b=5)
     assert engine.calls[0]["prompt"].endswith('<tool_call>\n{"name": "Sum", "arguments": ')
-    assert "</tool_call>" in engine.calls[0]["stop"]
+    # the forced call's arguments are held to Sum's schema by a grammar, which also ends the call
+    assert engine.calls[0]["grammar"] is not None
+    assert engine.calls[0]["stop"] == []
 
 
 def test_prompt_over_the_window_names_both_lengths() -> None:
