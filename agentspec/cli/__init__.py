@@ -1,4 +1,11 @@
-"""The ``agentspec`` command. Each sub-module registers its own sub-commands."""
+"""The ``agentspec`` command. Each sub-module registers its own sub-commands.
+
+Deferred imports, on purpose: a command function imports the engine, replay, search and store
+modules it uses when it runs, because they pull in torch, transformers, SQLAlchemy and FastAPI
+(seconds of start-up); ``agentspec --help`` and the light commands start at once. This is the one
+place in the package where its own modules are imported inside functions (besides the optional
+LangChain/FastAPI integrations and the compiled extension).
+"""
 
 from __future__ import annotations
 

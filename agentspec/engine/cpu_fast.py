@@ -30,6 +30,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from agentspec.kernels import register_attention
 from agentspec.kernels.blockq import BlockWeight, block_linear, blocks_available, pack_blocks
 
 logger = logging.getLogger(__name__)
@@ -164,8 +165,6 @@ def tree_attention_name(model) -> str | None:
     """
     if model.device.type != "cpu" or model.config._attn_implementation != "sdpa":
         return None
-    from agentspec.kernels import register_attention
-
     return register_attention()
 
 

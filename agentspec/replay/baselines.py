@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from agentspec.engine import Engine
 from agentspec.engine.model import resolve_model
 from agentspec.replay.report import COMPARISONS
 
@@ -123,8 +124,6 @@ def _int8_engine(engine):
     if engine.device.type != "cpu":
         raise ValueError("int8 weights run on the CPU only")
     if engine.model_source not in _INT8_ENGINES:
-        from agentspec.engine import Engine
-
         _INT8_ENGINES[engine.model_source] = Engine.from_pretrained(
             engine.model_source, quantize="int8", speculation=engine.speculation, store="memory")
     return _INT8_ENGINES[engine.model_source]

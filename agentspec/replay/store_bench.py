@@ -12,6 +12,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from agentspec.draft.builder import SuffixDrafter
+from agentspec.sessions import StoreSessions
+from agentspec.stores import open_store
+
 
 @dataclass
 class StoreBenchmark:
@@ -47,7 +51,6 @@ def run(url: str | None = None, append_calls: int = 2000, session_tokens: int = 
         vocab_sample: Sequence[int] | None = None, output_len: int = 120) -> StoreBenchmark:
     """Append ``append_calls`` small calls (rate), then an agent session of ``session_tokens`` tokens
     (``output_len`` output tokens a call), and time how a new process loads it."""
-    from agentspec.stores import open_store
 
     if url is None:
         url = f"sqlite:///{tempfile.mkdtemp(prefix='agentspec-store-bench-')}/bench.db"
@@ -76,9 +79,6 @@ def rebuild_through_manager(url: str, session: str) -> tuple[float, int, float]:
     """What a fresh process's drafter pays on first use of a store (its first request loads the global
     history, its first request in a session that session's calls):
     ``(session load + rebuild seconds, global tokens, global load + rebuild seconds)``."""
-    from agentspec.draft.builder import SuffixDrafter
-    from agentspec.sessions import StoreSessions
-    from agentspec.stores import open_store
 
     drafter = SuffixDrafter(history=StoreSessions(open_store(url), "bench"))
     t0 = time.perf_counter()
