@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from sampling_law import chisquare_pvalue, three_token_law
 
 from agentspec.config import SpeculationConfig
 from agentspec.draft.base import DraftTree, Source
@@ -203,7 +204,6 @@ class ContextTreeDrafter:
 
 def test_sampling_matches_plain_distribution(tiny_model, default_tokenizer):
     """Chi-square: three tokens sampled through draft trees follow the model's exact joint law."""
-    from scipy.stats import chisquare
 
     from agentspec.config import SamplingParams
     from agentspec.engine.verify import process_logits
@@ -215,26 +215,8 @@ def test_sampling_matches_plain_distribution(tiny_model, default_tokenizer):
         with torch.no_grad():
             return process_logits(tiny_model(torch.tensor([ids])).logits[0, -1], params)
 
-    def support(p):
-        return sorted(torch.nonzero(p).flatten().tolist(), key=lambda t: -float(p[t]))
-
-    exact: dict[tuple[int, int, int], float] = {}
-    trees: dict[int, DraftTree] = {}
-    p0 = dist(prompt)
-    for a in support(p0):
-        p1 = dist(prompt + [a])
-        tree = DraftTree()
-        for rank_b, b in enumerate(support(p1)):
-            p2 = dist(prompt + [a, b])
-            for c in support(p2):
-                exact[(a, b, c)] = float(p0[a] * p1[b] * p2[c])
-            if rank_b in (1, 2):  # draft 2 of 4 candidates per level: some accepted, some not
-                tree.tokens.append(b), tree.parents.append(-1), tree.probs.append(0.3), tree.sources.append(0)
-                parent = len(tree) - 1
-                for c in support(p2)[:2]:
-                    tree.tokens.append(c), tree.parents.append(parent), tree.probs.append(0.1)
-                    tree.sources.append(0)
-        trees[a] = tree
+    # draft 2 of 4 candidates per level: some accepted, some not
+    exact, trees = three_token_law(lambda out: dist(prompt + out), drafted_ranks=(1, 2))
     engine = make_engine(tiny_model, default_tokenizer, ContextTreeDrafter(trees), prefix_cache_bytes=0)
     engine.eos_ids = set()
     n = 2000
@@ -245,13 +227,7 @@ def test_sampling_matches_plain_distribution(tiny_model, default_tokenizer):
         counts[tuple(result.token_ids)] += 1
         accepted += result.stats.accepted_tokens
     assert accepted > 0.1 * n
-    # merge rare outcomes so every chi-square bin expects >= 5
-    keys = sorted(exact, key=lambda k: -exact[k])
-    big = [k for k in keys if exact[k] * n >= 5]
-    rest = [k for k in keys if exact[k] * n < 5]
-    observed = [counts[k] for k in big] + ([sum(counts[k] for k in rest)] if rest else [])
-    expected = [exact[k] * n for k in big] + ([sum(exact[k] for k in rest) * n] if rest else [])
-    assert chisquare(observed, expected, sum_check=False).pvalue > 1e-3
+    assert chisquare_pvalue(counts, exact, n) > 1e-3
 
 
 @pytest.mark.parametrize("gguf_blocks", [False, True])

@@ -7,11 +7,11 @@ from collections import Counter
 
 import pytest
 import torch
+from sampling_law import chisquare_pvalue, three_token_law
 from test_engine import ContextTreeDrafter, ScriptedDrafter, make_engine
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from agentspec.config import SamplingParams
-from agentspec.draft.base import DraftTree
 
 PROCESSORS = {
     "repetition": {"repetition_penalty": 4.0},
@@ -77,7 +77,6 @@ def test_processors_are_validated():
 def test_sampling_with_processors_matches_plain_distribution(tiny_model, default_tokenizer):
     """Chi-square: three tokens sampled through draft trees with penalties, bias and top-k follow the
     plain law, where each row's penalties come from its own path (token 3's row penalises tokens 1, 2)."""
-    from scipy.stats import chisquare
 
     from agentspec.engine.verify import process_logits
 
@@ -88,26 +87,7 @@ def test_sampling_with_processors_matches_plain_distribution(tiny_model, default
     def dist(out):
         return process_logits(processed(tiny_model, prompt + out, out, opts), params)
 
-    def support(p):
-        return sorted(torch.nonzero(p).flatten().tolist(), key=lambda t: -float(p[t]))
-
-    exact: dict[tuple[int, int, int], float] = {}
-    trees: dict[int, DraftTree] = {}
-    p0 = dist([])
-    for a in support(p0):
-        p1 = dist([a])
-        tree = DraftTree()
-        for rank_b, b in enumerate(support(p1)):
-            p2 = dist([a, b])
-            for c in support(p2):
-                exact[(a, b, c)] = float(p0[a] * p1[b] * p2[c])
-            if rank_b in (0, 1):
-                tree.tokens.append(b), tree.parents.append(-1), tree.probs.append(0.3), tree.sources.append(0)
-                parent = len(tree) - 1
-                for c in support(p2)[:2]:
-                    tree.tokens.append(c), tree.parents.append(parent), tree.probs.append(0.1)
-                    tree.sources.append(0)
-        trees[a] = tree
+    exact, trees = three_token_law(dist, drafted_ranks=(0, 1))
     engine = make_engine(tiny_model, default_tokenizer, ContextTreeDrafter(trees), prefix_cache_bytes=0)
     engine.eos_ids = set()
     n = 600
@@ -119,9 +99,4 @@ def test_sampling_with_processors_matches_plain_distribution(tiny_model, default
         accepted += result.stats.accepted_tokens
     assert accepted > 0.1 * n
     assert set(counts) <= set(exact)
-    keys = sorted(exact, key=lambda k: -exact[k])
-    big = [k for k in keys if exact[k] * n >= 5]
-    rest = [k for k in keys if exact[k] * n < 5]
-    observed = [counts[k] for k in big] + ([sum(counts[k] for k in rest)] if rest else [])
-    expected = [exact[k] * n for k in big] + ([sum(exact[k] for k in rest) * n] if rest else [])
-    assert chisquare(observed, expected, sum_check=False).pvalue > 1e-3
+    assert chisquare_pvalue(counts, exact, n) > 1e-3
