@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from agentspec import chat
 from agentspec.engine.constraints import Grammar
 
 
@@ -91,10 +92,9 @@ def check_text(value: Any, where: str = "body") -> None:
     """400 for a lone UTF-16 surrogate in any string of ``value`` (JSON allows ``"\\ud800"``; text does not)."""
     if isinstance(value, str):
         try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise APIError(400, f"{where} holds a lone surrogate ({value[exc.start:exc.end]!a}): "
-                                "send valid Unicode text", param=where, code="invalid_text") from exc
+            chat.check_text(value, where)
+        except ValueError as exc:
+            raise APIError(400, f"{exc}: send valid Unicode text", param=where, code="invalid_text") from exc
     elif isinstance(value, dict):
         for key, item in value.items():
             check_text(key, where)
