@@ -103,12 +103,13 @@ def tiny_engine(tiny_model, default_tokenizer):
 
 
 def _stub_search(texts_by_policy: dict[str, list[str]]):
-    """A stand-in for ``engine.search`` with its signature and result shape, recording its calls."""
+    """A stand-in for the engine's ``run_search`` with its signature and result shape, recording its calls."""
     calls = []
 
-    def search(prompt, *, width, policy, scorer=None, step_stop="\n\n", max_step_tokens=64, max_new_tokens=256,
-               temperature=1.0, seed=None, session=None, lambda_kv=1.0, lambda_cover=1.5, draft=True):
-        calls.append({"policy": policy, "width": width, "seed": seed, "draft": draft})
+    def search(engine, prompt_ids, prompt_text, config):
+        policy, width, draft = config.policy, config.width, config.draft
+        calls.append({"policy": policy, "width": width, "seed": config.seed, "draft": draft,
+                      "cluster_distance": config.cluster_distance})
         texts = texts_by_policy[policy]
         kv = {"best_of_n": 400, "beam": 200, "rebase": 300, "ets": 120}[policy]
         stats = SimpleNamespace(generated_tokens=10 * width, wall_seconds=1.0 if draft else 2.0, kv_peak_tokens=kv,
@@ -120,10 +121,10 @@ def _stub_search(texts_by_policy: dict[str, list[str]]):
     return search, calls
 
 
-def test_harness_runs_every_method_and_grades_the_top_answer(tiny_engine):
+def test_harness_runs_every_method_and_grades_the_top_answer(tiny_engine, monkeypatch):
     right = SearchTask("t", [{"role": "user", "content": "2+2?"}], "number", 4)
-    tiny_engine.search, calls = _stub_search({"best_of_n": ["5", "4"], "beam": ["4", "5"], "rebase": ["4"],
-                                              "ets": ["3", "4"]})
+    stub, calls = _stub_search({"best_of_n": ["5", "4"], "beam": ["4", "5"], "rebase": ["4"], "ets": ["3", "4"]})
+    monkeypatch.setattr(sb, "search_engine", stub)
     config = sb.SearchBenchConfig(width=4, max_new_tokens=6, seed=7)
     seen = []
     report = sb.run_bench(tiny_engine, [right], config, sb.METHODS, tasks_path="x", on_run=seen.append)
@@ -134,7 +135,8 @@ def test_harness_runs_every_method_and_grades_the_top_answer(tiny_engine):
     assert by["loop"].correct is None  # ranks nothing
     assert by["hf"].trajectories == 4 and by["loop"].trajectories == 4
     assert {c["seed"] for c in calls} == {7} and {c["width"] for c in calls} == {4}
-    assert [c["draft"] for c in calls if c["policy"] == "ets"] == [True, False]
+    assert [(c["draft"], c["cluster_distance"]) for c in calls if c["policy"] == "ets"] == [
+        (True, 0.05), (False, 0.05), (True, sb.COARSE_CLUSTER_DISTANCE)]
     assert by["ets"].kv_peak_tokens == 120 and by["ets-nodraft"].wall_seconds == 2.0
 
 

@@ -51,6 +51,7 @@ from agentspec.kernels.cpu import folded_tree_attention, prefix_attention
 from agentspec.kernels.reference import merge_attention, partial_attention
 from agentspec.lookahead.policy import CostCurve
 from agentspec.search import POLICIES, Candidate, SearchResult, SearchStats, Trajectory, allocate, split_draft_budget
+from agentspec.search.selection import CLUSTER_DISTANCE
 from agentspec.search.types import Scorer
 
 logger = logging.getLogger(__name__)
@@ -218,6 +219,8 @@ class SearchConfig:
     lambda_kv: float = 1.0
     lambda_cover: float = 1.5
     draft: bool = True
+    cluster_distance: float = CLUSTER_DISTANCE  # ETS: cosine distance at which step clusters are cut
+    support_only: bool = False  # ETS: the integer program chooses among the leaves REBASE expands only
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming each bad argument and its value."""
@@ -362,7 +365,8 @@ class TreeSearch:
                                 leaf.embedding if leaf.embedding is not None else np.zeros(size))
                       for leaf in scored]
         counts = allocate(self.config.policy, candidates, width, node_tokens,
-                          lambda_kv=self.config.lambda_kv, lambda_cover=self.config.lambda_cover)
+                          lambda_kv=self.config.lambda_kv, lambda_cover=self.config.lambda_cover,
+                          cluster_distance=self.config.cluster_distance, support_only=self.config.support_only)
         out = []
         for leaf, n in zip(scored, counts):
             if n <= 0:
