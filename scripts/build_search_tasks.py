@@ -18,6 +18,20 @@ The bundled set was built in two runs (the second added to the first)::
         --tool-calls 12 --max-new-tokens 40 --tau PATH/tau_bench/gpt-4o-airline.json --append \
         --out agentspec/samples/search_tasks.jsonl
 
+The multi-step set (``agentspec/samples/search_tasks_steps.jsonl``: word problems answered in
+several steps, generated and from GSM8K through Spec-Bench's ``math_reasoning`` questions) was built
+in two runs through ``engine.search`` best-of-N, then each kept line given ``"scorer": "arithmetic"``::
+
+    python scripts/build_search_tasks.py --threads 1 --engine --kinds words,gsm8k --word-problems 12 \
+        --gsm8k PATH/spec_bench/question.jsonl --gsm8k-count 8 --max-new-tokens 160 \
+        --out agentspec/samples/search_tasks_steps.jsonl
+    python scripts/build_search_tasks.py --threads 1 --engine --kinds words,gsm8k --seed 1 --word-problems 12 \
+        --gsm8k PATH/spec_bench/question.jsonl --gsm8k-skip 8 --gsm8k-count 8 --max-new-tokens 160 --append \
+        --out agentspec/samples/search_tasks_steps.jsonl
+
+(the first run had only the first four word-problem forms; the kept word-0 is the same under six).
+They kept 3 of 20 and 2 of 20: the 135M default model rarely solves a multi-step problem.
+
 The first run kept 7 of 45 (one a repeated prompt, kept once). The second was stopped after its
 10 arithmetic candidates and 4 tool calls (the CPU was shared and slow); its 4 kept arithmetic tasks
 were added with the counts it logged. No tool-call candidate (18, with and without the example in

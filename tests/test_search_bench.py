@@ -12,7 +12,9 @@ from agentspec.engine import Engine
 from agentspec.replay import search_bench as sb
 from agentspec.replay.search_tasks import (
     DEFAULT_TASKS,
+    SCORERS,
     SearchTask,
+    arithmetic_score,
     check,
     first_json_object,
     load_tasks,
@@ -87,6 +89,35 @@ def test_bundled_tasks_meet_the_selection_rule():
         pk = t.measured[f"pass@{t.measured['samples']}"]
         assert 0.05 <= p1 <= 0.60 and pk - p1 >= 0.25, t.id
         assert t.kind in {"number", "word", "regex", "tool_call"}
+
+
+def test_bundled_multi_step_tasks_are_verified_step_by_step():
+    path = DEFAULT_TASKS.with_name("search_tasks_steps.jsonl")
+    if not path.exists():
+        pytest.skip(f"{path} is not in this checkout")
+    tasks = load_tasks(path)
+    assert len(tasks) >= 5 and len({t.id for t in tasks}) == len(tasks)
+    for t in tasks:
+        assert t.kind == "number" and t.scorer == "arithmetic", t.id
+        assert 0.05 <= t.measured["pass@1"] <= 0.60 and t.measured["pass@16"] - t.measured["pass@1"] >= 0.25, t.id
+
+
+@pytest.mark.parametrize("steps, expected", [
+    (["48 / 2 = 24 clips.", "So 48 + 24 = 72."], 1.0),  # both right
+    (["2 * 3 = 7", "5-1=4"], 0.0),  # one wrong, one right
+    (["3 x 4 = 13"], -1.0),
+    (["Let us think."], 0.0),  # nothing to check
+    (["10 ÷ 0 = 1"], -1.0),  # a division by zero is wrong
+    (["It costs $3 × 4 = $12."], 1.0),
+])
+def test_arithmetic_score_recomputes_what_the_steps_write(steps, expected):
+    assert arithmetic_score("q", steps) == expected
+
+
+def test_a_task_names_a_known_scorer():
+    with pytest.raises(ValueError, match="scorer"):
+        SearchTask("t", [{"role": "user", "content": "q"}], "number", 1, scorer="oracle")
+    assert SearchTask("t", [{"role": "user", "content": "q"}], "number", 1, scorer="arithmetic").scorer in SCORERS
 
 
 # ---------------------------------------------------------------------------------------- harness

@@ -220,7 +220,6 @@ class SearchConfig:
     lambda_cover: float = 1.5
     draft: bool = True
     cluster_distance: float = CLUSTER_DISTANCE  # ETS: cosine distance at which step clusters are cut
-    support_only: bool = False  # ETS: the integer program chooses among the leaves REBASE expands only
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming each bad argument and its value."""
@@ -366,7 +365,7 @@ class TreeSearch:
                       for leaf in scored]
         counts = allocate(self.config.policy, candidates, width, node_tokens,
                           lambda_kv=self.config.lambda_kv, lambda_cover=self.config.lambda_cover,
-                          cluster_distance=self.config.cluster_distance, support_only=self.config.support_only)
+                          cluster_distance=self.config.cluster_distance)
         out = []
         for leaf, n in zip(scored, counts):
             if n <= 0:

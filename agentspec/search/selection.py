@@ -152,11 +152,9 @@ def ets_keep(
 def allocate(
     policy: str, candidates: Sequence[Candidate], width: int, node_tokens: Mapping[int, int] | None = None, *,
     lambda_kv: float = 1.0, lambda_cover: float = 1.5, temperature: float = REBASE_TEMPERATURE,
-    cluster_distance: float = CLUSTER_DISTANCE, support_only: bool = False,
+    cluster_distance: float = CLUSTER_DISTANCE,
 ) -> list[int]:
-    """``n_i`` children for each candidate under ``policy`` with ``width`` units left.
-
-    ETS: ``support_only`` offers the integer program only the leaves REBASE expands (``n_i > 0``)."""
+    """``n_i`` children for each candidate under ``policy`` with ``width`` units left."""
     scores = [c.score for c in candidates]
     if policy == "best_of_n":
         return [1] * len(candidates)
@@ -168,14 +166,12 @@ def allocate(
     if policy != "ets":
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     total = sum(n)
-    offered = [i for i in range(len(candidates)) if n[i] > 0 or not support_only]
-    embeddings = [candidates[i].embedding for i in offered]
+    embeddings = [c.embedding for c in candidates]
     clusters = None
     if lambda_cover > 0 and all(e is not None for e in embeddings):
         clusters = cluster_steps(embeddings, cluster_distance)
-    keep = ets_keep([n[i] / total for i in offered], [candidates[i].ancestors for i in offered],
-                    [candidates[i].tokens for i in offered], node_tokens or {}, clusters, lambda_kv, lambda_cover)
-    keep = [offered[i] for i in keep]
+    keep = ets_keep([v / total for v in n], [c.ancestors for c in candidates], [c.tokens for c in candidates],
+                    node_tokens or {}, clusters, lambda_kv, lambda_cover)
     kept = rebase_allocation([scores[i] for i in keep], width, temperature)
     out = [0] * len(candidates)
     for i, v in zip(keep, kept):
