@@ -216,6 +216,7 @@ def test_a_failing_scorer_drops_that_leaf_and_the_search_goes_on(engine, bad):
     ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_step_tokens": -1}, "max_step_tokens"),
     ({"temperature": -1.0}, "temperature"), ({"lambda_kv": float("nan")}, "lambda_kv"),
     ({"lambda_cover": -2}, "lambda_cover"), ({"scorer": 3}, "scorer"), ({"width": 2.5}, "width"),
+    ({"cluster_distance": -0.1}, "cluster_distance"),
 ])
 def test_bad_arguments_raise_value_errors_naming_them(engine, kwargs, name):
     with pytest.raises(ValueError, match=name):

@@ -46,6 +46,7 @@ from agentspec.engine.search import SearchConfig, run_search
 from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask, sample_token
 from agentspec.lookahead import CostCurve, LookaheadPolicy
 from agentspec.search import Scorer, SearchResult
+from agentspec.search.selection import CLUSTER_DISTANCE
 from agentspec.sessions import StoreSessions
 from agentspec.stats import SpecStats
 from agentspec.stores import StoreError, open_store
@@ -346,13 +347,16 @@ class Engine:
         lambda_cover: float = 1.5,
         draft: bool = True,
         tools: Sequence[dict] | None = None,
+        cluster_distance: float = CLUSTER_DISTANCE,
     ) -> SearchResult:
         """Tree search over reasoning steps (ending at ``step_stop`` or EOS) with ``width`` trajectories.
 
         ``policy``: "ets" | "rebase" | "beam" | "best_of_n" (see :mod:`agentspec.search`). All live
         trajectories share one KV tree and advance in one forward; ``draft`` drafts each from its
         siblings. ``scorer(prompt, steps) -> float`` ranks them (default: the model's mean token
-        log-probability); a scorer that raises or returns NaN drops that trajectory. With a
+        log-probability); a scorer that raises or returns NaN drops that trajectory. ETS clusters the
+        newest steps by cosine distance of their hidden states, cut at ``cluster_distance`` (the
+        paper's 0.05; a larger cut merges more steps and prunes more KV). With a
         ``session``, the engine's drafter (that session's and the global trees) drafts for every
         trajectory too, and their tokens join its history. Returns the finished trajectories, best
         first, and statistics. ``ValueError`` for bad arguments.
@@ -360,7 +364,7 @@ class Engine:
         if session is not None:
             session = self._session_prefix + session
         config = SearchConfig(width, policy, scorer, step_stop, max_step_tokens, max_new_tokens, temperature,
-                              seed, session, lambda_kv, lambda_cover, draft)
+                              seed, session, lambda_kv, lambda_cover, draft, cluster_distance)
         config.validate()
         prompt_ids = self.encode_prompt(prompt, tools)
         text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt_ids)

@@ -236,7 +236,7 @@ class SearchConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad.append(f"{name} must be a positive integer, got {value!r}")
-        for name in ("temperature", "lambda_kv", "lambda_cover"):
+        for name in ("temperature", "lambda_kv", "lambda_cover", "cluster_distance"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 bad.append(f"{name} must be a finite number >= 0, got {value!r}")
