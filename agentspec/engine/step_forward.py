@@ -5,10 +5,13 @@ per-call machinery (mask construction, cache bookkeeping, output capture, keywor
 through 30 layers) costs as much as a fifth of the step on a CPU. :class:`LlamaStepForward`
 runs the same modules and the same tensor operations as ``LlamaModel.forward`` (RMSNorm,
 rotary embedding, grouped-query attention, SiLU MLP, residuals). Attention (CPU): a step is one
-call of torch's fused kernel per layer over prefix and tree with an additive tree mask built
-once per step (:func:`agentspec.kernels.cpu.folded_tree_attention`); a prefill chunk is the
-prefix and the chunk's causal block in two fused calls merged by log-sum-exp
-(:func:`agentspec.kernels.cpu.causal_chunk_attention`), never a repeated or masked prefix.
+call per layer of the compiled tree-attention kernel (:mod:`agentspec.kernels.attention`: each
+KV row read once for all the step's query rows, fp32/fp16/bf16 KV, each row bit-identical to
+the same token decoded alone); without it, one call of torch's fused kernel over prefix and tree
+with an additive tree mask built once per step (:func:`agentspec.kernels.cpu.folded_tree_attention`).
+A prefill chunk is the prefix and the chunk's causal block in two fused calls merged by
+log-sum-exp (:func:`agentspec.kernels.cpu.causal_chunk_attention`), never a repeated or masked
+prefix. 16-bit KV is stored rounded; torch's kernels read it widened to fp32.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 
 from agentspec.engine.cpu_fast import BLOCK_ROWS
 from agentspec.engine.kvcache import TreeKVCache
+from agentspec.kernels.attention import kernel_fits, tree_attention_rows
 from agentspec.kernels.blockq import BlockWeight, block_linear, concat_blocks
 from agentspec.kernels.cpu import causal_chunk_attention, folded_tree_attention, folded_tree_mask
 
@@ -94,12 +98,23 @@ class LlamaStepForward:
         input_ids, position_ids: ``[T]``; tree_mask: ``[T, T]`` bool (True = token i sees token j);
         every token also sees the ``cache.length`` committed positions before it.
         """
-        mask = folded_tree_mask(tree_mask, cache.length, self.groups, self.embed.weight.dtype)
+        return self._run(input_ids, position_ids, cache, self.tree_attention(tree_mask, cache.length))
+
+    def tree_attention(self, tree_mask: torch.Tensor, past: int):
+        """``attend(q, keys, values, scale) -> [1, T, H * D]`` for one step's layers: the compiled
+        kernel where it fits, else torch's fused kernel with a mask built here, once."""
+        mask = None
 
         def attend(q, k, v, scale):
-            return folded_tree_attention(q, k, v, mask, scale)
+            nonlocal mask
+            if kernel_fits(q, k):
+                return tree_attention_rows(q, k, v, tree_mask, scale)
+            if mask is None:
+                mask = folded_tree_mask(tree_mask, past, self.groups, q.dtype)
+            out = folded_tree_attention(q, k.to(q.dtype), v.to(q.dtype), mask, scale)
+            return out.transpose(1, 2).reshape(1, q.shape[2], -1)
 
-        return self._run(input_ids, position_ids, cache, attend)
+        return attend
 
     def prefill(self, input_ids: torch.Tensor, cache: TreeKVCache) -> torch.Tensor:
         """A prompt chunk after the cached positions, causal: hidden states ``[T, hidden]``."""
@@ -107,7 +122,8 @@ class LlamaStepForward:
         positions = torch.arange(past, past + input_ids.shape[0])
 
         def attend(q, k, v, scale):
-            return causal_chunk_attention(q, k, v, past, scale)
+            out = causal_chunk_attention(q, k.to(q.dtype), v.to(q.dtype), past, scale)
+            return out.transpose(1, 2).reshape(1, q.shape[2], -1)
 
         return self._run(input_ids, positions, cache, attend)
 
@@ -130,8 +146,7 @@ class LlamaStepForward:
             q = (q * cos) + (_rotate_half(q) * sin)
             k = (k * cos) + (_rotate_half(k) * sin)
             keys, values = cache.layers[i].update(k, v)
-            out = attend(q, keys, values, attn.scaling)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(1, t, -1))
+            x = x + attn.o_proj(attend(q, keys, values, attn.scaling))
             h = _rms_norm(x, layer.post_attention_layernorm)
             if fused and self.gate_up[i] is not None:
                 gate, up = block_linear(h, self.gate_up[i]).chunk(2, dim=-1)
