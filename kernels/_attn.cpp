@@ -162,8 +162,21 @@ inline void value_block(const float* p, const float* const* v, int n, float* acc
   for (int c = 0; c < ND; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
 }
 
+// Floats on 64-byte boundaries (a vector load that crosses a cache line costs two).
+struct Aligned {
+  std::vector<float> raw;
+  float* ptr = nullptr;
+  void resize(size_t n) {
+    raw.resize(n + 16);
+    ptr = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t{63});
+  }
+  float* data() { return ptr; }
+};
+
+constexpr int kAcc = 16;  // a partial is (m, l, 14 floats of padding, acc[D]): acc on a cache-line boundary
+
 struct Scratch {
-  std::vector<float> scores, direct, gathered;
+  Aligned scores, direct, gathered;
   const float* dptr[kLanes];
   const float* gptr[kLanes];
 };
@@ -205,7 +218,7 @@ void chunk_item(const Problem& pb, const Rows& rows, int64_t g, int64_t c, int64
   const int64_t total = pb.P + T;
   int64_t reach = 0;  // keys of this chunk the farthest-seeing row reads
   for (int64_t t = 0; t < T; ++t) reach = std::max(reach, std::min(C, rows.visible[t] - c0));
-  auto slot = [&](int64_t h, int64_t t) { return partial + ((h * T + t) * n_chunks + c) * (D + 2); };
+  auto slot = [&](int64_t h, int64_t t) { return partial + ((h * T + t) * n_chunks + c) * (D + kAcc); };
   auto score_row = [&](int64_t j, int64_t t) { return sc.scores.data() + (j * T + t) * C; };
   for (int64_t b = 0; b * kLanes < reach; ++b) {  // scores, block by block
     const int64_t b0 = c0 + b * kLanes;
@@ -243,7 +256,7 @@ void chunk_item(const Problem& pb, const Rows& rows, int64_t g, int64_t c, int64
       }
       out[0] = m;
       out[1] = _mm512_reduce_add_ps(sum);
-      std::memset(out + 2, 0, D * sizeof(float));
+      std::memset(out + kAcc, 0, D * sizeof(float));
     }
   }
   for (int64_t b = 0; b * kLanes < reach; ++b) {  // values, block by block
@@ -254,7 +267,7 @@ void chunk_item(const Problem& pb, const Rows& rows, int64_t g, int64_t c, int64
       if (n <= 0) continue;
       const float* const* v = rows_for<ND>(pb, rows, pb.v, g, t, b0, n, sc);
       for (int64_t j = 0; j < groups; ++j)
-        value_block<ND>(score_row(j, t) + b * kLanes, v, n, slot(g * groups + j, t) + 2);
+        value_block<ND>(score_row(j, t) + b * kLanes, v, n, slot(g * groups + j, t) + kAcc);
     }
   }
 }
@@ -264,18 +277,18 @@ void fold(const float* partial, int64_t n_chunks, int64_t D, float* out) {
   float m = -std::numeric_limits<float>::infinity(), l = 0.0f;
   std::vector<float> acc(D, 0.0f);
   for (int64_t c = 0; c < n_chunks; ++c) {
-    const float* p = partial + c * (D + 2);
+    const float* p = partial + c * (D + kAcc);
     if (p[1] == 0.0f) continue;  // the row sees no key of this chunk
     if (l == 0.0f) {
       m = p[0];
       l = p[1];
-      std::copy(p + 2, p + 2 + D, acc.begin());
+      std::copy(p + kAcc, p + kAcc + D, acc.begin());
       continue;
     }
     const float mn = std::max(m, p[0]);
     const float a = std::exp(m - mn), b = std::exp(p[0] - mn);
     l = l * a + p[1] * b;
-    for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * a + p[2 + d] * b;
+    for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * a + p[kAcc + d] * b;
     m = mn;
   }
   for (int64_t d = 0; d < D; ++d) out[d] = l > 0.0f ? acc[d] / l : 0.0f;
@@ -287,7 +300,8 @@ void run(const Problem& pb, const Rows& rows, int threads) {
   const int64_t most = *std::max_element(rows.visible.begin(), rows.visible.end());
   const int64_t n_chunks = std::max<int64_t>(1, (most + pb.chunk - 1) / pb.chunk);
   const int64_t items = pb.Hkv * n_chunks, groups = pb.H / pb.Hkv;
-  std::vector<float> partial(static_cast<size_t>(pb.H * pb.T * n_chunks * (D + 2)));
+  Aligned partial;
+  partial.resize(static_cast<size_t>(pb.H * pb.T * n_chunks * (D + kAcc)));
 #pragma omp parallel num_threads(threads)
   {
     Scratch sc;
@@ -300,7 +314,7 @@ void run(const Problem& pb, const Rows& rows, int threads) {
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < pb.H * pb.T; ++row) {  // row = h * T + t -> out[t, h]
       const int64_t h = row / pb.T, t = row % pb.T;
-      fold(partial.data() + row * n_chunks * (D + 2), n_chunks, D, pb.out + (t * pb.H + h) * D);
+      fold(partial.data() + row * n_chunks * (D + kAcc), n_chunks, D, pb.out + (t * pb.H + h) * D);
     }
   }
 }
