@@ -17,10 +17,14 @@ from agentspec.kernels.attention import (
     narrow_kv_dtype,
     tree_attention_rows,
 )
+from agentspec.kernels.blockq import blocks_available
 from agentspec.kernels.reference import masked_attention
 from test_engine import ScriptedDrafter, make_engine
 
+from agentspec.config import SpeculationConfig
+from agentspec.engine import Engine
 from agentspec.engine.cpu_fast import fast_linears
+from agentspec.engine.forward import select_forward
 from agentspec.engine.kvcache import TreeKVCache
 from agentspec.engine.quantize import quantize_model
 from agentspec.engine.verify import ancestor_mask
@@ -127,16 +131,11 @@ def test_16_bit_kv_is_stored_rounded(tiny_model):
 
 def kv_engine(model, kv_dtype, **kwargs):
     """An engine on ``model`` with ``kv_dtype`` KV (no adaptive lookahead); ``spec``: SpeculationConfig fields."""
-    from agentspec.config import SpeculationConfig
-    from agentspec.engine import Engine
-
     spec = SpeculationConfig(adaptive=False, **kwargs.pop("spec", {}))
     return Engine(model, kwargs.pop("tokenizer", None), speculation=spec, kv_dtype=kv_dtype, **kwargs)
 
 
 def test_16_bit_kv_needs_the_lean_forward(tiny_model):
-    from agentspec.engine.forward import select_forward
-
     with pytest.raises(ValueError, match="lean CPU forward"):
         kv_engine(tiny_model, "float16", forward=select_forward(tiny_model, fast_cpu=False))
 
@@ -150,8 +149,6 @@ def int8_model(tiny_model):
 @needs_kernel
 @pytest.mark.parametrize("kv", ["float16", "bfloat16", "float32"])
 def test_verification_logits_equal_one_token_steps_bit_for_bit(int8_model, kv):
-    from agentspec.kernels.blockq import blocks_available
-
     if not blocks_available():
         pytest.skip("the block kernel (row-independent matmuls) is not built")
     engine = kv_engine(int8_model, kv)
