@@ -209,30 +209,38 @@ const float* const* rows_for(const Problem& pb, const Rows& rows, const void* ba
   return sc.gptr;
 }
 
+// For each block of 16 keys in [c0, c0 + reach) of kv head g (K or V: base) and each token that sees some of
+// them: fn(block, token, its n visible rows there as fp32, n). The block's rows are read once for all tokens
+// that see them where the cache holds them.
+template <int ND, class F>
+void for_each_block(const Problem& pb, const Rows& rows, const void* base, int64_t g, int64_t c0, int64_t reach,
+                    Scratch& sc, F&& fn) {
+  for (int64_t b = 0; b * kLanes < reach; ++b) {
+    const int64_t b0 = c0 + b * kLanes;
+    direct_rows<ND>(pb, base, g, b0, static_cast<int>(std::min<int64_t>(kLanes, pb.P + pb.T - b0)), sc);
+    for (int64_t t = 0; t < pb.T; ++t) {
+      const int n = static_cast<int>(std::min<int64_t>(kLanes, rows.visible[t] - b0));
+      if (n > 0) fn(b, t, rows_for<ND>(pb, rows, base, g, t, b0, n, sc), n);
+    }
+  }
+}
+
 // One work item: chunk c of kv head g for all its groups x T query rows; partial[row][c] = (m, l, acc[D]).
 template <int ND>
 void chunk_item(const Problem& pb, const Rows& rows, int64_t g, int64_t c, int64_t n_chunks, Scratch& sc,
                 float* partial) {
   constexpr int D = 16 * ND;
   const int64_t T = pb.T, groups = pb.H / pb.Hkv, C = pb.chunk, c0 = c * C;
-  const int64_t total = pb.P + T;
   int64_t reach = 0;  // keys of this chunk the farthest-seeing row reads
   for (int64_t t = 0; t < T; ++t) reach = std::max(reach, std::min(C, rows.visible[t] - c0));
   auto slot = [&](int64_t h, int64_t t) { return partial + ((h * T + t) * n_chunks + c) * (D + kAcc); };
   auto score_row = [&](int64_t j, int64_t t) { return sc.scores.data() + (j * T + t) * C; };
-  for (int64_t b = 0; b * kLanes < reach; ++b) {  // scores, block by block
-    const int64_t b0 = c0 + b * kLanes;
-    direct_rows<ND>(pb, pb.k, g, b0, static_cast<int>(std::min<int64_t>(kLanes, total - b0)), sc);
-    for (int64_t t = 0; t < T; ++t) {
-      const int n = static_cast<int>(std::min<int64_t>(kLanes, rows.visible[t] - b0));
-      if (n <= 0) continue;
-      const float* const* k = rows_for<ND>(pb, rows, pb.k, g, t, b0, n, sc);
-      for (int64_t j = 0; j < groups; ++j) {
-        const int64_t h = g * groups + j;
-        score_block<ND>(pb.q + h * pb.q_head + t * pb.q_tok, k, n, pb.scale, score_row(j, t) + b * kLanes);
-      }
+  for_each_block<ND>(pb, rows, pb.k, g, c0, reach, sc, [&](int64_t b, int64_t t, const float* const* k, int n) {
+    for (int64_t j = 0; j < groups; ++j) {
+      const int64_t h = g * groups + j;
+      score_block<ND>(pb.q + h * pb.q_head + t * pb.q_tok, k, n, pb.scale, score_row(j, t) + b * kLanes);
     }
-  }
+  });
   for (int64_t t = 0; t < T; ++t) {  // softmax numerators per row: m, p = exp(s - m), l = sum p
     const int64_t len = std::min(C, rows.visible[t] - c0);
     for (int64_t j = 0; j < groups; ++j) {
@@ -259,17 +267,10 @@ void chunk_item(const Problem& pb, const Rows& rows, int64_t g, int64_t c, int64
       std::memset(out + kAcc, 0, D * sizeof(float));
     }
   }
-  for (int64_t b = 0; b * kLanes < reach; ++b) {  // values, block by block
-    const int64_t b0 = c0 + b * kLanes;
-    direct_rows<ND>(pb, pb.v, g, b0, static_cast<int>(std::min<int64_t>(kLanes, total - b0)), sc);
-    for (int64_t t = 0; t < T; ++t) {
-      const int n = static_cast<int>(std::min<int64_t>(kLanes, rows.visible[t] - b0));
-      if (n <= 0) continue;
-      const float* const* v = rows_for<ND>(pb, rows, pb.v, g, t, b0, n, sc);
-      for (int64_t j = 0; j < groups; ++j)
-        value_block<ND>(score_row(j, t) + b * kLanes, v, n, slot(g * groups + j, t) + kAcc);
-    }
-  }
+  for_each_block<ND>(pb, rows, pb.v, g, c0, reach, sc, [&](int64_t b, int64_t t, const float* const* v, int n) {
+    for (int64_t j = 0; j < groups; ++j)
+      value_block<ND>(score_row(j, t) + b * kLanes, v, n, slot(g * groups + j, t) + kAcc);
+  });
 }
 
 // Fold a row's chunk partials in order and normalise: out[D].
