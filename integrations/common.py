@@ -12,9 +12,10 @@ token ids are appended to the prompt), so even a small model can only continue w
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import accumulate
+from typing import Any, Literal
 
 from agentspec import chat
 from agentspec.engine.constraints import Grammar
@@ -232,3 +233,21 @@ def raw_block(invalid_call: dict) -> str:
     """The ``<tool_call>`` block text of an invalid call (for APIs with no place for invalid calls)."""
     return f"{TOOL_OPEN}\n{invalid_call['arguments']}\n{TOOL_CLOSE}"
 
+
+def openai_logprobs(kind: Literal["chat", "text"], entries: list | None,
+                      token_text: Callable[[int], str]) -> dict | None:
+    """A result's :class:`~agentspec.engine.processors.TokenLogprob` entries in OpenAI's ``logprobs``
+    shape: chat ``{"content": [{token, logprob, bytes, top_logprobs}], "refusal"}``, text
+    ``{tokens, token_logprobs, top_logprobs, text_offset}``; None when they were not asked for."""
+    if entries is None:
+        return None
+    if kind == "chat":
+        def item(token: int, logprob: float) -> dict:
+            text = token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
+        content = [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
+        return {"content": content, "refusal": None}
+    tokens = [token_text(e.token) for e in entries]
+    offsets = [0, *accumulate(len(t) for t in tokens)][: len(tokens)]
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}

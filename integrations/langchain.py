@@ -44,7 +44,7 @@ from agentspec import chat
 from agentspec.engine.constraints import Grammar
 
 from .choices import sample_choices
-from .common import PreparedPrompt, ToolCallSplitter, normalize_tool_choice, prepare_prompt
+from .common import PreparedPrompt, ToolCallSplitter, normalize_tool_choice, openai_logprobs, prepare_prompt
 
 # engines shared by every ChatAgentSpec with the same settings: (model, dtype, quantize, store) -> Engine
 ENGINES: dict[tuple, Any] = {}
@@ -99,6 +99,10 @@ class ChatAgentSpec(BaseChatModel):
     ``stream`` yields one)."""
     stop: list[str] | None = None
     """Stop strings; the output is cut before the first one."""
+    logprobs: bool | None = None
+    """Each output token's log-probability in ``response_metadata["logprobs"]`` (OpenAI's shape)."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """With ``logprobs``: the k most likely alternatives of each token as well."""
     speculate: bool | None = None
     """``False`` decodes one token per step (baseline); ``None`` = the engine's setting."""
     timeout: float | None = None
@@ -319,14 +323,17 @@ class ChatAgentSpec(BaseChatModel):
             parsed.append((calls, invalid))
         stats = result.stats
         finish = "tool_calls" if calls else result.finish_reason
+        metadata = {"model_name": engine.model_name, "model_provider": "agentspec", "finish_reason": finish,
+                    "session_id": session, "speculation": stats.to_dict()}
+        if result.logprobs is not None:
+            metadata["logprobs"] = openai_logprobs("chat", result.logprobs, lambda t: engine.tokenizer.decode([t]))
         message = AIMessageChunk(
             content=rest,
             chunk_position="last",
             tool_call_chunks=[_lc_call_chunk(c, i) for i, c in enumerate(calls + invalid)],
             usage_metadata={"input_tokens": result.prompt_tokens, "output_tokens": len(result.token_ids),
                             "total_tokens": result.prompt_tokens + len(result.token_ids)},
-            response_metadata={"model_name": engine.model_name, "model_provider": "agentspec",
-                               "finish_reason": finish, "session_id": session, "speculation": stats.to_dict()},
+            response_metadata=metadata,
         )
         chunk = ChatGenerationChunk(message=message, generation_info={"finish_reason": finish})
         if run_manager:
@@ -353,6 +360,8 @@ class ChatAgentSpec(BaseChatModel):
         """``n`` generations in one ChatResult, sampled together (:func:`.choices.sample_choices`)."""
         engine, prepared, params = self._prepare(messages, stop, tools, tool_choice, kwargs)
         params.pop("speculate")
+        if "logprobs" in params:
+            raise ValueError("logprobs with n > 1 is not supported yet")
         session = session_id or self.session_id
         result = sample_choices(engine, prepared, n, session=session, **params)
         usage = result.usage()
@@ -382,6 +391,9 @@ class ChatAgentSpec(BaseChatModel):
             "stop": list(stop if stop is not None else self.stop or ()),
             "model": kwargs.pop("model", None),
         }
+        top = kwargs.pop("top_logprobs", self.top_logprobs)
+        if kwargs.pop("logprobs", self.logprobs):
+            params["logprobs"] = top or 0
         if kwargs:
             raise TypeError(f"ChatAgentSpec got unexpected call arguments: {sorted(kwargs)}")
         return params

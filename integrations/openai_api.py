@@ -243,7 +243,22 @@ def sampling_options(body: ChatCompletionRequest | CompletionRequest, *, default
         "top_k": body.top_k or 0,
         "seed": body.seed,
         **_processing(body),
+        **_logprobs(body),
     }
+
+
+def _logprobs(body: ChatCompletionRequest | CompletionRequest) -> dict[str, int]:
+    """``{"logprobs": k}`` (each output token's logprob and its ``k`` most likely alternatives) when asked.
+
+    Chat: ``logprobs: true`` with ``top_logprobs`` k (0 when omitted); text: ``logprobs`` k. The values
+    are those of the processed distribution (after penalties, bias and the grammar, before temperature).
+    """
+    if isinstance(body, ChatCompletionRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs",
+                           code="invalid_request")
+        return {"logprobs": body.top_logprobs or 0} if body.logprobs else {}
+    return {} if body.logprobs is None else {"logprobs": body.logprobs}
 
 
 def _processing(body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
@@ -278,9 +293,9 @@ def _check_n(body: ChatCompletionRequest | CompletionRequest) -> None:
         param = "top_k" if body.top_k else "top_p"
         raise APIError(400, f"n > 1 samples at a temperature only: {param} must be left out (top_p 1, top_k 0)",
                        param=param, code="unsupported_parameter")
-    if _processing(body):
-        raise APIError(400, "n > 1 samples plain choices: penalties, logit_bias and response_format are not supported "
-                            "with it yet", param="n", code="unsupported_parameter")
+    if _processing(body) or _logprobs(body):
+        raise APIError(400, "n > 1 samples plain choices: penalties, logit_bias, response_format and logprobs are not "
+                            "supported with it yet", param="n", code="unsupported_parameter")
 
 
 def _not_supported_yet(body: ChatCompletionRequest | CompletionRequest) -> list[str]:
@@ -288,12 +303,7 @@ def _not_supported_yet(body: ChatCompletionRequest | CompletionRequest) -> list[
     out = []
     if (body.n or 1) > 1 and body.stream:
         out.append("n > 1 with stream (n choices come in one non-streamed response)")
-    if body.logprobs:
-        out.append("logprobs")
-    if isinstance(body, ChatCompletionRequest):
-        if body.top_logprobs:
-            out.append("top_logprobs")
-    else:
+    if not isinstance(body, ChatCompletionRequest):
         if body.echo:
             out.append("echo")
         if body.suffix:

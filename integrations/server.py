@@ -40,7 +40,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .choices import Choices, sample_choices
-from .common import PreparedPrompt, ToolCallSplitter, prepare_prompt, raw_block
+from .common import PreparedPrompt, ToolCallSplitter, openai_logprobs, prepare_prompt, raw_block
 from .metrics import RequestMetrics, ServerMetrics
 from .middleware import Authenticate, BodyLimit, parse_api_keys
 from .openai_api import (
@@ -199,10 +199,16 @@ def create_app(
                   "session": session_id(header_session, body.user)}
         if prepared.grammar is not None:  # a forced or chosen tool call's grammar comes first
             params["grammar"] = prepared.grammar
-        response = _Responses(kind, served, params["session"], hide_stats)
+        target = tenant_engine(request)
+
+        def token_text(token: int) -> str:
+            with tokenizer_lock:
+                return target.tokenizer.decode([token])
+
+        response = _Responses(kind, served, params["session"], hide_stats, token_text)
         if (body.n or 1) > 1:  # not streamed (sampling_options refuses that)
-            return await _sample_n(response, admission, tenant_engine(request), prepared, params, body.n)
-        generation = _Generation(admission, metrics, tenant_engine(request), prepared, params, _reserve(admission))
+            return await _sample_n(response, admission, target, prepared, params, body.n)
+        generation = _Generation(admission, metrics, target, prepared, params, _reserve(admission))
         if body.stream:
             include_usage = body.stream_options.include_usage if body.stream_options else None
             events = _sse(response, generation, include_usage)
@@ -407,9 +413,11 @@ async def _sse(response: _Responses, generation: _Generation, include_usage: boo
 class _Responses:
     """Builds the OpenAI response objects of one completion: chat (``chat.completion``) or text."""
 
-    def __init__(self, kind: Literal["chat", "text"], model: str, session: str | None, hide_stats: bool) -> None:
+    def __init__(self, kind: Literal["chat", "text"], model: str, session: str | None, hide_stats: bool,
+                 token_text: Callable[[int], str]) -> None:
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         self.kind, self.model, self.session, self.hide_stats = kind, model, session, hide_stats
+        self.token_text = token_text
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -443,7 +451,7 @@ class _Responses:
 
     def full(self, streamed: str, rest: str, calls: list[dict], invalid: list[dict], result: Any) -> dict:
         rest, tool_calls = self.content_and_calls(rest, calls, invalid)
-        choice = self.choice(0, streamed + rest, tool_calls, self.finish_reason(calls, result))
+        choice = self.choice(0, streamed + rest, tool_calls, self.finish_reason(calls, result), self.logprobs(result))
         return {**self._base(False), "choices": [choice], "usage": self.usage(result), **self.extra(result)}
 
     def many(self, result: Choices) -> dict:
@@ -452,19 +460,26 @@ class _Responses:
                                c.finish_reason) for i, c in enumerate(result.choices)]
         return {**self._base(False), "choices": choices, "usage": result.usage(), **self.extra(result)}
 
-    def choice(self, index: int, content: str, tool_calls: list[dict], finish: str) -> dict:
+    def logprobs(self, result: Any) -> dict | None:
+        """The result's token logprobs in this response kind's shape (None unless the request asked)."""
+        return openai_logprobs(self.kind, getattr(result, "logprobs", None), self.token_text)
+
+    def choice(self, index: int, content: str, tool_calls: list[dict], finish: str,
+               logprobs: dict | None = None) -> dict:
         if self.kind == "text":
-            return {"text": content, "index": index, "logprobs": None, "finish_reason": finish}
+            return {"text": content, "index": index, "logprobs": logprobs, "finish_reason": finish}
         message: dict[str, Any] = {"role": "assistant", "content": content or (None if tool_calls else "")}
         if tool_calls:
             message["tool_calls"] = tool_calls
-        return {"index": index, "message": message, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
-    def chunk(self, delta: dict, finish_reason: str | None = None, **extra: Any) -> str:
+    def chunk(self, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None,
+              **extra: Any) -> str:
         if self.kind == "text":
-            choice = {"text": delta.get("content", ""), "index": 0, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"text": delta.get("content", ""), "index": 0, "logprobs": logprobs,
+                      "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return _event({**self._base(True), "choices": [choice], **extra})
 
     def last_chunks(self, rest: str, calls: list[dict], invalid: list[dict], result: Any,
@@ -477,11 +492,12 @@ class _Responses:
         if tool_calls:
             out.append(self.chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(tool_calls)]}))
         finish = self.finish_reason(calls, result)
+        logprobs = self.logprobs(result)  # every token's, with the finish reason (clients concatenate them)
         if include_usage:  # OpenAI's way: one more chunk, no choices
-            out.append(self.chunk({}, finish, **self.extra(result)))
+            out.append(self.chunk({}, finish, logprobs, **self.extra(result)))
             out.append(_event({**self._base(True), "choices": [], "usage": self.usage(result)}))
         else:
-            out.append(self.chunk({}, finish, usage=self.usage(result), **self.extra(result)))
+            out.append(self.chunk({}, finish, logprobs, usage=self.usage(result), **self.extra(result)))
         return out
 
 

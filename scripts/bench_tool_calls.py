@@ -56,7 +56,7 @@ def run(engine: Engine, messages: list, name: str, tools: list[dict], mode: str,
     splitter = ToolCallSplitter(prefix=prepared.prefix)
     splitter.feed(prepared.prefix + result.text)
     _, calls, _ = splitter.finish()
-    return {"tokens": result.token_ids, "calls": calls, "seconds": seconds,
+    return {"tokens": result.token_ids, "calls": calls, "text": result.text, "seconds": seconds,
             "decode_seconds": result.stats.decode_seconds, "steps": result.stats.steps,
             "output_tokens": len(result.token_ids), "finish": result.finish_reason}
 
@@ -102,6 +102,8 @@ def main() -> None:
             calls = r.pop("calls")
             r["valid"] = (len(calls) == 1 and calls[0]["name"] == name
                           and validators[name].is_valid(calls[0]["arguments"]))
+            if r["valid"]:
+                del r["text"]  # the report keeps the answers that failed, to show why
         same = out["constrained"]["tokens"] == out["plain"]["tokens"]
         rows.append({"tool": name, **{m: {k: v for k, v in r.items() if k != "tokens"} for m, r in out.items()},
                      "identical": same})

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentspec.engine.processors import TokenLogprob
 from agentspec.search.types import SearchStats
 from agentspec.stats import SpecStats
 
@@ -49,6 +50,7 @@ class ScriptedResult:
     finish_reason: str
     prompt_tokens: int
     stats: SpecStats = field(default_factory=SpecStats)
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -123,7 +125,8 @@ class ScriptedEngine:
                max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                stop: Sequence[str] | str = (), seed: int | None = None,
                speculate: bool | None = None, **processing: Any) -> ScriptedStream:
-        """``processing``: penalties, logit_bias, logprobs, grammar; accepted, not applied."""
+        """``processing``: penalties, logit_bias, grammar: accepted, not applied; ``logprobs=k``: every
+        token gets logprob -0.5 and the alternatives ``(token + i, -0.5 - i)`` for i < k."""
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if temperature < 0:
@@ -145,11 +148,11 @@ class ScriptedEngine:
         reply = self.replies(prompt_text) if callable(self.replies) else self.replies[n % len(self.replies)]
         stream = ScriptedStream(self, iter(()))
         stream._deltas = self._deltas(stream, reply, len(ids), session, max_new_tokens,
-                                      [stop] if isinstance(stop, str) else list(stop))
+                                      [stop] if isinstance(stop, str) else list(stop), processing.get("logprobs"))
         return stream
 
     def _deltas(self, stream: ScriptedStream, reply: str, prompt_tokens: int, session: str | None,
-                max_new_tokens: int, stops: list[str]) -> Iterator[str]:
+                max_new_tokens: int, stops: list[str], top_logprobs: int | None = None) -> Iterator[str]:
         finish = "stop"
         if len(reply) > max_new_tokens:
             reply, finish = reply[:max_new_tokens], "length"
@@ -178,7 +181,10 @@ class ScriptedEngine:
         stats = SpecStats(prompt_tokens=prompt_tokens, prefill_tokens=prompt_tokens, output_tokens=len(reply),
                           steps=max(1, len(reply) - accepted), drafted_tokens=accepted,
                           accepted_tokens=accepted, finish_reason=finish, accepted_by_source=sources)
-        stream.result = ScriptedResult(reply, self.tokenizer.encode(reply), finish, prompt_tokens, stats)
+        ids = self.tokenizer.encode(reply)
+        logprobs = None if top_logprobs is None else [
+            TokenLogprob(t, -0.5, [(t + i, -0.5 - i) for i in range(top_logprobs)]) for t in ids]
+        stream.result = ScriptedResult(reply, ids, finish, prompt_tokens, stats, logprobs)
 
 
 def _matching(reply: str, earlier: Sequence[str]) -> int:

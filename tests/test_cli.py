@@ -35,7 +35,7 @@ def test_version(cli):
     (("run", "--dtype", "float16"), "'float32', 'bfloat16'"),
     (("run", "--quantize", "int4"), "'int8'"),
     (("replay", "--mode", "fast"), "'simulate', 'live'"),
-    (("bench", "--methods", "vllm,hf"), "agentspec, hf, hf_pld, llamacpp, agentspec_int8, hf_int8"),
+    (("bench", "--methods", "vllm,hf"), "agentspec, hf, hf_pld, llamacpp, llamacpp_pld, agentspec_int8, hf_int8"),
 ])
 def test_enumerated_options_are_refused_with_their_choices(cli, args, choices):
     result = cli(*args)

@@ -178,6 +178,18 @@ def test_stop_and_sampling_parameters_reach_the_engine() -> None:
         llm.invoke("x", frequency_penalty=1.0)
 
 
+def test_logprobs_in_response_metadata_as_chat_openai_puts_them() -> None:
+    llm = ChatAgentSpec(engine=ScriptedEngine(["ok"]), logprobs=True)
+    assert [(e["token"], e["logprob"], e["top_logprobs"]) for e in
+            llm.invoke("x").response_metadata["logprobs"]["content"]] == [("o", -0.5, []), ("k", -0.5, [])]
+    bound = ChatAgentSpec(engine=ScriptedEngine(["ok"])).bind(logprobs=True, top_logprobs=1)
+    first = bound.invoke("x").response_metadata["logprobs"]["content"][0]
+    assert first["top_logprobs"] == [{"token": "o", "logprob": -0.5, "bytes": [ord("o")]}]
+    assert "logprobs" not in ChatAgentSpec(engine=ScriptedEngine(["ok"])).invoke("x").response_metadata
+    with pytest.raises(ValueError, match="logprobs with n > 1"):
+        ChatAgentSpec(engine=ScriptedEngine(["ok"]), n=2, temperature=1.0, logprobs=True).invoke("x")
+
+
 def test_conversation_with_tool_messages_is_rendered() -> None:
     engine = ScriptedEngine(["3"])
     llm = ChatAgentSpec(engine=engine)

@@ -35,6 +35,19 @@ def test_gguf_file_and_folder(tmp_path):
 
 
 @pytest.mark.model
+def test_conversion_cache_is_keyed_by_content_not_by_path(tmp_path):
+    from agentspec.engine.model import ModelSource, _cache_dir
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for folder in ("a", "b"):  # the same file installed twice (two virtual environments)
+        (tmp_path / folder / "m.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    first, second = (_cache_dir(ModelSource("m", tmp_path / f / "m.gguf")) for f in ("a", "b"))
+    assert first == second
+    (tmp_path / "b" / "m.gguf").write_bytes(b"GGUF" + bytes(255 - i for i in range(256)) * 64)
+    assert _cache_dir(ModelSource("m", tmp_path / "b" / "m.gguf")) != first  # a changed file is converted again
+
+
 def test_default_model_loads_from_cache_and_generates(default_engine):
     result = default_engine.generate("What is 2 + 2? Answer with a number.", max_new_tokens=8)
     assert result.token_ids and result.stats.output_tokens == len(result.token_ids)

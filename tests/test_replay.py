@@ -265,6 +265,20 @@ def test_live_on_the_real_model_matches_plain_greedy(default_engine):
     assert report.speedup() is not None and report.speedup(end_to_end=True) is not None
 
 
+@pytest.mark.model
+def test_llamacpp_prompt_lookup_equals_its_plain_greedy_in_fewer_steps(default_engine):
+    pytest.importorskip("llama_cpp", reason="the llama.cpp baselines need llama-cpp-python (an optional extra)")
+    from agentspec.replay.baselines import comparison_runner
+
+    plain, lookup = (comparison_runner(name, default_engine, 1024) for name in ("llamacpp", "llamacpp_pld"))
+    text = "def add(a, b):\n    return a + b\n\n" * 6
+    prompt = default_engine.encode_prompt(f"Repeat this code exactly:\n{text}")
+    ids, _, _, steps = plain(prompt, "s", 48)
+    pld_ids, _, _, pld_steps = lookup(prompt, "s", 48)
+    assert pld_ids == ids and steps == len(ids) - 1
+    assert 0 < pld_steps < steps  # drafts from the prompt were accepted
+
+
 def test_swebench_example_runs(tmp_path):
     import subprocess
     import sys

@@ -80,6 +80,28 @@ def test_stream_and_non_stream_answers_are_identical(reply: str) -> None:
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(reply)
 
 
+def test_logprobs_in_openai_shape_chat_text_and_streamed() -> None:
+    c = client(ScriptedEngine(["Hi!"]))
+    body = {"model": "scripted", "messages": USER, "logprobs": True, "top_logprobs": 2}
+    logprobs = post(c, body).json()["choices"][0]["logprobs"]
+    assert [e["token"] for e in logprobs["content"]] == ["H", "i", "!"]
+    first = logprobs["content"][0]
+    assert first["logprob"] == -0.5 and first["bytes"] == [ord("H")]
+    assert [(t["token"], t["logprob"]) for t in first["top_logprobs"]] == [("H", -0.5), ("I", -1.5)]
+    assert post(c, {**body, "top_logprobs": None}).json()["choices"][0]["logprobs"]["content"][0][
+        "top_logprobs"] == []
+    assert post(c, {"model": "scripted", "messages": USER}).json()["choices"][0]["logprobs"] is None
+
+    events = sse_events(post(c, {**body, "stream": True}).text)[:-1]
+    streamed = [e for ch in events for e in ((ch["choices"][0]["logprobs"] or {}).get("content") or [])]
+    assert streamed == logprobs["content"]  # all of them, with the finish reason
+
+    text = c.post("/v1/completions", headers=AUTH, json={"model": "scripted", "prompt": "hi", "logprobs": 1})
+    choice = text.json()["choices"][0]
+    assert choice["logprobs"] == {"tokens": ["H", "i", "!"], "token_logprobs": [-0.5] * 3,
+                                  "top_logprobs": [{"H": -0.5}, {"i": -0.5}, {"!": -0.5}], "text_offset": [0, 1, 2]}
+
+
 def test_parameters_reach_the_engine() -> None:
     engine = ScriptedEngine(["abc STOP def"])
     c = client(engine)
@@ -129,7 +151,9 @@ def test_multi_turn_tool_session_reports_session_drafts() -> None:
         ('{"model": "scripted", "messages": [', 400, "not valid JSON"),
         ({"model": "scripted", "messages": USER, "frequency_penalty": 3}, 422, "frequency_penalty"),
         ({"model": "scripted", "messages": USER, "response_format": {"type": "json_schema"}}, 400, "json_schema"),
-        ({"model": "scripted", "messages": USER, "logprobs": True, "top_logprobs": 2}, 400, "logprobs; top_logprobs"),
+        ({"model": "scripted", "messages": USER, "top_logprobs": 2}, 400, "top_logprobs needs logprobs: true"),
+        ({"model": "scripted", "messages": USER, "logprobs": True, "top_logprobs": 21}, 422, "top_logprobs"),
+        ({"model": "scripted", "messages": USER, "n": 2, "temperature": 1, "logprobs": True}, 400, "logprobs"),
         ({"model": "scripted", "messages": USER, "logit_bias": {"x": 1}}, 400, "logit_bias"),
         ({"model": "scripted", "messages": USER, "repetition_penalty": 0}, 422, "repetition_penalty"),
         ({"model": "scripted", "messages": USER, "unknown_field": 1}, 422, "unknown_field"),

@@ -197,3 +197,19 @@ def test_session_of_another_tokenizer_is_a_clear_error(server) -> None:
         assert json.loads(events[-2])["error"]["code"] == "session_tokenizer_mismatch"
         assert http.get("/health").json()["in_flight"] == 0
     assert store.session_info("foreign-session").calls == 1
+
+
+def test_logprobs_through_the_openai_client_equal_the_engines(server, default_engine) -> None:
+    from openai import OpenAI
+
+    url, model = server
+    client = OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    messages = [{"role": "user", "content": "Name three colours."}]
+    resp = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = resp.choices[0].logprobs.content
+    direct = default_engine.generate(messages, max_new_tokens=12, logprobs=3)
+    assert [e.logprob for e in content] == pytest.approx([e.logprob for e in direct.logprobs], abs=1e-5)
+    assert "".join(e.token for e in content) == direct.text == resp.choices[0].message.content
+    assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in content)
+    assert all(e.logprob <= 0 for e in content)

@@ -15,7 +15,7 @@ from agentspec.cli.search import bench_search
 
 console = Console(stderr=True)
 DEFAULT_DATA = ("swe_agent", "tau_bench/gpt-4o-airline.json")
-METHODS = ("agentspec", "hf", "hf_pld", "llamacpp", "agentspec_int8", "hf_int8", "agentspec_nospec")
+METHODS = ("agentspec", "hf", "hf_pld", "llamacpp", "llamacpp_pld", "agentspec_int8", "hf_int8", "agentspec_nospec")
 
 
 def register(app: typer.Typer) -> None:
@@ -37,7 +37,8 @@ def register(app: typer.Typer) -> None:
         max_context: int = typer.Option(4096, help="Live: prompt + output budget (oldest turns dropped)."),
         methods: str = typer.Option(None, help=f"Live: comma-separated methods among {', '.join(METHODS)} "
                                     "(hf_int8 is HF greedy on the int8 weights: the reference agentspec_int8 must "
-                                    "equal) (default: agentspec, hf, hf_pld, and llamacpp where llama-cpp-python is "
+                                    "equal; llamacpp_pld is llama.cpp's prompt-lookup speculation, checked against "
+                                    "llamacpp) (default: agentspec, hf, hf_pld, and llamacpp where llama-cpp-python is "
                                     "installed; agentspec_nospec, speculation off, always runs)."),
         report: Path = typer.Option(None, "--report", help="Write the report as JSON here (live: rewritten after "
                                     "every call, so a long run interrupted keeps what it measured)."),
@@ -100,8 +101,9 @@ def _comparisons(methods: str | None) -> list[str]:
     unknown = sorted(set(chosen) - set(METHODS))
     if unknown:
         raise fail(f"unknown --methods {', '.join(unknown)}; choose among {', '.join(METHODS)}")
-    if "llamacpp" in chosen and not llamacpp_available():
-        raise fail("--methods llamacpp needs llama-cpp-python: pip install 'agentspec[llamacpp]'")
+    for name in {"llamacpp", "llamacpp_pld"} & set(chosen):
+        if not llamacpp_available():
+            raise fail(f"--methods {name} needs llama-cpp-python: pip install 'agentspec[llamacpp]'")
     return ["agentspec_nospec"] + [m for m in chosen if m not in ("agentspec", "agentspec_nospec")]  # always beside
 
 

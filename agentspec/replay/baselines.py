@@ -57,17 +57,34 @@ class LlamaCppBaseline:
     otherwise pick. It keeps the previous call's KV and re-evaluates only the tokens after the
     longest common prefix (its automatic prefix reuse)."""
 
-    def __init__(self, gguf_path: str, n_ctx: int = 8192, n_threads: int | None = None) -> None:
+    def __init__(self, gguf_path: str, n_ctx: int = 8192, n_threads: int | None = None,
+                 prompt_lookup: int = 0) -> None:
+        """``prompt_lookup`` > 0: llama-cpp-python's own prompt-lookup speculation, drafting that many
+        tokens from n-gram matches in the context (``LlamaPromptLookupDecoding``)."""
         try:
             from llama_cpp import Llama
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
         except ImportError as exc:
             raise ImportError("the llama.cpp baseline needs: pip install 'agentspec[llamacpp]'") from exc
+        self.steps = 0  # decode forwards of the current generate() (counted through the drafter)
+        draft = None
+        if prompt_lookup:
+            baseline = self
+
+            class CountingLookup(LlamaPromptLookupDecoding):
+                def __call__(self, input_ids, /, **kwargs):
+                    baseline.steps += 1  # llama-cpp-python asks for one draft per decode forward
+                    return super().__call__(input_ids, **kwargs)
+
+            draft = CountingLookup(num_pred_tokens=prompt_lookup)
         self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
-                         verbose=False)
+                         draft_model=draft, verbose=False)
+        self.speculative = draft is not None
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]):
         """Greedy: ``(new token ids, decode seconds, total seconds, steps)``."""
         ids: list[int] = []
+        self.steps = 0
         t0 = time.perf_counter()
         first = t0
         # generate() re-evaluates only the tokens after the longest prefix shared with its current state
@@ -78,7 +95,8 @@ class LlamaCppBaseline:
             if token in eos_ids or len(ids) >= max_new_tokens:
                 break
         end = time.perf_counter()
-        return ids, end - first, end - t0, max(len(ids) - 1, 0)
+        steps = max(self.steps - 1, 0) if self.speculative else max(len(ids) - 1, 0)  # after the first token
+        return ids, end - first, end - t0, steps
 
 
 def llamacpp_available() -> bool:
@@ -90,7 +108,8 @@ def comparison_runner(name: str, engine, window: int) -> Runner:
 
     ``hf`` and ``hf_pld`` (prompt lookup, 10 tokens) run HF ``generate`` on the engine's own
     model; ``llamacpp`` loads the engine's GGUF file into llama.cpp with a ``window``-token
-    context; ``agentspec_int8`` is a second engine on the same weights with int8 linear layers and
+    context, ``llamacpp_pld`` the same with llama-cpp-python's prompt-lookup speculation (10 tokens);
+    ``agentspec_int8`` is a second engine on the same weights with int8 linear layers and
     ``hf_int8`` plain HF greedy on that int8 model (the reference agentspec_int8 must equal);
     ``agentspec_nospec`` is the engine decoding one token per step, as a tenant so that its prefix
     cache never serves agentspec's run of the same prompt.
@@ -102,11 +121,11 @@ def comparison_runner(name: str, engine, window: int) -> Runner:
         return lambda ids, session, n: hf_generate(engine.model, ids, n, engine.eos_ids)
     if name == "hf_pld":
         return lambda ids, session, n: hf_generate(engine.model, ids, n, engine.eos_ids, prompt_lookup_num_tokens=10)
-    if name == "llamacpp":
+    if name in ("llamacpp", "llamacpp_pld"):
         source = resolve_model(engine.model_source)
         if not source.is_gguf:
             raise ValueError("the llama.cpp baseline needs a GGUF model (the default one is)")
-        llm = LlamaCppBaseline(str(source.path), n_ctx=window)
+        llm = LlamaCppBaseline(str(source.path), n_ctx=window, prompt_lookup=10 if name == "llamacpp_pld" else 0)
         return lambda ids, session, n: llm.generate(ids, n, engine.eos_ids)
     if name in ("agentspec_int8", "hf_int8"):
         int8 = _int8_engine(engine)

@@ -25,11 +25,12 @@ COMPARISONS = {
     "hf": "HF greedy",
     "hf_pld": "HF prompt lookup",
     "llamacpp": "llama.cpp (GGUF, prefix reuse)",
+    "llamacpp_pld": "llama.cpp, prompt lookup",
     "agentspec_int8": "agentspec, int8 weights",
     "hf_int8": "HF greedy, int8 weights",
 }
 # the plain greedy run a method's outputs must equal, token for token (default: "hf")
-REFERENCES = {"agentspec_int8": "hf_int8"}
+REFERENCES = {"agentspec_int8": "hf_int8", "llamacpp_pld": "llamacpp"}
 SPECULATION_OFF = "agentspec_nospec"  # the same engine decoding one token per step: speculation's own gain
 COPY_SHARE = 0.8  # an output is a copy of earlier text when its longest match in the prompt covers this much of it
 
