@@ -245,6 +245,8 @@ def timed_step(step: LlamaStepForward, head, ids: torch.Tensor, positions: torch
         lap("kv_write")
         out = attend(q, keys, values, attn.scaling)
         lap("attention")
+        out = out.transpose(1, 2).reshape(1, t, -1)
+        lap("glue")
         out = attn.o_proj(out)
         lap("matmul")
         x = x + out

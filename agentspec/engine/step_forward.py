@@ -39,6 +39,12 @@ def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
     return norm.weight * h.to(dtype)
 
 
+def _heads_first(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The kernel's ``[1, T, H * D]`` as a ``[1, H, T, D]`` view (the layout the layer loop takes back, copy-free)."""
+    _, h, t, d = q.shape
+    return out.view(1, t, h, d).transpose(1, 2)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -106,18 +112,17 @@ class LlamaStepForward:
         return self._run(input_ids, position_ids, cache, self.tree_attention(tree_mask, cache.length))
 
     def tree_attention(self, tree_mask: torch.Tensor, past: int):
-        """``attend(q, keys, values, scale) -> [1, T, H * D]`` for one step's layers: the compiled
+        """``attend(q, keys, values, scale) -> [1, H, T, D]`` for one step's layers: the compiled
         kernel where it fits, else torch's fused kernel with a mask built here, once."""
-        mask = None
+        visible, mask = tree_mask.to(torch.uint8), None
 
         def attend(q, k, v, scale):
             nonlocal mask
             if kernel_fits(q, k):
-                return tree_attention_rows(q, k, v, tree_mask, scale)
+                return _heads_first(tree_attention_rows(q, k, v, visible, scale), q)
             if mask is None:
                 mask = folded_tree_mask(tree_mask, past, self.groups, q.dtype)
-            out = folded_tree_attention(q, k.to(q.dtype), v.to(q.dtype), mask, scale)
-            return out.transpose(1, 2).reshape(1, q.shape[2], -1)
+            return folded_tree_attention(q, k.to(q.dtype), v.to(q.dtype), mask, scale)
 
         return attend
 
@@ -125,13 +130,12 @@ class LlamaStepForward:
         """A prompt chunk after the cached positions, causal: hidden states ``[T, hidden]``."""
         past, t = cache.length, input_ids.shape[0]
         positions = torch.arange(past, past + t)
-        causal = torch.ones(t, t, dtype=torch.bool).tril() if t <= KERNEL_PREFILL_ROWS else None
+        causal = torch.ones(t, t, dtype=torch.uint8).tril() if t <= KERNEL_PREFILL_ROWS else None
 
         def attend(q, k, v, scale):
             if causal is not None and kernel_fits(q, k):
-                return tree_attention_rows(q, k, v, causal, scale)
-            out = causal_chunk_attention(q, k.to(q.dtype), v.to(q.dtype), past, scale)
-            return out.transpose(1, 2).reshape(1, q.shape[2], -1)
+                return _heads_first(tree_attention_rows(q, k, v, causal, scale), q)
+            return causal_chunk_attention(q, k.to(q.dtype), v.to(q.dtype), past, scale)
 
         return self._run(input_ids, positions, cache, attend)
 
@@ -154,7 +158,8 @@ class LlamaStepForward:
             q = (q * cos) + (_rotate_half(q) * sin)
             k = (k * cos) + (_rotate_half(k) * sin)
             keys, values = cache.layers[i].update(k, v)
-            x = x + attn.o_proj(attend(q, keys, values, attn.scaling))
+            out = attend(q, keys, values, attn.scaling)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(1, t, -1))
             h = _rms_norm(x, layer.post_attention_layernorm)
             if fused and self.gate_up[i] is not None:
                 gate, up = block_linear(h, self.gate_up[i]).chunk(2, dim=-1)
