@@ -18,6 +18,20 @@ The bundled set was built in two runs (the second added to the first)::
         --tool-calls 12 --max-new-tokens 40 --tau PATH/tau_bench/gpt-4o-airline.json --append \
         --out agentspec/samples/search_tasks.jsonl
 
+The multi-step set (``agentspec/samples/search_tasks_steps.jsonl``: word problems answered in
+several steps, generated and from GSM8K through Spec-Bench's ``math_reasoning`` questions) was built
+in two runs through ``engine.search`` best-of-N, then each kept line given ``"scorer": "arithmetic"``::
+
+    python scripts/build_search_tasks.py --threads 1 --engine --kinds words,gsm8k --word-problems 12 \
+        --gsm8k PATH/spec_bench/question.jsonl --gsm8k-count 8 --max-new-tokens 160 \
+        --out agentspec/samples/search_tasks_steps.jsonl
+    python scripts/build_search_tasks.py --threads 1 --engine --kinds words,gsm8k --seed 1 --word-problems 12 \
+        --gsm8k PATH/spec_bench/question.jsonl --gsm8k-skip 8 --gsm8k-count 8 --max-new-tokens 160 --append \
+        --out agentspec/samples/search_tasks_steps.jsonl
+
+(the first run had only the first four word-problem forms; the kept word-0 is the same under six).
+They kept 3 of 20 and 2 of 20: the 135M default model rarely solves a multi-step problem.
+
 The first run kept 7 of 45 (one a repeated prompt, kept once). The second was stopped after its
 10 arithmetic candidates and 4 tool calls (the CPU was shared and slow); its 4 kept arithmetic tasks
 were added with the counts it logged. No tool-call candidate (18, with and without the example in
@@ -35,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from agentspec import Engine
 from agentspec.engine.model import load_model
 from agentspec.replay.search_tasks import SearchTask, load_tasks, pass_at_k, save_tasks
 
@@ -116,6 +131,57 @@ def formats() -> list[SearchTask]:
     return [SearchTask(f"format-{i}", user(text), "regex", pattern) for i, (text, pattern) in enumerate(items)]
 
 
+STEP_BY_STEP = "Solve it step by step, one short step per paragraph, and end with: The answer is <number>."
+
+NAMES = ["Sam", "Mia", "Leo", "Ana", "Tom", "Eva", "Max", "Zoe"]
+THINGS = ["apples", "stickers", "marbles", "books", "coins", "pencils", "cards", "shells"]
+
+
+def word_problems(rng: random.Random, n: int) -> list[SearchTask]:
+    """Word problems with small numbers, of one to three operations, answered step by step."""
+    tasks = []
+    for i in range(n):
+        name, thing = rng.choice(NAMES), rng.choice(THINGS)
+        a, b, c, k = rng.randint(5, 20), rng.randint(2, 12), rng.randint(1, 5), rng.randint(2, 4)
+        form = i % 6
+        if form == 4:
+            text, value = f"{name} has {a} {thing} and buys {b} more.", a + b
+        elif form == 5:
+            text, value = f"{name} has {a + b} {thing} and gives {b} to a friend.", a
+        elif form == 0:
+            text, value = f"{name} has {a} {thing}. {name} buys {b} more and then gives away {c}.", a + b - c
+        elif form == 1:
+            text, value = f"{name} has {a} {thing} and gets {k} times as many from a friend.", a + k * a
+        elif form == 2:
+            text, value = (f"{name} buys {k} bags with {b} {thing} in each bag and already had {a} {thing}.",
+                           k * b + a)
+        else:
+            text, value = (f"{name} has {a + b} {thing}, loses {b}, and then buys {k} packs of {c}.",
+                           a + k * c)
+        question = f"{text} How many {thing} does {name} have now? {STEP_BY_STEP}"
+        tasks.append(SearchTask(f"word-{i}", user(question), "number", value))
+    return tasks
+
+
+def gsm8k(path: Path, n: int, skip: int = 0) -> list[SearchTask]:
+    """Grade-school math word problems (GSM8K, through Spec-Bench's math_reasoning questions): the
+    reference's final ``#### N`` is the answer."""
+    tasks = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("category") != "math_reasoning" or not record.get("reference"):
+            continue
+        answer = record["reference"][0].rsplit("####", 1)[-1].strip().replace(",", "")
+        if not answer.lstrip("-").isdigit():
+            continue
+        tasks.append(SearchTask(f"gsm8k-{record['question_id']}", user(f"{record['turns'][0]} {STEP_BY_STEP}"),
+                                "number", int(answer), source=f"GSM8K via Spec-Bench {path.name} (MIT / Apache-2.0), "
+                                f"question {record['question_id']}"))
+        if len(tasks) >= skip + n:
+            break
+    return tasks[skip:]
+
+
 def tau_tool_calls(path: Path, n: int) -> list[SearchTask]:
     """Next tool call right after a user message in recorded tau-bench conversations."""
     trajectories = json.loads(path.read_text())
@@ -162,6 +228,14 @@ def measure(model, tokenizer, task: SearchTask, samples: int, max_new_tokens: in
     return tokenizer.batch_decode(out[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def measure_search(engine, task: SearchTask, samples: int, max_new_tokens: int, seed: int) -> list[str]:
+    """``samples`` completions of one task through ``engine.search`` best-of-N (each an exact sample
+    at temperature 1.0, as HF ``generate``; faster on long answers)."""
+    result = engine.search(task.messages, width=samples, policy="best_of_n", max_new_tokens=max_new_tokens,
+                           max_step_tokens=max_new_tokens, temperature=1.0, seed=seed)
+    return [t.text for t in result.trajectories]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tau", type=Path, help="tau-bench airline trajectories (gpt-4o-airline.json)")
@@ -170,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arithmetic", type=int, default=25)
     parser.add_argument("--strings", type=int, default=16)
     parser.add_argument("--tool-calls", type=int, default=20)
+    parser.add_argument("--word-problems", type=int, default=16)
+    parser.add_argument("--gsm8k", type=Path, help="Spec-Bench question.jsonl (its math_reasoning questions are GSM8K)")
+    parser.add_argument("--gsm8k-count", type=int, default=16)
+    parser.add_argument("--gsm8k-skip", type=int, default=0, help="skip the first N GSM8K questions")
+    parser.add_argument("--engine", action="store_true",
+                        help="sample through agentspec's engine.search best-of-N instead of HF generate")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--min-pass1", type=float, default=0.05)
     parser.add_argument("--max-pass1", type=float, default=0.60)
@@ -186,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     kinds = set(args.kinds.split(","))
     candidates = ((arithmetic(rng, args.arithmetic) if "arithmetic" in kinds else [])
                   + (strings(rng, args.strings) if "strings" in kinds else [])
-                  + (formats() if "formats" in kinds else []))
+                  + (formats() if "formats" in kinds else [])
+                  + (word_problems(rng, args.word_problems) if "words" in kinds else []))
+    if args.gsm8k and "gsm8k" in kinds:
+        candidates += gsm8k(args.gsm8k, args.gsm8k_count, args.gsm8k_skip)
     if args.tau and "tau" in kinds:
         print(f"reading recorded tool calls from {args.tau}", file=sys.stderr)
         candidates += tau_tool_calls(args.tau, args.tool_calls)
@@ -194,10 +277,16 @@ def main(argv: list[str] | None = None) -> int:
         known = {t.id for t in load_tasks(args.out)}
         for task in candidates:  # a later seed must not reuse an earlier run's ids
             task.id = task.id if task.id not in known else f"{task.id}-s{args.seed}"
-    model, tokenizer = load_model()
+    if args.engine:
+        engine = Engine.from_pretrained(store="memory")
+    else:
+        model, tokenizer = load_model()
     kept, t0 = [], time.perf_counter()
     for i, task in enumerate(candidates):
-        texts = measure(model, tokenizer, task, args.samples, args.max_new_tokens, args.seed + i)
+        if args.engine:
+            texts = measure_search(engine, task, args.samples, args.max_new_tokens, args.seed + i)
+        else:
+            texts = measure(model, tokenizer, task, args.samples, args.max_new_tokens, args.seed + i)
         correct = sum(task.check(t) for t in texts)
         p1, pk = correct / args.samples, pass_at_k(args.samples, correct, args.samples)
         keep = args.min_pass1 <= p1 <= args.max_pass1 and pk - p1 >= args.min_gain

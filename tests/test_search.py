@@ -91,7 +91,8 @@ def test_greedy_trajectories_equal_plain_greedy_decoding(engine, draft):
     assert result.stats.forwards < 3 * 20  # all leaves share each forward
 
 
-def test_every_row_of_the_shared_forward_equals_its_own_forward(engine, peaky_model):
+@pytest.mark.parametrize("attention", ["split", "gather", "pool"])
+def test_every_row_of_the_shared_forward_equals_its_own_forward(engine, peaky_model, attention):
     """Leaves at different depths of the KV tree, with random draft trees, in one forward: each row's
     logits equal a plain forward of that row's own context (prompt + path + draft path)."""
     rng = random.Random(0)
@@ -99,6 +100,7 @@ def test_every_row_of_the_shared_forward_equals_its_own_forward(engine, peaky_mo
 
     class Recorder(TreeSearch):
         def __init__(self, *args):
+            self.attention = attention
             super().__init__(*args)
             self.cost = lambda k: 1.0  # rows are free: every (never accepted) random draft is verified
 

@@ -12,7 +12,9 @@ from agentspec.engine import Engine
 from agentspec.replay import search_bench as sb
 from agentspec.replay.search_tasks import (
     DEFAULT_TASKS,
+    SCORERS,
     SearchTask,
+    arithmetic_score,
     check,
     first_json_object,
     load_tasks,
@@ -89,6 +91,35 @@ def test_bundled_tasks_meet_the_selection_rule():
         assert t.kind in {"number", "word", "regex", "tool_call"}
 
 
+def test_bundled_multi_step_tasks_are_verified_step_by_step():
+    path = DEFAULT_TASKS.with_name("search_tasks_steps.jsonl")
+    if not path.exists():
+        pytest.skip(f"{path} is not in this checkout")
+    tasks = load_tasks(path)
+    assert len(tasks) >= 5 and len({t.id for t in tasks}) == len(tasks)
+    for t in tasks:
+        assert t.kind == "number" and t.scorer == "arithmetic", t.id
+        assert 0.05 <= t.measured["pass@1"] <= 0.60 and t.measured["pass@16"] - t.measured["pass@1"] >= 0.25, t.id
+
+
+@pytest.mark.parametrize("steps, expected", [
+    (["48 / 2 = 24 clips.", "So 48 + 24 = 72."], 1.0),  # both right
+    (["2 * 3 = 7", "5-1=4"], 0.0),  # one wrong, one right
+    (["3 x 4 = 13"], -1.0),
+    (["Let us think."], 0.0),  # nothing to check
+    (["10 ÷ 0 = 1"], -1.0),  # a division by zero is wrong
+    (["It costs $3 × 4 = $12."], 1.0),
+])
+def test_arithmetic_score_recomputes_what_the_steps_write(steps, expected):
+    assert arithmetic_score("q", steps) == expected
+
+
+def test_a_task_names_a_known_scorer():
+    with pytest.raises(ValueError, match="scorer"):
+        SearchTask("t", [{"role": "user", "content": "q"}], "number", 1, scorer="oracle")
+    assert SearchTask("t", [{"role": "user", "content": "q"}], "number", 1, scorer="arithmetic").scorer in SCORERS
+
+
 # ---------------------------------------------------------------------------------------- harness
 ANY = SearchTask("any", [{"role": "user", "content": "Say something."}], "regex", r"(?s).*")
 NEVER = SearchTask("never", [{"role": "user", "content": "Say something."}], "regex", r"impossible answer")
@@ -103,12 +134,13 @@ def tiny_engine(tiny_model, default_tokenizer):
 
 
 def _stub_search(texts_by_policy: dict[str, list[str]]):
-    """A stand-in for ``engine.search`` with its signature and result shape, recording its calls."""
+    """A stand-in for the engine's ``run_search`` with its signature and result shape, recording its calls."""
     calls = []
 
-    def search(prompt, *, width, policy, scorer=None, step_stop="\n\n", max_step_tokens=64, max_new_tokens=256,
-               temperature=1.0, seed=None, session=None, lambda_kv=1.0, lambda_cover=1.5, draft=True):
-        calls.append({"policy": policy, "width": width, "seed": seed, "draft": draft})
+    def search(engine, prompt_ids, prompt_text, config):
+        policy, width, draft = config.policy, config.width, config.draft
+        calls.append({"policy": policy, "width": width, "seed": config.seed, "draft": draft,
+                      "cluster_distance": config.cluster_distance})
         texts = texts_by_policy[policy]
         kv = {"best_of_n": 400, "beam": 200, "rebase": 300, "ets": 120}[policy]
         stats = SimpleNamespace(generated_tokens=10 * width, wall_seconds=1.0 if draft else 2.0, kv_peak_tokens=kv,
@@ -120,10 +152,10 @@ def _stub_search(texts_by_policy: dict[str, list[str]]):
     return search, calls
 
 
-def test_harness_runs_every_method_and_grades_the_top_answer(tiny_engine):
+def test_harness_runs_every_method_and_grades_the_top_answer(tiny_engine, monkeypatch):
     right = SearchTask("t", [{"role": "user", "content": "2+2?"}], "number", 4)
-    tiny_engine.search, calls = _stub_search({"best_of_n": ["5", "4"], "beam": ["4", "5"], "rebase": ["4"],
-                                              "ets": ["3", "4"]})
+    stub, calls = _stub_search({"best_of_n": ["5", "4"], "beam": ["4", "5"], "rebase": ["4"], "ets": ["3", "4"]})
+    monkeypatch.setattr(sb, "search_engine", stub)
     config = sb.SearchBenchConfig(width=4, max_new_tokens=6, seed=7)
     seen = []
     report = sb.run_bench(tiny_engine, [right], config, sb.METHODS, tasks_path="x", on_run=seen.append)
@@ -134,7 +166,8 @@ def test_harness_runs_every_method_and_grades_the_top_answer(tiny_engine):
     assert by["loop"].correct is None  # ranks nothing
     assert by["hf"].trajectories == 4 and by["loop"].trajectories == 4
     assert {c["seed"] for c in calls} == {7} and {c["width"] for c in calls} == {4}
-    assert [c["draft"] for c in calls if c["policy"] == "ets"] == [True, False]
+    assert [(c["draft"], c["cluster_distance"]) for c in calls if c["policy"] == "ets"] == [
+        (True, 0.05), (False, 0.05), (True, sb.COARSE_CLUSTER_DISTANCE)]
     assert by["ets"].kv_peak_tokens == 120 and by["ets-nodraft"].wall_seconds == 2.0
 
 

@@ -106,6 +106,25 @@ def test_ets_allocation_reallocates_the_width_over_kept_leaves():
     assert n[2] == 0 and sum(n) == 8
 
 
+def test_ets_prunes_within_clusters_only_where_the_cut_merges_them():
+    # four equal leaves in two pairs of near directions (cosine distance ~0.1), each on its own 40-token node:
+    # every leaf costs more KV than its weight, so only coverage keeps it; the paper's cut (0.05) puts each
+    # leaf in its own cluster and keeps all four, a cut at 0.2 keeps one per pair
+    e = [np.array([1.0, 0.0, 0.0]), np.array([1.0, 0.47, 0.0]), np.array([0.0, 0.0, 1.0]), np.array([0.0, 0.47, 1.0])]
+    cands = [Candidate(0.0, (i,), 5, e[i]) for i in range(4)]
+    nodes = dict.fromkeys(range(4), 40)
+    assert sum(v > 0 for v in allocate("ets", cands, 8, nodes, lambda_kv=1.5)) == 4
+    coarse = allocate("ets", cands, 8, nodes, lambda_kv=1.5, cluster_distance=0.2)
+    assert sum(v > 0 for v in coarse) == 2 and sum(coarse) == 8
+    assert (coarse[0] > 0) != (coarse[1] > 0) and (coarse[2] > 0) != (coarse[3] > 0)
+
+
+def test_a_wider_cluster_cut_merges_near_directions():
+    e = [np.array([1.0, 0.0]), np.array([1.0, 0.3]), np.array([0.0, 1.0])]  # 0 and 1: cosine distance ~0.04
+    assert len(set(cluster_steps(e, 0.01))) == 3
+    assert len(set(cluster_steps(e, 0.2))) == 2
+
+
 def test_draft_budget_goes_to_the_most_probable_nodes_and_stays_closed_under_parents():
     a = DraftTree([5, 6, 7], [-1, 0, 1], [0.9, 0.8, 0.7], [0, 0, 0])
     b = DraftTree([8, 9], [-1, 0], [0.2, 0.95], [0, 0])  # child prob above its parent's: capped to 0.2

@@ -40,20 +40,24 @@ import numpy as np
 import torch
 
 from agentspec.config import SamplingParams
-from agentspec.draft.base import DraftTree, Source
+from agentspec.draft.base import DraftTree, Source, acceptance_walk
 from agentspec.draft.core import SuffixTree
 from agentspec.engine.cpu_fast import fast_linears
 from agentspec.engine.forward import LeanForward
 from agentspec.engine.radix import KVPool
 from agentspec.engine.step_forward import LlamaStepForward
-from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask, process_logits
-from agentspec.kernels.cpu import folded_tree_attention
-from agentspec.kernels.reference import partial_attention
+from agentspec.engine.verify import ancestor_mask, process_logits
+from agentspec.kernels.cpu import folded_tree_attention, prefix_attention
+from agentspec.kernels.reference import merge_attention, partial_attention
 from agentspec.lookahead.policy import CostCurve
 from agentspec.search import POLICIES, Candidate, SearchResult, SearchStats, Trajectory, allocate, split_draft_budget
+from agentspec.search.selection import CLUSTER_DISTANCE
 from agentspec.search.types import Scorer
 
 logger = logging.getLogger(__name__)
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]  # (q, k, v, scale) -> out
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 PREFILL_CHUNK = 512  # prompt rows per prefill forward (bounds the mask: rows x pool span)
 DRAFT_PER_LEAF = 16  # draft nodes a leaf may propose before the shared budget prunes them
@@ -86,6 +90,61 @@ def _copy_rows(src: KVPool, src_slots: torch.Tensor, dst: KVPool, dst_slots: tor
     for layers_src, layers_dst in ((src.k, dst.k), (src.v, dst.v)):
         for a, b in zip(layers_src, layers_dst):
             b.index_copy_(1, i_dst, a.index_select(1, i_src).to(b.device))
+
+
+class PathAttention:
+    """Attention where each leaf's rows read only that leaf's own keys (CPU), the leaves as a batch.
+
+    ``own[w]``: the pool slots leaf ``w``'s rows may see (its path, then its own new rows);
+    ``masks[w]``: ``[rows_w, len(own[w])]``, which of them each row sees; the leaves' rows are
+    consecutive in the forward, in order. ``shared``: slots every row sees (the prompt), attended
+    once for all rows without a mask and merged with the leaves' part by log-sum-exp; None when the
+    prompt is part of ``own``. Per layer, rows and keys are gathered into ``[W, ...]`` blocks padded
+    to the longest leaf (padding points at a real slot and is masked), through torch's fused kernel
+    with grouped-query heads folded into the query axis (K and V never repeated)::
+
+        q   [1, H, T, D]   -> [W, Hkv, G * R, D]          R: most rows of a leaf, G = H / Hkv
+        k/v [1, Hkv, S, D] -> [W, Hkv, L, D]              L: most keys of a leaf
+    """
+
+    def __init__(self, own: list[torch.Tensor], masks: list[torch.Tensor], shared: torch.Tensor | None,
+                 groups: int, dtype: torch.dtype) -> None:
+        w, r_max, l_max = len(own), max(m.shape[0] for m in masks), max(o.numel() for o in own)
+        self.rows = torch.empty(w, r_max, dtype=torch.long)
+        self.keys = torch.empty(w, l_max, dtype=torch.long)
+        allowed = torch.zeros(w, r_max, l_max, dtype=torch.bool)
+        valid, start = [], 0
+        for i, (slots, m) in enumerate(zip(own, masks)):
+            n, length = m.shape
+            self.keys[i, :length], self.keys[i, length:] = slots, slots[0]
+            self.rows[i, :n], self.rows[i, n:] = torch.arange(start, start + n), start
+            allowed[i, :n, :length], allowed[i, n:, :length] = m, m[0]
+            valid.append(torch.arange(i * r_max, i * r_max + n))
+            start += n
+        self.valid = torch.cat(valid)
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+        self.mask = mask.repeat(1, groups, 1)[:, None]  # [W, 1, G * R, L]: folded query index r * R + row
+        self.shared: torch.Tensor | slice | None = shared
+        if shared is not None and shared.numel() and bool((shared.diff() == 1).all()):
+            self.shared = slice(int(shared[0]), int(shared[-1]) + 1)  # the prompt's rows in one run: a view
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        _, h, _, d = q.shape
+        hkv = k.shape[1]
+        w, r_max = self.rows.shape
+        l_max = self.keys.shape[1]
+        qb = q[0].index_select(1, self.rows.view(-1)).view(h, w, r_max, d).transpose(0, 1)
+        qb = qb.reshape(w, hkv, (h // hkv) * r_max, d)
+        kb, vb = (x[0].index_select(1, self.keys.view(-1)).view(hkv, w, l_max, d).transpose(0, 1).contiguous()
+                  for x in (k, v))
+        out, lse = _flash_cpu(qb, kb, vb, 0.0, False, attn_mask=self.mask, scale=scale)[:2]
+        out = out.reshape(w, h, r_max, d).transpose(0, 1).reshape(h, w * r_max, d)[:, self.valid][None]
+        if self.shared is None:
+            return out
+        lse = lse.reshape(w, h, r_max).transpose(0, 1).reshape(h, w * r_max)[:, self.valid][None]
+        o_shared, lse_shared = prefix_attention(q, k[:, :, self.shared], v[:, :, self.shared], scale)
+        merged, _ = merge_attention(o_shared, lse_shared, out.float(), lse.float())
+        return merged.to(q.dtype)
 
 
 @dataclass(eq=False)
@@ -160,6 +219,7 @@ class SearchConfig:
     lambda_kv: float = 1.0
     lambda_cover: float = 1.5
     draft: bool = True
+    cluster_distance: float = CLUSTER_DISTANCE  # ETS: cosine distance at which step clusters are cut
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming each bad argument and its value."""
@@ -185,7 +245,14 @@ class SearchConfig:
 
 
 class TreeSearch:
-    """One search over one prompt on an engine's model (single use: build, then :meth:`run`)."""
+    """One search over one prompt on an engine's model (single use: build, then :meth:`run`).
+
+    ``attention`` (CPU): "split" (the prompt once for all rows, each leaf's own segments batched),
+    "gather" (each leaf's whole path gathered and batched) or "pool" (every row over the whole pool,
+    masked); GPUs run "pool".
+    """
+
+    attention = "split"
 
     def __init__(self, engine: Any, prompt_ids: list[int], prompt_text: str, config: SearchConfig) -> None:
         config.validate()
@@ -219,6 +286,7 @@ class TreeSearch:
         self._zeroed = 0  # pool buffer rows known to hold finite values
         self._expected = 0.0  # sum of the raw draft probabilities verified (for their calibration)
         self._kv: list[int] = []
+        self._targets: list[list[int]] = []  # this forward's target tokens per row (see _target_tokens)
         self._copy: list[int] = []
 
     # ------------------------------------------------------------------ the loop
@@ -296,7 +364,8 @@ class TreeSearch:
                                 leaf.embedding if leaf.embedding is not None else np.zeros(size))
                       for leaf in scored]
         counts = allocate(self.config.policy, candidates, width, node_tokens,
-                          lambda_kv=self.config.lambda_kv, lambda_cover=self.config.lambda_cover)
+                          lambda_kv=self.config.lambda_kv, lambda_cover=self.config.lambda_cover,
+                          cluster_distance=self.config.cluster_distance)
         out = []
         for leaf, n in zip(scored, counts):
             if n <= 0:
@@ -325,18 +394,16 @@ class TreeSearch:
             ids += [leaf.pending, *tree.tokens]
             positions += [leaf.length - 1, *(leaf.length - 1 + d for d in tree.depths())]
         slots = self._alloc(len(ids))
-        span = self.pool.k[0].shape[1]
-        allowed = torch.zeros(len(ids), span, dtype=torch.bool)
-        for leaf, tree, a in zip(leaves, trees, starts):
-            b = a + 1 + len(tree)
-            allowed[a:b, leaf.node.path_slots()] = True
-            allowed[a:b, slots[a:b]] = ancestor_mask(tree.parents)
-        hidden = self._run(ids, positions, slots, allowed)
+        hidden = self._run(ids, positions, slots, self._leaf_attention(leaves, trees, starts, slots))
         with torch.no_grad():
             logits = self.head(hidden).float()  # [T, V]
             lse = torch.logsumexp(logits, dim=-1)
         self.stats.forwards += 1
         self.stats.draft_tokens += sum(len(t) for t in trees)
+        draws = [1] * len(ids)
+        for leaf, a in zip(leaves, starts):
+            draws[a] = max(1, leaf.fork)
+        self._targets = self._target_tokens(logits, draws)
         out: list[_Leaf] = []
         keep: set[int] = set()
         for leaf, tree, a in zip(leaves, trees, starts):
@@ -347,23 +414,18 @@ class TreeSearch:
     def _accept(self, leaf: _Leaf, tree: DraftTree, a: int, slots: torch.Tensor, logits: torch.Tensor,
                 lse: torch.Tensor, hidden: torch.Tensor, keep: set[int]) -> list[_Leaf]:
         """Accept each of the leaf's children (itself when it is inside a step); ``keep`` gets the slots kept."""
-        rows = logits[a : a + 1 + len(tree)]
         leaf.node.slots.append(int(slots[a]))  # the pending token's row joins the leaf's own segment
         keep.add(int(slots[a]))
         if not leaf.fork:
             self._add_hidden(leaf, hidden[a])
         out = []
-        samples: list[int] = []
-        if leaf.fork > 1 and not self.params.greedy:  # no draft: the children are k iid samples of one row
-            probs = process_logits(rows[0], self.params)
-            samples = torch.multinomial(probs, leaf.fork, replacement=True, generator=self.generator).tolist()
+        targets = self._targets
         for k in range(max(1, leaf.fork)):
-            if samples:
-                accepted, bonus = [], samples[k]
-            elif self.params.greedy:
-                accepted, bonus = accept_greedy(tree, rows)
+            if leaf.fork > 1:  # no draft: the children are k independent draws of one row
+                accepted, bonus = [], targets[a][k]
             else:
-                accepted, bonus = accept_sampling(tree, rows, self.params, self.generator)
+                accepted, bonus = acceptance_walk(tree, lambda slot: targets[a + slot][0])
+                assert bonus is not None
             target = self._child(leaf) if leaf.fork else leaf
             new = [tree.tokens[i] for i in accepted] + [bonus]
             origin = [a] + [a + 1 + i for i in accepted]  # the row whose logits gave each new token
@@ -383,6 +445,20 @@ class TreeSearch:
         if leaf.fork:
             self._retire(leaf)  # the children hold it now
         return out
+
+    def _target_tokens(self, logits: torch.Tensor, draws: list[int]) -> list[list[int]]:
+        """The target's tokens after each row, ``draws[r]`` of them: the argmax (greedy) or independent
+        samples of the processed distribution, all rows at once (inverse CDF in float64).
+
+        Lossless acceptance asks for one target token per visited row (two rows never share a draw),
+        so drawing one for every row up front and reading those the acceptance walk visits gives
+        the same law as drawing them one by one."""
+        if self.params.greedy:
+            return [[t] * n for t, n in zip(logits.argmax(dim=-1).tolist(), draws)]
+        cdf = process_logits(logits, self.params).double().cumsum(dim=-1)  # [T, V]
+        u = torch.rand(len(draws), max(draws), dtype=torch.float64, generator=self.generator) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).tolist()
+        return [row[:n] for row, n in zip(tokens, draws)]
 
     def _commit(self, leaf: _Leaf, tokens: list[int], logprobs: list[float]) -> int:
         """Append tokens up to the first end (EOS, length, step end); returns how many were taken."""
@@ -429,13 +505,35 @@ class TreeSearch:
                 tree, leaf.session_draft = other, True
         return tree
 
-    def _run(self, ids: list[int], positions: list[int], slots: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """One forward of ``ids`` writing their KV to ``slots``; row r sees the pool slots ``allowed[r]``."""
+    def _leaf_attention(self, leaves: list[_Leaf], trees: list[DraftTree], starts: list[int],
+                        slots: torch.Tensor) -> Attend:
+        """How this forward's rows attend: each leaf's rows to its own path and draft only."""
+        if self.attention == "pool" or self.engine.device.type != "cpu":
+            allowed = torch.zeros(len(slots), self.pool.k[0].shape[1], dtype=torch.bool)
+            for leaf, tree, a in zip(leaves, trees, starts):
+                b = a + 1 + len(tree)
+                allowed[a:b, leaf.node.path_slots()] = True
+                allowed[a:b, slots[a:b]] = ancestor_mask(tree.parents)
+            return self._mask_attention(allowed)
+        assert self.root is not None
+        shared = self.root.path_slots() if self.attention == "split" else None
+        skip = 0 if shared is None else shared.numel()
+        own, masks = [], []
+        for leaf, tree, a in zip(leaves, trees, starts):
+            path = leaf.node.path_slots()[skip:]
+            n = 1 + len(tree)
+            own.append(torch.cat((path, slots[a : a + n])))
+            allowed = torch.ones(n, path.numel() + n, dtype=torch.bool)
+            allowed[:, path.numel():] = ancestor_mask(tree.parents)
+            masks.append(allowed)
+        return PathAttention(own, masks, shared, self.step.groups, self.engine.dtype)
+
+    def _mask_attention(self, allowed: torch.Tensor) -> Attend:
+        """Every row over the whole pool, ``allowed[r]`` the slots row r sees (prefill chunks, GPUs)."""
         device, dtype = self.engine.device, self.engine.dtype
-        groups = self.step.groups
         if device.type == "cpu":
             mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
-            mask = mask.repeat(groups, 1)[None, None]
+            mask = mask.repeat(self.step.groups, 1)[None, None]
 
             def attend(q, k, v, scale):
                 return folded_tree_attention(q, k, v, mask, scale)
@@ -444,10 +542,14 @@ class TreeSearch:
 
             def attend(q, k, v, scale):
                 return partial_attention(q, k, v, bool_mask, scale)[0].to(q.dtype)
+        return attend
 
+    def _run(self, ids: list[int], positions: list[int], slots: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """One forward of ``ids`` writing their KV to ``slots``, attending through ``attend``."""
+        device = self.engine.device
         with torch.no_grad(), fast_linears():
             return self.step._run(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
-                                     _PoolView(self.pool, slots), attend)
+                                  _PoolView(self.pool, slots), attend)
 
     def _prefill(self, root: _Node, tokens: list[int]) -> None:
         """The prompt's KV (all but its last token) into the pool, once: the rows the engine's prefix
@@ -468,7 +570,7 @@ class TreeSearch:
             if root.slots:
                 allowed[:, root.path_slots()] = True
             allowed[:, slots] = torch.ones(len(chunk), len(chunk), dtype=torch.bool).tril()
-            self._run(chunk, list(range(start, start + len(chunk))), slots, allowed)
+            self._run(chunk, list(range(start, start + len(chunk))), slots, self._mask_attention(allowed))
             root.slots += slots.tolist()
             self.stats.forwards += 1
         if cache is not None and cached < len(tokens):

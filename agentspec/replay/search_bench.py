@@ -1,7 +1,8 @@
 """The tree-search benchmark: accuracy, KV held and throughput of search policies on checkable tasks.
 
 Every method samples ``W`` trajectories of each task at temperature 1.0 with the same seeds and
-ranks them by the same default score (the model's mean token log-probability); the top one is the
+ranks them by the same score: the task's scorer where it names one (e.g. the arithmetic verifier of
+the multi-step word problems), else the model's mean token log-probability; the top one is the
 answer, checked by the task's program (:mod:`agentspec.replay.search_tasks`). Methods:
 
 * ``hf``: HF ``generate(num_return_sequences=W)`` best-of-N, the baseline users have. Its KV is
@@ -9,7 +10,9 @@ answer, checked by the task's program (:mod:`agentspec.replay.search_tasks`). Me
 * ``loop``: the same engine generating the ``W`` samples one after another (``engine.generate``);
   no ranking (it returns no scores), so only its coverage and throughput are reported;
 * ``best_of_n``, ``beam``, ``rebase``, ``ets``: ``engine.search`` with that policy, drafting across
-  siblings; ``<policy>-nodraft``: the same without drafting.
+  siblings; ``<policy>-nodraft``: the same without drafting; ``ets-coarse``: ETS with its step
+  clusters cut at cosine distance 0.2 instead of the paper's 0.05 (hidden states of one model lie
+  farther apart than a sentence embedder's: at 0.05 nearly every leaf is its own cluster).
 
 Per method: accuracy with its 95% Wilson interval, coverage (any of the ``W`` correct), KV held
 (peak and mean over a search, averaged over tasks), tokens/s across all trajectories, wall time.
@@ -27,11 +30,15 @@ from typing import Any
 
 import torch
 
-from agentspec.replay.search_tasks import SearchTask, wilson
+from agentspec.engine.search import SearchConfig
+from agentspec.engine.search import run_search as search_engine
+from agentspec.replay.search_tasks import SCORERS, SearchTask, wilson
+from agentspec.search.selection import CLUSTER_DISTANCE
 
 POLICIES = ("best_of_n", "beam", "rebase", "ets")
 BASELINES = ("hf", "loop")
-METHODS = BASELINES + POLICIES + tuple(f"{p}-nodraft" for p in POLICIES)
+METHODS = BASELINES + POLICIES + tuple(f"{p}-nodraft" for p in POLICIES) + ("ets-coarse",)
+COARSE_CLUSTER_DISTANCE = 0.2  # "ets-coarse": the cluster cut scaled to the model's hidden-state embeddings
 
 
 @dataclass
@@ -158,7 +165,8 @@ def run_hf(engine: Any, task: SearchTask, config: SearchBenchConfig, seed: int) 
         means.append(float(logp[row, :n].float().mean()) if n else -math.inf)
     steps = new.shape[1]  # every row keeps its KV until the longest ends
     prompt = ids.shape[1]
-    return _run(task, "hf", mean_logprob_ranking(texts, means), texts, generated=sum(lengths), wall=wall,
+    ranked = rank_by_scorer(task, texts, mean_logprob_ranking(texts, means), config.step_stop)
+    return _run(task, "hf", ranked, texts, generated=sum(lengths), wall=wall,
                 kv_peak=config.width * (prompt + steps), kv_mean=config.width * (prompt + (steps + 1) / 2),
                 bytes_per_token=kv_bytes_per_token(engine), forwards=steps)
 
@@ -184,18 +192,32 @@ def run_loop(engine: Any, task: SearchTask, config: SearchBenchConfig, seed: int
 
 
 def run_search(engine: Any, task: SearchTask, config: SearchBenchConfig, seed: int, method: str) -> Run:
-    """``engine.search`` with the policy ``method`` names (``-nodraft``: drafting across siblings off)."""
+    """A search with the policy ``method`` names (``-nodraft``: drafting across siblings off;
+    ``ets-coarse``: ETS with clusters cut at :data:`COARSE_CLUSTER_DISTANCE`), ranked by the task's scorer."""
     policy, _, variant = method.partition("-")
-    result = engine.search(
-        task.messages, width=config.width, policy=policy, step_stop=config.step_stop,
+    search = SearchConfig(
+        width=config.width, policy=policy, scorer=SCORERS.get(task.scorer or ""), step_stop=config.step_stop,
         max_step_tokens=config.max_step_tokens, max_new_tokens=config.max_new_tokens,
         temperature=config.temperature, seed=seed, lambda_kv=config.lambda_kv, lambda_cover=config.lambda_cover,
-        draft=variant != "nodraft")
+        draft=variant != "nodraft",
+        cluster_distance=COARSE_CLUSTER_DISTANCE if variant == "coarse" else CLUSTER_DISTANCE)
+    prompt_ids = engine.encode_prompt(task.messages)
+    result = search_engine(engine, prompt_ids, engine.tokenizer.decode(prompt_ids), search)
     s = result.stats
     texts = [t.text for t in result.trajectories]  # best first
     return _run(task, method, texts, texts, generated=s.generated_tokens, wall=s.wall_seconds,
                 kv_peak=s.kv_peak_tokens, kv_mean=s.kv_mean_tokens, bytes_per_token=s.kv_bytes_per_token,
                 forwards=s.forwards, accepted=s.accepted_draft_tokens)
+
+
+def rank_by_scorer(task: SearchTask, texts: Sequence[str], ranked: list[str], step_stop: str) -> list[str]:
+    """``ranked`` (best first by the default score) re-ranked by the task's scorer where it names one
+    (each text split into steps at ``step_stop``; ties keep the default order)."""
+    scorer = SCORERS.get(task.scorer or "")
+    if scorer is None:
+        return ranked
+    prompt = task.messages[-1]["content"]
+    return sorted(ranked, key=lambda t: -scorer(prompt, [s for s in t.split(step_stop) if s.strip()] or [""]))
 
 
 def _run(task: SearchTask, method: str, ranked: Sequence[str] | None, texts: Sequence[str], *, generated: int,

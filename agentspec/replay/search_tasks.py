@@ -8,6 +8,10 @@ A task is one short chat prompt and an answer a program can check. Kinds:
 * ``tool_call``: the first JSON object in the output is ``{"name": ..., "arguments": {...}}`` with
   the recorded function name and arguments (``answer`` = ``{"name", "arguments"}``).
 
+A task may name a scorer (``SCORERS``) that ranks its trajectories step by step, e.g. ``arithmetic``
+(:func:`arithmetic_score`, which recomputes the arithmetic written in each step); without one the
+default score is the model's mean token log-probability.
+
 The bundled set (``agentspec/samples/search_tasks.jsonl``) was kept from generated candidates by
 measuring the default model's pass@1 and pass@16 (see ``scripts/build_search_tasks.py``); each line
 carries the figures it was kept on.
@@ -38,10 +42,13 @@ class SearchTask:
     answer: Any
     source: str = "generated"  # where the prompt came from (a recorded data set, or "generated")
     measured: dict = field(default_factory=dict)  # e.g. {"samples": 16, "correct": 5, "pass@1": 0.31, ...}
+    scorer: str | None = None  # a name in SCORERS ranks the trajectories; None: the model's mean log-probability
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"task {self.id!r}: kind {self.kind!r} is not one of {KINDS}")
+        if self.scorer is not None and self.scorer not in SCORERS:
+            raise ValueError(f"task {self.id!r}: scorer {self.scorer!r} is not one of {sorted(SCORERS)}")
 
     def check(self, text: str) -> bool:
         """True when ``text`` answers this task correctly."""
@@ -62,6 +69,31 @@ def check(kind: str, answer: Any, text: str) -> bool:
         return (isinstance(call, dict) and call.get("name") == answer["name"]
                 and _normal(call.get("arguments")) == _normal(answer["arguments"]))
     raise ValueError(f"unknown task kind {kind!r}; expected one of {KINDS}")
+
+
+_EQUATION_RE = re.compile(r"(?<![\d.,])(\d+(?:\.\d+)?)\s*([-+*/x×÷])\s*(\d+(?:\.\d+)?)\s*=\s*\$?(-?\d[\d,]*(?:\.\d+)?)")
+_OPS = {"+": float.__add__, "-": float.__sub__, "*": float.__mul__, "x": float.__mul__, "×": float.__mul__,
+        "/": float.__truediv__, "÷": float.__truediv__}
+
+
+def arithmetic_score(prompt: str, steps: Sequence[str]) -> float:
+    """A cheap process verifier: every ``a op b = c`` written in the steps so far is recomputed;
+    the score is (right - wrong) / written, in [-1, 1], and 0 while no step writes one."""
+    right = wrong = 0
+    for a, op, b, c in _EQUATION_RE.findall("\n".join(steps)):
+        try:
+            value = _OPS[op](float(a), float(b))
+        except ZeroDivisionError:
+            wrong += 1
+            continue
+        if abs(value - float(c.replace(",", ""))) < 1e-6 * max(1.0, abs(value)):
+            right += 1
+        else:
+            wrong += 1
+    return (right - wrong) / (right + wrong) if right + wrong else 0.0
+
+
+SCORERS = {"arithmetic": arithmetic_score}
 
 
 def first_json_object(text: str) -> Any:

@@ -152,6 +152,7 @@ def ets_keep(
 def allocate(
     policy: str, candidates: Sequence[Candidate], width: int, node_tokens: Mapping[int, int] | None = None, *,
     lambda_kv: float = 1.0, lambda_cover: float = 1.5, temperature: float = REBASE_TEMPERATURE,
+    cluster_distance: float = CLUSTER_DISTANCE,
 ) -> list[int]:
     """``n_i`` children for each candidate under ``policy`` with ``width`` units left."""
     scores = [c.score for c in candidates]
@@ -168,7 +169,7 @@ def allocate(
     embeddings = [c.embedding for c in candidates]
     clusters = None
     if lambda_cover > 0 and all(e is not None for e in embeddings):
-        clusters = cluster_steps(embeddings)
+        clusters = cluster_steps(embeddings, cluster_distance)
     keep = ets_keep([v / total for v in n], [c.ancestors for c in candidates], [c.tokens for c in candidates],
                     node_tokens or {}, clusters, lambda_kv, lambda_cover)
     kept = rebase_allocation([scores[i] for i in keep], width, temperature)
