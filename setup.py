@@ -6,6 +6,9 @@
 * ``agentspec.kernels._blockq`` -- the GGUF-block CPU matmul. **Optional** (setuptools' ``optional``
   extension): without it, quantized models run their linear layers on the stock fp32 path (same
   outputs, slower), so a failed build only prints a warning and the install goes on.
+* ``agentspec.kernels._attn`` -- tree attention over fp32/fp16/bf16 KV (AVX-512). **Optional**: without
+  it (or on a CPU without AVX-512) attention runs through torch's fused kernel, and 16-bit KV is
+  widened to fp32 before it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,14 @@ ext_modules = [
         ["kernels/_blockq.cpp"],
         cxx_std=17,
         extra_compile_args=["-O3", "-fopenmp"],  # AVX2/FMA per function, chosen at run time
+        extra_link_args=["-fopenmp"],
+        optional=True,
+    ),
+    Pybind11Extension(
+        "agentspec.kernels._attn",
+        ["kernels/_attn.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3", "-fopenmp"],  # AVX-512 per function, checked at run time
         extra_link_args=["-fopenmp"],
         optional=True,
     ),

@@ -16,6 +16,7 @@ err = Console(stderr=True)
 
 Dtype = Literal["float32", "bfloat16"]  # an enumerated option is a Literal: typer lists and checks the choices
 Quantize = Literal["int8"]
+KvDtype = Literal["float32", "float16", "bfloat16"]
 DTYPES, QUANTIZE = get_args(Dtype), get_args(Quantize)
 MEMORY = "memory"  # --store memory: sessions live in the process only
 
@@ -38,6 +39,7 @@ class ModelOptions:
     model: str | None = None
     dtype: str = "float32"
     quantize: str | None = None
+    kv_dtype: str = "float32"
     store: str | None = None  # None: the default persistent store; "memory": none
     threads: int | None = None
     no_speculation: bool = False
@@ -60,6 +62,7 @@ class ModelOptions:
             return Engine.from_pretrained(
                 self.model, dtype=self.dtype, quantize=self.quantize, store=store or self.store_url,
                 threads=self.threads, speculation=SpeculationConfig(enabled=not self.no_speculation),
+                kv_dtype=self.kv_dtype,
             )
         except (ModelNotFoundError, StoreError, ValueError) as exc:
             raise fail(str(exc)) from exc
@@ -73,6 +76,9 @@ _PARAMS = [
     inspect.Parameter("quantize", inspect.Parameter.KEYWORD_ONLY, annotation=Quantize, default=typer.Option(
         None, help="int8: linear weights rounded to GGUF Q8_0 blocks, activations "
         "stay fp32 (CPU); outputs equal plain decoding of the same int8 weights.")),
+    inspect.Parameter("kv_dtype", inspect.Parameter.KEYWORD_ONLY, annotation=KvDtype, default=typer.Option(
+        "float32", help="KV cache dtype (CPU): float16/bfloat16 halve what attention reads; outputs equal "
+        "plain decoding with the same KV precision.")),
     inspect.Parameter("store", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
         None, help="Session store: a URL (sqlite:///path or postgresql+psycopg://...), or 'memory' to keep "
         "nothing (default: sqlite:///$AGENTSPEC_HOME/cache.db).")),

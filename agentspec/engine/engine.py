@@ -36,7 +36,7 @@ from agentspec.config import SamplingParams, SpeculationConfig
 from agentspec.draft.base import SOURCE_NAMES, Drafter, DraftTree
 from agentspec.draft.builder import SuffixDrafter
 from agentspec.engine.constraints import Grammar, GrammarCompiler
-from agentspec.engine.forward import ForwardBackend, model_device, select_forward
+from agentspec.engine.forward import ForwardBackend, LeanForward, model_device, select_forward
 from agentspec.engine.kvcache import TreeKVCache
 from agentspec.engine.model import default_device, load_model, resolve_model
 from agentspec.engine.processors import LogitsPipeline, TokenLogprob
@@ -44,6 +44,7 @@ from agentspec.engine.quantize import quantize_model
 from agentspec.engine.radix import KVPool, PrefixMatch, RadixCache
 from agentspec.engine.search import SearchConfig, run_search
 from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask, sample_token
+from agentspec.kernels.attention import narrow_kv_dtype
 from agentspec.lookahead import CostCurve, LookaheadPolicy
 from agentspec.search import Scorer, SearchResult
 from agentspec.search.selection import CLUSTER_DISTANCE
@@ -139,7 +140,9 @@ class Engine:
     * ``sessions`` stores finished calls (None: nothing is stored);
     * ``forward`` runs the model (None: :func:`~agentspec.engine.forward.select_forward` picks the
       backend for the model's device);
-    * ``tenants`` builds a tenant's own parts for :meth:`for_tenant`.
+    * ``tenants`` builds a tenant's own parts for :meth:`for_tenant`;
+    * ``kv_dtype`` stores the KV cache in ``"float16"`` or ``"bfloat16"`` (lean CPU forward only):
+      half the bytes attention reads; outputs then equal plain decoding with that KV precision.
     """
 
     def __init__(
@@ -156,6 +159,7 @@ class Engine:
         model_source: str | None = None,
         quantization: str | None = None,
         tenants: TenantFactory | None = None,
+        kv_dtype: str | torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -173,7 +177,11 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.device = model_device(model)
         self.forward = forward or select_forward(model)
-        self.prefix_cache = _prefix_cache(model, self.speculation.prefix_cache_bytes)
+        self.kv_dtype = narrow_kv_dtype(kv_dtype)  # None: as the model computes it
+        if self.kv_dtype is not None and not isinstance(self.forward, LeanForward):
+            raise ValueError(f"kv_dtype={kv_dtype!r} needs the lean CPU forward (a plain Llama on a CPU); this "
+                             f"engine runs {getattr(self.forward, 'name', type(self.forward).__name__)!r}")
+        self.prefix_cache = _prefix_cache(model, self.speculation.prefix_cache_bytes, self.kv_dtype)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._tenants = tenants
         self._session_prefix = ""  # tenants sharing this engine's drafter keep their sessions apart by id
@@ -196,6 +204,7 @@ class Engine:
         threads: int | None = None,
         drafter: Drafter | None = None,
         device: str | None = None,
+        kv_dtype: str = "float32",
     ) -> Engine:
         """Load ``model`` (default SmolLM2-135M-Instruct, or a local dir / .gguf) and compose its parts.
 
@@ -204,6 +213,7 @@ class Engine:
         ``store``: a session store URL or store object; None (the default) is the persistent store
         ``sqlite:///$AGENTSPEC_HOME/cache.db``; ``"memory"`` keeps sessions in memory only.
         ``quantize="int8"``: Q8_0-rounded weights in the linear layers (CPU).
+        ``kv_dtype``: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"`` KV cache (CPU, lean forward).
         """
         device = device or default_device()
         if quantize and device != "cpu":
@@ -222,9 +232,12 @@ class Engine:
         curve = None
         if speculation.adaptive:
             device = model_device(hf_model)
-            # v3: the lean forward and the GGUF-block kernel; bump when the forward changes again
-            key = f"{source.name}-{quantize or dtype}-{device}-t{torch.get_num_threads()}-v3"
-            curve = CostCurve.cached(key, cost_probe(backend, hf_model.config.num_hidden_layers))
+            # v4: the lean forward, the GGUF-block kernel and the tree-attention kernel; bump when the forward changes
+            kv = narrow_kv_dtype(kv_dtype)
+            precision = f"{quantize or dtype}{f'-kv{kv_dtype}' if kv else ''}"
+            key = f"{source.name}-{precision}-{device}-t{torch.get_num_threads()}-v4"
+            probe = cost_probe(backend, hf_model.config.num_hidden_layers, kv_dtype=kv)
+            curve = CostCurve.cached(key, probe)
 
         def parts(namespace: str, drafter: Drafter | None = None) -> TenantParts:
             tenant_store = store.scoped(namespace) if store is not None and namespace else store
@@ -235,7 +248,7 @@ class Engine:
         own = parts("", drafter)
         return cls(hf_model, tokenizer, drafter=own.drafter, policy=own.policy, sessions=own.sessions,
                    forward=backend, speculation=speculation, model_name=source.name,
-                   model_source=str(source.path), quantization=quantize, tenants=parts)
+                   model_source=str(source.path), quantization=quantize, tenants=parts, kv_dtype=kv_dtype)
 
     def for_tenant(self, name: str, *, share_global: bool = False) -> Engine:
         """An engine for tenant ``name``: the same weights, forward, lock and cost curve; its own
@@ -512,7 +525,7 @@ class Engine:
         """
         limit = len(prompt_ids) - 1  # at least one prompt token must run, for its logits
         tokens, cache = self._spare_kv.take(self.namespace)
-        cache = cache or TreeKVCache(self.num_layers, len(prompt_ids) + 256)
+        cache = cache or TreeKVCache(self.num_layers, len(prompt_ids) + 256, self.kv_dtype)
         if match is None:
             cache.truncate(0)
             return cache, 0
@@ -582,10 +595,12 @@ class Engine:
         return self.forward.verify(ids, positions, ancestor_mask(tree.parents), cache)
 
 
-def cost_probe(backend: ForwardBackend, num_layers: int, past: int = 1000) -> Callable[[int], float]:
+def cost_probe(
+    backend: ForwardBackend, num_layers: int, past: int = 1000, kv_dtype: torch.dtype | None = None
+) -> Callable[[int], float]:
     """``c(k)`` for :meth:`~agentspec.lookahead.CostCurve.measure`: seconds of one verification forward
     of ``backend`` over a chain of ``k`` tokens after ``past`` cached ones (prefilled once, on first use)."""
-    cache = TreeKVCache(num_layers, capacity=past + 256)
+    cache = TreeKVCache(num_layers, capacity=past + 256, dtype=kv_dtype)
 
     def seconds(k: int) -> float:
         if cache.length < past:
@@ -635,15 +650,16 @@ class _SpareKV:
         return tokens, cache
 
 
-def _prefix_cache(model: Any, max_bytes: int) -> RadixCache | None:
-    """A radix cache of ``max_bytes`` of KV for ``model`` (None when ``max_bytes`` is 0)."""
+def _prefix_cache(model: Any, max_bytes: int, kv_dtype: torch.dtype | None) -> RadixCache | None:
+    """A radix cache of ``max_bytes`` of KV for ``model`` (None when ``max_bytes`` is 0), rows in
+    ``kv_dtype`` (None: the model's dtype)."""
     if max_bytes <= 0:
         return None
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     param = next(model.parameters())
     pool = KVPool.for_budget(config.num_hidden_layers, config.num_key_value_heads, head_dim, max_bytes,
-                             dtype=param.dtype, device=param.device)
+                             dtype=kv_dtype or param.dtype, device=param.device)
     return RadixCache(pool)
 
 

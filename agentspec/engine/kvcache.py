@@ -4,6 +4,9 @@
 (no ``torch.cat`` per step, gpt-fast style) and can *compact*: after verification keep the
 committed prefix plus the accepted path, drop the rejected tree rows. KV shared across
 requests lives in the radix prefix cache (:mod:`agentspec.engine.radix`).
+
+The buffers may hold K/V in a narrower dtype than the model computes them in (``dtype``, e.g.
+fp16 or bf16): writes round to it, and the attention kernel widens what it reads.
 """
 
 from __future__ import annotations
@@ -15,20 +18,22 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 
 class TreeKVLayer(DynamicLayer):
-    """One layer's K/V in a growable buffer: ``keys = buf[..., :length, :]`` (a view)."""
+    """One layer's K/V in a growable buffer: ``keys = buf[..., :length, :]`` (a view), stored in
+    ``dtype`` (None: the dtype of the first keys written)."""
 
-    def __init__(self, capacity: int = 256) -> None:
+    def __init__(self, capacity: int = 256, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.capacity = capacity
+        self.kv_dtype = dtype
         self.length = 0
         self._k: torch.Tensor | None = None  # [B, Hkv, capacity, D]
         self._v: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
+        self.dtype, self.device = self.kv_dtype or key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
-        self._k = key_states.new_empty(b, h, self.capacity, d)
-        self._v = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+        self._k = key_states.new_empty(b, h, self.capacity, d, dtype=self.dtype)
+        self._v = value_states.new_empty(b, h, self.capacity, value_states.shape[-1], dtype=self.dtype)
         self.is_initialized = True
 
     def _reserve(self, needed: int) -> None:
@@ -97,10 +102,11 @@ class TreeKVLayer(DynamicLayer):
 
 
 class TreeKVCache(Cache):
-    """A ``Cache`` of :class:`TreeKVLayer` s: growable buffers with tree compaction."""
+    """A ``Cache`` of :class:`TreeKVLayer` s: growable buffers with tree compaction; K/V stored in
+    ``dtype`` (None: as computed)."""
 
-    def __init__(self, num_layers: int, capacity: int = 256) -> None:
-        super().__init__(layers=[TreeKVLayer(capacity) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, capacity: int = 256, dtype: torch.dtype | None = None) -> None:
+        super().__init__(layers=[TreeKVLayer(capacity, dtype) for _ in range(num_layers)])
 
     @property
     def length(self) -> int:

@@ -14,7 +14,7 @@ For each context length ``P`` and tree size ``k`` (a chain of ``k`` tokens, as
   =============  ==============================================================================
   matmul         the decoder's linear layers (q/k/v, o, gate/up, down): GGUF blocks or fp32
   head           the output projection (the largest matrix of a small model)
-  attention      the tree mask and the fused attention call over ``P + k`` keys per layer
+  attention      the attention call over ``P + k`` keys per layer (and the tree mask, where torch runs it)
   kv_write       copying the step's keys and values into the cache
   norm           RMSNorm, twice per layer and once at the end
   rotary         cos/sin for the positions and the rotation of q and k
@@ -50,7 +50,6 @@ from agentspec.engine.kvcache import TreeKVCache
 from agentspec.engine.step_forward import LlamaStepForward, _rms_norm, _rotate_half
 from agentspec.engine.verify import ancestor_mask
 from agentspec.kernels.blockq import block_linear
-from agentspec.kernels.cpu import folded_tree_attention, folded_tree_mask
 
 PARTS = ("matmul", "head", "attention", "kv_write", "norm", "rotary", "elementwise", "glue")
 DEFAULT_CONTEXTS = (1000, 3000, 6000)
@@ -158,7 +157,7 @@ def profile_steps(
                                  "load_before": machine_load()})
     vocab = engine.model.config.vocab_size
     for context in contexts:
-        cache = _random_cache(forward.step, context, max(tree_sizes))
+        cache = _random_cache(forward.step, context, max(tree_sizes), getattr(engine, "kv_dtype", None))
         for k in tree_sizes:
             ids = torch.randint(3, vocab, (k,))
             positions = torch.arange(context, context + k)
@@ -216,7 +215,7 @@ def timed_step(step: LlamaStepForward, head, ids: torch.Tensor, positions: torch
     part charged to ``clock``: logits ``[k, vocab]`` (fp32), and the step's KV written to ``cache``."""
     lap = clock.lap
     t = ids.shape[0]
-    mask = folded_tree_mask(tree_mask, cache.length, step.groups, step.embed.weight.dtype)
+    attend = step.tree_attention(tree_mask, cache.length)
     lap("attention")
     x = step.embed(ids[None])
     lap("elementwise")
@@ -244,7 +243,7 @@ def timed_step(step: LlamaStepForward, head, ids: torch.Tensor, positions: torch
         lap("rotary")
         keys, values = cache.layers[i].update(k, v)
         lap("kv_write")
-        out = folded_tree_attention(q, keys, values, mask, attn.scaling)
+        out = attend(q, keys, values, attn.scaling)
         lap("attention")
         out = out.transpose(1, 2).reshape(1, t, -1)
         lap("glue")
@@ -314,12 +313,14 @@ def _linear_bytes(module: torch.nn.Module, rows: int) -> int:
     return weight.numel() * 4 if weight.is_mkldnn else weight.numel() * weight.element_size()
 
 
-def _random_cache(step: LlamaStepForward, context: int, room: int) -> TreeKVCache:
+def _random_cache(
+    step: LlamaStepForward, context: int, room: int, kv_dtype: torch.dtype | None = None
+) -> TreeKVCache:
     """A cache of ``context`` positions of random keys and values (the cost does not depend on them)."""
     attn = step.layers[0].self_attn
     kv_heads = attn.k_proj.out_features // step.head_dim
     dtype = step.embed.weight.dtype
-    cache = TreeKVCache(len(step.layers), capacity=context + room)
+    cache = TreeKVCache(len(step.layers), capacity=context + room, dtype=kv_dtype)
     for layer in cache.layers:
         layer.update(torch.randn(1, kv_heads, context, step.head_dim, dtype=dtype),
                      torch.randn(1, kv_heads, context, step.head_dim, dtype=dtype))

@@ -5,10 +5,14 @@ per-call machinery (mask construction, cache bookkeeping, output capture, keywor
 through 30 layers) costs as much as a fifth of the step on a CPU. :class:`LlamaStepForward`
 runs the same modules and the same tensor operations as ``LlamaModel.forward`` (RMSNorm,
 rotary embedding, grouped-query attention, SiLU MLP, residuals). Attention (CPU): a step is one
-call of torch's fused kernel per layer over prefix and tree with an additive tree mask built
-once per step (:func:`agentspec.kernels.cpu.folded_tree_attention`); a prefill chunk is the
-prefix and the chunk's causal block in two fused calls merged by log-sum-exp
-(:func:`agentspec.kernels.cpu.causal_chunk_attention`), never a repeated or masked prefix.
+call per layer of the compiled tree-attention kernel (:mod:`agentspec.kernels.attention`: each
+KV row read once for all the step's query rows, fp32/fp16/bf16 KV, each row bit-identical to
+the same token decoded alone); without it, one call of torch's fused kernel over prefix and tree
+with an additive tree mask built once per step (:func:`agentspec.kernels.cpu.folded_tree_attention`).
+A prefill chunk of up to :data:`KERNEL_PREFILL_ROWS` tokens goes through the same kernel (causal
+mask); a longer one is the prefix and the chunk's causal block in two fused calls merged by
+log-sum-exp (:func:`agentspec.kernels.cpu.causal_chunk_attention`), never a repeated or masked
+prefix. 16-bit KV is stored rounded; torch's kernels read it widened to fp32.
 """
 
 from __future__ import annotations
@@ -18,8 +22,13 @@ import torch.nn.functional as F
 
 from agentspec.engine.cpu_fast import BLOCK_ROWS
 from agentspec.engine.kvcache import TreeKVCache
+from agentspec.kernels.attention import kernel_fits, tree_attention_rows
 from agentspec.kernels.blockq import BlockWeight, block_linear, concat_blocks
 from agentspec.kernels.cpu import causal_chunk_attention, folded_tree_attention, folded_tree_mask
+
+# prefill chunks of up to this many tokens attend through the compiled kernel (faster there: 512 tokens
+# after 1,500, 1 thread, 22 vs 26 ms a layer); longer ones through torch's fused kernel (2,048 tokens: 64 vs 89 ms)
+KERNEL_PREFILL_ROWS = 512
 
 
 def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
@@ -28,6 +37,12 @@ def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     return norm.weight * h.to(dtype)
+
+
+def _heads_first(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The kernel's ``[1, T, H * D]`` as a ``[1, H, T, D]`` view (the layout the layer loop takes back, copy-free)."""
+    _, h, t, d = q.shape
+    return out.view(1, t, h, d).transpose(1, 2)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -94,20 +109,33 @@ class LlamaStepForward:
         input_ids, position_ids: ``[T]``; tree_mask: ``[T, T]`` bool (True = token i sees token j);
         every token also sees the ``cache.length`` committed positions before it.
         """
-        mask = folded_tree_mask(tree_mask, cache.length, self.groups, self.embed.weight.dtype)
+        return self._run(input_ids, position_ids, cache, self.tree_attention(tree_mask, cache.length))
+
+    def tree_attention(self, tree_mask: torch.Tensor, past: int):
+        """``attend(q, keys, values, scale) -> [1, H, T, D]`` for one step's layers: the compiled
+        kernel where it fits, else torch's fused kernel with a mask built here, once."""
+        visible, mask = tree_mask.to(torch.uint8), None
 
         def attend(q, k, v, scale):
-            return folded_tree_attention(q, k, v, mask, scale)
+            nonlocal mask
+            if kernel_fits(q, k):
+                return _heads_first(tree_attention_rows(q, k, v, visible, scale), q)
+            if mask is None:
+                mask = folded_tree_mask(tree_mask, past, self.groups, q.dtype)
+            return folded_tree_attention(q, k.to(q.dtype), v.to(q.dtype), mask, scale)
 
-        return self._run(input_ids, position_ids, cache, attend)
+        return attend
 
     def prefill(self, input_ids: torch.Tensor, cache: TreeKVCache) -> torch.Tensor:
         """A prompt chunk after the cached positions, causal: hidden states ``[T, hidden]``."""
-        past = cache.length
-        positions = torch.arange(past, past + input_ids.shape[0])
+        past, t = cache.length, input_ids.shape[0]
+        positions = torch.arange(past, past + t)
+        causal = torch.ones(t, t, dtype=torch.uint8).tril() if t <= KERNEL_PREFILL_ROWS else None
 
         def attend(q, k, v, scale):
-            return causal_chunk_attention(q, k, v, past, scale)
+            if causal is not None and kernel_fits(q, k):
+                return _heads_first(tree_attention_rows(q, k, v, causal, scale), q)
+            return causal_chunk_attention(q, k.to(q.dtype), v.to(q.dtype), past, scale)
 
         return self._run(input_ids, positions, cache, attend)
 

@@ -1,0 +1,356 @@
+// Tree attention for a CPU verification step (or a causal prefill chunk): T query tokens over the
+// committed prefix (P keys, no mask) and the step's own T keys (under a [T, T] visibility mask).
+//
+// Each query row (head h, token t) attends to its *visible key sequence*: prefix keys 0..P-1, then
+// the step's keys t sees, in order. That sequence is cut at fixed multiples of kChunk keys; each
+// chunk gives the row a partial (max m, sum l, unnormalised output acc) computed in blocks of 16
+// keys (one AVX-512 vector of scores), and the partials are folded in chunk order. Every number
+// a row gets is thus a function of its visible sequence only: a row computed inside a step of T
+// tokens is bit-identical to the same token computed alone after its ancestors were committed
+// (so a verification step equals plain decoding with this kernel), and to any thread count.
+//
+// Keys and values are read once per step for all rows that share them: work items are (kv head,
+// chunk); inside an item each block of 16 keys is read (and, for 16-bit KV, widened to fp32) once
+// and then scored by all groups x T query rows of that kv head while it sits in L1.
+//
+// Layout: q fp32 with strides (head, token), head dim contiguous; k/v [Hkv, S, D] rows contiguous
+// (stride D), kv-head stride given; fp32, fp16 or bf16. mask [T, T] uint8 (1 = token i sees token
+// j). out [T, H, D] fp32 contiguous (what the output projection reads).
+
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#include <immintrin.h>
+#include <omp.h>
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr int kLanes = 16;  // keys per block
+enum Kind { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+struct Problem {
+  const float* q;
+  int64_t q_head, q_tok;  // q strides (floats)
+  const void* k;
+  const void* v;
+  int64_t kv_head;  // elements between kv heads in k and v
+  int kind;
+  int64_t H, Hkv, T, D, P, chunk;
+  float scale;
+  float* out;
+};
+
+// Per query token: how many keys it sees, how many of those lie where the cache holds them in
+// order (prefix then step keys 0, 1, 2, ...: a chain or a causal chunk), and the step keys it sees.
+struct Rows {
+  std::vector<int64_t> visible, direct;
+  std::vector<std::vector<int64_t>> tree;  // absolute key indices (P + j)
+
+  Rows(const uint8_t* mask, int64_t T, int64_t P) : visible(T), direct(T), tree(T) {
+    for (int64_t t = 0; t < T; ++t) {
+      bool in_order = true;
+      int64_t run = 0;
+      for (int64_t j = 0; j < T; ++j) {
+        if (!mask[t * T + j]) {
+          in_order = false;
+          continue;
+        }
+        tree[t].push_back(P + j);
+        if (in_order) run = static_cast<int64_t>(tree[t].size());
+      }
+      visible[t] = P + static_cast<int64_t>(tree[t].size());
+      direct[t] = P + run;
+    }
+  }
+  int64_t key(int64_t t, int64_t i, int64_t P) const { return i < P ? i : tree[t][i - P]; }
+};
+
+bool avx512_available() { return __builtin_cpu_supports("avx512f"); }
+
+// Everything from here to the entry point runs only after avx512_available() said yes.
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+
+// Row `key` of head base `base` as fp32 into dst[D] (fp16: vcvtph2ps; bf16: the 16 bits shifted up).
+template <int ND>
+inline void widen(const void* base, int kind, int64_t offset, float* dst) {
+  for (int c = 0; c < ND; ++c) {
+    __m512 x;
+    if (kind == kF32) {
+      x = _mm512_loadu_ps(static_cast<const float*>(base) + offset + 16 * c);
+    } else {
+      const __m256i h = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + offset + 16 * c));
+      x = kind == kF16 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    _mm512_storeu_ps(dst + 16 * c, x);
+  }
+}
+
+// The 16 horizontal sums of a[0..15] as one vector (lane j = sum of a[j]), in a fixed order.
+inline __m512 sum16(const __m512* a) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+  const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xDD));
+}
+
+// exp(x) per lane: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial (~1 ulp);
+// x <= -104 (and -inf) gives exactly 0.
+inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-104.0f);
+  const __mmask16 zero = _mm512_cmp_ps_mask(x, lo, _CMP_LE_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.5f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~zero), _mm512_scalef_ps(p, n));
+}
+
+// s[0..15] = scale * q . k_j for the n rows k_j (lanes >= n: -inf).
+template <int ND>
+inline void score_block(const float* q, const float* const* k, int n, float scale,
+                                                           float* s) {
+  __m512 qv[ND], a[kLanes];
+  for (int c = 0; c < ND; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  for (int j = 0; j < kLanes; ++j) {
+    if (j >= n) {
+      a[j] = _mm512_setzero_ps();
+      continue;
+    }
+    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k[j]));
+    for (int c = 1; c < ND; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k[j] + 16 * c), acc);
+    a[j] = acc;
+  }
+  const __m512 scores = _mm512_mul_ps(sum16(a), _mm512_set1_ps(scale));
+  const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+  _mm512_storeu_ps(s, _mm512_mask_blend_ps(valid, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), scores));
+}
+
+// acc[D] += sum_j p[j] v_j over the n rows v_j, in order.
+template <int ND>
+inline void value_block(const float* p, const float* const* v, int n, float* acc) {
+  __m512 a[ND];
+  for (int c = 0; c < ND; ++c) a[c] = _mm512_loadu_ps(acc + 16 * c);
+  for (int j = 0; j < n; ++j) {
+    const __m512 pj = _mm512_set1_ps(p[j]);
+    for (int c = 0; c < ND; ++c) a[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v[j] + 16 * c), a[c]);
+  }
+  for (int c = 0; c < ND; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
+}
+
+// Floats on 64-byte boundaries (a vector load that crosses a cache line costs two).
+struct Aligned {
+  std::vector<float> raw;
+  float* ptr = nullptr;
+  void resize(size_t n) {
+    raw.resize(n + 16);
+    ptr = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t{63});
+  }
+  float* data() { return ptr; }
+};
+
+constexpr int kAcc = 16;  // a partial is (m, l, 14 floats of padding, acc[D]): acc on a cache-line boundary
+
+struct Scratch {
+  Aligned scores, direct, gathered;
+  const float* dptr[kLanes];
+  const float* gptr[kLanes];
+};
+
+// Pointers to the fp32 rows of keys [b0, b0 + n) of kv head g as the cache holds them in order.
+template <int ND>
+void direct_rows(const Problem& pb, const void* base, int64_t g, int64_t b0, int n, Scratch& sc) {
+  constexpr int D = 16 * ND;
+  for (int j = 0; j < n; ++j) {
+    const int64_t offset = g * pb.kv_head + (b0 + j) * D;
+    if (pb.kind == kF32) {
+      sc.dptr[j] = static_cast<const float*>(base) + offset;
+    } else {
+      widen<ND>(base, pb.kind, offset, sc.direct.data() + j * D);
+      sc.dptr[j] = sc.direct.data() + j * D;
+    }
+  }
+}
+
+// Token t's visible keys b0 .. b0 + n - 1 (logical indices) of kv head g as fp32 rows.
+template <int ND>
+const float* const* rows_for(const Problem& pb, const Rows& rows, const void* base, int64_t g, int64_t t, int64_t b0,
+                             int n, Scratch& sc) {
+  constexpr int D = 16 * ND;
+  if (b0 + n <= rows.direct[t]) return sc.dptr;
+  for (int j = 0; j < n; ++j) {
+    widen<ND>(base, pb.kind, g * pb.kv_head + rows.key(t, b0 + j, pb.P) * D, sc.gathered.data() + j * D);
+    sc.gptr[j] = sc.gathered.data() + j * D;
+  }
+  return sc.gptr;
+}
+
+// For each block of 16 keys in [c0, c0 + reach) of kv head g (K or V: base) and each token that sees some of
+// them: fn(block, token, its n visible rows there as fp32, n). The block's rows are read once for all tokens
+// that see them where the cache holds them.
+template <int ND, class F>
+void for_each_block(const Problem& pb, const Rows& rows, const void* base, int64_t g, int64_t c0, int64_t reach,
+                    Scratch& sc, F&& fn) {
+  for (int64_t b = 0; b * kLanes < reach; ++b) {
+    const int64_t b0 = c0 + b * kLanes;
+    direct_rows<ND>(pb, base, g, b0, static_cast<int>(std::min<int64_t>(kLanes, pb.P + pb.T - b0)), sc);
+    for (int64_t t = 0; t < pb.T; ++t) {
+      const int n = static_cast<int>(std::min<int64_t>(kLanes, rows.visible[t] - b0));
+      if (n > 0) fn(b, t, rows_for<ND>(pb, rows, base, g, t, b0, n, sc), n);
+    }
+  }
+}
+
+// One work item: chunk c of kv head g for all its groups x T query rows; partial[row][c] = (m, l, acc[D]).
+template <int ND>
+void chunk_item(const Problem& pb, const Rows& rows, int64_t g, int64_t c, int64_t n_chunks, Scratch& sc,
+                float* partial) {
+  constexpr int D = 16 * ND;
+  const int64_t T = pb.T, groups = pb.H / pb.Hkv, C = pb.chunk, c0 = c * C;
+  int64_t reach = 0;  // keys of this chunk the farthest-seeing row reads
+  for (int64_t t = 0; t < T; ++t) reach = std::max(reach, std::min(C, rows.visible[t] - c0));
+  auto slot = [&](int64_t h, int64_t t) { return partial + ((h * T + t) * n_chunks + c) * (D + kAcc); };
+  auto score_row = [&](int64_t j, int64_t t) { return sc.scores.data() + (j * T + t) * C; };
+  for_each_block<ND>(pb, rows, pb.k, g, c0, reach, sc, [&](int64_t b, int64_t t, const float* const* k, int n) {
+    for (int64_t j = 0; j < groups; ++j) {
+      const int64_t h = g * groups + j;
+      score_block<ND>(pb.q + h * pb.q_head + t * pb.q_tok, k, n, pb.scale, score_row(j, t) + b * kLanes);
+    }
+  });
+  for (int64_t t = 0; t < T; ++t) {  // softmax numerators per row: m, p = exp(s - m), l = sum p
+    const int64_t len = std::min(C, rows.visible[t] - c0);
+    for (int64_t j = 0; j < groups; ++j) {
+      float* out = slot(g * groups + j, t);
+      if (len <= 0) {
+        out[0] = -std::numeric_limits<float>::infinity();
+        out[1] = 0.0f;
+        continue;
+      }
+      float* s = score_row(j, t);
+      const int64_t blocks = (len + kLanes - 1) / kLanes;
+      __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int64_t b = 0; b < blocks; ++b) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + b * kLanes));
+      const float m = _mm512_reduce_max_ps(mx);
+      const __m512 mv = _mm512_set1_ps(m);
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) {
+        const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + b * kLanes), mv));
+        _mm512_storeu_ps(s + b * kLanes, p);
+        sum = _mm512_add_ps(sum, p);
+      }
+      out[0] = m;
+      out[1] = _mm512_reduce_add_ps(sum);
+      std::memset(out + kAcc, 0, D * sizeof(float));
+    }
+  }
+  for_each_block<ND>(pb, rows, pb.v, g, c0, reach, sc, [&](int64_t b, int64_t t, const float* const* v, int n) {
+    for (int64_t j = 0; j < groups; ++j)
+      value_block<ND>(score_row(j, t) + b * kLanes, v, n, slot(g * groups + j, t) + kAcc);
+  });
+}
+
+// Fold a row's chunk partials in order and normalise: out[D].
+void fold(const float* partial, int64_t n_chunks, int64_t D, float* out) {
+  float m = -std::numeric_limits<float>::infinity(), l = 0.0f;
+  std::vector<float> acc(D, 0.0f);
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const float* p = partial + c * (D + kAcc);
+    if (p[1] == 0.0f) continue;  // the row sees no key of this chunk
+    if (l == 0.0f) {
+      m = p[0];
+      l = p[1];
+      std::copy(p + kAcc, p + kAcc + D, acc.begin());
+      continue;
+    }
+    const float mn = std::max(m, p[0]);
+    const float a = std::exp(m - mn), b = std::exp(p[0] - mn);
+    l = l * a + p[1] * b;
+    for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * a + p[kAcc + d] * b;
+    m = mn;
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] = l > 0.0f ? acc[d] / l : 0.0f;
+}
+
+template <int ND>
+void run(const Problem& pb, const Rows& rows, int threads) {
+  constexpr int D = 16 * ND;
+  const int64_t most = *std::max_element(rows.visible.begin(), rows.visible.end());
+  const int64_t n_chunks = std::max<int64_t>(1, (most + pb.chunk - 1) / pb.chunk);
+  const int64_t items = pb.Hkv * n_chunks, groups = pb.H / pb.Hkv;
+  Aligned partial;
+  partial.resize(static_cast<size_t>(pb.H * pb.T * n_chunks * (D + kAcc)));
+#pragma omp parallel num_threads(threads)
+  {
+    Scratch sc;
+    sc.scores.resize(static_cast<size_t>(groups * pb.T * pb.chunk));
+    sc.direct.resize(kLanes * D);
+    sc.gathered.resize(kLanes * D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item)
+      chunk_item<ND>(pb, rows, item / n_chunks, item % n_chunks, n_chunks, sc, partial.data());
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < pb.H * pb.T; ++row) {  // row = h * T + t -> out[t, h]
+      const int64_t h = row / pb.T, t = row % pb.T;
+      fold(partial.data() + row * n_chunks * (D + kAcc), n_chunks, D, pb.out + (t * pb.H + h) * D);
+    }
+  }
+}
+
+#pragma GCC pop_options
+
+void tree_attention(uintptr_t q, int64_t q_head, int64_t q_tok, uintptr_t k, uintptr_t v, int64_t kv_head, int kind,
+                    int64_t H, int64_t Hkv, int64_t T, int64_t D, int64_t P, uintptr_t mask, double scale,
+                    uintptr_t out, int64_t chunk, int threads) {
+  if (!avx512_available()) throw std::runtime_error("tree_attention needs AVX-512F");
+  if (kind < kF32 || kind > kBF16) throw std::invalid_argument("kind must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+  if (H <= 0 || Hkv <= 0 || H % Hkv || T <= 0 || P < 0) throw std::invalid_argument("bad head or token counts");
+  if (chunk <= 0 || chunk % kLanes) throw std::invalid_argument("chunk must be a positive multiple of 16");
+  const Problem pb{reinterpret_cast<const float*>(q), q_head, q_tok, reinterpret_cast<const void*>(k),
+                   reinterpret_cast<const void*>(v), kv_head, kind, H, Hkv, T, D, P, chunk,
+                   static_cast<float>(scale), reinterpret_cast<float*>(out)};
+  py::gil_scoped_release release;
+  const Rows rows(reinterpret_cast<const uint8_t*>(mask), T, P);
+  threads = threads > 0 ? threads : 1;
+  switch (D) {
+    case 16: run<1>(pb, rows, threads); break;
+    case 32: run<2>(pb, rows, threads); break;
+    case 64: run<4>(pb, rows, threads); break;
+    case 128: run<8>(pb, rows, threads); break;
+    default: throw std::invalid_argument("head dim must be 16, 32, 64 or 128");
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_attn, m) {
+  m.doc() = "Tree attention over fp32/fp16/bf16 KV for CPU verification steps (AVX-512)";
+  m.def("avx512_available", &avx512_available, "True when this CPU has AVX-512F (the kernel's instruction set)");
+  m.def("tree_attention", &tree_attention, py::arg("q"), py::arg("q_head"), py::arg("q_tok"), py::arg("k"),
+        py::arg("v"), py::arg("kv_head"), py::arg("kind"), py::arg("H"), py::arg("Hkv"), py::arg("T"), py::arg("D"),
+        py::arg("P"), py::arg("mask"), py::arg("scale"), py::arg("out"), py::arg("chunk"), py::arg("threads"),
+        "out[T, H, D] = attention of q over k/v (pointers of tensors laid out as the module doc says)");
+}

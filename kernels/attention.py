@@ -1,0 +1,73 @@
+"""Compiled CPU tree attention over fp32, fp16 or bf16 KV (``agentspec.kernels._attn``, optional).
+
+One call per layer attends ``T`` query tokens (a verification step's tree, or a causal prefill
+chunk) over the committed prefix (no mask) and the step's own keys (under a ``[T, T]`` mask), with
+grouped-query heads sharing their kv head's reads: each K/V row is read once per step for all
+query rows. 16-bit KV is widened to fp32 in registers; all arithmetic is fp32.
+
+A row's result depends only on the keys it sees (fixed chunks and blocks along that sequence,
+per-row accumulators): a row computed inside a step of ``T`` tokens is bit-identical to the same
+token computed alone once its ancestors are committed, so speculative decoding equals plain
+decoding through this kernel, whatever the tree or the thread count.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+CHUNK = 256  # keys per partial softmax; the folding order depends on it, never on T or the threads
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+@functools.lru_cache(maxsize=1)
+def attention_available() -> bool:
+    """True when the compiled kernel is built and this CPU has AVX-512F."""
+    try:
+        from . import _attn
+    except ImportError:
+        return False
+    return bool(_attn.avx512_available())
+
+
+def narrow_kv_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """The 16-bit KV dtype ``name`` asks for (``"float16"``, ``"bfloat16"`` or a dtype), or None for
+    ``"float32"`` / None (KV kept as the model computes it); ValueError for anything else."""
+    dtype = KV_DTYPES.get(name, name) if isinstance(name, str) else name
+    if dtype is not None and dtype not in _KINDS:
+        raise ValueError(f"unsupported KV dtype {name!r}; expected one of {', '.join(KV_DTYPES)}")
+    return None if dtype in (None, torch.float32) else dtype
+
+
+def kernel_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """True when :func:`tree_attention_rows` can run on these q ``[1, H, T, D]`` / k ``[1, Hkv, S, D]``."""
+    return (attention_available() and q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[0] == 1
+            and q.shape[-1] in HEAD_DIMS and k.dtype in _KINDS and k.stride(-1) == 1 and k.stride(-2) == k.shape[-1])
+
+
+def tree_attention_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor, scale: float, *,
+    chunk: int = CHUNK, threads: int | None = None,
+) -> torch.Tensor:
+    """Attention of q ``[1, H, T, D]`` (fp32) over k/v ``[1, Hkv, P + T, D]`` (the step's own keys
+    last; rows contiguous, as a :class:`~agentspec.engine.kvcache.TreeKVCache` view holds them):
+    every token sees the ``P`` prefix keys and the step's keys ``tree_mask [T, T]`` (bool) allows.
+    Returns ``[1, T, H * D]`` fp32 (what the output projection reads). Needs :func:`kernel_fits`.
+    """
+    from . import _attn
+
+    _, h, t, d = q.shape
+    hkv, p = k.shape[1], k.shape[2] - t
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if v.dtype != k.dtype or v.stride() != k.stride():
+        raise ValueError("k and v must share dtype and layout")
+    mask = tree_mask.to(torch.uint8).contiguous()
+    out = torch.empty(t, h, d, dtype=torch.float32)
+    _attn.tree_attention(q.data_ptr(), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(), k.stride(1),
+                         _KINDS[k.dtype], h, hkv, t, d, p, mask.data_ptr(), scale, out.data_ptr(), chunk,
+                         threads or torch.get_num_threads())
+    return out.view(1, t, h * d)

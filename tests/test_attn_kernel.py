@@ -1,0 +1,187 @@
+"""The compiled tree-attention kernel (kernels/_attn.cpp) and 16-bit KV in the engine.
+
+The kernel must match the fp64 reference to rounding, and give each query row the very same bits
+whether it is computed inside a step of T tokens or alone once its ancestors are committed (that
+is what makes a verification step equal plain decoding).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from agentspec.kernels.attention import (
+    attention_available,
+    narrow_kv_dtype,
+    tree_attention_rows,
+)
+from agentspec.kernels.blockq import blocks_available
+from agentspec.kernels.reference import masked_attention
+from test_engine import ScriptedDrafter, make_engine
+
+from agentspec.config import SpeculationConfig
+from agentspec.engine import Engine
+from agentspec.engine.cpu_fast import fast_linears
+from agentspec.engine.forward import select_forward
+from agentspec.engine.kvcache import TreeKVCache
+from agentspec.engine.quantize import quantize_model
+from agentspec.engine.verify import ancestor_mask
+
+needs_kernel = pytest.mark.skipif(not attention_available(), reason="the _attn extension is not built or no AVX-512F")
+KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TREES = {
+    "one token": [],
+    "chain of 8": list(range(-1, 6)),
+    "branching 9": [-1, 0, 1, 0, 3, 3, 5, -1],
+    "chain of 16": list(range(-1, 14)),
+}
+
+
+def _kv(hkv: int, n: int, d: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(1, hkv, n, d, generator=g).to(dtype) for _ in range(2))
+    return k, v
+
+
+def _reference(q, k, v, mask, prefix, scale):
+    out = masked_attention(q.double(), k.double(), v.double(), mask, prefix, scale)
+    return out.transpose(1, 2).reshape(1, q.shape[2], -1).float()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", KV_DTYPES, ids=str)
+@pytest.mark.parametrize("tree", list(TREES), ids=str)
+@pytest.mark.parametrize("prefix", [0, 5, 255, 700])
+def test_kernel_matches_the_fp64_reference(dtype, tree, prefix):
+    mask = ancestor_mask(TREES[tree])
+    t = mask.shape[0]
+    q = torch.randn(1, 9, t, 64, generator=torch.Generator().manual_seed(prefix))
+    k, v = _kv(3, prefix + t, 64, dtype, prefix + 1)
+    got = tree_attention_rows(q, k, v, mask, 0.125)
+    torch.testing.assert_close(got, _reference(q, k, v, mask, prefix, 0.125), atol=2e-6, rtol=2e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_dim", [16, 32, 128])
+def test_kernel_covers_each_head_dim(head_dim):
+    mask = ancestor_mask([-1, 0, 0])
+    q = torch.randn(1, 4, 4, head_dim)
+    k, v = _kv(2, 40 + 4, head_dim, torch.float32, 0)
+    got = tree_attention_rows(q, k, v, mask, head_dim**-0.5)
+    torch.testing.assert_close(got, _reference(q, k, v, mask, 40, head_dim**-0.5), atol=2e-6, rtol=2e-5)
+
+
+def _alone(q, k, v, mask, prefix, row, scale, **kwargs):
+    """Row ``row`` of the step computed as a one-token step after its ancestors were committed:
+    the prefix, then the ancestors' K/V rows in order, then its own."""
+    seen = [prefix + j for j in range(mask.shape[0]) if mask[row, j]]
+    keep = torch.tensor(list(range(prefix)) + seen)
+    k1, v1 = k.index_select(2, keep).contiguous(), v.index_select(2, keep).contiguous()
+    return tree_attention_rows(q[:, :, row : row + 1], k1, v1, torch.ones(1, 1, dtype=torch.bool), scale, **kwargs)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", KV_DTYPES, ids=str)
+@pytest.mark.parametrize("prefix", [3, 250, 300, 1000])  # 250: the ancestors cross a 256-key chunk boundary
+def test_a_row_inside_a_step_is_bit_identical_to_the_token_decoded_alone(dtype, prefix):
+    parents = [-1, 0, 1, 0, 3, 3, 5]  # 8 tokens with branches: row 7 sees 0, 3, 5, 7 (not in cache order)
+    mask = ancestor_mask(parents)
+    t = mask.shape[0]
+    q = torch.randn(1, 9, t, 64, generator=torch.Generator().manual_seed(7))
+    k, v = _kv(3, prefix + t, 64, dtype, 8)
+    step = tree_attention_rows(q, k, v, mask, 0.125)
+    for row in range(t):
+        alone = _alone(q, k, v, mask, prefix, row, 0.125)
+        assert torch.equal(step[:, row], alone[:, 0]), f"row {row} differs from the token decoded alone"
+    # and the thread count changes nothing
+    assert torch.equal(tree_attention_rows(q, k, v, mask, 0.125, threads=1),
+                       tree_attention_rows(q, k, v, mask, 0.125, threads=2))
+
+
+@needs_kernel
+def test_a_token_that_sees_nothing_gets_zeros_and_a_chunk_size_must_fit_blocks():
+    q = torch.randn(1, 2, 2, 16)
+    k, v = _kv(1, 2, 16, torch.float32, 0)
+    mask = torch.tensor([[True, False], [False, False]])
+    out = tree_attention_rows(q, k, v, mask, 0.25)
+    assert torch.equal(out[0, 1], torch.zeros(32)) and out[0, 0].abs().sum() > 0
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tree_attention_rows(q, k, v, mask, 0.25, chunk=40)
+
+
+def test_kv_dtype_names():
+    assert narrow_kv_dtype(None) is None and narrow_kv_dtype("float32") is None
+    assert narrow_kv_dtype("float16") is torch.float16 and narrow_kv_dtype(torch.bfloat16) is torch.bfloat16
+    with pytest.raises(ValueError, match="float16"):
+        narrow_kv_dtype("int8")
+
+
+def test_16_bit_kv_is_stored_rounded(tiny_model):
+    cache = TreeKVCache(2, capacity=8, dtype=torch.float16)
+    k = torch.randn(1, 2, 3, 16)
+    keys, _ = cache.layers[0].update(k, k)
+    assert keys.dtype == torch.float16 and torch.equal(keys, k.half())
+    engine = make_engine(tiny_model, None, None, prefix_cache_bytes=2**20)
+    assert engine.kv_dtype is None and engine.prefix_cache.pool.dtype == torch.float32
+    engine = kv_engine(tiny_model, "bfloat16")
+    assert engine.prefix_cache.pool.dtype == torch.bfloat16
+
+
+def kv_engine(model, kv_dtype, **kwargs):
+    """An engine on ``model`` with ``kv_dtype`` KV (no adaptive lookahead); ``spec``: SpeculationConfig fields."""
+    spec = SpeculationConfig(adaptive=False, **kwargs.pop("spec", {}))
+    return Engine(model, kwargs.pop("tokenizer", None), speculation=spec, kv_dtype=kv_dtype, **kwargs)
+
+
+def test_16_bit_kv_needs_the_lean_forward(tiny_model):
+    with pytest.raises(ValueError, match="lean CPU forward"):
+        kv_engine(tiny_model, "float16", forward=select_forward(tiny_model, fast_cpu=False))
+
+
+@pytest.fixture(scope="module")
+def int8_model(tiny_model):
+    """Every linear layer exact Q8_0 blocks: with the block kernel each row's matmul is row-independent."""
+    return quantize_model(copy.deepcopy(tiny_model), "int8")
+
+
+@needs_kernel
+@pytest.mark.parametrize("kv", ["float16", "bfloat16", "float32"])
+def test_verification_logits_equal_one_token_steps_bit_for_bit(int8_model, kv):
+    if not blocks_available():
+        pytest.skip("the block kernel (row-independent matmuls) is not built")
+    engine = kv_engine(int8_model, kv)
+    forward, layers = engine.forward, int8_model.config.num_hidden_layers
+    rng = random.Random(0)
+    prompt = [rng.randrange(3, 512) for _ in range(300)]
+    chain = [rng.randrange(3, 512) for _ in range(8)]
+    caches = [TreeKVCache(layers, dtype=engine.kv_dtype) for _ in range(2)]
+    for cache in caches:
+        forward.prefill(prompt, cache)
+    with torch.no_grad(), fast_linears():
+        step = forward.verify(torch.tensor(chain), torch.arange(300, 308), ancestor_mask(list(range(-1, 6))),
+                              caches[0])
+        for i, tok in enumerate(chain):
+            one = forward.verify(torch.tensor([tok]), torch.tensor([300 + i]), torch.ones(1, 1, dtype=torch.bool),
+                                 caches[1])
+            assert torch.equal(one[0], step[i]), f"token {i}: the verification row differs from decoding it alone"
+
+
+@needs_kernel
+@pytest.mark.parametrize("kv", ["float16", "bfloat16"])
+@pytest.mark.parametrize("seed", range(2))
+def test_greedy_with_16_bit_kv_equals_its_own_plain_decoding(int8_model, default_tokenizer, kv, seed):
+    rng = random.Random(seed)
+    prompt = [rng.randrange(3, 512) for _ in range(rng.randrange(5, 300))]
+    plain = kv_engine(int8_model, kv, tokenizer=default_tokenizer, spec={"prefix_cache_bytes": 0})
+    plain.eos_ids = set()
+    truth = plain.generate(prompt, max_new_tokens=40, speculate=False).token_ids
+    engine = kv_engine(int8_model, kv, tokenizer=default_tokenizer, drafter=ScriptedDrafter(truth, 512, seed=seed),
+                            spec={"prefix_cache_bytes": 2**24})
+    engine.eos_ids = set()
+    result = engine.generate(prompt, max_new_tokens=40)
+    assert result.token_ids == truth
+    assert result.stats.accepted_tokens > 0
+    pool = engine.prefix_cache.pool
+    assert pool.dtype == narrow_kv_dtype(kv) and pool.num_used >= len(prompt)  # the request's rows, kept in 16 bits
