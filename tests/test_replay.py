@@ -270,8 +270,8 @@ def test_llamacpp_prompt_lookup_equals_its_plain_greedy_in_fewer_steps(default_e
     pytest.importorskip("llama_cpp", reason="the llama.cpp baselines need llama-cpp-python (an optional extra)")
     from agentspec.replay.baselines import comparison_runner
 
-    plain, lookup = (comparison_runner(name, default_engine, 1024) for name in ("llamacpp", "llamacpp_pld"))
-    text = "def add(a, b):\n    return a + b\n\n" * 6
+    plain, lookup = (comparison_runner(name, default_engine, 2048) for name in ("llamacpp", "llamacpp_pld"))
+    text = "def add(a, b):\n    return a + b\n\n" * 60  # over 512 tokens: more than one llama.cpp batch
     prompt = default_engine.encode_prompt(f"Repeat this code exactly:\n{text}")
     ids, _, _, steps = plain(prompt, "s", 48)
     pld_ids, _, _, pld_steps = lookup(prompt, "s", 48)

@@ -77,8 +77,10 @@ class LlamaCppBaseline:
                     return super().__call__(input_ids, **kwargs)
 
             draft = CountingLookup(num_pred_tokens=prompt_lookup)
+        # with a draft model llama-cpp-python keeps logits of every position, but sizes that buffer by
+        # the constructor's logits_all: without it, a prompt longer than one batch (512) fails
         self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
-                         draft_model=draft, verbose=False)
+                         draft_model=draft, logits_all=draft is not None, verbose=False)
         self.speculative = draft is not None
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]):
