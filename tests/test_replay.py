@@ -105,6 +105,22 @@ def test_live_baseline_gives_speedups_and_identity(fake_engine):
     assert summary["methods"]["agentspec"]["decode_speedup_vs_hf"] == pytest.approx(2.0)
 
 
+def test_a_16_bit_kv_engine_is_checked_against_its_own_plain_decoding(fake_engine):
+    import torch
+
+    fake_engine.kv_dtype = torch.float16  # HF keeps fp32 KV: its greedy output is not the reference then
+
+    def run(output):
+        return lambda prompt_ids, session, n: (output(n), 0.2, 0.3, n - 1)
+
+    runners = {"hf": run(lambda n: [7] * n), "agentspec_nospec": run(lambda n: list(range(n)))}
+    report = replay_live(fake_engine, load_sessions(DATA / "jsonl"), max_new_tokens=8, runners=runners)
+    assert [c.identical for c in report.calls] == [True, True, True]  # equal to speculation off, not to HF
+    fake_engine.kv_dtype = None
+    report = replay_live(fake_engine, load_sessions(DATA / "jsonl"), max_new_tokens=8, runners=runners)
+    assert [c.identical for c in report.calls] == [False, False, False]  # fp32 KV: HF greedy is the reference
+
+
 def test_live_compares_several_methods_call_by_call(fake_engine, tmp_path):
     order = []
 

@@ -21,7 +21,15 @@ from collections.abc import Callable, Sequence
 
 from agentspec import chat
 from agentspec.replay.baselines import Runner, comparison_runner
-from agentspec.replay.report import COMPARISONS, REFERENCES, MethodRun, ReplayedCall, ReplayReport, copied_share
+from agentspec.replay.report import (
+    COMPARISONS,
+    REFERENCES,
+    SPECULATION_OFF,
+    MethodRun,
+    ReplayedCall,
+    ReplayReport,
+    copied_share,
+)
 from agentspec.replay.trajectories import Call, Session, tokenize_call
 
 
@@ -89,6 +97,15 @@ def _fitted_prompt(engine, call: Call, budget: int) -> tuple[list[int], bool] | 
     return pair[0], True
 
 
+def _reference(engine, outputs: dict[str, list[int]]) -> str | None:
+    """The plain greedy run agentspec's output must equal: HF greedy on the same weights, unless the
+    engine keeps a 16-bit KV cache (HF does not) or HF did not run; then the same engine with
+    speculation off, which shares its weights and KV precision."""
+    if "hf" in outputs and getattr(engine, "kv_dtype", None) is None:
+        return "hf"
+    return SPECULATION_OFF if SPECULATION_OFF in outputs else None
+
+
 def _live_call(engine, session: Session, index: int, call: Call, budget: int, max_new_tokens: int,
                runners: dict[str, Runner], report: ReplayReport) -> ReplayedCall | None:
     where = f"{session.id} call {index}"
@@ -112,8 +129,9 @@ def _live_call(engine, session: Session, index: int, call: Call, budget: int, ma
     record.total_seconds = time.perf_counter() - t0
     record.stats = result.stats
     record.copied = copied_share(result.token_ids, prompt_ids)
-    if "hf" in outputs:
-        record.identical = result.token_ids == outputs["hf"]
+    reference = _reference(engine, outputs)
+    if reference is not None:
+        record.identical = result.token_ids == outputs[reference]
     for name, run in record.methods.items():  # each against plain greedy decoding of the same weights
         reference = REFERENCES.get(name, "hf")
         run.identical = None if reference == name or reference not in outputs else outputs[name] == outputs[reference]

@@ -96,7 +96,7 @@ class ReplayedCall:
     fitted: bool = False  # the prompt was shortened to fit the window
     total_seconds: float | None = None  # live: the whole call, prefill included
     methods: dict[str, MethodRun] = field(default_factory=dict)  # comparisons run on the same prompt
-    identical: bool | None = None  # live output == plain HF greedy output, token for token
+    identical: bool | None = None  # live output == plain greedy output (HF, or speculation off), token for token
     modelled_seconds: float | None = None  # simulate: step costs on the cost curve
     copied: float | None = None  # live: agentspec's output share covered by its longest match in the prompt
 
@@ -232,7 +232,7 @@ def render_methods(report: ReplayReport):
     table = Table(title=f"agentspec live benchmark: {report.sessions} sessions, {n} calls", caption=caption)
     for col in ("method", "out tokens", "decode tok/s", "tokens/step", "decode speedup", "end-to-end s",
                 "e2e speedup", "tok/s, not copies", "speedup, not copies",
-                "identical to plain greedy, same weights"):
+                "identical to plain greedy, same weights and KV"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=col == "method")
     for m in report.compared + [AGENTSPEC]:
         t, originals = report.totals(m), report.totals(m, not_copies=True)
@@ -270,7 +270,7 @@ def render_summary(report: ReplayReport):
             rows.append((label, _ratio(value)))
     compared = [c for c in report.calls if c.identical is not None]
     if compared:
-        rows.append(("identical to HF greedy", f"{sum(c.identical for c in compared)}/{len(compared)}"))
+        rows.append(("identical to plain greedy", f"{sum(c.identical for c in compared)}/{len(compared)}"))
     for row in rows:
         table.add_row(*row)
     return table
