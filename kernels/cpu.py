@@ -21,6 +21,14 @@ from .reference import merge_attention, partial_attention
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                    causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's fused CPU attention with its log-sum-exp: q [B, N, T, D] over k/v [B, N, S, D] (as many
+    heads), additive ``mask`` broadcast to [B, N, T, S] or None; returns (O [B, N, T, D], L [B, N, T])."""
+    out, lse = _flash_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)[:2]
+    return out, lse
+
+
 def _folded_flash(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +37,7 @@ def _folded_flash(
     b, h, t, d = q.shape
     hkv = k.shape[1]
     qg = q.reshape(b, hkv, (h // hkv) * t, d)  # heads h = g * (H/Hkv) + r read kv head g
-    out, lse = _flash_cpu(qg, k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]
+    out, lse = flash_attention(qg, k, v, mask, scale)
     return out.reshape(b, h, t, d), lse.reshape(b, h, t)
 
 
@@ -95,7 +103,7 @@ def causal_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
     q = q.contiguous()  # the fused CPU kernel reads wrong values from a q whose last dim is strided
     own_k = k[:, :, p:].repeat_interleave(groups, dim=1)
     own_v = v[:, :, p:].repeat_interleave(groups, dim=1)
-    out, lse = _flash_cpu(q, own_k, own_v, 0.0, True, attn_mask=None, scale=scale)[:2]
+    out, lse = flash_attention(q, own_k, own_v, None, scale, causal=True)
     if p == 0:
         return out
     o_prefix, lse_prefix = prefix_attention(q, k[:, :, :p], v[:, :, :p], scale)

@@ -47,7 +47,7 @@ from agentspec.engine.forward import LeanForward
 from agentspec.engine.radix import KVPool
 from agentspec.engine.step_forward import LlamaStepForward
 from agentspec.engine.verify import ancestor_mask, process_logits
-from agentspec.kernels.cpu import folded_tree_attention, prefix_attention
+from agentspec.kernels.cpu import flash_attention, folded_tree_attention, prefix_attention
 from agentspec.kernels.reference import merge_attention, partial_attention
 from agentspec.lookahead.policy import CostCurve
 from agentspec.search import POLICIES, Candidate, SearchResult, SearchStats, Trajectory, allocate, split_draft_budget
@@ -57,7 +57,6 @@ from agentspec.search.types import Scorer
 logger = logging.getLogger(__name__)
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]  # (q, k, v, scale) -> out
-_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 PREFILL_CHUNK = 512  # prompt rows per prefill forward (bounds the mask: rows x pool span)
 DRAFT_PER_LEAF = 16  # draft nodes a leaf may propose before the shared budget prunes them
@@ -137,7 +136,7 @@ class PathAttention:
         qb = qb.reshape(w, hkv, (h // hkv) * r_max, d)
         kb, vb = (x[0].index_select(1, self.keys.view(-1)).view(hkv, w, l_max, d).transpose(0, 1).contiguous()
                   for x in (k, v))
-        out, lse = _flash_cpu(qb, kb, vb, 0.0, False, attn_mask=self.mask, scale=scale)[:2]
+        out, lse = flash_attention(qb, kb, vb, self.mask, scale)
         out = out.reshape(w, h, r_max, d).transpose(0, 1).reshape(h, w * r_max, d)[:, self.valid][None]
         if self.shared is None:
             return out
