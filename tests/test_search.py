@@ -91,6 +91,18 @@ def test_greedy_trajectories_equal_plain_greedy_decoding(engine, draft):
     assert result.stats.forwards < 3 * 20  # all leaves share each forward
 
 
+@pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16"])
+def test_a_16_bit_kv_engine_searches_in_its_own_precision(peaky_model, default_tokenizer, kv_dtype):
+    engine = Engine(peaky_model, default_tokenizer, kv_dtype=kv_dtype)  # with its prefix cache: rows go both ways
+    for _ in range(2):  # the second search copies the prompt's 16-bit rows from the prefix cache
+        result = engine.search(PROMPT, width=2, policy="beam", temperature=0.0, max_new_tokens=12, max_step_tokens=4)
+        assert result.stats.kv_peak_bytes == result.stats.kv_peak_tokens * engine.num_layers * 2 * 2 * (
+            peaky_model.config.num_key_value_heads * peaky_model.config.head_dim)  # 2 bytes a value
+    plain = engine.generate(PROMPT, max_new_tokens=12, speculate=False)
+    assert result.trajectories[0].token_ids[:4] == plain.token_ids[:4]
+
+
+
 @pytest.mark.parametrize("attention", ["split", "gather", "pool"])
 def test_every_row_of_the_shared_forward_equals_its_own_forward(engine, peaky_model, attention):
     """Leaves at different depths of the KV tree, with random draft trees, in one forward: each row's

@@ -134,14 +134,15 @@ class PathAttention:
         l_max = self.keys.shape[1]
         qb = q[0].index_select(1, self.rows.view(-1)).view(h, w, r_max, d).transpose(0, 1)
         qb = qb.reshape(w, hkv, (h // hkv) * r_max, d)
-        kb, vb = (x[0].index_select(1, self.keys.view(-1)).view(hkv, w, l_max, d).transpose(0, 1).contiguous()
-                  for x in (k, v))
+        kb, vb = (x[0].index_select(1, self.keys.view(-1)).view(hkv, w, l_max, d).transpose(0, 1)
+                  .to(q.dtype).contiguous() for x in (k, v))
         out, lse = flash_attention(qb, kb, vb, self.mask, scale)
         out = out.reshape(w, h, r_max, d).transpose(0, 1).reshape(h, w * r_max, d)[:, self.valid][None]
         if self.shared is None:
             return out
         lse = lse.reshape(w, h, r_max).transpose(0, 1).reshape(h, w * r_max)[:, self.valid][None]
-        o_shared, lse_shared = prefix_attention(q, k[:, :, self.shared], v[:, :, self.shared], scale)
+        o_shared, lse_shared = prefix_attention(q, k[:, :, self.shared].to(q.dtype), v[:, :, self.shared].to(q.dtype),
+                                                scale)
         merged, _ = merge_attention(o_shared, lse_shared, out.float(), lse.float())
         return merged.to(q.dtype)
 
@@ -266,8 +267,9 @@ class TreeSearch:
         kv_heads = model.config.num_key_value_heads
         # at most: the prompt, every live trajectory's tokens, one forward's rows
         capacity = len(prompt_ids) + config.width * (config.max_new_tokens + DRAFT_PER_LEAF + 2)
-        self.pool = KVPool(engine.num_layers, kv_heads, attn.head_dim, capacity, dtype=engine.dtype,
-                           device=engine.device)
+        # the engine's KV precision (a 16-bit KV cache stays 16-bit here; attention widens what it reads)
+        self.pool = KVPool(engine.num_layers, kv_heads, attn.head_dim, capacity,
+                           dtype=getattr(engine, "kv_dtype", None) or engine.dtype, device=engine.device)
         self.params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=float(config.temperature))
         self.generator = None
         if config.seed is not None:
@@ -535,12 +537,12 @@ class TreeSearch:
             mask = mask.repeat(self.step.groups, 1)[None, None]
 
             def attend(q, k, v, scale):
-                return folded_tree_attention(q, k, v, mask, scale)
+                return folded_tree_attention(q, k.to(q.dtype), v.to(q.dtype), mask, scale)
         else:
             bool_mask = allowed.to(device)[None, None]
 
             def attend(q, k, v, scale):
-                return partial_attention(q, k, v, bool_mask, scale)[0].to(q.dtype)
+                return partial_attention(q, k.to(q.dtype), v.to(q.dtype), bool_mask, scale)[0].to(q.dtype)
         return attend
 
     def _run(self, ids: list[int], positions: list[int], slots: torch.Tensor, attend: Attend) -> torch.Tensor:
