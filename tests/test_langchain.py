@@ -49,6 +49,20 @@ def test_constructor_loads_nothing() -> None:
     assert llm.model_name == "smollm2-135m-instruct"
 
 
+def test_engine_settings_reach_the_shared_engine(monkeypatch) -> None:
+    from agentspec.engine import Engine
+    from agentspec.integrations import langchain
+
+    built = []
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, *a, **kw: built.append(kw) or object()))
+    monkeypatch.setattr(langchain, "ENGINES", {})
+    engine = ChatAgentSpec(kv_dtype="float16", store="memory").get_engine()
+    assert built == [{"dtype": "float32", "quantize": None, "store": "memory", "kv_dtype": "float16"}]
+    assert ChatAgentSpec(kv_dtype="float16", store="memory").get_engine() is engine  # shared, not built again
+    ChatAgentSpec(store="memory").get_engine()
+    assert built[-1]["kv_dtype"] == "float32" and len(built) == 2
+
+
 # ------------------------------------------------------------------ streaming splitter
 @pytest.mark.parametrize(
     ("deltas", "content", "names", "n_invalid"),
