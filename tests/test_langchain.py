@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import pytest
+from agentspec.integrations import langchain
 from agentspec.integrations.common import ToolCallSplitter, forced_prefix, normalize_tool_choice
 from agentspec.integrations.langchain import ChatAgentSpec
 from doubles import ScriptedEngine
@@ -13,6 +14,8 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Too
 from langchain_core.tools import tool
 from langchain_tests.unit_tests import ChatModelUnitTests
 from pydantic import BaseModel
+
+from agentspec.engine import Engine
 
 CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
 
@@ -50,9 +53,6 @@ def test_constructor_loads_nothing() -> None:
 
 
 def test_engine_settings_reach_the_shared_engine(monkeypatch) -> None:
-    from agentspec.engine import Engine
-    from agentspec.integrations import langchain
-
     built = []
     monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, *a, **kw: built.append(kw) or object()))
     monkeypatch.setattr(langchain, "ENGINES", {})
