@@ -27,6 +27,18 @@ ARGS = {"user_id": "mia_li_3668", "origin": "JFK", "destination": "SEA", "flight
         "total_baggages": 3, "nonfree_baggages": 0, "insurance": "no"}
 
 
+def mask_times(ids, fill, accept) -> list[float]:
+    """Seconds ``fill()`` takes to compute the next-token mask before each token of ``ids``; each token
+    is then given to ``accept(t)``, which must return true (else the walk stops with the token)."""
+    times = []
+    for t in ids:
+        t1 = time.perf_counter()
+        fill()
+        times.append(time.perf_counter() - t1)
+        assert accept(t), t
+    return times
+
+
 def schema() -> dict:
     tools = json.loads(TOOLS.read_text())
     return next(t["function"]["parameters"] for t in tools if t["function"]["name"] == "book_reservation")
@@ -41,12 +53,7 @@ def run_xgrammar(tok, ids, vocab):
     compile_s = time.perf_counter() - t0
     m = xgr.GrammarMatcher(compiled)
     mask = xgr.allocate_token_bitmask(1, vocab)
-    times = []
-    for t in ids:
-        t1 = time.perf_counter()
-        m.fill_next_token_bitmask(mask)
-        times.append(time.perf_counter() - t1)
-        assert m.accept_token(t), t
+    times = mask_times(ids, lambda: m.fill_next_token_bitmask(mask), m.accept_token)
     m2 = xgr.GrammarMatcher(compiled)
     ok = True
     for t in ids:  # accept, roll back, accept again: a tree walk's pattern
@@ -68,12 +75,13 @@ def run_llguidance(tok, ids, vocab):
     m = llguidance.LLMatcher(lltok, grammar)
     compile_s = time.perf_counter() - t0
     mask = llguidance.torch.allocate_token_bitmask(1, vocab)
-    times = []
-    for t in ids:
-        t1 = time.perf_counter()
-        llguidance.torch.fill_next_token_bitmask(m, mask, 0)
-        times.append(time.perf_counter() - t1)
-        assert m.consume_token(t), (t, m.get_error())
+    def consume(t: int) -> bool:
+        ok = m.consume_token(t)
+        if not ok:
+            print(f"llguidance refused token {t}: {m.get_error()}")
+        return ok
+
+    times = mask_times(ids, lambda: llguidance.torch.fill_next_token_bitmask(m, mask, 0), consume)
     m2 = llguidance.LLMatcher(lltok, grammar)
     ok = True
     for t in ids:
@@ -160,20 +168,10 @@ def json_mode() -> None:
     compiled = xgr.GrammarCompiler(info).compile_builtin_json_grammar()
     m = xgr.GrammarMatcher(compiled)
     mask = xgr.allocate_token_bitmask(1, vocab)
-    xs = []
-    for t in ids:
-        t1 = time.perf_counter()
-        m.fill_next_token_bitmask(mask)
-        xs.append(time.perf_counter() - t1)
-        assert m.accept_token(t)
+    xs = mask_times(ids, lambda: m.fill_next_token_bitmask(mask), m.accept_token)
     lltok = llguidance.hf.from_tokenizer(tok, n_vocab=vocab)
     lm = llguidance.LLMatcher(lltok, llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}))
-    ls = []
-    for t in ids:
-        t1 = time.perf_counter()
-        llguidance.torch.fill_next_token_bitmask(lm, mask, 0)
-        ls.append(time.perf_counter() - t1)
-        assert lm.consume_token(t)
+    ls = mask_times(ids, lambda: llguidance.torch.fill_next_token_bitmask(lm, mask, 0), lm.consume_token)
     for name, ts in (("xgrammar", xs), ("llguidance", ls)):
         us = np.array(ts) * 1e6
         print(f"JSON mode, {name}: mask per token median {np.median(us):.0f} us, p90 {np.percentile(us, 90):.0f} us, "
