@@ -134,13 +134,12 @@ def tiny_engine(tiny_model, default_tokenizer):
 
 
 def _stub_search(texts_by_policy: dict[str, list[str]]):
-    """A stand-in for the engine's ``run_search`` with its signature and result shape, recording its calls."""
+    """A stand-in for ``engine.search`` with its signature and result shape, recording its calls."""
     calls = []
 
-    def search(engine, prompt_ids, prompt_text, config):
-        policy, width, draft = config.policy, config.width, config.draft
-        calls.append({"policy": policy, "width": width, "seed": config.seed, "draft": draft,
-                      "cluster_distance": config.cluster_distance})
+    def search(prompt, *, policy, width, draft, seed, cluster_distance, **_):
+        calls.append({"policy": policy, "width": width, "seed": seed, "draft": draft,
+                      "cluster_distance": cluster_distance})
         texts = texts_by_policy[policy]
         kv = {"best_of_n": 400, "beam": 200, "rebase": 300, "ets": 120}[policy]
         stats = SimpleNamespace(generated_tokens=10 * width, wall_seconds=1.0 if draft else 2.0, kv_peak_tokens=kv,
@@ -155,7 +154,7 @@ def _stub_search(texts_by_policy: dict[str, list[str]]):
 def test_harness_runs_every_method_and_grades_the_top_answer(tiny_engine, monkeypatch):
     right = SearchTask("t", [{"role": "user", "content": "2+2?"}], "number", 4)
     stub, calls = _stub_search({"best_of_n": ["5", "4"], "beam": ["4", "5"], "rebase": ["4"], "ets": ["3", "4"]})
-    monkeypatch.setattr(sb, "search_engine", stub)
+    monkeypatch.setattr(tiny_engine, "search", stub)
     config = sb.SearchBenchConfig(width=4, max_new_tokens=6, seed=7)
     seen = []
     report = sb.run_bench(tiny_engine, [right], config, sb.METHODS, tasks_path="x", on_run=seen.append)

@@ -30,8 +30,6 @@ from typing import Any
 
 import torch
 
-from agentspec.engine.search import SearchConfig
-from agentspec.engine.search import run_search as search_engine
 from agentspec.replay.search_tasks import SCORERS, SearchTask, wilson
 from agentspec.search.selection import CLUSTER_DISTANCE
 
@@ -195,14 +193,12 @@ def run_search(engine: Any, task: SearchTask, config: SearchBenchConfig, seed: i
     """A search with the policy ``method`` names (``-nodraft``: drafting across siblings off;
     ``ets-coarse``: ETS with clusters cut at :data:`COARSE_CLUSTER_DISTANCE`), ranked by the task's scorer."""
     policy, _, variant = method.partition("-")
-    search = SearchConfig(
-        width=config.width, policy=policy, scorer=SCORERS.get(task.scorer or ""), step_stop=config.step_stop,
-        max_step_tokens=config.max_step_tokens, max_new_tokens=config.max_new_tokens,
+    result = engine.search(
+        task.messages, width=config.width, policy=policy, scorer=SCORERS.get(task.scorer or ""),
+        step_stop=config.step_stop, max_step_tokens=config.max_step_tokens, max_new_tokens=config.max_new_tokens,
         temperature=config.temperature, seed=seed, lambda_kv=config.lambda_kv, lambda_cover=config.lambda_cover,
         draft=variant != "nodraft",
         cluster_distance=COARSE_CLUSTER_DISTANCE if variant == "coarse" else CLUSTER_DISTANCE)
-    prompt_ids = engine.encode_prompt(task.messages)
-    result = search_engine(engine, prompt_ids, engine.tokenizer.decode(prompt_ids), search)
     s = result.stats
     texts = [t.text for t in result.trajectories]  # best first
     return _run(task, method, texts, texts, generated=s.generated_tokens, wall=s.wall_seconds,
