@@ -218,6 +218,7 @@ class Engine:
         device = device or default_device()
         if quantize and device != "cpu":
             raise ValueError(f"quantize={quantize!r} runs on the CPU only; got device={device!r}")
+        kv = narrow_kv_dtype(kv_dtype)  # a bad name fails here, before the model loads
         if threads:
             torch.set_num_threads(threads)
         source = resolve_model(model)
@@ -233,7 +234,6 @@ class Engine:
         if speculation.adaptive:
             device = model_device(hf_model)
             # v4: the lean forward, the GGUF-block kernel and the tree-attention kernel; bump when the forward changes
-            kv = narrow_kv_dtype(kv_dtype)
             precision = f"{quantize or dtype}{f'-kv{kv_dtype}' if kv else ''}"
             key = f"{source.name}-{precision}-{device}-t{torch.get_num_threads()}-v4"
             probe = cost_probe(backend, hf_model.config.num_hidden_layers, kv_dtype=kv)
@@ -248,7 +248,7 @@ class Engine:
         own = parts("", drafter)
         return cls(hf_model, tokenizer, drafter=own.drafter, policy=own.policy, sessions=own.sessions,
                    forward=backend, speculation=speculation, model_name=source.name,
-                   model_source=str(source.path), quantization=quantize, tenants=parts, kv_dtype=kv_dtype)
+                   model_source=str(source.path), quantization=quantize, tenants=parts, kv_dtype=kv)
 
     def for_tenant(self, name: str, *, share_global: bool = False) -> Engine:
         """An engine for tenant ``name``: the same weights, forward, lock and cost curve; its own
