@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
-from agentspec.engine.model import DEFAULT_MODEL, ModelNotFoundError, default_gguf_path, resolve_model
+from agentspec.config import agentspec_home
+from agentspec.engine.model import (
+    DEFAULT_MODEL,
+    ModelNotFoundError,
+    ModelSource,
+    _cache_dir,
+    default_gguf_path,
+    resolve_model,
+)
 
 
 def test_unknown_model_path_is_a_clear_error(tmp_path):
@@ -35,17 +46,21 @@ def test_gguf_file_and_folder(tmp_path):
 
 
 @pytest.mark.model
-def test_conversion_cache_is_keyed_by_content_not_by_path(tmp_path):
-    from agentspec.engine.model import ModelSource, _cache_dir
-
+def test_conversion_cache_is_keyed_by_content_not_by_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("AGENTSPEC_HOME", str(tmp_path / "home"))  # the test home's models/ is the real one's
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     for folder in ("a", "b"):  # the same file installed twice (two virtual environments)
         (tmp_path / folder / "m.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 64)
     first, second = (_cache_dir(ModelSource("m", tmp_path / f / "m.gguf")) for f in ("a", "b"))
     assert first == second
-    (tmp_path / "b" / "m.gguf").write_bytes(b"GGUF" + bytes(255 - i for i in range(256)) * 64)
-    assert _cache_dir(ModelSource("m", tmp_path / "b" / "m.gguf")) != first  # a changed file is converted again
+    changed = tmp_path / "b" / "m.gguf"
+    written = changed.stat().st_mtime_ns
+    changed.write_bytes(b"GGUF" + bytes(255 - i for i in range(256)) * 64)
+    os.utime(changed, ns=(written + 10**9, written + 10**9))  # rewritten a second later
+    assert _cache_dir(ModelSource("m", changed)) != first  # a changed file is converted again
+    digests = json.loads((agentspec_home() / "models" / "digests.json").read_text())
+    assert len(digests) == 3  # each file version hashed once
 
 
 def test_default_model_loads_from_cache_and_generates(default_engine):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -73,13 +74,33 @@ def resolve_model(model: str | os.PathLike | None = None) -> ModelSource:
 
 
 def _cache_dir(source: ModelSource) -> Path:
-    """Where ``source``'s conversion is kept: keyed by the file's content (a hash, ~0.1 s per 100 MB), so
-    every install or copy of one GGUF file shares one conversion and a changed file gets a new one."""
+    """Where ``source``'s conversion is kept: keyed by the file's content, so every install or copy of
+    one GGUF file shares one conversion and a changed file gets a new one."""
+    return agentspec_home() / "models" / f"{source.name}-{_content_digest(source.path)}"
+
+
+def _content_digest(path: Path) -> str:
+    """A hash of the file's bytes (~1.3 s per GB here), computed once per file version: it is kept in
+    ``models/digests.json`` under the file's path, size and modification time."""
+    index = agentspec_home() / "models" / "digests.json"
+    stat = path.stat()
+    stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: hash again and write a fresh one
+        known = {}
+    if stamp in known:
+        return known[stamp]
     digest = hashlib.blake2b(digest_size=8)
-    with open(source.path, "rb") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
-    return agentspec_home() / "models" / f"{source.name}-{digest.hexdigest()}"
+    known[stamp] = digest.hexdigest()
+    index.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index.with_name(f"{index.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(known))
+    os.replace(tmp, index)  # readers see the old index or the new one, never half of one
+    return known[stamp]
 
 
 def materialize(source: ModelSource) -> Path:
