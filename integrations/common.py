@@ -235,7 +235,7 @@ def raw_block(invalid_call: dict) -> str:
 
 
 def openai_logprobs(kind: Literal["chat", "text"], entries: list | None,
-                      token_text: Callable[[int], str]) -> dict | None:
+                    token_text: Callable[[int], str]) -> dict | None:
     """A result's :class:`~agentspec.engine.processors.TokenLogprob` entries in OpenAI's ``logprobs``
     shape: chat ``{"content": [{token, logprob, bytes, top_logprobs}], "refusal"}``, text
     ``{tokens, token_logprobs, top_logprobs, text_offset}``; None when they were not asked for."""
