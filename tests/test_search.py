@@ -128,11 +128,11 @@ def test_every_row_of_the_shared_forward_equals_its_own_forward(engine, peaky_mo
                 tree.tokens.append(tok), tree.parents.append(parent), tree.probs.append(0.5), tree.sources.append(0)
             return tree
 
-        def _accept(self, leaf, tree, a, slots, logits, lse, hidden, keep):
+        def _accept(self, leaf, tree, a, slots, targets, logits, lse, hidden, keep):
             context = list(self.prompt_ids) + [t for s in leaf.steps for t in s] + leaf.step
             if len(seen) < 40:
                 seen.append((context, tree, logits[a : a + 1 + len(tree)].clone()))
-            return super()._accept(leaf, tree, a, slots, logits, lse, hidden, keep)
+            return super()._accept(leaf, tree, a, slots, targets, logits, lse, hidden, keep)
 
     config = SearchConfig(width=4, policy="rebase", max_new_tokens=16, max_step_tokens=4, seed=1, temperature=1.0)
     Recorder(engine, list(PROMPT), "p", config).run()

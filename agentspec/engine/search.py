@@ -287,7 +287,6 @@ class TreeSearch:
         self._zeroed = 0  # pool buffer rows known to hold finite values
         self._expected = 0.0  # sum of the raw draft probabilities verified (for their calibration)
         self._kv: list[int] = []
-        self._targets: list[list[int]] = []  # this forward's target tokens per row (see _target_tokens)
         self._copy: list[int] = []
 
     # ------------------------------------------------------------------ the loop
@@ -404,23 +403,23 @@ class TreeSearch:
         draws = [1] * len(ids)
         for leaf, a in zip(leaves, starts):
             draws[a] = max(1, leaf.fork)
-        self._targets = self._target_tokens(logits, draws)
+        targets = self._target_tokens(logits, draws)
         out: list[_Leaf] = []
         keep: set[int] = set()
         for leaf, tree, a in zip(leaves, trees, starts):
-            out += self._accept(leaf, tree, a, slots, logits, lse, hidden, keep)
+            out += self._accept(leaf, tree, a, slots, targets, logits, lse, hidden, keep)
         self.pool.free([int(s) for s in slots if int(s) not in keep])
         return out
 
-    def _accept(self, leaf: _Leaf, tree: DraftTree, a: int, slots: torch.Tensor, logits: torch.Tensor,
-                lse: torch.Tensor, hidden: torch.Tensor, keep: set[int]) -> list[_Leaf]:
-        """Accept each of the leaf's children (itself when it is inside a step); ``keep`` gets the slots kept."""
+    def _accept(self, leaf: _Leaf, tree: DraftTree, a: int, slots: torch.Tensor, targets: list[list[int]],
+                logits: torch.Tensor, lse: torch.Tensor, hidden: torch.Tensor, keep: set[int]) -> list[_Leaf]:
+        """Accept each of the leaf's children (itself when it is inside a step) against this forward's
+        ``targets`` (:meth:`_target_tokens`); ``keep`` gets the slots kept."""
         leaf.node.slots.append(int(slots[a]))  # the pending token's row joins the leaf's own segment
         keep.add(int(slots[a]))
         if not leaf.fork:
             self._add_hidden(leaf, hidden[a])
         out = []
-        targets = self._targets
         for k in range(max(1, leaf.fork)):
             if leaf.fork > 1:  # no draft: the children are k independent draws of one row
                 accepted, bonus = [], targets[a][k]
