@@ -12,7 +12,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
+#include <vector>
 
 #include <immintrin.h>
 #include <omp.h>
@@ -176,10 +178,249 @@ void columns(const float* x, int64_t rows, const Weights& w, int64_t n0, int64_t
   }
 }
 
-void block_linear(int bits, uintptr_t x_ptr, int64_t rows, int64_t K, uintptr_t packed_ptr, uintptr_t scale_ptr,
-                  uintptr_t min_ptr, int64_t N, uintptr_t out_ptr, int threads) {
+// ---- int8 activations (AVX-512 VNNI), as llama.cpp multiplies Q4_1 x Q8_1 and Q8_0 x Q8_0 ----
+// Each activation row is rounded per block of 32: d = max|x| / 127, q = round-half-even(x * (1/d)) in
+// -127..127 (all fp32 operations, so a torch reference reproduces q and d bit for bit), s = d * sum(q).
+// A block's dot product is an exact int32 from vpdpbusd (unsigned x signed bytes, four products per lane):
+//   Q4_1: w = dw * qw + m, qw in 0..15 (unsigned)  ->  dw * dx * sum(qw * q) + m * s
+//   Q8_0: w = dw * qw, qw in -127..127 -> bytes qw + 128 (unsigned); the 128 * sum(q) this adds is
+//         subtracted exactly, in int32, by starting the lane's accumulator at -128 * sum(q)
+// Each int32 lane is converted once and scaled by dw * dx in one fp32 multiply-add into the row's
+// accumulator, as are the Q4_1 min terms (m * s, 16 blocks a vector); the lanes are summed at the end. Every row runs the same instructions in the same order whatever the other rows of
+// the call or the thread count: a row's result depends on that row only.
+//
+// Layout (weights re-arranged once by blockq.py, activations per call), per row of blocks:
+//   groups of 16 blocks: lane L of a 512-bit register is block L; step j (0..7) holds values 4j..4j+3 of
+//     each block, so 8 vpdpbusd leave each block's exact int32 sum in its own lane (no shuffles);
+//     Q4_1 weights: 32 bytes per step, lanes 0-7 in the low nibbles, lanes 8-15 in the high ones;
+//   the remaining blocks in pairs (one zero block pads an odd count): lanes 0-7 block 0, 8-15 block 1
+//     (Q8_0: [b0 q0-31, b1 q0-31]); Q4_1: [b0 q0-15, b1 q0-15, b0 q16-31, b1 q16-31], so that the
+//     natural Q4_1 bytes of the pair (low nibbles, then high) unpack into it.
+// Q8_0 weight bytes are stored + 128; scale and min [N, padded blocks], zero in the padding.
+
+struct Int8Plan {  // how the blocks of a row are cut: groups of 16, then pairs
+  int64_t blocks, groups, pairs, padded;
+  explicit Int8Plan(int64_t K) : blocks(K / kBlock), groups(blocks / 16), pairs((blocks - 16 * groups + 1) / 2),
+                                 padded(16 * groups + 2 * pairs) {}
+  int64_t units() const { return groups + pairs; }  // 16 scale lanes each
+};
+
+constexpr int kTile = 8;  // rows multiplied together (a call's last tile may be shorter)
+
+struct Int8Rows {  // activation rows rounded to int8, in the layout above, tile by tile: within a tile of
+                   // R rows, each unit's steps hold the R rows' 64 bytes side by side (constant offsets)
+  std::vector<int8_t> q;       // [tiles: unit (group: 8 steps; pair: 1), row of the tile, 64]
+  std::vector<float> dlanes;   // [tiles: unit, row of the tile, 16]: each int32 lane's dx
+  std::vector<int32_t> bias;   // as dlanes: Q8_0's -128 * (sum of the lane's q); unused for Q4_1
+  std::vector<float> sums;     // [rows, padded rounded up to 16]: s = d * sum(q), zero-padded
+  int64_t sum_stride = 0;
+};
+
+// Round one block of 32 floats: q[0..15] to lo, q[16..31] to hi; returns d, sets sum(q).
+__attribute__((target("avx512f,avx512bw"))) float quantize_block(const float* x, int8_t* lo, int8_t* hi, int* sum) {
+  const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+  const __m512 vid = _mm512_set1_ps(id);
+  const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, vid)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, vid));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), _mm512_cvtsepi32_epi8(qa));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), _mm512_cvtsepi32_epi8(qb));
+  *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+  return d;
+}
+
+template <bool kQ4>
+void quantize_rows(const float* x, int64_t rows, int64_t K, const Int8Plan& plan, Int8Rows& a) {
+  const int64_t row_bytes = plan.padded * kBlock, units = plan.units();
+  a.sum_stride = (plan.padded + 15) / 16 * 16;
+  a.q.assign(rows * row_bytes, 0);
+  a.dlanes.assign(rows * units * 16, 0.0f);
+  a.bias.assign(rows * units * 16, 0);
+  a.sums.assign(rows * a.sum_stride, 0.0f);
+  int8_t nat[kBlock];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t r0 = r / kTile * kTile, R = rows - r0 < kTile ? rows - r0 : kTile, i = r - r0;
+    int8_t* q = a.q.data() + r0 * row_bytes;  // the tile's
+    float* dl = a.dlanes.data() + r0 * units * 16;
+    int32_t* bias = a.bias.data() + r0 * units * 16;
+    for (int64_t b = 0; b < plan.blocks; ++b) {
+      int sum = 0;
+      const float d = quantize_block(x + r * K + b * kBlock, nat, nat + 16, &sum);
+      a.sums[r * a.sum_stride + b] = d * static_cast<float>(sum);
+      if (b < 16 * plan.groups) {  // lane L = b % 16 of group b / 16: values 4j..4j+3 at step j
+        const int64_t g = b / 16, lane = b % 16;
+        for (int j = 0; j < 8; ++j) std::memcpy(q + ((g * 8 + j) * R + i) * 64 + lane * 4, nat + 4 * j, 4);
+        dl[(g * R + i) * 16 + lane] = d;
+        bias[(g * R + i) * 16 + lane] = -128 * sum;
+      } else {
+        const int64_t t = b - 16 * plan.groups, p = t / 2, half = t % 2, unit = plan.groups + p;
+        int8_t* pq = q + (plan.groups * 8 * R + p * R + i) * 64;
+        std::memcpy(kQ4 ? pq + 16 * half : pq + 32 * half, nat, 16);
+        std::memcpy(kQ4 ? pq + 32 + 16 * half : pq + 32 * half + 16, nat + 16, 16);
+        for (int j = 0; j < 16; ++j) {
+          if ((kQ4 ? (j / 4) % 2 : j / 8) != half) continue;  // the lanes this block's products land in
+          const int8_t* lane = pq + 4 * j;
+          dl[(unit * R + i) * 16 + j] = d;
+          bias[(unit * R + i) * 16 + j] = -128 * (lane[0] + lane[1] + lane[2] + lane[3]);
+        }
+      }
+    }
+  }
+}
+
+// The 64 unsigned weight bytes of one vpdpbusd (Q4_1: 32 bytes, low nibbles then high ones).
+template <bool kQ4>
+__attribute__((target("avx512f,avx512bw"))) inline __m512i unpack_int8(const uint8_t* p) {
+  if (kQ4) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low4)),
+                              _mm256_and_si256(_mm256_srli_epi16(v, 4), low4), 1);
+  }
+  return _mm512_loadu_si512(p);
+}
+
+// The R rows of the tile from row r0 against output columns [n0, n1).
+template <bool kQ4, int R>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_int8(const Int8Rows& a, const Int8Plan& plan,
+                                                                      int64_t r0, const Weights& w, int64_t n0,
+                                                                      int64_t n1, float* out) {
+  constexpr int kBytes = kQ4 ? 16 : 32;  // weight bytes per block
+  const int64_t groups = plan.groups, pairs = plan.pairs, padded = plan.padded, wrow = padded * kBytes;
+  // a pair's two scales -> its lanes (see the layout above)
+  const __m512i spread = kQ4 ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
+                             : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const int8_t* q = a.q.data() + r0 * padded * kBlock;
+  const float* dl = a.dlanes.data() + r0 * plan.units() * 16;
+  const int32_t* bias = a.bias.data() + r0 * plan.units() * 16;
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    const uint8_t* wp = w.packed + n * wrow;
+    const float* ws = w.scale + n * padded;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int8_t* qg = q + g * 8 * R * 64;
+      __m512i dot[R];
+      for (int r = 0; r < R; ++r) dot[r] = kQ4 ? _mm512_setzero_si512() : _mm512_loadu_si512(bias + (g * R + r) * 16);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const __m512i wq = unpack_int8<kQ4>(wp + (g * 16 + 2 * j) * kBytes);
+        for (int r = 0; r < R; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], wq, _mm512_loadu_si512(qg + (j * R + r) * 64));
+      }
+      const __m512 dw = _mm512_loadu_ps(ws + 16 * g);
+      for (int r = 0; r < R; ++r) {
+        const __m512 scale = _mm512_mul_ps(dw, _mm512_loadu_ps(dl + (g * R + r) * 16));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), scale, acc[r]);
+      }
+    }
+    for (int64_t p = 0; p < pairs; ++p) {
+      const int64_t unit = groups + p;
+      const __m512i wq = unpack_int8<kQ4>(wp + (16 * groups + 2 * p) * kBytes);
+      const __m512 dw = _mm512_permutexvar_ps(spread, _mm512_maskz_loadu_ps(0x3, ws + 16 * groups + 2 * p));
+      const int8_t* qp = q + (groups * 8 * R + p * R) * 64;
+      for (int r = 0; r < R; ++r) {
+        const __m512i start = kQ4 ? _mm512_setzero_si512() : _mm512_loadu_si512(bias + (unit * R + r) * 16);
+        const __m512i dot = _mm512_dpbusd_epi32(start, wq, _mm512_loadu_si512(qp + r * 64));
+        const __m512 scale = _mm512_mul_ps(dw, _mm512_loadu_ps(dl + (unit * R + r) * 16));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+      }
+    }
+    if (kQ4) {  // + m * s over the blocks, in the same accumulators
+      for (int64_t b = 0; b < padded; b += 16) {
+        const int64_t left = padded - b;
+        const __mmask16 k = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+        const __m512 m = _mm512_maskz_loadu_ps(k, w.min + n * padded + b);
+        for (int r = 0; r < R; ++r) {
+          acc[r] = _mm512_fmadd_ps(m, _mm512_loadu_ps(a.sums.data() + (r0 + r) * a.sum_stride + b), acc[r]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) out[(r0 + r) * w.N + n] = _mm512_reduce_add_ps(acc[r]);
+  }
+}
+
+template <bool kQ4>
+void columns_int8(const Int8Rows& a, const Int8Plan& plan, int64_t rows, const Weights& w, int64_t n0, int64_t n1,
+                  float* out) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    switch (rows - r0 < kTile ? rows - r0 : kTile) {
+      case 8: rows_int8<kQ4, 8>(a, plan, r0, w, n0, n1, out); break;
+      case 7: rows_int8<kQ4, 7>(a, plan, r0, w, n0, n1, out); break;
+      case 6: rows_int8<kQ4, 6>(a, plan, r0, w, n0, n1, out); break;
+      case 5: rows_int8<kQ4, 5>(a, plan, r0, w, n0, n1, out); break;
+      case 4: rows_int8<kQ4, 4>(a, plan, r0, w, n0, n1, out); break;
+      case 3: rows_int8<kQ4, 3>(a, plan, r0, w, n0, n1, out); break;
+      case 2: rows_int8<kQ4, 2>(a, plan, r0, w, n0, n1, out); break;
+      default: rows_int8<kQ4, 1>(a, plan, r0, w, n0, n1, out);
+    }
+  }
+}
+
+
+bool int8_available() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+void check_shape(int bits, int64_t K) {
   if (K % kBlock != 0) throw std::invalid_argument("K must be a multiple of 32");
   if (bits != 4 && bits != 8) throw std::invalid_argument("bits must be 4 (Q4_1) or 8 (Q8_0)");
+}
+
+void block_linear_int8(int bits, uintptr_t x_ptr, int64_t rows, int64_t K, uintptr_t packed_ptr,
+                       uintptr_t scale_ptr, uintptr_t min_ptr, int64_t N, uintptr_t out_ptr, int threads) {
+  check_shape(bits, K);
+  if (!int8_available()) throw std::runtime_error("int8 activations need AVX-512 BW and VNNI on this CPU");
+  if (bits == 4 && min_ptr == 0) throw std::invalid_argument("Q4_1 weights need their min");
+  const auto* x = reinterpret_cast<const float*>(x_ptr);
+  const Weights w{reinterpret_cast<const uint8_t*>(packed_ptr), reinterpret_cast<const float*>(scale_ptr),
+                  reinterpret_cast<const float*>(min_ptr), K, N};
+  auto* out = reinterpret_cast<float*>(out_ptr);
+  py::gil_scoped_release release;
+  const Int8Plan plan(K);
+  Int8Rows a;
+  if (bits == 4) {
+    quantize_rows<true>(x, rows, K, plan, a);
+  } else {
+    quantize_rows<false>(x, rows, K, plan, a);
+  }
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t chunk = (N + nt - 1) / nt;
+    const int64_t n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+    if (n0 < n1) {
+      if (bits == 4) {
+        columns_int8<true>(a, plan, rows, w, n0, n1, out);
+      } else {
+        columns_int8<false>(a, plan, rows, w, n0, n1, out);
+      }
+    }
+  }
+}
+
+// The rounding alone, in natural order: q [rows, K] int8, d and s [rows, K/32] fp32 (for tests).
+void quantize_q8(uintptr_t x_ptr, int64_t rows, int64_t K, uintptr_t q_ptr, uintptr_t d_ptr, uintptr_t s_ptr) {
+  check_shape(8, K);
+  if (!int8_available()) throw std::runtime_error("int8 activations need AVX-512 BW and VNNI on this CPU");
+  const auto* x = reinterpret_cast<const float*>(x_ptr);
+  auto* q = reinterpret_cast<int8_t*>(q_ptr);
+  auto* d = reinterpret_cast<float*>(d_ptr);
+  auto* s = reinterpret_cast<float*>(s_ptr);
+  const int64_t nb = K / kBlock;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      int sum = 0;
+      int8_t* dst = q + r * K + b * kBlock;
+      d[r * nb + b] = quantize_block(x + r * K + b * kBlock, dst, dst + 16, &sum);
+      s[r * nb + b] = d[r * nb + b] * static_cast<float>(sum);
+    }
+  }
+}
+
+void block_linear(int bits, uintptr_t x_ptr, int64_t rows, int64_t K, uintptr_t packed_ptr, uintptr_t scale_ptr,
+                  uintptr_t min_ptr, int64_t N, uintptr_t out_ptr, int threads) {
+  check_shape(bits, K);
   const auto* x = reinterpret_cast<const float*>(x_ptr);
   const Weights w{reinterpret_cast<const uint8_t*>(packed_ptr), reinterpret_cast<const float*>(scale_ptr),
                   reinterpret_cast<const float*>(min_ptr), K, N};
@@ -204,10 +445,18 @@ void block_linear(int bits, uintptr_t x_ptr, int64_t rows, int64_t K, uintptr_t 
 }  // namespace
 
 PYBIND11_MODULE(_blockq, m) {
-  m.doc() = "GGUF-block (Q4_1, Q8_0) weight x fp32 activation matmul for a few rows: AVX-512, AVX2/FMA or scalar";
+  m.doc() = "GGUF-block (Q4_1, Q8_0) weight matmul for a few rows: fp32 activations (AVX-512, AVX2/FMA or "
+            "scalar) or int8 activations (AVX-512 VNNI)";
   m.def("avx2_available", &avx2_available, "True when this CPU has AVX2 and FMA (the fast path)");
   m.def("avx512_available", &avx512_available, "True when this CPU has AVX-512F (16 weights per instruction)");
   m.def("block_linear", &block_linear, py::arg("bits"), py::arg("x"), py::arg("rows"), py::arg("K"),
         py::arg("packed"), py::arg("scale"), py::arg("min"), py::arg("N"), py::arg("out"), py::arg("threads"),
         "out[rows, N] = x[rows, K] @ dequant(W)^T; arguments are data pointers of contiguous tensors (min may be 0)");
+  m.def("int8_available", &int8_available, "True when this CPU has AVX-512 BW and VNNI (int8 activations)");
+  m.def("block_linear_int8", &block_linear_int8, py::arg("bits"), py::arg("x"), py::arg("rows"), py::arg("K"),
+        py::arg("packed"), py::arg("scale"), py::arg("min"), py::arg("N"), py::arg("out"), py::arg("threads"),
+        "block_linear with each row of x rounded to int8 per block of 32 (Q8_1) and integer dot products (VNNI); "
+        "the weights in the int8 layout (blockq.Int8Layout)");
+  m.def("quantize_q8", &quantize_q8, py::arg("x"), py::arg("rows"), py::arg("K"), py::arg("q"), py::arg("d"),
+        py::arg("s"), "The int8 rounding of x[rows, K]: q [rows, K] int8, d and s = d * sum(q) [rows, K/32] fp32");
 }

@@ -11,6 +11,10 @@ an fp32 GEMM.
 :func:`pack_blocks` recovers the blocks from an fp32 weight and returns None unless every
 value is reproduced bit for bit; :func:`block_linear` multiplies a few rows (decode and
 verification steps, where reading the weights is the cost).
+
+``block_linear(x, w, int8=True)`` rounds each row of ``x`` to int8 per block of 32 first (one fp32
+scale per block, as llama.cpp's Q8_1) and multiplies with integer dot products (AVX-512 VNNI):
+a different, cheaper arithmetic per row (:func:`int8_available`), the same for one row or many.
 """
 
 from __future__ import annotations
@@ -31,6 +35,16 @@ def blocks_available() -> bool:
     except ImportError:
         return False
     return bool(_blockq.avx2_available() or _blockq.avx512_available())
+
+
+@functools.lru_cache(maxsize=1)
+def int8_available() -> bool:
+    """True when the compiled kernel is built and this CPU has AVX-512 BW and VNNI (int8 activations)."""
+    try:
+        from . import _blockq
+    except ImportError:
+        return False
+    return bool(_blockq.int8_available())
 
 
 @dataclass(frozen=True)
@@ -57,12 +71,53 @@ class BlockWeight:
         mins = None if self.min is None else self.min[start:stop]
         return BlockWeight(self.bits, self.packed[start:stop], self.scale[start:stop], mins)
 
+    @functools.cached_property
+    def int8_layout(self) -> Int8Layout:
+        """The blocks re-arranged for the int8 kernel (made on first use, then kept)."""
+        return Int8Layout.of(self)
+
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight ``[N, K]``."""
         if self.bits == 4:
             q = torch.cat((self.packed & 0x0F, self.packed >> 4), dim=-1).float()
             return (q * self.scale[..., None] + self.min[..., None]).reshape(self.shape)
         return (self.packed.float() * self.scale[..., None]).reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class Int8Layout:
+    """A :class:`BlockWeight`'s blocks as the int8 kernel reads them (see ``_blockq.cpp``): per output
+    row, groups of 16 blocks whose 4-value steps interleave (lane L of a vpdpbusd = block L), then the
+    remaining blocks in pairs (padded with a zero block); Q8_0 bytes stored + 128. ``packed``
+    ``[N, padded * bytes per block]`` uint8, ``scale`` and ``min`` ``[N, padded]`` fp32, zero in the padding."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    min: torch.Tensor | None
+
+    @classmethod
+    def of(cls, weight: BlockWeight) -> Int8Layout:
+        n, k = weight.shape
+        nb = k // BLOCK
+        grouped = nb // 16 * 16
+        padded = grouped + (nb - grouped + 1) // 2 * 2
+        if weight.bits == 4:
+            q = torch.cat((weight.packed & 0x0F, weight.packed >> 4), dim=-1)  # [N, nb, 32] values 0..15
+        else:
+            q = (weight.packed.view(torch.uint8) ^ 0x80)  # qw + 128
+        q = torch.cat((q, q.new_zeros(n, padded - nb, BLOCK)), dim=1)
+        groups = q[:, :grouped].reshape(n, -1, 16, 8, 4).transpose(2, 3)  # [N, g, step j, lane L, 4 values]
+        if weight.bits == 4:  # lanes 0-7 in the low nibbles, 8-15 in the high ones: 32 bytes a step
+            groups = groups[..., :8, :] | (groups[..., 8:, :] << 4)
+            pairs = q[:, grouped:, :16] | (q[:, grouped:, 16:] << 4)  # the natural Q4_1 bytes
+        else:
+            pairs = q[:, grouped:]
+        packed = torch.cat((groups.reshape(n, -1), pairs.reshape(n, -1)), dim=1).contiguous()
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat((t, t.new_zeros(n, padded - nb)), dim=1).contiguous()
+
+        return cls(packed, pad(weight.scale), None if weight.min is None else pad(weight.min))
 
 
 def pack_blocks(weight: torch.Tensor) -> BlockWeight | None:
@@ -107,20 +162,42 @@ def _pack_q8_0(blocks: torch.Tensor) -> BlockWeight | None:
     return BlockWeight(8, q.to(torch.int8).contiguous(), scale.contiguous(), None)
 
 
-def block_linear(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
-    """``x @ W^T`` for fp32 CPU ``x [..., K]`` with ``W`` a :class:`BlockWeight` (needs :func:`blocks_available`)."""
+def block_linear(x: torch.Tensor, weight: BlockWeight, *, int8: bool = False) -> torch.Tensor:
+    """``x @ W^T`` for fp32 CPU ``x [..., K]`` with ``W`` a :class:`BlockWeight` (needs :func:`blocks_available`);
+    ``int8``: each row of ``x`` rounded to int8 blocks, integer dot products (needs :func:`int8_available`)."""
     from . import _blockq
 
     n, k = weight.shape
-    if x.dtype != torch.float32 or x.shape[-1] != k or x.device.type != "cpu":
-        raise ValueError(f"expected an fp32 CPU input [..., {k}]; got {x.dtype} {tuple(x.shape)} on {x.device}")
-    rows = x.reshape(-1, k).contiguous()
+    rows = _rows(x, k)
     out = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    mins = weight.min.data_ptr() if weight.min is not None else 0
-    _blockq.block_linear(weight.bits, rows.data_ptr(), rows.shape[0], k, weight.packed.data_ptr(),
-                         weight.scale.data_ptr(), mins, n, out.data_ptr(), torch.get_num_threads())
+    blocks = weight.int8_layout if int8 else weight
+    mins = blocks.min.data_ptr() if blocks.min is not None else 0
+    kernel = _blockq.block_linear_int8 if int8 else _blockq.block_linear
+    kernel(weight.bits, rows.data_ptr(), rows.shape[0], k, blocks.packed.data_ptr(), blocks.scale.data_ptr(),
+           mins, n, out.data_ptr(), torch.get_num_threads())
     return out.reshape(*x.shape[:-1], n)
 
+
+def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int8 rounding ``block_linear(..., int8=True)`` applies to fp32 CPU rows ``x [..., K]``: q ``[..., K]``
+    int8 with, per block of 32, d = max|x| / 127 and q = round-half-even(x * (1 / d)) (fp32 operations), and
+    s = d * sum(q); d and s ``[..., K/32]`` fp32 (needs :func:`int8_available`)."""
+    from . import _blockq
+
+    k = x.shape[-1]
+    rows = _rows(x, k)
+    q = torch.empty(rows.shape, dtype=torch.int8)
+    d, s = (torch.empty(rows.shape[0], k // BLOCK) for _ in range(2))
+    _blockq.quantize_q8(rows.data_ptr(), rows.shape[0], k, q.data_ptr(), d.data_ptr(), s.data_ptr())
+    return q.reshape(x.shape), d.reshape(*x.shape[:-1], -1), s.reshape(*x.shape[:-1], -1)
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``x [..., k]`` as contiguous fp32 rows ``[rows, k]``, or ValueError."""
+    if x.dtype != torch.float32 or x.shape[-1] != k or x.device.type != "cpu" or k % BLOCK:
+        raise ValueError(f"expected an fp32 CPU input [..., {k}] (a multiple of {BLOCK}); got {x.dtype} "
+                         f"{tuple(x.shape)} on {x.device}")
+    return x.reshape(-1, k).contiguous()
 
 
 def concat_blocks(weights: list[BlockWeight | None]) -> tuple[BlockWeight, list[BlockWeight]] | None:

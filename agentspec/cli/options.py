@@ -17,6 +17,7 @@ err = Console(stderr=True)
 Dtype = Literal["float32", "bfloat16"]  # an enumerated option is a Literal: typer lists and checks the choices
 Quantize = Literal["int8"]
 KvDtype = Literal["float32", "float16", "bfloat16"]
+Matmul = Literal["float32", "int8"]
 DTYPES, QUANTIZE = get_args(Dtype), get_args(Quantize)
 MEMORY = "memory"  # --store memory: sessions live in the process only
 
@@ -40,6 +41,7 @@ class ModelOptions:
     dtype: str = "float32"
     quantize: str | None = None
     kv_dtype: str = "float32"
+    matmul: str = "float32"
     store: str | None = None  # None: the default persistent store; "memory": none
     threads: int | None = None
     no_speculation: bool = False
@@ -62,7 +64,7 @@ class ModelOptions:
             return Engine.from_pretrained(
                 self.model, dtype=self.dtype, quantize=self.quantize, store=store or self.store_url,
                 threads=self.threads, speculation=SpeculationConfig(enabled=not self.no_speculation),
-                kv_dtype=self.kv_dtype,
+                kv_dtype=self.kv_dtype, matmul=self.matmul,
             )
         except (ModelNotFoundError, StoreError, ValueError) as exc:
             raise fail(str(exc)) from exc
@@ -79,6 +81,10 @@ _PARAMS = [
     inspect.Parameter("kv_dtype", inspect.Parameter.KEYWORD_ONLY, annotation=KvDtype, default=typer.Option(
         "float32", help="KV cache dtype (CPU): float16/bfloat16 halve what attention reads; outputs equal "
         "plain decoding with the same KV precision.")),
+    inspect.Parameter("matmul", inspect.Parameter.KEYWORD_ONLY, annotation=Matmul, default=typer.Option(
+        "float32", help="GGUF-block layers (CPU): int8 rounds their inputs to 8-bit blocks and multiplies with "
+        "VNNI integer dot products (as llama.cpp does; cheaper rows per verification step); outputs equal "
+        "plain decoding in the same mode. float32 where the CPU lacks AVX-512 VNNI.")),
     inspect.Parameter("store", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
         None, help="Session store: a URL (sqlite:///path or postgresql+psycopg://...), or 'memory' to keep "
         "nothing (default: sqlite:///$AGENTSPEC_HOME/cache.db).")),

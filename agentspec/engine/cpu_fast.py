@@ -19,6 +19,13 @@
 
 All are fp32 and equal to the stock path up to summation order (the greedy fidelity tests
 allow a divergence only at near-ties).
+
+The *matmul* mode (:data:`MATMULS`, chosen once per forward backend and passed to :func:`fast_linears`)
+says how block weights are multiplied: ``"float32"`` as above, or ``"int8"``: each input row rounded
+to int8 per block of 32 and integer dot products (AVX-512 VNNI), for inputs of every size, so a
+verification step's rows cost less and each equals the one-token step bit for bit. That is a
+slightly different model (activations rounded as llama.cpp rounds them): outputs equal plain
+decoding in the same mode, not fp32 decoding.
 """
 
 from __future__ import annotations
@@ -31,12 +38,25 @@ import torch
 import torch.nn.functional as F
 
 from agentspec.kernels import register_attention
-from agentspec.kernels.blockq import BlockWeight, block_linear, blocks_available, pack_blocks
+from agentspec.kernels.blockq import BlockWeight, block_linear, blocks_available, int8_available, pack_blocks
 
 logger = logging.getLogger(__name__)
 
 SKINNY_ROWS = 8  # from this many rows on, the stock x @ W^T is as fast
 BLOCK_ROWS = 20  # below this many rows the block kernel beats the fp32 GEMM in the model (3k context, AVX-512)
+MATMULS = ("float32", "int8")  # how block weights are multiplied (see the module docstring)
+
+
+def narrow_matmul(matmul: str) -> str:
+    """The matmul mode that will run for ``matmul``: ValueError for an unknown name; ``"int8"`` falls back
+    to ``"float32"`` (with a warning saying why) where the kernel is not built or the CPU lacks AVX-512 VNNI."""
+    if matmul not in MATMULS:
+        raise ValueError(f"matmul must be one of {', '.join(MATMULS)}; got {matmul!r}")
+    if matmul == "int8" and not int8_available():
+        logger.warning("matmul='int8' needs the compiled block kernel and a CPU with AVX-512 BW and VNNI; "
+                       "running the fp32 block kernel instead")
+        return "float32"
+    return matmul
 
 
 class PackedLinear(torch.nn.Module):
@@ -94,12 +114,23 @@ class BlockHead(torch.nn.Module):
         self.blocks, self.fallback = blocks, fallback
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.reshape(-1, x.shape[-1]).shape[0] < BLOCK_ROWS:
-            return block_linear(x, self.blocks)
+        if blocks_fit(x.reshape(-1, x.shape[-1]).shape[0]):
+            return block_matmul(x, self.blocks)
         return self.fallback(x)
 
 
-_skinny = contextvars.ContextVar("agentspec_skinny_linears", default=False)
+_skinny: contextvars.ContextVar[str | None] = contextvars.ContextVar("agentspec_skinny_linears", default=None)
+
+
+def blocks_fit(rows: int) -> bool:
+    """Whether an input of ``rows`` rows runs on the block kernel: always in int8 mode (every row then has
+    the same arithmetic), below :data:`BLOCK_ROWS` rows in fp32 mode."""
+    return _skinny.get() == "int8" or rows < BLOCK_ROWS
+
+
+def block_matmul(x: torch.Tensor, blocks: BlockWeight) -> torch.Tensor:
+    """``x @ W^T`` on the block kernel, in the matmul mode of the enclosing :func:`fast_linears`."""
+    return block_linear(x, blocks, int8=_skinny.get() == "int8")
 
 
 class SkinnyLinear(torch.nn.Linear):
@@ -110,12 +141,12 @@ class SkinnyLinear(torch.nn.Linear):
     blocks: BlockWeight | None = None  # the same weights as GGUF blocks, where they are exactly that
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _skinny.get() or x.dtype != torch.float32:
+        if _skinny.get() is None or x.dtype != torch.float32:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])
         n = rows.shape[0]
-        if self.blocks is not None and n < BLOCK_ROWS:
-            out = block_linear(rows, self.blocks)
+        if self.blocks is not None and blocks_fit(n):
+            out = block_matmul(rows, self.blocks)
         elif n >= SKINNY_ROWS:
             return F.linear(x, self.weight, self.bias)
         else:  # one row is padded to two: a GEMV is slower than a two-column GEMM here
@@ -148,9 +179,10 @@ def skinny_linears(model, blocks: bool = True) -> tuple[int, int]:
 
 
 @contextmanager
-def fast_linears():
-    """Switch :class:`SkinnyLinear` layers to their skinny path for the forwards in this block."""
-    token = _skinny.set(True)
+def fast_linears(matmul: str = "float32"):
+    """Switch :class:`SkinnyLinear` layers to their skinny path for the forwards in this block, block
+    weights multiplied in ``matmul`` mode (one of :data:`MATMULS`, already narrowed: see :func:`narrow_matmul`)."""
+    token = _skinny.set(matmul)
     try:
         yield
     finally:

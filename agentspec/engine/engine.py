@@ -36,6 +36,7 @@ from agentspec.config import SamplingParams, SpeculationConfig
 from agentspec.draft.base import SOURCE_NAMES, Drafter, DraftTree
 from agentspec.draft.builder import SuffixDrafter
 from agentspec.engine.constraints import Grammar, GrammarCompiler
+from agentspec.engine.cpu_fast import narrow_matmul
 from agentspec.engine.forward import ForwardBackend, LeanForward, model_device, select_forward
 from agentspec.engine.kvcache import TreeKVCache
 from agentspec.engine.model import default_device, load_model, resolve_model
@@ -142,7 +143,10 @@ class Engine:
       backend for the model's device);
     * ``tenants`` builds a tenant's own parts for :meth:`for_tenant`;
     * ``kv_dtype`` stores the KV cache in ``"float16"`` or ``"bfloat16"`` (lean CPU forward only):
-      half the bytes attention reads; outputs then equal plain decoding with that KV precision.
+      half the bytes attention reads; outputs then equal plain decoding with that KV precision;
+    * ``matmul="int8"`` (where ``forward`` is None): block weights take int8-rounded inputs and integer
+      dot products (CPU, AVX-512 VNNI; see :mod:`agentspec.engine.cpu_fast`); outputs then equal plain
+      decoding in that mode. :attr:`matmul` is the mode the forward runs.
     """
 
     def __init__(
@@ -160,6 +164,7 @@ class Engine:
         quantization: str | None = None,
         tenants: TenantFactory | None = None,
         kv_dtype: str | torch.dtype | None = None,
+        matmul: str = "float32",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -176,7 +181,8 @@ class Engine:
         self.num_layers = int(model.config.num_hidden_layers)
         self.dtype = next(model.parameters()).dtype
         self.device = model_device(model)
-        self.forward = forward or select_forward(model)
+        self.forward = forward or select_forward(model, matmul=matmul)
+        self.matmul: str = getattr(self.forward, "matmul", "float32")
         self.kv_dtype = narrow_kv_dtype(kv_dtype)  # None: as the model computes it
         if self.kv_dtype is not None and not isinstance(self.forward, LeanForward):
             raise ValueError(f"kv_dtype={kv_dtype!r} needs the lean CPU forward (a plain Llama on a CPU); this "
@@ -205,6 +211,7 @@ class Engine:
         drafter: Drafter | None = None,
         device: str | None = None,
         kv_dtype: str = "float32",
+        matmul: str = "float32",
     ) -> Engine:
         """Load ``model`` (default SmolLM2-135M-Instruct, or a local dir / .gguf) and compose its parts.
 
@@ -214,10 +221,15 @@ class Engine:
         ``sqlite:///$AGENTSPEC_HOME/cache.db``; ``"memory"`` keeps sessions in memory only.
         ``quantize="int8"``: Q8_0-rounded weights in the linear layers (CPU).
         ``kv_dtype``: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"`` KV cache (CPU, lean forward).
+        ``matmul``: ``"float32"`` (default) or ``"int8"``: GGUF-block layers take int8-rounded inputs (CPU,
+        AVX-512 VNNI; fp32 with a warning where the CPU lacks it).
         """
         device = device or default_device()
         if quantize and device != "cpu":
             raise ValueError(f"quantize={quantize!r} runs on the CPU only; got device={device!r}")
+        if matmul != "float32" and device != "cpu":
+            raise ValueError(f"matmul={matmul!r} runs on the CPU only; got device={device!r}")
+        matmul = narrow_matmul(matmul)  # a bad name fails here, before the model loads
         kv = narrow_kv_dtype(kv_dtype)  # a bad name fails here, before the model loads
         if threads:
             torch.set_num_threads(threads)
@@ -227,14 +239,14 @@ class Engine:
             hf_model = quantize_model(hf_model, quantize)
         hf_model = hf_model.to(device)
         speculation = speculation or SpeculationConfig()
-        backend = select_forward(hf_model)
+        backend = select_forward(hf_model, matmul=matmul)
         fingerprint = tokenizer_fingerprint(tokenizer)
         store = None if store == "memory" else open_store(store) if store is None or isinstance(store, str) else store
         curve = None
         if speculation.adaptive:
             device = model_device(hf_model)
             # v4: the lean forward, the GGUF-block kernel and the tree-attention kernel; bump when the forward changes
-            precision = f"{quantize or dtype}{f'-kv{kv_dtype}' if kv else ''}"
+            precision = f"{quantize or dtype}{f'-kv{kv_dtype}' if kv else ''}{'-int8act' if matmul == 'int8' else ''}"
             key = f"{source.name}-{precision}-{device}-t{torch.get_num_threads()}-v4"
             probe = cost_probe(backend, hf_model.config.num_hidden_layers, kv_dtype=kv)
             curve = CostCurve.cached(key, probe)

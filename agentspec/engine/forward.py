@@ -17,7 +17,14 @@ from typing import Any, Protocol
 
 import torch
 
-from agentspec.engine.cpu_fast import attention, fast_linears, output_head, skinny_linears, tree_attention_name
+from agentspec.engine.cpu_fast import (
+    attention,
+    fast_linears,
+    narrow_matmul,
+    output_head,
+    skinny_linears,
+    tree_attention_name,
+)
 from agentspec.engine.kvcache import TreeKVCache
 from agentspec.engine.step_forward import LlamaStepForward
 from agentspec.engine.verify import tree_mask_4d
@@ -33,6 +40,7 @@ class ForwardBackend(Protocol):
     ``cache.length`` committed positions."""
 
     name: str  # what runs the forwards, for logs and tests (e.g. "lean-cpu", "hf+triton")
+    matmul: str  # how block weights are multiplied ("float32" or "int8", see agentspec.engine.cpu_fast)
 
     def prefill(self, input_ids: list[int], cache: TreeKVCache) -> torch.Tensor:
         """Causal forward over prompt tokens at positions ``cache.length ..``: fp32 logits ``[V]``
@@ -46,15 +54,16 @@ class ForwardBackend(Protocol):
 
 
 class LeanForward:
-    """:class:`LlamaStepForward` and the packed output head (CPU)."""
+    """:class:`LlamaStepForward` and the packed output head (CPU), block weights multiplied in ``matmul`` mode."""
 
     name = "lean-cpu"
 
-    def __init__(self, step: LlamaStepForward, head: torch.nn.Module, device: torch.device) -> None:
-        self.step, self.head, self.device = step, head, device
+    def __init__(self, step: LlamaStepForward, head: torch.nn.Module, device: torch.device,
+                 matmul: str = "float32") -> None:
+        self.step, self.head, self.device, self.matmul = step, head, device, matmul
 
     def prefill(self, input_ids: list[int], cache: TreeKVCache) -> torch.Tensor:
-        with torch.no_grad(), fast_linears():
+        with torch.no_grad(), fast_linears(self.matmul):
             for start in range(0, len(input_ids), PREFILL_CHUNK):
                 hidden = self.step.prefill(torch.tensor(input_ids[start : start + PREFILL_CHUNK]), cache)
             return self.head(hidden[-1:])[0].float()
@@ -62,7 +71,7 @@ class LeanForward:
     def verify(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor, cache: TreeKVCache
     ) -> torch.Tensor:
-        with torch.no_grad(), fast_linears():
+        with torch.no_grad(), fast_linears(self.matmul):
             return self.head(self.step(input_ids, position_ids, tree_mask, cache)).float()
 
 
@@ -70,8 +79,8 @@ class HFForward:
     """transformers' decoder with a 4D tree mask; tree steps run under ``attention`` (an attention
     implementation name, or None to keep the model's own)."""
 
-    def __init__(self, model: Any, head: torch.nn.Module, attention: str | None) -> None:
-        self.model, self.head, self.attention = model, head, attention
+    def __init__(self, model: Any, head: torch.nn.Module, attention: str | None, matmul: str = "float32") -> None:
+        self.model, self.head, self.attention, self.matmul = model, head, attention, matmul
         self.decoder = model.get_decoder()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -79,7 +88,7 @@ class HFForward:
         self.name = "hf" + (f"+{'triton' if triton else attention}" if attention else "")
 
     def prefill(self, input_ids: list[int], cache: TreeKVCache) -> torch.Tensor:
-        with torch.no_grad(), fast_linears():
+        with torch.no_grad(), fast_linears(self.matmul):
             for start in range(0, len(input_ids), PREFILL_CHUNK):
                 chunk = input_ids[start : start + PREFILL_CHUNK]
                 past = cache.length
@@ -93,7 +102,7 @@ class HFForward:
     def verify(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor, cache: TreeKVCache
     ) -> torch.Tensor:
-        with torch.no_grad(), fast_linears():
+        with torch.no_grad(), fast_linears(self.matmul):
             kwargs: dict[str, Any] = {}
             if len(input_ids) > 1:
                 kwargs["attention_mask"] = tree_mask_4d(tree_mask, cache.length, self.dtype).to(self.device)
@@ -109,14 +118,16 @@ def model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def select_forward(model: Any, *, fast_cpu: bool = True) -> ForwardBackend:
+def select_forward(model: Any, *, fast_cpu: bool = True, matmul: str = "float32") -> ForwardBackend:
     """The backend for ``model`` on its device, decided once.
 
     CUDA: transformers' forward with tree steps through the Triton tree-attention kernel (the torch
     reference where triton is missing). CPU: the lean Llama forward where it applies, else
     transformers' forward with the fused CPU tree attention; ``fast_cpu=False`` keeps the stock
-    CPU layers and attention (a reference for tests).
+    CPU layers and attention (a reference for tests). ``matmul="int8"``: the CPU block weights take
+    int8-rounded inputs (see :mod:`agentspec.engine.cpu_fast`; fp32 where the CPU cannot).
     """
+    matmul = narrow_matmul(matmul)
     device = model_device(model)
     if device.type == "cuda":
         if not triton_available():
@@ -129,6 +140,6 @@ def select_forward(model: Any, *, fast_cpu: bool = True) -> ForwardBackend:
     name = tree_attention_name(model)
     step = LlamaStepForward.for_model(model) if name is not None else None
     if step is not None:
-        return LeanForward(step, head, device)
-    return HFForward(model, head, name)
+        return LeanForward(step, head, device, matmul)
+    return HFForward(model, head, name, matmul)
 

@@ -44,12 +44,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from agentspec.engine.cpu_fast import BLOCK_ROWS, fast_linears
+from agentspec.engine.cpu_fast import block_matmul, blocks_fit, fast_linears
 from agentspec.engine.forward import LeanForward
 from agentspec.engine.kvcache import TreeKVCache
 from agentspec.engine.step_forward import LlamaStepForward, _rms_norm, _rotate_half
 from agentspec.engine.verify import ancestor_mask
-from agentspec.kernels.blockq import block_linear
 
 PARTS = ("matmul", "head", "attention", "kv_write", "norm", "rotary", "elementwise", "glue")
 DEFAULT_CONTEXTS = (1000, 3000, 6000)
@@ -154,6 +153,7 @@ def profile_steps(
                          f"runs {getattr(forward, 'name', type(forward).__name__)!r}")
     report = ProfileReport(bandwidth or memory_bandwidth(bandwidth_bytes), op_seconds(), torch.get_num_threads(),
                            info={"model": getattr(engine, "model_name", "model"), "repeats": repeats,
+                                 "matmul": forward.matmul, "kv_dtype": str(getattr(engine, "kv_dtype", None)),
                                  "load_before": machine_load()})
     vocab = engine.model.config.vocab_size
     for context in contexts:
@@ -184,14 +184,15 @@ def _profile_one(forward: LeanForward, ids, positions, mask, cache: TreeKVCache,
     best = dict.fromkeys(PARTS, float("inf"))
     for _ in range(repeats):  # each part's fastest: a run preempted on a busy machine inflates one part only
         clock = _Clock()
-        with torch.no_grad(), fast_linears():
+        with torch.no_grad(), fast_linears(forward.matmul):
             timed_step(step, head, ids, positions, mask, cache, clock)
         cache.truncate(context)
         best = {part: min(best[part], clock.parts[part]) for part in PARTS}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         real()
     ops = sum(1 for event in prof.events() if event.cpu_parent is None)
-    nbytes = step_bytes(step, head, context, k, cache)
+    with fast_linears(forward.matmul):  # which layers read blocks depends on the mode
+        nbytes = step_bytes(step, head, context, k, cache)
     return StepProfile(context, k, step_seconds, best, nbytes, ops, ops * report.op_seconds,
                        sum(nbytes.values()) / report.bandwidth)
 
@@ -223,14 +224,14 @@ def timed_step(step: LlamaStepForward, head, ids: torch.Tensor, positions: torch
     cos, sin = cos[:, None], sin[:, None]
     lap("rotary")
     shape = (1, t, -1, step.head_dim)
-    fused = t < BLOCK_ROWS
+    fused = blocks_fit(t)
     for i, layer in enumerate(step.layers):
         attn, mlp = layer.self_attn, layer.mlp
         lap("glue")
         h = _rms_norm(x, layer.input_layernorm)
         lap("norm")
         if fused and step.qkv[i] is not None:
-            qkv = block_linear(h, step.qkv[i])
+            qkv = block_matmul(h, step.qkv[i])
             lap("matmul")
             q, k, v = qkv.split((attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features), dim=-1)
         else:
@@ -254,7 +255,7 @@ def timed_step(step: LlamaStepForward, head, ids: torch.Tensor, positions: torch
         h = _rms_norm(x, layer.post_attention_layernorm)
         lap("norm")
         if fused and step.gate_up[i] is not None:
-            gate, up = block_linear(h, step.gate_up[i]).chunk(2, dim=-1)
+            gate, up = block_matmul(h, step.gate_up[i]).chunk(2, dim=-1)
         else:
             gate, up = mlp.gate_proj(h), mlp.up_proj(h)
         lap("matmul")
@@ -278,7 +279,7 @@ def step_bytes(step: LlamaStepForward, head, context: int, k: int, cache: TreeKV
     hidden, inter = attn.q_proj.in_features, mlp.gate_proj.out_features
     heads, kv_heads = attn.q_proj.out_features // step.head_dim, attn.k_proj.out_features // step.head_dim
     n_layers, f32 = len(step.layers), 4
-    fused = k < BLOCK_ROWS
+    fused = blocks_fit(k)
     matmul = 0
     for i, layer in enumerate(step.layers):
         a, m = layer.self_attn, layer.mlp
@@ -304,7 +305,7 @@ def step_bytes(step: LlamaStepForward, head, context: int, k: int, cache: TreeKV
 def _linear_bytes(module: torch.nn.Module, rows: int) -> int:
     """Bytes of weight a linear layer (or output head) reads for ``rows`` input rows."""
     blocks = getattr(module, "blocks", None)
-    if blocks is not None and rows < BLOCK_ROWS:
+    if blocks is not None and blocks_fit(rows):
         return blocks.nbytes()
     module = getattr(module, "fallback", module)  # BlockHead: the fp32 path for long inputs
     weight = getattr(module, "weight", None)

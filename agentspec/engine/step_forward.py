@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from agentspec.engine.cpu_fast import BLOCK_ROWS
+from agentspec.engine.cpu_fast import block_matmul, blocks_fit
 from agentspec.engine.kvcache import TreeKVCache
 from agentspec.kernels.attention import kernel_fits, tree_attention_rows
-from agentspec.kernels.blockq import BlockWeight, block_linear, concat_blocks
+from agentspec.kernels.blockq import BlockWeight, concat_blocks
 from agentspec.kernels.cpu import causal_chunk_attention, folded_tree_attention, folded_tree_mask
 
 # prefill chunks of up to this many tokens attend through the compiled kernel (faster there: 512 tokens
@@ -145,12 +145,12 @@ class LlamaStepForward:
         cos, sin = self.rotary(x, position_ids=position_ids[None])
         cos, sin = cos[:, None], sin[:, None]
         shape = (1, t, -1, self.head_dim)
-        fused = t < BLOCK_ROWS
+        fused = blocks_fit(t)
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = _rms_norm(x, layer.input_layernorm)
             if fused and self.qkv[i] is not None:
-                q, k, v = block_linear(h, self.qkv[i]).split(
+                q, k, v = block_matmul(h, self.qkv[i]).split(
                     (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features), dim=-1)
             else:
                 q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
@@ -162,7 +162,7 @@ class LlamaStepForward:
             x = x + attn.o_proj(out.transpose(1, 2).reshape(1, t, -1))
             h = _rms_norm(x, layer.post_attention_layernorm)
             if fused and self.gate_up[i] is not None:
-                gate, up = block_linear(h, self.gate_up[i]).chunk(2, dim=-1)
+                gate, up = block_matmul(h, self.gate_up[i]).chunk(2, dim=-1)
             else:
                 gate, up = mlp.gate_proj(h), mlp.up_proj(h)
             x = x + mlp.down_proj(F.silu(gate) * up)

@@ -99,9 +99,10 @@ def _fitted_prompt(engine, call: Call, budget: int) -> tuple[list[int], bool] | 
 
 def _reference(engine, outputs: dict[str, list[int]]) -> str | None:
     """The plain greedy run agentspec's output must equal: HF greedy on the same weights, unless the
-    engine keeps a 16-bit KV cache (HF does not) or HF did not run; then the same engine with
-    speculation off, which shares its weights and KV precision."""
-    if "hf" in outputs and getattr(engine, "kv_dtype", None) is None:
+    engine keeps a 16-bit KV cache or int8 matmul inputs (HF does neither) or HF did not run; then the
+    same engine with speculation off, which shares its weights, KV precision and matmul mode."""
+    exact = getattr(engine, "kv_dtype", None) is None and getattr(engine, "matmul", "float32") == "float32"
+    if "hf" in outputs and exact:
         return "hf"
     return SPECULATION_OFF if SPECULATION_OFF in outputs else None
 
