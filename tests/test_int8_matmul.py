@@ -244,3 +244,17 @@ def test_speculative_greedy_equals_its_own_plain_decoding(block_model, default_t
     result = engine.generate(prompt, max_new_tokens=40)
     assert result.token_ids == truth
     assert result.stats.accepted_tokens > 0
+
+
+@needs_int8
+def test_a_long_prefill_gives_its_last_token_the_bits_of_that_token_run_alone(block_model):
+    """A prompt reused from the prefix cache runs only its last token again: a prefill chunk of more than
+    KERNEL_PREFILL_ROWS tokens (torch's attention) must give that token what the one-token step gives."""
+    engine = int8_engine(block_model)
+    forward, layers = engine.forward, block_model.config.num_hidden_layers
+    prompt = [random.Random(3).randrange(3, 512) for _ in range(700)]
+    whole, part = TreeKVCache(layers), TreeKVCache(layers)
+    logits = forward.prefill(prompt, whole)
+    forward.prefill(prompt[:-1], part)
+    one = forward.verify(torch.tensor(prompt[-1:]), torch.tensor([699]), torch.ones(1, 1, dtype=torch.bool), part)
+    assert torch.equal(logits, one[0])

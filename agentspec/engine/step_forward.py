@@ -131,11 +131,17 @@ class LlamaStepForward:
         past, t = cache.length, input_ids.shape[0]
         positions = torch.arange(past, past + t)
         causal = torch.ones(t, t, dtype=torch.uint8).tril() if t <= KERNEL_PREFILL_ROWS else None
+        alone = torch.ones(1, 1, dtype=torch.uint8)
 
         def attend(q, k, v, scale):
             if causal is not None and kernel_fits(q, k):
                 return _heads_first(tree_attention_rows(q, k, v, causal, scale), q)
-            return causal_chunk_attention(q, k.to(q.dtype), v.to(q.dtype), past, scale)
+            out = causal_chunk_attention(q, k.to(q.dtype), v.to(q.dtype), past, scale)
+            if kernel_fits(q, k):  # the last token's row as the kernel gives it alone: a later call that reuses
+                # this prompt's KV runs just that token again (for its logits), and then gets the same bits
+                last = q[:, :, -1:]
+                out[:, :, -1:] = _heads_first(tree_attention_rows(last, k, v, alone, scale), last)
+            return out
 
         return self._run(input_ids, positions, cache, attend)
 
