@@ -46,21 +46,21 @@ from agentspec.engine.constraints import Grammar
 from .choices import sample_choices
 from .common import PreparedPrompt, ToolCallSplitter, normalize_tool_choice, openai_logprobs, prepare_prompt
 
-# engines shared by every ChatAgentSpec with the same settings: (model, dtype, quantize, store, kv_dtype) -> Engine
+# engines shared by every ChatAgentSpec with the same settings: (model, dtype, quantize, store, kv_dtype, matmul)
 ENGINES: dict[tuple, Any] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
 def shared_engine(model: str | None = None, dtype: str = "float32", quantize: str | None = None,
-                  store: str | None = None, kv_dtype: str = "float32") -> Any:
+                  store: str | None = None, kv_dtype: str = "float32", matmul: str = "float32") -> Any:
     """The process-wide engine for these settings, loaded on first request."""
-    key = (model, dtype, quantize, store, kv_dtype)
+    key = (model, dtype, quantize, store, kv_dtype, matmul)
     with _ENGINES_LOCK:
         if key not in ENGINES:
             from agentspec.engine import Engine
 
             ENGINES[key] = Engine.from_pretrained(model, dtype=dtype, quantize=quantize, store=store,
-                                                  kv_dtype=kv_dtype)
+                                                  kv_dtype=kv_dtype, matmul=matmul)
         return ENGINES[key]
 
 
@@ -85,6 +85,9 @@ class ChatAgentSpec(BaseChatModel):
     kv_dtype: str = "float32"
     """KV cache dtype when the engine is built here: float32 | float16 | bfloat16 (16 bits: faster
     attention; output equals plain decoding with the same KV precision)."""
+    matmul: str = "float32"
+    """GGUF-block layers when the engine is built here: float32 | int8 (inputs rounded to 8-bit blocks,
+    VNNI dot products: cheaper verification rows; output equals plain decoding in the same mode)."""
     store: str | None = None
     """Session store URL when the engine is built here; ``None`` = the persistent default
     (``sqlite:///$AGENTSPEC_HOME/cache.db``), ``"memory"`` = nothing kept."""
@@ -150,7 +153,8 @@ class ChatAgentSpec(BaseChatModel):
         if self.engine is not None:
             return self.engine
         if self._resolved_engine is None:
-            self._resolved_engine = shared_engine(self.model, self.dtype, self.quantize, self.store, self.kv_dtype)
+            self._resolved_engine = shared_engine(self.model, self.dtype, self.quantize, self.store, self.kv_dtype,
+                                                  self.matmul)
         return self._resolved_engine
 
     # ------------------------------------------------------------------ tokens

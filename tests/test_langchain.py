@@ -57,10 +57,13 @@ def test_engine_settings_reach_the_shared_engine(monkeypatch) -> None:
     monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, *a, **kw: built.append(kw) or object()))
     monkeypatch.setattr(langchain, "ENGINES", {})
     engine = ChatAgentSpec(kv_dtype="float16", store="memory").get_engine()
-    assert built == [{"dtype": "float32", "quantize": None, "store": "memory", "kv_dtype": "float16"}]
+    assert built == [{"dtype": "float32", "quantize": None, "store": "memory", "kv_dtype": "float16",
+                      "matmul": "float32"}]
     assert ChatAgentSpec(kv_dtype="float16", store="memory").get_engine() is engine  # shared, not built again
     ChatAgentSpec(store="memory").get_engine()
     assert built[-1]["kv_dtype"] == "float32" and len(built) == 2
+    ChatAgentSpec(matmul="int8", store="memory").get_engine()
+    assert built[-1]["matmul"] == "int8" and len(built) == 3
 
 
 # ------------------------------------------------------------------ streaming splitter

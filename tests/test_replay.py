@@ -105,7 +105,7 @@ def test_live_baseline_gives_speedups_and_identity(fake_engine):
     assert summary["methods"]["agentspec"]["decode_speedup_vs_hf"] == pytest.approx(2.0)
 
 
-def test_a_16_bit_kv_engine_is_checked_against_its_own_plain_decoding(fake_engine):
+def test_a_16_bit_kv_or_int8_matmul_engine_is_checked_against_its_own_plain_decoding(fake_engine):
     import torch
 
     fake_engine.kv_dtype = torch.float16  # HF keeps fp32 KV: its greedy output is not the reference then
@@ -119,6 +119,9 @@ def test_a_16_bit_kv_engine_is_checked_against_its_own_plain_decoding(fake_engin
     fake_engine.kv_dtype = None
     report = replay_live(fake_engine, load_sessions(DATA / "jsonl"), max_new_tokens=8, runners=runners)
     assert [c.identical for c in report.calls] == [False, False, False]  # fp32 KV: HF greedy is the reference
+    fake_engine.matmul = "int8"  # int8-rounded matmul inputs: HF is not the reference either
+    report = replay_live(fake_engine, load_sessions(DATA / "jsonl"), max_new_tokens=8, runners=runners)
+    assert [c.identical for c in report.calls] == [True, True, True]
 
 
 def test_live_compares_several_methods_call_by_call(fake_engine, tmp_path):

@@ -227,9 +227,9 @@ class Engine:
         device = device or default_device()
         if quantize and device != "cpu":
             raise ValueError(f"quantize={quantize!r} runs on the CPU only; got device={device!r}")
+        matmul = narrow_matmul(matmul)  # a bad name fails here, before the model loads
         if matmul != "float32" and device != "cpu":
             raise ValueError(f"matmul={matmul!r} runs on the CPU only; got device={device!r}")
-        matmul = narrow_matmul(matmul)  # a bad name fails here, before the model loads
         kv = narrow_kv_dtype(kv_dtype)  # a bad name fails here, before the model loads
         if threads:
             torch.set_num_threads(threads)
