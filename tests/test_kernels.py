@@ -362,6 +362,40 @@ def test_triton_cuda_matches_reference(dtype):
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernel)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("b", "h", "hkv", "t", "p", "d"), [
+    (1, 9, 3, 1, 3000, 64),  # SmolLM2-135M, one token
+    (1, 9, 3, 16, 3000, 64),
+    (1, 32, 8, 64, 4097, 128),  # Llama-3-8B heads, a 64-node tree
+    (2, 4, 4, 7, 0, 64),  # no prefix
+    (1, 4, 1, 130, 77, 80),  # ragged blocks, head dim not a power of two
+])
+def test_triton_cuda_matches_the_fp64_reference(dtype, b, h, hkv, t, p, d):
+    q, k, v = (x.cuda() for x in qkv(b, h, hkv, t, p, d, dtype))
+    tree = tree_mask_from_parents(random_parents(t, random.Random(t + p)))
+    got = dispatch.tree_attention(q, k, v, tree.cuda(), p)
+    want = masked_attention(*(x.double() for x in (q, k, v)), tree.cuda(), p)
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernel)")
+def test_triton_cuda_row_sees_only_its_ancestors():
+    """Changing a key a row does not see leaves that row bit for bit."""
+    q, k, v = (x.cuda() for x in qkv(1, 4, 2, 8, 500, 64, torch.float16))
+    chain = torch.ones(8, 8, dtype=torch.bool).tril()
+    chain[5:, 3:5] = False  # rows 5.. skip nodes 3 and 4
+    before = dispatch.tree_attention(q, k, v, chain.cuda(), 500)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 503] += 5.0
+    v2[:, :, 504] -= 5.0
+    after = dispatch.tree_attention(q, k2, v2, chain.cuda(), 500)
+    assert torch.equal(before[:, :, :3], after[:, :, :3]) and torch.equal(before[:, :, 5:], after[:, :, 5:])
+    assert not torch.equal(before[:, :, 3:5], after[:, :, 3:5])
+
+
 @pytest.mark.parametrize("heads,kv_heads,prefix,t", [(9, 3, 50, 7), (4, 4, 0, 5), (8, 2, 33, 1), (6, 3, 128, 16)])
 def test_cpu_fast_path_matches_masked_softmax(heads, kv_heads, prefix, t):
     from agentspec.kernels.cpu import cpu_tree_attention

@@ -464,7 +464,7 @@ class Engine:
         request_id = f"req-{next(self._request_ids)}"
         generator = None
         if not params.greedy and params.seed is not None:
-            generator = torch.Generator(self.device).manual_seed(params.seed)
+            generator = torch.Generator().manual_seed(params.seed)  # sampling runs on the host
         max_new = min(params.max_new_tokens, self.context_window - len(prompt_ids))
         output: list[int] = []
         cache: TreeKVCache | None = None

@@ -43,14 +43,15 @@ class ForwardBackend(Protocol):
     matmul: str  # how block weights are multiplied ("float32" or "int8", see agentspec.engine.cpu_fast)
 
     def prefill(self, input_ids: list[int], cache: TreeKVCache) -> torch.Tensor:
-        """Causal forward over prompt tokens at positions ``cache.length ..``: fp32 logits ``[V]``
-        of the last one."""
+        """Causal forward over prompt tokens at positions ``cache.length ..``: fp32 logits ``[V]`` of
+        the last one, on the CPU."""
 
     def verify(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor, cache: TreeKVCache
     ) -> torch.Tensor:
         """Forward over a token tree: ``input_ids``, ``position_ids`` ``[T]``; ``tree_mask`` ``[T, T]``
-        bool (True = token i sees token j; every token sees all committed positions). fp32 logits ``[T, V]``."""
+        bool (True = token i sees token j; every token sees all committed positions). fp32 logits ``[T, V]``,
+        on the CPU (where the engine accepts and samples)."""
 
 
 class LeanForward:
@@ -97,7 +98,7 @@ class HFForward:
                     position_ids=torch.arange(past, past + len(chunk), device=self.device)[None],
                     past_key_values=cache, use_cache=True,
                 ).last_hidden_state
-            return self.head(hidden[0, -1:])[0].float()
+            return self.head(hidden[0, -1:])[0].float().cpu()
 
     def verify(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor, cache: TreeKVCache
@@ -110,7 +111,8 @@ class HFForward:
                 out = self.decoder(input_ids=input_ids.to(self.device)[None],
                                    position_ids=position_ids.to(self.device)[None],
                                    past_key_values=cache, use_cache=True, **kwargs)
-            return self.head(out.last_hidden_state[0]).float()
+            # the engine accepts, samples and applies processors on the host: one copy of the logits per step
+            return self.head(out.last_hidden_state[0]).float().cpu()
 
 
 def model_device(model: Any) -> torch.device:

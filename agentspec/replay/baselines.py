@@ -41,7 +41,7 @@ def hf_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+            torch.tensor([prompt_ids], device=model.device), max_new_tokens=max_new_tokens, do_sample=False,
             temperature=None, top_p=None, top_k=None, eos_token_id=sorted(eos_ids),
             pad_token_id=sorted(eos_ids)[0], streamer=timer, **kwargs,
         )

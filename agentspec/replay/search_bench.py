@@ -145,7 +145,7 @@ def mean_logprob_ranking(texts: Sequence[str], logprobs: Sequence[float]) -> lis
 @torch.inference_mode()
 def run_hf(engine: Any, task: SearchTask, config: SearchBenchConfig, seed: int) -> Run:
     """HF ``generate(num_return_sequences=W)`` best-of-N on the engine's model."""
-    ids = torch.tensor([engine.encode_prompt(task.messages)])
+    ids = torch.tensor([engine.encode_prompt(task.messages)], device=engine.device)
     eos = sorted(engine.eos_ids)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
