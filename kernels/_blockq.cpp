@@ -178,6 +178,18 @@ void columns(const float* x, int64_t rows, const Weights& w, int64_t n0, int64_t
   }
 }
 
+// Output columns [0, N) split into one contiguous range per thread: fn(n0, n1) on each.
+template <class Fn>
+void over_columns(int64_t N, int threads, const Fn& fn) {
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t chunk = (N + nt - 1) / nt;
+    const int64_t n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+    if (n0 < n1) fn(n0, n1);
+  }
+}
+
 // ---- int8 activations (AVX-512 VNNI), as llama.cpp multiplies Q4_1 x Q8_1 and Q8_0 x Q8_0 ----
 // Each activation row is rounded per block of 32: d = max|x| / 127, q = round-half-even(x * (1/d)) in
 // -127..127 (all fp32 operations, so a torch reference reproduces q and d bit for bit), s = d * sum(q).
@@ -406,19 +418,13 @@ void block_linear_int8(int bits, uintptr_t x_ptr, int64_t rows, int64_t K, uintp
   } else {
     quantize_rows<false>(x, rows, K, plan, a);
   }
-#pragma omp parallel num_threads(threads > 0 ? threads : 1)
-  {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t chunk = (N + nt - 1) / nt;
-    const int64_t n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-    if (n0 < n1) {
-      if (bits == 4) {
-        columns_int8<true>(a, plan, rows, w, n0, n1, out);
-      } else {
-        columns_int8<false>(a, plan, rows, w, n0, n1, out);
-      }
+  over_columns(N, threads, [&](int64_t n0, int64_t n1) {
+    if (bits == 4) {
+      columns_int8<true>(a, plan, rows, w, n0, n1, out);
+    } else {
+      columns_int8<false>(a, plan, rows, w, n0, n1, out);
     }
-  }
+  });
 }
 
 // The rounding alone, in natural order: q [rows, K] int8, d and s [rows, K/32] fp32 (for tests).
@@ -449,19 +455,13 @@ void block_linear(int bits, uintptr_t x_ptr, int64_t rows, int64_t K, uintptr_t 
   auto* out = reinterpret_cast<float*>(out_ptr);
   const int isa = avx512_available() ? 2 : avx2_available() ? 1 : 0;
   py::gil_scoped_release release;
-#pragma omp parallel num_threads(threads > 0 ? threads : 1)
-  {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t chunk = (N + nt - 1) / nt;
-    const int64_t n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-    if (n0 < n1) {
-      if (bits == 4) {
-        columns<Q4>(x, rows, w, n0, n1, out, isa);
-      } else {
-        columns<Q8>(x, rows, w, n0, n1, out, isa);
-      }
+  over_columns(N, threads, [&](int64_t n0, int64_t n1) {
+    if (bits == 4) {
+      columns<Q4>(x, rows, w, n0, n1, out, isa);
+    } else {
+      columns<Q8>(x, rows, w, n0, n1, out, isa);
     }
-  }
+  });
 }
 
 }  // namespace
