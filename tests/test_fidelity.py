@@ -91,7 +91,7 @@ def test_greedy_with_16_bit_kv_equals_its_own_plain_decoding(kv_dtype):
     """With a 16-bit KV cache the reference is plain decoding with that same KV precision: the
     tree-attention kernel gives each row of a verification step the bits of the one-token step."""
     if not attention_available():
-        pytest.skip("16-bit KV is read by the compiled attention kernel, not built here (or no AVX-512F)")
+        pytest.skip("16-bit KV is read by the compiled attention kernel, not built here (or no AVX2)")
     engine = Engine.from_pretrained(kv_dtype=kv_dtype, store="memory")
     prompts = real_prompts(engine.tokenizer)[:N_KV_PROMPTS]
     identical, drafted = 0, 0
