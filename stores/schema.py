@@ -1,4 +1,4 @@
-"""The store's tables (schema v4) and the in-place upgrades of older stores.
+"""The store's tables (schema v5) and the in-place upgrades of older stores.
 
 Every table is keyed by ``(namespace, session_id)``: a namespace is a tenant's own set of sessions
 (:meth:`SqlStore.scoped`); the unscoped store is namespace ``""``. Record ids only ever grow
@@ -13,8 +13,9 @@ from sqlalchemy.engine import Connection
 from .base import NAMESPACE_LIMIT, SESSION_ID_LIMIT, CorruptRecordError, SchemaVersionError
 from .codec import decode_legacy_stats, encode_stats
 
-SCHEMA_VERSION = 4
-SOURCES = ("request", "session", "global", "recycled")  # SpecStats.accepted_by_source keys
+SCHEMA_VERSION = 5
+SOURCES = ("request", "session", "global")  # SpecStats.accepted_by_source keys
+V3_SOURCES = (*SOURCES, "recycled")  # v3 and v4 also counted Token Recycling's drafts (removed since)
 COUNTERS = ("prompt_tokens", "prefill_tokens", "output_tokens", "steps", "drafted_tokens", "accepted_tokens")
 TABLES = ("agentspec_sessions", "agentspec_records", "agentspec_stats")
 
@@ -60,14 +61,14 @@ stats_table = sa.Table(  # added in schema v3: running totals per session, kept 
 )
 
 
-def stats_row(prompt_tokens: int, output_tokens: int, stats: dict) -> dict:
+def stats_row(prompt_tokens: int, output_tokens: int, stats: dict, sources: tuple[str, ...] = SOURCES) -> dict:
     """The ``agentspec_stats`` increments of one call (token counts from the payloads themselves)."""
     by_source = stats.get("accepted_by_source") or {}
     row = {name: int(stats.get(name) or 0) for name in COUNTERS}
     row.update(calls=1, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
                prefill_seconds=float(stats.get("prefill_seconds") or 0.0),
                decode_seconds=float(stats.get("decode_seconds") or 0.0),
-               **{f"accepted_{src}": int(by_source.get(src, 0)) for src in SOURCES})
+               **{f"accepted_{src}": int(by_source.get(src, 0)) for src in sources})
     return row
 
 
@@ -82,7 +83,7 @@ def _migrate_1_to_2(conn: Connection) -> None:
 
 def _migrate_2_to_3(conn: Connection) -> None:
     """v3 added ``agentspec_stats`` (keyed by session id alone), filled here from the stored calls."""
-    columns = ["calls", *COUNTERS, *(f"accepted_{src}" for src in SOURCES)]
+    columns = ["calls", *COUNTERS, *(f"accepted_{src}" for src in V3_SOURCES)]
     conn.execute(sa.text(
         "CREATE TABLE agentspec_stats (session_id VARCHAR(512) NOT NULL PRIMARY KEY "
         "REFERENCES agentspec_sessions (session_id) ON DELETE CASCADE, "
@@ -92,9 +93,9 @@ def _migrate_2_to_3(conn: Connection) -> None:
     for sid, n_prompt, n_output, payload in conn.execute(sa.text(
             "SELECT session_id, prompt_tokens, output_tokens, stats FROM agentspec_records ORDER BY record_id")):
         try:
-            row = stats_row(n_prompt, n_output, decode_legacy_stats(payload))
+            row = stats_row(n_prompt, n_output, decode_legacy_stats(payload), V3_SOURCES)
         except CorruptRecordError:
-            row = stats_row(n_prompt, n_output, {})
+            row = stats_row(n_prompt, n_output, {}, V3_SOURCES)
         total = totals.setdefault(sid, dict.fromkeys(row, 0))
         for key, value in row.items():
             total[key] += value
@@ -138,7 +139,16 @@ def _migrate_3_to_4(conn: Connection) -> None:
                              "COALESCE(MAX(record_id), 0) + 1, false) FROM agentspec_records"))
 
 
-MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}  # from version -> to version + 1
+def _migrate_4_to_5(conn: Connection) -> None:
+    """v5 drops ``agentspec_stats.accepted_recycled``: Token Recycling is gone and nothing counts into
+    it any more. A store upgraded from v3 or older through :func:`_migrate_3_to_4`, which builds
+    today's tables, never had it."""
+    if "accepted_recycled" in {c["name"] for c in sa.inspect(conn).get_columns("agentspec_stats")}:
+        conn.execute(sa.text("ALTER TABLE agentspec_stats DROP COLUMN accepted_recycled"))
+
+
+# from version -> to version + 1
+MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4, 4: _migrate_4_to_5}
 
 
 def prepare_schema(conn: Connection, where: str) -> None:

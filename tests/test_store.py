@@ -96,7 +96,7 @@ def test_statistics_are_totalled_per_session_and_survive_pruning(url):
     totals = store.session_stats()
     assert totals["a"]["calls"] == 3 and totals["a"]["steps"] == 6 and totals["a"]["accepted_tokens"] == 6
     assert totals["a"]["prompt_tokens"] == 9 and totals["a"]["output_tokens"] == 12
-    assert totals["a"]["accepted_by_source"] == {"request": 0, "session": 3, "global": 3, "recycled": 0}
+    assert totals["a"]["accepted_by_source"] == {"request": 0, "session": 3, "global": 3}
     assert totals["a"]["decode_seconds"] == pytest.approx(1.5)
     assert totals["b"]["calls"] == 1 and totals["b"]["steps"] == 0
     assert store.prune(max_session_tokens=7) == 2
@@ -208,6 +208,28 @@ def test_read_only_file_is_a_clear_error(tmp_path):
     open_store(f"sqlite:///{path}").close()
     with read_only(path), pytest.raises(StoreError, match=f"{path} is read-only"):
         open_store(f"sqlite:///{path}")
+
+
+def test_v4_store_loses_the_recycled_counter_and_keeps_its_totals(url):
+    store = open_store(url)
+    store.append("s", [1, 2], [3, 4, 5], {"steps": 2, "accepted_by_source": {"session": 2}}, fingerprint="fp")
+    store.close()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # back to v4's layout: one more counter column
+        conn.execute(sa.text("ALTER TABLE agentspec_stats ADD COLUMN accepted_recycled BIGINT NOT NULL DEFAULT 0"))
+        conn.execute(sa.text("UPDATE agentspec_schema SET version = 4"))
+    engine.dispose()
+    store = open_store(url)
+    assert store.schema_version() == SCHEMA_VERSION == 5
+    engine = sa.create_engine(url)
+    columns = {c["name"] for c in sa.inspect(engine).get_columns("agentspec_stats")}
+    engine.dispose()
+    assert "accepted_recycled" not in columns and "accepted_session" in columns
+    totals = store.session_stats("s")["s"]
+    assert totals["steps"] == 2 and totals["output_tokens"] == 3
+    assert totals["accepted_by_source"] == {"request": 0, "session": 2, "global": 0}
+    store.append("s", [1], [2], {"steps": 1}, fingerprint="fp")
+    assert store.session_stats("s")["s"]["steps"] == 3
 
 
 def test_read_only_folder_is_a_clear_error(tmp_path):
