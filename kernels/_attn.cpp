@@ -18,7 +18,8 @@
 // order: a dot product keeps 16 per-lane partial sums, adds lane i to lane i + 8 and then sums the 8
 // lanes in one fixed tree (sum8); softmax sums and value accumulations run lane by lane; exp
 // scales by 2^n with a single rounding in both. So the two paths give the same bits (the tests
-// check it); only the folding of chunk partials uses libm's exp, shared by both.
+// check it); only the folding of chunk partials uses libm's exp, shared by both. This needs
+// -ffp-contract=off (setup.py): a compiler that fused a written multiply and add would break it.
 //
 // Layout: q fp32 with strides (head, token), head dim contiguous; k/v [Hkv, S, D] rows contiguous
 // (stride D), kv-head stride given; fp32, fp16 or bf16. mask [T, T] uint8 (1 = token i sees token
