@@ -4,20 +4,29 @@
 // Each query row (head h, token t) attends to its *visible key sequence*: prefix keys 0..P-1, then
 // the step's keys t sees, in order. That sequence is cut at fixed multiples of kChunk keys; each
 // chunk gives the row a partial (max m, sum l, unnormalised output acc) computed in blocks of 16
-// keys (one AVX-512 vector of scores), and the partials are folded in chunk order. Every number
-// a row gets is thus a function of its visible sequence only: a row computed inside a step of T
-// tokens is bit-identical to the same token computed alone after its ancestors were committed
-// (so a verification step equals plain decoding with this kernel), and to any thread count.
+// keys, and the partials are folded in chunk order. Every number a row gets is thus a function of
+// its visible sequence only: a row computed inside a step of T tokens is bit-identical to the same
+// token computed alone after its ancestors were committed (so a verification step equals plain
+// decoding with this kernel), and to any thread count.
 //
 // Keys and values are read once per step for all rows that share them: work items are (kv head,
 // chunk); inside an item each block of 16 keys is read (and, for 16-bit KV, widened to fp32) once
 // and then scored by all groups x T query rows of that kv head while it sits in L1.
+//
+// Two instruction sets, chosen at run time: AVX-512F (a block of 16 scores is one vector) and
+// AVX2 + FMA + F16C (a pair of 8-lane vectors). They perform the same IEEE operations in the same
+// order: a dot product keeps 16 per-lane partial sums, adds lane i to lane i + 8 and then sums the 8
+// lanes in one fixed tree (sum8); softmax sums and value accumulations run lane by lane; exp
+// scales by 2^n with a single rounding in both. So the two paths give the same bits (the tests
+// check it); only the folding of chunk partials uses libm's exp, shared by both. This needs
+// -ffp-contract=off (setup.py): a compiler that fused a written multiply and add would break it.
 //
 // Layout: q fp32 with strides (head, token), head dim contiguous; k/v [Hkv, S, D] rows contiguous
 // (stride D), kv-head stride given; fp32, fp16 or bf16. mask [T, T] uint8 (1 = token i sees token
 // j). out [T, H, D] fp32 contiguous (what the output projection reads).
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cmath>
@@ -25,6 +34,7 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include <immintrin.h>
@@ -32,10 +42,28 @@
 
 namespace py = pybind11;
 
+// Per-function instruction sets (the module itself stays baseline x86-64, so it loads anywhere).
+#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#define AVX512_FN __attribute__((target("avx512f,avx2,fma,f16c")))
+
 namespace {
 
 constexpr int kLanes = 16;  // keys per block
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 enum Kind { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+bool has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+bool has_avx512() { return has_avx2() && __builtin_cpu_supports("avx512f"); }
+
+// The instruction sets this CPU can run the kernel with, best first.
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> isas;
+  if (has_avx512()) isas.emplace_back("avx512");
+  if (has_avx2()) isas.emplace_back("avx2");
+  return isas;
+}
 
 struct Problem {
   const float* q;
@@ -74,93 +102,234 @@ struct Rows {
   int64_t key(int64_t t, int64_t i, int64_t P) const { return i < P ? i : tree[t][i - P]; }
 };
 
-bool avx512_available() { return __builtin_cpu_supports("avx512f"); }
+// ---------------------------------------------------------------------------------------------
+// Arithmetic both instruction sets share (8-lane AVX2 code; AVX-512 functions call it too).
 
-// Everything from here to the entry point runs only after avx512_available() said yes.
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-
-// Row `key` of head base `base` as fp32 into dst[D] (fp16: vcvtph2ps; bf16: the 16 bits shifted up).
-template <int ND>
-inline void widen(const void* base, int kind, int64_t offset, float* dst) {
-  for (int c = 0; c < ND; ++c) {
-    __m512 x;
-    if (kind == kF32) {
-      x = _mm512_loadu_ps(static_cast<const float*>(base) + offset + 16 * c);
-    } else {
-      const __m256i h = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + offset + 16 * c));
-      x = kind == kF16 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    _mm512_storeu_ps(dst + 16 * c, x);
+// Lane j = the sum of x[j]'s 8 lanes, as ((x0 + x2) + (x1 + x3)) + ((x4 + x6) + (x5 + x7)).
+AVX2_FN inline __m256 sum8(const __m256* x) {
+  __m256 b[4], c[2];
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm256_add_ps(_mm256_unpacklo_ps(x[2 * i], x[2 * i + 1]), _mm256_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+  for (int i = 0; i < 2; ++i) {
+    const __m256d y = _mm256_castps_pd(b[2 * i]), z = _mm256_castps_pd(b[2 * i + 1]);
+    c[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(y, z)), _mm256_castpd_ps(_mm256_unpackhi_pd(y, z)));
   }
+  return _mm256_add_ps(_mm256_permute2f128_ps(c[0], c[1], 0x20), _mm256_permute2f128_ps(c[0], c[1], 0x31));
 }
 
-// The 16 horizontal sums of a[0..15] as one vector (lane j = sum of a[j]), in a fixed order.
-inline __m512 sum16(const __m512* a) {
-  __m512 b[8], c[4];
-  for (int i = 0; i < 8; ++i)
-    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {
-    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
-    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  const __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
-  const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xDD));
+// The sum of x's 8 lanes, as ((x0 + x4) + (x2 + x6)) + ((x1 + x5) + (x3 + x7)).
+AVX2_FN inline float hsum8(__m256 x) {
+  const __m128 a = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+
+// exp's constants (Cephes expf): ln 2 in two parts; e^r ~ 1 + r + r^2 q(r), q's coefficients from the highest power.
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                              4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+// 2^k for integer lanes k in [-126, 127].
+AVX2_FN inline __m256 pow2(__m256i k) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
 }
 
 // exp(x) per lane: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial (~1 ulp);
-// x <= -104 (and -inf) gives exactly 0.
-inline __m512 exp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-104.0f);
-  const __mmask16 zero = _mm512_cmp_ps_mask(x, lo, _CMP_LE_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.5f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~zero), _mm512_scalef_ps(p, n));
+// x <= -104 (and -inf) gives exactly 0. 2^n is applied as 2^(n >> 1) then 2^(n - (n >> 1)): both
+// factors are normal floats and the first product is exact, so the result is rounded once, as
+// AVX-512's vscalefps rounds it.
+AVX2_FN inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-104.0f);
+  const __m256 zero = _mm256_cmp_ps(x, lo, _CMP_LE_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.5f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x));
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1);
+  return _mm256_andnot_ps(zero, _mm256_mul_ps(_mm256_mul_ps(p, pow2(n1)), pow2(_mm256_sub_epi32(ni, n1))));
 }
 
-// s[0..15] = scale * q . k_j for the n rows k_j (lanes >= n: -inf).
+// ---------------------------------------------------------------------------------------------
+// The per-block operations, once per instruction set. D = 16 * ND floats per row.
+
 template <int ND>
-inline void score_block(const float* q, const float* const* k, int n, float scale,
-                                                           float* s) {
-  __m512 qv[ND], a[kLanes];
-  for (int c = 0; c < ND; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
-  for (int j = 0; j < kLanes; ++j) {
-    if (j >= n) {
-      a[j] = _mm512_setzero_ps();
-      continue;
+struct Avx2 {
+  static constexpr int D = 16 * ND;
+
+  // Row at `offset` of base (kind) as fp32 into dst[D] (fp16: vcvtph2ps; bf16: the 16 bits shifted up).
+  AVX2_FN static void widen(const void* base, int kind, int64_t offset, float* dst) {
+    for (int c = 0; c < 2 * ND; ++c) {
+      __m256 x;
+      if (kind == kF32) {
+        x = _mm256_loadu_ps(static_cast<const float*>(base) + offset + 8 * c);
+      } else {
+        const __m128i h = _mm_loadu_si128(
+            reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + offset + 8 * c));
+        x = kind == kF16 ? _mm256_cvtph_ps(h) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      }
+      _mm256_storeu_ps(dst + 8 * c, x);
     }
-    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k[j]));
-    for (int c = 1; c < ND; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k[j] + 16 * c), acc);
-    a[j] = acc;
   }
-  const __m512 scores = _mm512_mul_ps(sum16(a), _mm512_set1_ps(scale));
-  const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
-  _mm512_storeu_ps(s, _mm512_mask_blend_ps(valid, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), scores));
-}
 
-// acc[D] += sum_j p[j] v_j over the n rows v_j, in order.
-template <int ND>
-inline void value_block(const float* p, const float* const* v, int n, float* acc) {
-  __m512 a[ND];
-  for (int c = 0; c < ND; ++c) a[c] = _mm512_loadu_ps(acc + 16 * c);
-  for (int j = 0; j < n; ++j) {
-    const __m512 pj = _mm512_set1_ps(p[j]);
-    for (int c = 0; c < ND; ++c) a[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v[j] + 16 * c), a[c]);
+  // s[0..15] = scale * q . k_j for the n rows k_j (lanes >= n: -inf).
+  AVX2_FN static void score(const float* q, const float* const* k, int n, float scale, float* s) {
+    __m256 qv[2 * ND];
+    for (int c = 0; c < 2 * ND; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
+    for (int half = 0; half < 2; ++half) {
+      __m256 x[8];
+      for (int i = 0; i < 8; ++i) {
+        const int j = 8 * half + i;
+        if (j >= n) {
+          x[i] = _mm256_setzero_ps();
+          continue;
+        }
+        __m256 lo = _mm256_mul_ps(qv[0], _mm256_loadu_ps(k[j])), hi = _mm256_mul_ps(qv[1], _mm256_loadu_ps(k[j] + 8));
+        for (int c = 1; c < ND; ++c) {
+          lo = _mm256_fmadd_ps(qv[2 * c], _mm256_loadu_ps(k[j] + 16 * c), lo);
+          hi = _mm256_fmadd_ps(qv[2 * c + 1], _mm256_loadu_ps(k[j] + 16 * c + 8), hi);
+        }
+        x[i] = _mm256_add_ps(lo, hi);
+      }
+      const __m256 scores = _mm256_mul_ps(sum8(x), _mm256_set1_ps(scale));
+      const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256 valid = _mm256_cmp_ps(lane, _mm256_set1_ps(static_cast<float>(n - 8 * half)), _CMP_LT_OQ);
+      _mm256_storeu_ps(s + 8 * half, _mm256_blendv_ps(_mm256_set1_ps(kNegInf), scores, valid));
+    }
   }
-  for (int c = 0; c < ND; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
-}
+
+  // s[0..16 * blocks) <- exp(s - m) with m their max; ml = (m, sum of the exps).
+  AVX2_FN static void softmax(float* s, int64_t blocks, float* ml) {
+    __m256 mx = _mm256_set1_ps(kNegInf);
+    for (int64_t i = 0; i < 2 * blocks; ++i) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + 8 * i));
+    mx = _mm256_max_ps(mx, _mm256_permute2f128_ps(mx, mx, 1));
+    mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0x4E));
+    mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0xB1));
+    __m256 sum[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int half = 0; half < 2; ++half) {
+        float* at = s + b * kLanes + 8 * half;
+        const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(at), mx));
+        _mm256_storeu_ps(at, p);
+        sum[half] = _mm256_add_ps(sum[half], p);
+      }
+    }
+    ml[0] = _mm256_cvtss_f32(mx);
+    ml[1] = hsum8(_mm256_add_ps(sum[0], sum[1]));
+  }
+
+  // acc[D] += sum_j p[j] v_j over the n rows v_j, in order (at most 8 accumulators live at a time).
+  AVX2_FN static void accumulate(const float* p, const float* const* v, int n, float* acc) {
+    constexpr int G = 2 * ND < 8 ? 2 * ND : 8;
+    for (int c0 = 0; c0 < 2 * ND; c0 += G) {
+      __m256 a[G];
+      for (int c = 0; c < G; ++c) a[c] = _mm256_loadu_ps(acc + 8 * (c0 + c));
+      for (int j = 0; j < n; ++j) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        for (int c = 0; c < G; ++c) a[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v[j] + 8 * (c0 + c)), a[c]);
+      }
+      for (int c = 0; c < G; ++c) _mm256_storeu_ps(acc + 8 * (c0 + c), a[c]);
+    }
+  }
+};
+
+template <int ND>
+struct Avx512 {
+  static constexpr int D = 16 * ND;
+
+  AVX512_FN static void widen(const void* base, int kind, int64_t offset, float* dst) {
+    for (int c = 0; c < ND; ++c) {
+      __m512 x;
+      if (kind == kF32) {
+        x = _mm512_loadu_ps(static_cast<const float*>(base) + offset + 16 * c);
+      } else {
+        const __m256i h = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + offset + 16 * c));
+        x = kind == kF16 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      }
+      _mm512_storeu_ps(dst + 16 * c, x);
+    }
+  }
+
+  // sum8's tree on 16 rows at once: row i in the low 256 bits, row i + 8 in the high ones.
+  AVX512_FN static __m512 sum16(const __m512* a) {
+    __m512 z[8], b[4], c[2];
+    for (int i = 0; i < 8; ++i)  // lanes 0-7 + lanes 8-15 of rows i and i + 8
+      z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], 0x44), _mm512_shuffle_f32x4(a[i], a[i + 8], 0xEE));
+    for (int i = 0; i < 4; ++i)
+      b[i] = _mm512_add_ps(_mm512_unpacklo_ps(z[2 * i], z[2 * i + 1]), _mm512_unpackhi_ps(z[2 * i], z[2 * i + 1]));
+    for (int i = 0; i < 2; ++i) {
+      const __m512d y = _mm512_castps_pd(b[2 * i]), w = _mm512_castps_pd(b[2 * i + 1]);
+      c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(y, w)), _mm512_castpd_ps(_mm512_unpackhi_pd(y, w)));
+    }
+    const __m512i low = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+    const __m512i high = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    return _mm512_add_ps(_mm512_permutex2var_ps(c[0], low, c[1]), _mm512_permutex2var_ps(c[0], high, c[1]));
+  }
+
+  AVX512_FN static void score(const float* q, const float* const* k, int n, float scale, float* s) {
+    __m512 qv[ND], a[kLanes];
+    for (int c = 0; c < ND; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+    for (int j = 0; j < kLanes; ++j) {
+      if (j >= n) {
+        a[j] = _mm512_setzero_ps();
+        continue;
+      }
+      __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k[j]));
+      for (int c = 1; c < ND; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k[j] + 16 * c), acc);
+      a[j] = acc;
+    }
+    const __m512 scores = _mm512_mul_ps(sum16(a), _mm512_set1_ps(scale));
+    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+    _mm512_storeu_ps(s, _mm512_mask_blend_ps(valid, _mm512_set1_ps(kNegInf), scores));
+  }
+
+  // exp8 on 16 lanes, with the single rounding of vscalefps.
+  AVX512_FN static __m512 exp16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-104.0f);
+    const __mmask16 zero = _mm512_cmp_ps_mask(x, lo, _CMP_LE_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.5f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x));
+    __m512 p = _mm512_set1_ps(kExpPoly[0]);
+    for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~zero), _mm512_scalef_ps(p, n));
+  }
+
+  AVX512_FN static void softmax(float* s, int64_t blocks, float* ml) {
+    __m512 mx = _mm512_set1_ps(kNegInf);
+    for (int64_t b = 0; b < blocks; ++b) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + b * kLanes));
+    const float m = _mm512_reduce_max_ps(mx);  // a max is exact in any order
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + b * kLanes), mv));
+      _mm512_storeu_ps(s + b * kLanes, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    ml[0] = m;
+    ml[1] = hsum8(_mm256_add_ps(_mm512_castps512_ps256(sum),
+                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1))));
+  }
+
+  AVX512_FN static void accumulate(const float* p, const float* const* v, int n, float* acc) {
+    __m512 a[ND];
+    for (int c = 0; c < ND; ++c) a[c] = _mm512_loadu_ps(acc + 16 * c);
+    for (int j = 0; j < n; ++j) {
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      for (int c = 0; c < ND; ++c) a[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v[j] + 16 * c), a[c]);
+    }
+    for (int c = 0; c < ND; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The walk over blocks and chunks, written once: V is Avx2<ND> or Avx512<ND>. These templates are
+// compiled into each instruction set's work item (chunk_avx2 / chunk_avx512, which flatten them).
 
 // Floats on 64-byte boundaries (a vector load that crosses a cache line costs two).
 struct Aligned {
@@ -182,29 +351,27 @@ struct Scratch {
 };
 
 // Pointers to the fp32 rows of keys [b0, b0 + n) of kv head g as the cache holds them in order.
-template <int ND>
+template <class V>
 void direct_rows(const Problem& pb, const void* base, int64_t g, int64_t b0, int n, Scratch& sc) {
-  constexpr int D = 16 * ND;
   for (int j = 0; j < n; ++j) {
-    const int64_t offset = g * pb.kv_head + (b0 + j) * D;
+    const int64_t offset = g * pb.kv_head + (b0 + j) * V::D;
     if (pb.kind == kF32) {
       sc.dptr[j] = static_cast<const float*>(base) + offset;
     } else {
-      widen<ND>(base, pb.kind, offset, sc.direct.data() + j * D);
-      sc.dptr[j] = sc.direct.data() + j * D;
+      V::widen(base, pb.kind, offset, sc.direct.data() + j * V::D);
+      sc.dptr[j] = sc.direct.data() + j * V::D;
     }
   }
 }
 
 // Token t's visible keys b0 .. b0 + n - 1 (logical indices) of kv head g as fp32 rows.
-template <int ND>
+template <class V>
 const float* const* rows_for(const Problem& pb, const Rows& rows, const void* base, int64_t g, int64_t t, int64_t b0,
                              int n, Scratch& sc) {
-  constexpr int D = 16 * ND;
   if (b0 + n <= rows.direct[t]) return sc.dptr;
   for (int j = 0; j < n; ++j) {
-    widen<ND>(base, pb.kind, g * pb.kv_head + rows.key(t, b0 + j, pb.P) * D, sc.gathered.data() + j * D);
-    sc.gptr[j] = sc.gathered.data() + j * D;
+    V::widen(base, pb.kind, g * pb.kv_head + rows.key(t, b0 + j, pb.P) * V::D, sc.gathered.data() + j * V::D);
+    sc.gptr[j] = sc.gathered.data() + j * V::D;
   }
   return sc.gptr;
 }
@@ -212,33 +379,32 @@ const float* const* rows_for(const Problem& pb, const Rows& rows, const void* ba
 // For each block of 16 keys in [c0, c0 + reach) of kv head g (K or V: base) and each token that sees some of
 // them: fn(block, token, its n visible rows there as fp32, n). The block's rows are read once for all tokens
 // that see them where the cache holds them.
-template <int ND, class F>
+template <class V, class F>
 void for_each_block(const Problem& pb, const Rows& rows, const void* base, int64_t g, int64_t c0, int64_t reach,
                     Scratch& sc, F&& fn) {
   for (int64_t b = 0; b * kLanes < reach; ++b) {
     const int64_t b0 = c0 + b * kLanes;
-    direct_rows<ND>(pb, base, g, b0, static_cast<int>(std::min<int64_t>(kLanes, pb.P + pb.T - b0)), sc);
+    direct_rows<V>(pb, base, g, b0, static_cast<int>(std::min<int64_t>(kLanes, pb.P + pb.T - b0)), sc);
     for (int64_t t = 0; t < pb.T; ++t) {
       const int n = static_cast<int>(std::min<int64_t>(kLanes, rows.visible[t] - b0));
-      if (n > 0) fn(b, t, rows_for<ND>(pb, rows, base, g, t, b0, n, sc), n);
+      if (n > 0) fn(b, t, rows_for<V>(pb, rows, base, g, t, b0, n, sc), n);
     }
   }
 }
 
 // One work item: chunk c of kv head g for all its groups x T query rows; partial[row][c] = (m, l, acc[D]).
-template <int ND>
+template <class V>
 void chunk_item(const Problem& pb, const Rows& rows, int64_t g, int64_t c, int64_t n_chunks, Scratch& sc,
                 float* partial) {
-  constexpr int D = 16 * ND;
   const int64_t T = pb.T, groups = pb.H / pb.Hkv, C = pb.chunk, c0 = c * C;
   int64_t reach = 0;  // keys of this chunk the farthest-seeing row reads
   for (int64_t t = 0; t < T; ++t) reach = std::max(reach, std::min(C, rows.visible[t] - c0));
-  auto slot = [&](int64_t h, int64_t t) { return partial + ((h * T + t) * n_chunks + c) * (D + kAcc); };
+  auto slot = [&](int64_t h, int64_t t) { return partial + ((h * T + t) * n_chunks + c) * (V::D + kAcc); };
   auto score_row = [&](int64_t j, int64_t t) { return sc.scores.data() + (j * T + t) * C; };
-  for_each_block<ND>(pb, rows, pb.k, g, c0, reach, sc, [&](int64_t b, int64_t t, const float* const* k, int n) {
+  for_each_block<V>(pb, rows, pb.k, g, c0, reach, sc, [&](int64_t b, int64_t t, const float* const* k, int n) {
     for (int64_t j = 0; j < groups; ++j) {
       const int64_t h = g * groups + j;
-      score_block<ND>(pb.q + h * pb.q_head + t * pb.q_tok, k, n, pb.scale, score_row(j, t) + b * kLanes);
+      V::score(pb.q + h * pb.q_head + t * pb.q_tok, k, n, pb.scale, score_row(j, t) + b * kLanes);
     }
   });
   for (int64_t t = 0; t < T; ++t) {  // softmax numerators per row: m, p = exp(s - m), l = sum p
@@ -246,36 +412,38 @@ void chunk_item(const Problem& pb, const Rows& rows, int64_t g, int64_t c, int64
     for (int64_t j = 0; j < groups; ++j) {
       float* out = slot(g * groups + j, t);
       if (len <= 0) {
-        out[0] = -std::numeric_limits<float>::infinity();
+        out[0] = kNegInf;
         out[1] = 0.0f;
         continue;
       }
-      float* s = score_row(j, t);
-      const int64_t blocks = (len + kLanes - 1) / kLanes;
-      __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      for (int64_t b = 0; b < blocks; ++b) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + b * kLanes));
-      const float m = _mm512_reduce_max_ps(mx);
-      const __m512 mv = _mm512_set1_ps(m);
-      __m512 sum = _mm512_setzero_ps();
-      for (int64_t b = 0; b < blocks; ++b) {
-        const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + b * kLanes), mv));
-        _mm512_storeu_ps(s + b * kLanes, p);
-        sum = _mm512_add_ps(sum, p);
-      }
-      out[0] = m;
-      out[1] = _mm512_reduce_add_ps(sum);
-      std::memset(out + kAcc, 0, D * sizeof(float));
+      V::softmax(score_row(j, t), (len + kLanes - 1) / kLanes, out);
+      std::memset(out + kAcc, 0, V::D * sizeof(float));
     }
   }
-  for_each_block<ND>(pb, rows, pb.v, g, c0, reach, sc, [&](int64_t b, int64_t t, const float* const* v, int n) {
+  for_each_block<V>(pb, rows, pb.v, g, c0, reach, sc, [&](int64_t b, int64_t t, const float* const* v, int n) {
     for (int64_t j = 0; j < groups; ++j)
-      value_block<ND>(score_row(j, t) + b * kLanes, v, n, slot(g * groups + j, t) + kAcc);
+      V::accumulate(score_row(j, t) + b * kLanes, v, n, slot(g * groups + j, t) + kAcc);
   });
 }
 
-// Fold a row's chunk partials in order and normalise: out[D].
+// chunk_item compiled for each instruction set: flatten inlines the walk and its block operations here.
+using ChunkFn = void (*)(const Problem&, const Rows&, int64_t, int64_t, int64_t, Scratch&, float*);
+
+template <int ND>
+AVX2_FN __attribute__((flatten)) void chunk_avx2(const Problem& pb, const Rows& rows, int64_t g, int64_t c,
+                                                 int64_t n_chunks, Scratch& sc, float* partial) {
+  chunk_item<Avx2<ND>>(pb, rows, g, c, n_chunks, sc, partial);
+}
+
+template <int ND>
+AVX512_FN __attribute__((flatten)) void chunk_avx512(const Problem& pb, const Rows& rows, int64_t g, int64_t c,
+                                                     int64_t n_chunks, Scratch& sc, float* partial) {
+  chunk_item<Avx512<ND>>(pb, rows, g, c, n_chunks, sc, partial);
+}
+
+// Fold a row's chunk partials in order and normalise: out[D] (baseline code, the same for both ISAs).
 void fold(const float* partial, int64_t n_chunks, int64_t D, float* out) {
-  float m = -std::numeric_limits<float>::infinity(), l = 0.0f;
+  float m = kNegInf, l = 0.0f;
   std::vector<float> acc(D, 0.0f);
   for (int64_t c = 0; c < n_chunks; ++c) {
     const float* p = partial + c * (D + kAcc);
@@ -296,8 +464,9 @@ void fold(const float* partial, int64_t n_chunks, int64_t D, float* out) {
 }
 
 template <int ND>
-void run(const Problem& pb, const Rows& rows, int threads) {
+void run(const Problem& pb, const Rows& rows, int threads, bool avx512) {
   constexpr int D = 16 * ND;
+  const ChunkFn item_fn = avx512 ? &chunk_avx512<ND> : &chunk_avx2<ND>;
   const int64_t most = *std::max_element(rows.visible.begin(), rows.visible.end());
   const int64_t n_chunks = std::max<int64_t>(1, (most + pb.chunk - 1) / pb.chunk);
   const int64_t items = pb.Hkv * n_chunks, groups = pb.H / pb.Hkv;
@@ -311,7 +480,7 @@ void run(const Problem& pb, const Rows& rows, int threads) {
     sc.gathered.resize(kLanes * D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item)
-      chunk_item<ND>(pb, rows, item / n_chunks, item % n_chunks, n_chunks, sc, partial.data());
+      item_fn(pb, rows, item / n_chunks, item % n_chunks, n_chunks, sc, partial.data());
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < pb.H * pb.T; ++row) {  // row = h * T + t -> out[t, h]
       const int64_t h = row / pb.T, t = row % pb.T;
@@ -320,12 +489,13 @@ void run(const Problem& pb, const Rows& rows, int threads) {
   }
 }
 
-#pragma GCC pop_options
-
 void tree_attention(uintptr_t q, int64_t q_head, int64_t q_tok, uintptr_t k, uintptr_t v, int64_t kv_head, int kind,
                     int64_t H, int64_t Hkv, int64_t T, int64_t D, int64_t P, uintptr_t mask, double scale,
-                    uintptr_t out, int64_t chunk, int threads) {
-  if (!avx512_available()) throw std::runtime_error("tree_attention needs AVX-512F");
+                    uintptr_t out, int64_t chunk, int threads, const std::string& isa) {
+  if (isa != "avx512" && isa != "avx2") throw std::invalid_argument("isa must be 'avx512' or 'avx2', not '" + isa + "'");
+  const bool avx512 = isa == "avx512";
+  if (!(avx512 ? has_avx512() : has_avx2()))
+    throw std::runtime_error(avx512 ? "this CPU lacks AVX-512F" : "this CPU lacks AVX2, FMA or F16C");
   if (kind < kF32 || kind > kBF16) throw std::invalid_argument("kind must be 0 (fp32), 1 (fp16) or 2 (bf16)");
   if (H <= 0 || Hkv <= 0 || H % Hkv || T <= 0 || P < 0) throw std::invalid_argument("bad head or token counts");
   if (chunk <= 0 || chunk % kLanes) throw std::invalid_argument("chunk must be a positive multiple of 16");
@@ -336,10 +506,10 @@ void tree_attention(uintptr_t q, int64_t q_head, int64_t q_tok, uintptr_t k, uin
   const Rows rows(reinterpret_cast<const uint8_t*>(mask), T, P);
   threads = threads > 0 ? threads : 1;
   switch (D) {
-    case 16: run<1>(pb, rows, threads); break;
-    case 32: run<2>(pb, rows, threads); break;
-    case 64: run<4>(pb, rows, threads); break;
-    case 128: run<8>(pb, rows, threads); break;
+    case 16: run<1>(pb, rows, threads, avx512); break;
+    case 32: run<2>(pb, rows, threads, avx512); break;
+    case 64: run<4>(pb, rows, threads, avx512); break;
+    case 128: run<8>(pb, rows, threads, avx512); break;
     default: throw std::invalid_argument("head dim must be 16, 32, 64 or 128");
   }
 }
@@ -347,10 +517,10 @@ void tree_attention(uintptr_t q, int64_t q_head, int64_t q_tok, uintptr_t k, uin
 }  // namespace
 
 PYBIND11_MODULE(_attn, m) {
-  m.doc() = "Tree attention over fp32/fp16/bf16 KV for CPU verification steps (AVX-512)";
-  m.def("avx512_available", &avx512_available, "True when this CPU has AVX-512F (the kernel's instruction set)");
+  m.doc() = "Tree attention over fp32/fp16/bf16 KV for CPU verification steps (AVX-512 or AVX2)";
+  m.def("cpu_isas", &cpu_isas, "The instruction sets this CPU can run the kernel with, best first");
   m.def("tree_attention", &tree_attention, py::arg("q"), py::arg("q_head"), py::arg("q_tok"), py::arg("k"),
         py::arg("v"), py::arg("kv_head"), py::arg("kind"), py::arg("H"), py::arg("Hkv"), py::arg("T"), py::arg("D"),
         py::arg("P"), py::arg("mask"), py::arg("scale"), py::arg("out"), py::arg("chunk"), py::arg("threads"),
-        "out[T, H, D] = attention of q over k/v (pointers of tensors laid out as the module doc says)");
+        py::arg("isa"), "out[T, H, D] = attention of q over k/v (pointers of tensors laid out as the module doc says)");
 }

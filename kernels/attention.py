@@ -5,6 +5,12 @@ chunk) over the committed prefix (no mask) and the step's own keys (under a ``[T
 grouped-query heads sharing their kv head's reads: each K/V row is read once per step for all
 query rows. 16-bit KV is widened to fp32 in registers; all arithmetic is fp32.
 
+The kernel runs with AVX-512F or, on CPUs without it (AMD Zen 2/3, most Intel client CPUs), with
+AVX2 + FMA + F16C: :func:`kernel_isa` picks the best this CPU has, or the one the environment
+variable ``AGENTSPEC_CPU_ISA`` (``avx512`` or ``avx2``, read once) names. The two perform the same
+fp32 operations in the same order and give the same bits (the tests check it on CPUs that have
+both), so outputs do not depend on which one ran.
+
 A row's result depends only on the keys it sees (fixed chunks and blocks along that sequence,
 per-row accumulators): a row computed inside a step of ``T`` tokens is bit-identical to the same
 token computed alone once its ancestors are committed, so speculative decoding equals plain
@@ -14,6 +20,7 @@ decoding through this kernel, whatever the tree or the thread count.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -21,16 +28,39 @@ CHUNK = 256  # keys per partial softmax; the folding order depends on it, never 
 KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 HEAD_DIMS = (16, 32, 64, 128)
+ISAS = ("avx512", "avx2")  # the kernel's instruction sets, best first
+ISA_ENV = "AGENTSPEC_CPU_ISA"
 
 
-@functools.lru_cache(maxsize=1)
-def attention_available() -> bool:
-    """True when the compiled kernel is built and this CPU has AVX-512F."""
+@functools.cache
+def cpu_isas() -> tuple[str, ...]:
+    """The instruction sets of :data:`ISAS` the kernel can run with here, best first (empty when the
+    extension is not built)."""
     try:
-        from . import _attn
+        from . import _attn  # optional compiled extension
     except ImportError:
-        return False
-    return bool(_attn.avx512_available())
+        return ()
+    return tuple(_attn.cpu_isas())
+
+
+@functools.cache
+def kernel_isa() -> str | None:
+    """The instruction set the kernel runs with: ``$AGENTSPEC_CPU_ISA`` when set (read once; an error
+    if this CPU lacks it), else the best this CPU has; None when the kernel cannot run here."""
+    wanted = os.environ.get(ISA_ENV)
+    if not wanted:
+        return next(iter(cpu_isas()), None)
+    if wanted not in ISAS:
+        raise ValueError(f"{ISA_ENV}={wanted!r}: expected one of {', '.join(ISAS)}")
+    if wanted not in cpu_isas():
+        raise RuntimeError(f"{ISA_ENV}={wanted}, but the attention kernel can run only with "
+                           f"{', '.join(cpu_isas()) or 'nothing'} here")
+    return wanted
+
+
+def attention_available() -> bool:
+    """True when the compiled kernel is built and this CPU has AVX-512F or AVX2 + FMA + F16C."""
+    return kernel_isa() is not None
 
 
 def narrow_kv_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -50,14 +80,15 @@ def kernel_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def tree_attention_rows(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor, scale: float, *,
-    chunk: int = CHUNK, threads: int | None = None,
+    chunk: int = CHUNK, threads: int | None = None, isa: str | None = None,
 ) -> torch.Tensor:
     """Attention of q ``[1, H, T, D]`` (fp32) over k/v ``[1, Hkv, P + T, D]`` (the step's own keys
     last; rows contiguous, as a :class:`~agentspec.engine.kvcache.TreeKVCache` view holds them):
     every token sees the ``P`` prefix keys and the step's keys ``tree_mask [T, T]`` (bool) allows.
     Returns ``[1, T, H * D]`` fp32 (what the output projection reads). Needs :func:`kernel_fits`.
+    ``isa``: one of :func:`cpu_isas` (default :func:`kernel_isa`).
     """
-    from . import _attn
+    from . import _attn  # optional compiled extension
 
     _, h, t, d = q.shape
     hkv, p = k.shape[1], k.shape[2] - t
@@ -69,5 +100,5 @@ def tree_attention_rows(
     out = torch.empty(t, h, d, dtype=torch.float32)
     _attn.tree_attention(q.data_ptr(), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(), k.stride(1),
                          _KINDS[k.dtype], h, hkv, t, d, p, mask.data_ptr(), scale, out.data_ptr(), chunk,
-                         threads or torch.get_num_threads())
+                         threads or torch.get_num_threads(), isa or kernel_isa())
     return out.view(1, t, h * d)

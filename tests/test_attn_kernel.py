@@ -2,7 +2,8 @@
 
 The kernel must match the fp64 reference to rounding, and give each query row the very same bits
 whether it is computed inside a step of T tokens or alone once its ancestors are committed (that
-is what makes a verification step equal plain decoding).
+is what makes a verification step equal plain decoding). Each test runs once per instruction set
+(AVX-512, AVX2) this CPU has; the two must agree bit for bit.
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ import random
 import pytest
 import torch
 from agentspec.kernels.attention import (
+    ISA_ENV,
+    ISAS,
     attention_available,
+    cpu_isas,
+    kernel_isa,
     narrow_kv_dtype,
     tree_attention_rows,
 )
@@ -29,7 +34,11 @@ from agentspec.engine.kvcache import TreeKVCache
 from agentspec.engine.quantize import quantize_model
 from agentspec.engine.verify import ancestor_mask
 
-needs_kernel = pytest.mark.skipif(not attention_available(), reason="the _attn extension is not built or no AVX-512F")
+needs_kernel = pytest.mark.skipif(not attention_available(), reason="the _attn extension is not built or no AVX2")
+EACH_ISA = pytest.mark.parametrize("isa", [
+    pytest.param(isa, marks=pytest.mark.skipif(isa not in cpu_isas(), reason=f"no {isa} kernel on this CPU"))
+    for isa in ISAS
+])
 KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TREES = {
     "one token": [],
@@ -50,27 +59,41 @@ def _reference(q, k, v, mask, prefix, scale):
     return out.transpose(1, 2).reshape(1, q.shape[2], -1).float()
 
 
-@needs_kernel
+@EACH_ISA
 @pytest.mark.parametrize("dtype", KV_DTYPES, ids=str)
 @pytest.mark.parametrize("tree", list(TREES), ids=str)
 @pytest.mark.parametrize("prefix", [0, 5, 255, 700])
-def test_kernel_matches_the_fp64_reference(dtype, tree, prefix):
+def test_kernel_matches_the_fp64_reference(isa, dtype, tree, prefix):
     mask = ancestor_mask(TREES[tree])
     t = mask.shape[0]
     q = torch.randn(1, 9, t, 64, generator=torch.Generator().manual_seed(prefix))
     k, v = _kv(3, prefix + t, 64, dtype, prefix + 1)
-    got = tree_attention_rows(q, k, v, mask, 0.125)
+    got = tree_attention_rows(q, k, v, mask, 0.125, isa=isa)
     torch.testing.assert_close(got, _reference(q, k, v, mask, prefix, 0.125), atol=2e-6, rtol=2e-5)
 
 
-@needs_kernel
+@EACH_ISA
 @pytest.mark.parametrize("head_dim", [16, 32, 128])
-def test_kernel_covers_each_head_dim(head_dim):
+def test_kernel_covers_each_head_dim(isa, head_dim):
     mask = ancestor_mask([-1, 0, 0])
     q = torch.randn(1, 4, 4, head_dim)
     k, v = _kv(2, 40 + 4, head_dim, torch.float32, 0)
-    got = tree_attention_rows(q, k, v, mask, head_dim**-0.5)
+    got = tree_attention_rows(q, k, v, mask, head_dim**-0.5, isa=isa)
     torch.testing.assert_close(got, _reference(q, k, v, mask, 40, head_dim**-0.5), atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.skipif(set(ISAS) - set(cpu_isas()), reason="needs a CPU with both AVX-512 and AVX2")
+@pytest.mark.parametrize("dtype", KV_DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+def test_avx2_and_avx512_give_the_same_bits(dtype, head_dim):
+    """Same operations in the same order: a row's result does not depend on the instruction set."""
+    for prefix, tree in [(0, "chain of 8"), (300, "branching 9"), (1000, "one token"), (600, "chain of 16")]:
+        mask = ancestor_mask(TREES[tree])
+        t = mask.shape[0]
+        q = 4 * torch.randn(1, 6, t, head_dim, generator=torch.Generator().manual_seed(prefix))  # wide score ranges
+        k, v = _kv(2, prefix + t, head_dim, dtype, prefix + 2)
+        wide, narrow = (tree_attention_rows(q, k, v, mask, head_dim**-0.5, isa=isa) for isa in ISAS)
+        assert torch.equal(wide, narrow), f"{tree} after {prefix} keys: AVX2 differs from AVX-512"
 
 
 def _alone(q, k, v, mask, prefix, row, scale, **kwargs):
@@ -82,33 +105,57 @@ def _alone(q, k, v, mask, prefix, row, scale, **kwargs):
     return tree_attention_rows(q[:, :, row : row + 1], k1, v1, torch.ones(1, 1, dtype=torch.bool), scale, **kwargs)
 
 
-@needs_kernel
+@EACH_ISA
 @pytest.mark.parametrize("dtype", KV_DTYPES, ids=str)
 @pytest.mark.parametrize("prefix", [3, 250, 300, 1000])  # 250: the ancestors cross a 256-key chunk boundary
-def test_a_row_inside_a_step_is_bit_identical_to_the_token_decoded_alone(dtype, prefix):
+def test_a_row_inside_a_step_is_bit_identical_to_the_token_decoded_alone(isa, dtype, prefix):
     parents = [-1, 0, 1, 0, 3, 3, 5]  # 8 tokens with branches: row 7 sees 0, 3, 5, 7 (not in cache order)
     mask = ancestor_mask(parents)
     t = mask.shape[0]
     q = torch.randn(1, 9, t, 64, generator=torch.Generator().manual_seed(7))
     k, v = _kv(3, prefix + t, 64, dtype, 8)
-    step = tree_attention_rows(q, k, v, mask, 0.125)
+    step = tree_attention_rows(q, k, v, mask, 0.125, isa=isa)
     for row in range(t):
-        alone = _alone(q, k, v, mask, prefix, row, 0.125)
+        alone = _alone(q, k, v, mask, prefix, row, 0.125, isa=isa)
         assert torch.equal(step[:, row], alone[:, 0]), f"row {row} differs from the token decoded alone"
     # and the thread count changes nothing
-    assert torch.equal(tree_attention_rows(q, k, v, mask, 0.125, threads=1),
-                       tree_attention_rows(q, k, v, mask, 0.125, threads=2))
+    assert torch.equal(tree_attention_rows(q, k, v, mask, 0.125, threads=1, isa=isa),
+                       tree_attention_rows(q, k, v, mask, 0.125, threads=2, isa=isa))
 
 
-@needs_kernel
-def test_a_token_that_sees_nothing_gets_zeros_and_a_chunk_size_must_fit_blocks():
+@EACH_ISA
+def test_a_token_that_sees_nothing_gets_zeros_and_a_chunk_size_must_fit_blocks(isa):
     q = torch.randn(1, 2, 2, 16)
     k, v = _kv(1, 2, 16, torch.float32, 0)
     mask = torch.tensor([[True, False], [False, False]])
-    out = tree_attention_rows(q, k, v, mask, 0.25)
+    out = tree_attention_rows(q, k, v, mask, 0.25, isa=isa)
     assert torch.equal(out[0, 1], torch.zeros(32)) and out[0, 0].abs().sum() > 0
     with pytest.raises(ValueError, match="multiple of 16"):
-        tree_attention_rows(q, k, v, mask, 0.25, chunk=40)
+        tree_attention_rows(q, k, v, mask, 0.25, chunk=40, isa=isa)
+
+
+@pytest.fixture(params=ISAS)
+def forced_isa(request, monkeypatch):
+    """The kernel's instruction set forced through the environment (what a whole engine then runs)."""
+    if request.param not in cpu_isas():
+        pytest.skip(f"no {request.param} kernel on this CPU")
+    monkeypatch.setenv(ISA_ENV, request.param)
+    kernel_isa.cache_clear()
+    yield request.param
+    kernel_isa.cache_clear()  # the environment is restored after this
+
+
+@needs_kernel
+def test_the_environment_picks_the_instruction_set(forced_isa, monkeypatch):
+    assert kernel_isa() == forced_isa
+    for wanted, error in [("sse2", ValueError), *[(isa, RuntimeError) for isa in set(ISAS) - set(cpu_isas())]]:
+        monkeypatch.setenv(ISA_ENV, wanted)
+        kernel_isa.cache_clear()
+        with pytest.raises(error, match=ISA_ENV):
+            kernel_isa()
+    monkeypatch.delenv(ISA_ENV)
+    kernel_isa.cache_clear()
+    assert kernel_isa() == cpu_isas()[0]
 
 
 def test_kv_dtype_names():
@@ -148,7 +195,7 @@ def int8_model(tiny_model):
 
 @needs_kernel
 @pytest.mark.parametrize("kv", ["float16", "bfloat16", "float32"])
-def test_verification_logits_equal_one_token_steps_bit_for_bit(int8_model, kv):
+def test_verification_logits_equal_one_token_steps_bit_for_bit(int8_model, kv, forced_isa):
     if not blocks_available():
         pytest.skip("the block kernel (row-independent matmuls) is not built")
     engine = kv_engine(int8_model, kv)
@@ -171,7 +218,7 @@ def test_verification_logits_equal_one_token_steps_bit_for_bit(int8_model, kv):
 @needs_kernel
 @pytest.mark.parametrize("kv", ["float16", "bfloat16"])
 @pytest.mark.parametrize("seed", range(2))
-def test_greedy_with_16_bit_kv_equals_its_own_plain_decoding(int8_model, default_tokenizer, kv, seed):
+def test_greedy_with_16_bit_kv_equals_its_own_plain_decoding(int8_model, default_tokenizer, kv, seed, forced_isa):
     rng = random.Random(seed)
     prompt = [rng.randrange(3, 512) for _ in range(rng.randrange(5, 300))]
     plain = kv_engine(int8_model, kv, tokenizer=default_tokenizer, spec={"prefix_cache_bytes": 0})

@@ -93,7 +93,7 @@ def test_greedy_with_16_bit_kv_or_int8_matmul_equals_its_own_plain_decoding(kv_d
     same KV precision and matmul mode: the tree-attention kernel and the block kernel give each row of a
     verification step the bits of the one-token step."""
     if not attention_available():
-        pytest.skip("16-bit KV is read by the compiled attention kernel, not built here (or no AVX-512F)")
+        pytest.skip("16-bit KV is read by the compiled attention kernel, not built here (or no AVX2)")
     if matmul == "int8" and not int8_available():
         pytest.skip("int8 matmul needs the block kernel and AVX-512 VNNI")
     engine = Engine.from_pretrained(kv_dtype=kv_dtype, matmul=matmul, store="memory")
