@@ -8,7 +8,9 @@ For each context length P and tree size T (tree tokens verified in one step), it
 * ``sdpa-mask``: ``scaled_dot_product_attention`` with the full ``[T, P+T]`` boolean mask, what
   transformers runs when handed a tree mask;
 * ``sdpa-nomask``: the same call with no mask (every key visible): not tree attention, but the
-  fastest attention torch has over the same bytes, a floor for the others.
+  fastest attention torch has over the same bytes, a floor for the others;
+* ``cpu-kernel`` (CPU, where built): the compiled kernel the engine's lean CPU forward runs
+  (``agentspec.kernels.attention``; ``AGENTSPEC_CPU_ISA=avx2|avx512`` picks its instruction set).
 
 Every backend's output is checked against the float64 reference first. Each time is the median of
 repeated runs (``triton.testing.do_bench`` on CUDA); the table also gives the KV bytes read per
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from agentspec.kernels import dispatch
+from agentspec.kernels.attention import kernel_fits, kernel_isa, tree_attention_rows
 from agentspec.kernels.reference import expand_tree_mask, masked_attention, split_tree_attention
 from rich.console import Console
 from rich.table import Table
@@ -72,12 +75,16 @@ def backends(q, k, v, tree, p):
     b, h, t, _ = q.shape
     n_rep = h // k.shape[1]
     full = expand_tree_mask(tree, b, p)  # [B, 1, T, P+T]
-    return {
+    calls = {
         "agentspec": lambda: dispatch.tree_attention(q, k, v, tree, p),
         "torch-split": lambda: split_tree_attention(q, k, v, tree, p),
         "sdpa-mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=full, enable_gqa=n_rep > 1),
         "sdpa-nomask": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=n_rep > 1),
     }
+    if q.device.type == "cpu" and kernel_fits(q, k):
+        scale = q.shape[-1] ** -0.5
+        calls["cpu-kernel"] = lambda: tree_attention_rows(q, k, v, tree, scale).view(b, t, h, -1).transpose(1, 2)
+    return calls
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -107,15 +114,20 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def others(rows: list[dict]) -> list[str]:
+    """The backends timed beside ``agentspec``, in the order they ran."""
+    return [key[:-3] for key in rows[0] if key.endswith("_ms") and key != "agentspec_ms"]
+
+
 def show(rows: list[dict], title: str) -> None:
     table = Table(title=title)
-    for col in ("P", "T", "agentspec ms", "torch-split", "sdpa-mask", "sdpa-nomask", "agentspec GB/s", "max err"):
+    for col in ("P", "T", "agentspec ms", *others(rows), "agentspec GB/s", "max err"):
         table.add_column(col, justify="right")
     for r in rows:
         base = r["agentspec_ms"]
         table.add_row(
             str(r["context"]), str(r["tree"]), f"{base:.4f}",
-            *(f"{r[f'{n}_ms']:.4f} ({r[f'{n}_ms'] / base:.2f}x)" for n in ("torch-split", "sdpa-mask", "sdpa-nomask")),
+            *(f"{r[f'{n}_ms']:.4f} ({r[f'{n}_ms'] / base:.2f}x)" for n in others(rows)),
             f"{r['agentspec_gbps']:.0f}", f"{r['agentspec_err']:.1e}",
         )
     Console().print(table)
@@ -131,7 +143,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(contexts), figsize=(4 * len(contexts), 3.5), squeeze=False)
     for ax, p in zip(axes[0], contexts):
         sel = [r for r in rows if r["context"] == p]
-        for name in ("agentspec", "torch-split", "sdpa-mask", "sdpa-nomask"):
+        for name in ("agentspec", *others(rows)):
             ax.plot([r["tree"] for r in sel], [r[f"{name}_ms"] for r in sel], marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -160,8 +172,9 @@ def main() -> None:
     on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     args.dtype = args.dtype or ("bfloat16" if on_cuda else "float32")
     name = torch.cuda.get_device_name() if on_cuda else "CPU"
-    backend = "triton" if on_cuda and dispatch.triton_available() else "cpu"
-    title = f"tree attention, {args.heads} heads, {args.dtype}, {name} (agentspec = {backend})"
+    backend = "triton" if on_cuda and dispatch.triton_available() else "torch fused"
+    isa = "" if on_cuda or kernel_isa() is None else f", cpu-kernel = {kernel_isa()}"
+    title = f"tree attention, {args.heads} heads, {args.dtype}, {name} (agentspec = {backend}{isa})"
     print(title, flush=True)
     rows = run(args)
     show(rows, title)
@@ -169,7 +182,7 @@ def main() -> None:
         args.report.write_text(json.dumps({"title": title, "rows": rows}, indent=1))
     if args.plot:
         plot(rows, args.plot, title)
-    worst = max(r["agentspec_err"] for r in rows)
+    worst = max(r[f"{n}_err"] for r in rows for n in ("agentspec", "cpu-kernel") if f"{n}_err" in r)
     bound = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}[args.dtype]
     if not math.isfinite(worst) or worst > bound:
         raise SystemExit(f"agentspec's output is off the float64 reference by {worst:.2e} (> {bound:.0e})")
