@@ -1,7 +1,8 @@
 """Pick the tree-attention backend, and plug it into transformers as ``attn_implementation="agentspec_tree"``.
 
-* :func:`tree_attention` runs the Triton kernel on CUDA tensors when triton imports, else the
-  torch reference (:func:`~agentspec.kernels.reference.split_tree_attention`).
+* :func:`tree_attention` runs the Triton kernel on CUDA tensors when triton imports; on a CPU the
+  compiled kernel (:mod:`agentspec.kernels.attention`) where it fits, else torch's fused kernel;
+  else the torch reference (:func:`~agentspec.kernels.reference.split_tree_attention`).
 * :func:`tree_attention_forward` has the signature of a transformers attention function; it reads
   the engine's 4D mask ``[B, 1, T, P+T]``, checks that the first ``P = S - T`` key columns (the
   committed prefix) are all visible, and runs :func:`tree_attention` with the last ``T`` columns as
@@ -19,6 +20,7 @@ import functools
 
 import torch
 
+from .attention import kernel_fits, tree_attention_rows
 from .cpu import cpu_tree_attention
 from .reference import partial_attention, split_tree_attention
 
@@ -57,6 +59,10 @@ def tree_attention(
         from .triton_tree import triton_tree_attention
 
         return triton_tree_attention(q, k, v, tree_mask, prefix_len, scale)
+    if kernel_fits(q, k) and v.dtype == k.dtype and v.stride() == k.stride():
+        b, h, t, d = q.shape
+        scale = d**-0.5 if scale is None else scale
+        return tree_attention_rows(q, k, v, tree_mask.reshape(t, t), scale).view(b, t, h, d).transpose(1, 2)
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
         return cpu_tree_attention(q, k, v, tree_mask, prefix_len, scale)
     return split_tree_attention(q, k, v, tree_mask, prefix_len, scale)

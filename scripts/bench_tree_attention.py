@@ -3,14 +3,13 @@
 For each context length P and tree size T (tree tokens verified in one step), it times:
 
 * ``agentspec``: :func:`agentspec.kernels.tree_attention`, the backend the engine runs (the Triton
-  kernel on a CUDA GPU; the compiled CPU kernel or torch's fused kernel on a CPU);
+  kernel on a CUDA GPU; on a CPU the compiled kernel, ``AGENTSPEC_CPU_ISA=avx2|avx512`` picking its
+  instruction set, or torch's fused kernel where it does not fit);
 * ``torch-split``: the torch reference (prefix and tree parts merged by their log-sum-exp);
 * ``sdpa-mask``: ``scaled_dot_product_attention`` with the full ``[T, P+T]`` boolean mask, what
   transformers runs when handed a tree mask;
 * ``sdpa-nomask``: the same call with no mask (every key visible): not tree attention, but the
-  fastest attention torch has over the same bytes, a floor for the others;
-* ``cpu-kernel`` (CPU, where built): the compiled kernel the engine's lean CPU forward runs
-  (``agentspec.kernels.attention``; ``AGENTSPEC_CPU_ISA=avx2|avx512`` picks its instruction set).
+  fastest attention torch has over the same bytes, a floor for the others.
 
 Every backend's output is checked against the float64 reference first. Each time is the median of
 repeated runs (``triton.testing.do_bench`` on CUDA); the table also gives the KV bytes read per
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from agentspec.kernels import dispatch
-from agentspec.kernels.attention import kernel_fits, kernel_isa, tree_attention_rows
+from agentspec.kernels.attention import kernel_fits, kernel_isa
 from agentspec.kernels.reference import expand_tree_mask, masked_attention, split_tree_attention
 from rich.console import Console
 from rich.table import Table
@@ -75,16 +74,12 @@ def backends(q, k, v, tree, p):
     b, h, t, _ = q.shape
     n_rep = h // k.shape[1]
     full = expand_tree_mask(tree, b, p)  # [B, 1, T, P+T]
-    calls = {
+    return {
         "agentspec": lambda: dispatch.tree_attention(q, k, v, tree, p),
         "torch-split": lambda: split_tree_attention(q, k, v, tree, p),
         "sdpa-mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=full, enable_gqa=n_rep > 1),
         "sdpa-nomask": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=n_rep > 1),
     }
-    if q.device.type == "cpu" and kernel_fits(q, k):
-        scale = q.shape[-1] ** -0.5
-        calls["cpu-kernel"] = lambda: tree_attention_rows(q, k, v, tree, scale).view(b, t, h, -1).transpose(1, 2)
-    return calls
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -172,9 +167,12 @@ def main() -> None:
     on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     args.dtype = args.dtype or ("bfloat16" if on_cuda else "float32")
     name = torch.cuda.get_device_name() if on_cuda else "CPU"
-    backend = "triton" if on_cuda and dispatch.triton_available() else "torch fused"
-    isa = "" if on_cuda or kernel_isa() is None else f", cpu-kernel = {kernel_isa()}"
-    title = f"tree attention, {args.heads} heads, {args.dtype}, {name} (agentspec = {backend}{isa})"
+    if on_cuda:
+        backend = "triton" if dispatch.triton_available() else "torch reference"
+    else:
+        probe = torch.zeros(1, 1, 1, HEADS[args.heads][2], dtype=DTYPES[args.dtype])
+        backend = f"compiled kernel, {kernel_isa()}" if kernel_fits(probe, probe) else "torch"
+    title = f"tree attention, {args.heads} heads, {args.dtype}, {name} (agentspec = {backend})"
     print(title, flush=True)
     rows = run(args)
     show(rows, title)
@@ -182,7 +180,7 @@ def main() -> None:
         args.report.write_text(json.dumps({"title": title, "rows": rows}, indent=1))
     if args.plot:
         plot(rows, args.plot, title)
-    worst = max(r[f"{n}_err"] for r in rows for n in ("agentspec", "cpu-kernel") if f"{n}_err" in r)
+    worst = max(r["agentspec_err"] for r in rows)
     bound = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}[args.dtype]
     if not math.isfinite(worst) or worst > bound:
         raise SystemExit(f"agentspec's output is off the float64 reference by {worst:.2e} (> {bound:.0e})")

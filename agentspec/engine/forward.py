@@ -7,7 +7,7 @@ model and the device, and is decided once, at construction (:func:`select_forwar
   (:mod:`agentspec.engine.step_forward`) with the CPU fast paths (:mod:`agentspec.engine.cpu_fast`);
 * :class:`HFForward` -- any other model: transformers' own decoder with a 4D tree mask. With
   ``attention="agentspec_tree"`` tree steps go through :func:`agentspec.kernels.tree_attention`,
-  which is the Triton kernel on CUDA and the fused torch kernel on a CPU.
+  which is the Triton kernel on CUDA and the compiled CPU kernel (or torch's fused one) on a CPU.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def select_forward(model: Any, *, fast_cpu: bool = True, matmul: str = "float32"
 
     CUDA: transformers' forward with tree steps through the Triton tree-attention kernel (the torch
     reference where triton is missing). CPU: the lean Llama forward where it applies, else
-    transformers' forward with the fused CPU tree attention; ``fast_cpu=False`` keeps the stock
+    transformers' forward with the CPU tree attention; ``fast_cpu=False`` keeps the stock
     CPU layers and attention (a reference for tests). ``matmul="int8"``: the CPU block weights take
     int8-rounded inputs (see :mod:`agentspec.engine.cpu_fast`; fp32 where the CPU cannot).
     """
