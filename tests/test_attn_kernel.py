@@ -232,3 +232,20 @@ def test_greedy_with_16_bit_kv_equals_its_own_plain_decoding(int8_model, default
     assert result.stats.accepted_tokens > 0
     pool = engine.prefix_cache.pool
     assert pool.dtype == narrow_kv_dtype(kv) and pool.num_used >= len(prompt)  # the request's rows, kept in 16 bits
+
+
+@needs_kernel
+def test_tree_attention_dispatch_runs_the_kernel_on_a_cpu():
+    """transformers' forward (models the lean forward does not take) reaches the kernel through
+    ``kernels.tree_attention``: the kernel's bits for one sequence of fp32 queries."""
+    from agentspec.kernels import dispatch
+    from agentspec.kernels.attention import tree_attention_rows
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 6, 5, 64, generator=g)
+    k, v = torch.randn(2, 1, 2, 40 + 5, 64, generator=g)
+    tree = ancestor_mask([-1, -1, 0, 0])  # 5 nodes: the root, two children, two grandchildren under the first
+    got = dispatch.tree_attention(q, k, v, tree, 40)
+    alone = tree_attention_rows(q, k, v, tree, 64**-0.5).view(1, 5, 6, 64).transpose(1, 2)
+    assert torch.equal(got, alone)
+    torch.testing.assert_close(got, masked_attention(q, k, v, tree, 40), atol=1e-5, rtol=1e-5)
