@@ -102,3 +102,9 @@ def tree_attention_rows(
                          _KINDS[k.dtype], h, hkv, t, d, p, mask.data_ptr(), scale, out.data_ptr(), chunk,
                          threads or torch.get_num_threads(), isa or kernel_isa())
     return out.view(1, t, h * d)
+
+
+def heads_first(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """:func:`tree_attention_rows`' ``[1, T, H * D]`` as a ``[1, H, T, D]`` view, the layout of ``q`` (no copy)."""
+    _, h, t, d = q.shape
+    return out.view(1, t, h, d).transpose(1, 2)

@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from .attention import kernel_fits, tree_attention_rows
+from .attention import heads_first, kernel_fits, tree_attention_rows
 from .cpu import cpu_tree_attention
 from .reference import partial_attention, split_tree_attention
 
@@ -60,9 +60,9 @@ def tree_attention(
 
         return triton_tree_attention(q, k, v, tree_mask, prefix_len, scale)
     if kernel_fits(q, k) and v.dtype == k.dtype and v.stride() == k.stride():
-        b, h, t, d = q.shape
+        t, d = q.shape[2:]
         scale = d**-0.5 if scale is None else scale
-        return tree_attention_rows(q, k, v, tree_mask.reshape(t, t), scale).view(b, t, h, d).transpose(1, 2)
+        return heads_first(tree_attention_rows(q, k, v, tree_mask.reshape(t, t), scale), q)
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
         return cpu_tree_attention(q, k, v, tree_mask, prefix_len, scale)
     return split_tree_attention(q, k, v, tree_mask, prefix_len, scale)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from agentspec.engine.cpu_fast import block_matmul, blocks_fit
 from agentspec.engine.kvcache import TreeKVCache
-from agentspec.kernels.attention import kernel_fits, tree_attention_rows
+from agentspec.kernels.attention import heads_first, kernel_fits, tree_attention_rows
 from agentspec.kernels.blockq import BlockWeight, concat_blocks
 from agentspec.kernels.cpu import causal_chunk_attention, folded_tree_attention, folded_tree_mask
 
@@ -37,12 +37,6 @@ def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     return norm.weight * h.to(dtype)
-
-
-def _heads_first(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The kernel's ``[1, T, H * D]`` as a ``[1, H, T, D]`` view (the layout the layer loop takes back, copy-free)."""
-    _, h, t, d = q.shape
-    return out.view(1, t, h, d).transpose(1, 2)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +113,7 @@ class LlamaStepForward:
         def attend(q, k, v, scale):
             nonlocal mask
             if kernel_fits(q, k):
-                return _heads_first(tree_attention_rows(q, k, v, visible, scale), q)
+                return heads_first(tree_attention_rows(q, k, v, visible, scale), q)
             if mask is None:
                 mask = folded_tree_mask(tree_mask, past, self.groups, q.dtype)
             return folded_tree_attention(q, k.to(q.dtype), v.to(q.dtype), mask, scale)
@@ -135,12 +129,12 @@ class LlamaStepForward:
 
         def attend(q, k, v, scale):
             if causal is not None and kernel_fits(q, k):
-                return _heads_first(tree_attention_rows(q, k, v, causal, scale), q)
+                return heads_first(tree_attention_rows(q, k, v, causal, scale), q)
             out = causal_chunk_attention(q, k.to(q.dtype), v.to(q.dtype), past, scale)
             if kernel_fits(q, k):  # the last token's row as the kernel gives it alone: a later call that reuses
                 # this prompt's KV runs just that token again (for its logits), and then gets the same bits
                 last = q[:, :, -1:]
-                out[:, :, -1:] = _heads_first(tree_attention_rows(last, k, v, alone, scale), last)
+                out[:, :, -1:] = heads_first(tree_attention_rows(last, k, v, alone, scale), last)
             return out
 
         return self._run(input_ids, positions, cache, attend)
