@@ -33,18 +33,9 @@ def pytest_unconfigure(config) -> None:
 @pytest.fixture(scope="session")
 def tiny_model():
     """A tiny randomly initialised Llama (fp32, eval mode, SDPA) with a 512-token vocab."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from doubles import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-    )
-    model = LlamaForCausalLM(config).eval()
-    model.config._attn_implementation = "sdpa"
-    return model
+    return tiny_llama()
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@
 ``context_window``, ``stream``, ``generate``, ``search``) but no model: each call answers with the next
 scripted reply (or a function of the prompt), one character per token, streamed word by word.
 Its tokenizer is one token per character, so prompt lengths are easy to reason about.
+
+``tiny_llama`` builds the tiny random Llama the engine's mechanics are tested on.
 """
 
 from __future__ import annotations
@@ -19,6 +21,24 @@ from typing import Any
 from agentspec.engine.processors import TokenLogprob
 from agentspec.search.types import SearchStats
 from agentspec.stats import SpecStats
+
+
+def tiny_llama(init: float = 0.02):
+    """A tiny randomly initialised Llama (fp32, eval mode, SDPA, seed 0) with a 512-token vocab, eos id 2;
+    a larger ``init`` (the weights' standard deviation) peaks its next-token distributions, so its
+    outputs repeat and drafts get accepted."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1,
+        eos_token_id=2, initializer_range=init,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.config._attn_implementation = "sdpa"
+    return model
 
 
 class CharTokenizer:

@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+from doubles import tiny_llama
 from test_engine import ScriptedDrafter, hf_greedy
 
 from agentspec.config import SpeculationConfig
@@ -32,20 +33,6 @@ def word_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", bos_token="w1", eos_token="w2")
-
-
-def tiny_llama(dtype: torch.dtype = torch.float32, init: float = 0.02):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1,
-        eos_token_id=2, initializer_range=init,
-    )
-    model = LlamaForCausalLM(config).eval().to(dtype)
-    model.config._attn_implementation = "sdpa"
-    return model
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from doubles import tiny_llama
 
 from agentspec.config import SamplingParams, SpeculationConfig
 from agentspec.draft.base import DraftTree
@@ -21,17 +22,7 @@ PROMPT = [5, 6, 7, 8, 9, 10, 5, 6, 7]
 def peaky_model():
     """A tiny random Llama with larger weights: peaked next-token distributions, so outputs repeat
     (drafts get accepted) and a chi-square test has few outcomes."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1,
-        eos_token_id=2, initializer_range=0.3,
-    )
-    model = LlamaForCausalLM(config).eval()
-    model.config._attn_implementation = "sdpa"
-    return model
+    return tiny_llama(init=0.3)
 
 
 @pytest.fixture(scope="module")
