@@ -36,22 +36,14 @@ from agentspec.kernels.reference import expand_tree_mask, masked_attention, spli
 from rich.console import Console
 from rich.table import Table
 
+from agentspec.engine.verify import ancestor_mask
+
 HEADS = {"smollm2-135m": (9, 3, 64), "llama3-8b": (32, 8, 128)}  # query heads, kv heads, head dim
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def parse_sizes(text: str) -> list[int]:
     return [int(float(x[:-1]) * 1000) if x.endswith("k") else int(x) for x in text.split(",") if x]
-
-
-def random_tree_mask(t: int, rng: random.Random) -> torch.Tensor:
-    """[T, T] bool: node i sees itself and its ancestors in a random tree (each parent precedes its child)."""
-    mask = torch.zeros(t, t, dtype=torch.bool)
-    for i in range(t):
-        mask[i, i] = True
-        if i:
-            mask[i] |= mask[rng.randrange(i)]
-    return mask
 
 
 def time_ms(fn, device: torch.device, reps: int) -> float:
@@ -93,7 +85,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             g = torch.Generator().manual_seed(p + t)
             q = torch.randn(1, h, t, d, generator=g).to(device, dtype)
             k, v = (x.to(device, dtype) for x in torch.randn(2, 1, hkv, p + t, d, generator=g))
-            tree = random_tree_mask(t, rng).to(device)
+            parents = [rng.randrange(-1, i) for i in range(t - 1)]  # a random tree of t nodes under node 0
+            tree = ancestor_mask(parents).to(device)
             want = masked_attention(q.double(), k.double(), v.double(), tree, p)
             kv_bytes = 2 * hkv * (p + t) * d * k.element_size()
             row = {"context": p, "tree": t, "kv_bytes": kv_bytes}
