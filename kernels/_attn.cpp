@@ -21,6 +21,15 @@
 // check it); only the folding of chunk partials uses libm's exp, shared by both. This needs
 // -ffp-contract=off (setup.py): a compiler that fused a written multiply and add would break it.
 //
+// bf16 KV on a CPU with AVX512-BF16 ("avx512bf16"; head dims 32, 64, 128) runs the dot products in
+// bf16, as GPU attention in bf16 does: the query row and each block's softmax weights are rounded
+// to bf16 (round to nearest even) and multiplied with vdpbf16ps, two products per fp32 lane; max,
+// exp and the sums stay fp32. Half the multiply instructions per key and row, so a verification
+// step's extra rows cost less; each row's operations are still fixed by its visible sequence alone
+// (value rows are paired 0-1, 2-3, ... inside each block of 16), so a verification step still
+// equals plain decoding on such a CPU. It is a different rounding from the fp32 path that the other
+// ISAs run on bf16 KV, so outputs differ from those CPUs' (as int8 matmul inputs do).
+//
 // Layout: q fp32 with strides (head, token), head dim contiguous; k/v [Hkv, S, D] rows contiguous
 // (stride D), kv-head stride given; fp32, fp16 or bf16. mask [T, T] uint8 (1 = token i sees token
 // j). out [T, H, D] fp32 contiguous (what the output projection reads).
@@ -45,6 +54,7 @@ namespace py = pybind11;
 // Per-function instruction sets (the module itself stays baseline x86-64, so it loads anywhere).
 #define AVX2_FN __attribute__((target("avx2,fma,f16c")))
 #define AVX512_FN __attribute__((target("avx512f,avx2,fma,f16c")))
+#define BF16_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
 
 namespace {
 
@@ -56,10 +66,15 @@ bool has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 bool has_avx512() { return has_avx2() && __builtin_cpu_supports("avx512f"); }
+bool has_avx512bf16() {
+  return has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bf16");
+}
 
 // The instruction sets this CPU can run the kernel with, best first.
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> isas;
+  if (has_avx512bf16()) isas.emplace_back("avx512bf16");
   if (has_avx512()) isas.emplace_back("avx512");
   if (has_avx2()) isas.emplace_back("avx2");
   return isas;
@@ -327,6 +342,67 @@ struct Avx512 {
   }
 };
 
+// bf16 dot products (AVX512-BF16): D = 16 * ND, ND even; a row of bf16 is W = ND / 2 vectors.
+template <int ND>
+struct Bf16 {
+  static constexpr int D = 16 * ND, W = ND / 2;
+
+  // The query row rounded to bf16: qb[W].
+  BF16_FN static void round_query(const float* q, __m512bh* qb) {
+    for (int c = 0; c < W; ++c) qb[c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + 32 * c + 16), _mm512_loadu_ps(q + 32 * c));
+  }
+
+  // s[0..15] = scale * q . k_j for the n bf16 rows k_j (lanes >= n: -inf); per key 16 lanes of pair
+  // sums, then summed as Avx512::score sums.
+  BF16_FN static void score(const __m512bh* qb, const uint16_t* const* k, int n, float scale, float* s) {
+    __m512 a[kLanes];
+    for (int j = 0; j < kLanes; ++j) {
+      a[j] = _mm512_setzero_ps();
+      if (j >= n) continue;
+      for (int c = 0; c < W; ++c)
+        a[j] = _mm512_dpbf16_ps(a[j], qb[c], reinterpret_cast<__m512bh>(_mm512_loadu_si512(k[j] + 32 * c)));
+    }
+    const __m512 scores = _mm512_mul_ps(Avx512<ND>::sum16(a), _mm512_set1_ps(scale));
+    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+    _mm512_storeu_ps(s, _mm512_mask_blend_ps(valid, _mm512_set1_ps(kNegInf), scores));
+  }
+
+  // The n value rows v_j of a block as 8 pairs: vp[m * ND + c] holds (v_2m[d], v_2m+1[d]) for the 16
+  // dims d of vector c, in order (rows >= n are zeros).
+  BF16_FN static void pair_values(const uint16_t* const* v, int n, __m512i* vp) {
+    __m512i lo_idx, hi_idx;
+    alignas(64) uint16_t lo[32], hi[32];
+    for (int i = 0; i < 16; ++i) {
+      lo[2 * i] = static_cast<uint16_t>(i), lo[2 * i + 1] = static_cast<uint16_t>(32 + i);
+      hi[2 * i] = static_cast<uint16_t>(16 + i), hi[2 * i + 1] = static_cast<uint16_t>(48 + i);
+    }
+    lo_idx = _mm512_load_si512(lo);
+    hi_idx = _mm512_load_si512(hi);
+    for (int m = 0; 2 * m < n; ++m) {
+      for (int w = 0; w < W; ++w) {
+        const __m512i x = _mm512_loadu_si512(v[2 * m] + 32 * w);
+        const __m512i y = 2 * m + 1 < n ? _mm512_loadu_si512(v[2 * m + 1] + 32 * w) : _mm512_setzero_si512();
+        vp[m * ND + 2 * w] = _mm512_permutex2var_epi16(x, lo_idx, y);
+        vp[m * ND + 2 * w + 1] = _mm512_permutex2var_epi16(x, hi_idx, y);
+      }
+    }
+  }
+
+  // acc[D] += sum_j bf16(p[j]) v_j over the block's first n rows, a pair of rows per vdpbf16ps.
+  BF16_FN static void accumulate(const float* p, const __m512i* vp, int n, float* acc) {
+    alignas(32) uint32_t pairs[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pairs),
+                       reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(p))));
+    __m512 a[ND];
+    for (int c = 0; c < ND; ++c) a[c] = _mm512_loadu_ps(acc + 16 * c);
+    for (int m = 0; 2 * m < n; ++m) {
+      const __m512bh pm = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pairs[m])));
+      for (int c = 0; c < ND; ++c) a[c] = _mm512_dpbf16_ps(a[c], pm, reinterpret_cast<__m512bh>(vp[m * ND + c]));
+    }
+    for (int c = 0; c < ND; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // The walk over blocks and chunks, written once: V is Avx2<ND> or Avx512<ND>. These templates are
 // compiled into each instruction set's work item (chunk_avx2 / chunk_avx512, which flatten them).
@@ -345,7 +421,7 @@ struct Aligned {
 constexpr int kAcc = 16;  // a partial is (m, l, 14 floats of padding, acc[D]): acc on a cache-line boundary
 
 struct Scratch {
-  Aligned scores, direct, gathered;
+  Aligned scores, direct, gathered, query;  // query: the item's query rows in bf16 (bf16 path)
   const float* dptr[kLanes];
   const float* gptr[kLanes];
 };
@@ -426,6 +502,81 @@ void chunk_item(const Problem& pb, const Rows& rows, int64_t g, int64_t c, int64
   });
 }
 
+// chunk_item with bf16 dot products (bf16 KV, AVX512-BF16): keys are read in place (no widening), each
+// block's value rows are paired once for all rows that see them where the cache holds them in order.
+template <int ND>
+BF16_FN __attribute__((flatten)) void chunk_bf16(const Problem& pb, const Rows& rows, int64_t g, int64_t c,
+                                                 int64_t n_chunks, Scratch& sc, float* partial) {
+  using B = Bf16<ND>;
+  constexpr int D = B::D, W = B::W;
+  const int64_t T = pb.T, groups = pb.H / pb.Hkv, C = pb.chunk, c0 = c * C;
+  int64_t reach = 0;
+  for (int64_t t = 0; t < T; ++t) reach = std::max(reach, std::min(C, rows.visible[t] - c0));
+  auto slot = [&](int64_t h, int64_t t) { return partial + ((h * T + t) * n_chunks + c) * (D + kAcc); };
+  auto score_row = [&](int64_t j, int64_t t) { return sc.scores.data() + (j * T + t) * C; };
+  const uint16_t* keys = static_cast<const uint16_t*>(pb.k) + g * pb.kv_head;
+  const uint16_t* values = static_cast<const uint16_t*>(pb.v) + g * pb.kv_head;
+  __m512bh* qb = reinterpret_cast<__m512bh*>(sc.query.data());
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < groups; ++j)
+      B::round_query(pb.q + (g * groups + j) * pb.q_head + t * pb.q_tok, qb + (j * T + t) * W);
+  const uint16_t* direct[kLanes];
+  const uint16_t* gathered[kLanes];
+  // Token t's n visible rows of the block at b0 (base: keys or values).
+  auto rows_of = [&](const uint16_t* base, int64_t t, int64_t b0, int n) -> const uint16_t* const* {
+    if (b0 + n <= rows.direct[t]) return direct;
+    for (int j = 0; j < n; ++j) gathered[j] = base + rows.key(t, b0 + j, pb.P) * D;
+    return gathered;
+  };
+  for (int64_t b = 0; b * kLanes < reach; ++b) {
+    const int64_t b0 = c0 + b * kLanes;
+    const int in_cache = static_cast<int>(std::min<int64_t>(kLanes, pb.P + pb.T - b0));
+    for (int j = 0; j < in_cache; ++j) direct[j] = keys + (b0 + j) * D;
+    for (int64_t t = 0; t < T; ++t) {
+      const int n = static_cast<int>(std::min<int64_t>(kLanes, rows.visible[t] - b0));
+      if (n <= 0) continue;
+      const uint16_t* const* k = rows_of(keys, t, b0, n);
+      for (int64_t j = 0; j < groups; ++j) B::score(qb + (j * T + t) * W, k, n, pb.scale, score_row(j, t) + b * kLanes);
+    }
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t len = std::min(C, rows.visible[t] - c0);
+    for (int64_t j = 0; j < groups; ++j) {
+      float* out = slot(g * groups + j, t);
+      if (len <= 0) {
+        out[0] = kNegInf;
+        out[1] = 0.0f;
+        continue;
+      }
+      Avx512<ND>::softmax(score_row(j, t), (len + kLanes - 1) / kLanes, out);
+      std::memset(out + kAcc, 0, D * sizeof(float));
+    }
+  }
+  __m512i* paired = reinterpret_cast<__m512i*>(sc.direct.data());  // the block's rows in cache order
+  __m512i* own = reinterpret_cast<__m512i*>(sc.gathered.data());   // a token's own visible rows
+  for (int64_t b = 0; b * kLanes < reach; ++b) {
+    const int64_t b0 = c0 + b * kLanes;
+    const int in_cache = static_cast<int>(std::min<int64_t>(kLanes, pb.P + pb.T - b0));
+    for (int j = 0; j < in_cache; ++j) direct[j] = values + (b0 + j) * D;
+    bool paired_ready = false;
+    for (int64_t t = 0; t < T; ++t) {
+      const int n = static_cast<int>(std::min<int64_t>(kLanes, rows.visible[t] - b0));
+      if (n <= 0) continue;
+      const __m512i* vp;
+      if (b0 + n <= rows.direct[t]) {
+        if (!paired_ready) B::pair_values(direct, in_cache, paired);
+        paired_ready = true;
+        vp = paired;
+      } else {
+        B::pair_values(rows_of(values, t, b0, n), n, own);
+        vp = own;
+      }
+      for (int64_t j = 0; j < groups; ++j)
+        B::accumulate(score_row(j, t) + b * kLanes, vp, n, slot(g * groups + j, t) + kAcc);
+    }
+  }
+}
+
 // chunk_item compiled for each instruction set: flatten inlines the walk and its block operations here.
 using ChunkFn = void (*)(const Problem&, const Rows&, int64_t, int64_t, int64_t, Scratch&, float*);
 
@@ -464,9 +615,12 @@ void fold(const float* partial, int64_t n_chunks, int64_t D, float* out) {
 }
 
 template <int ND>
-void run(const Problem& pb, const Rows& rows, int threads, bool avx512) {
+void run(const Problem& pb, const Rows& rows, int threads, bool avx512, bool bf16) {
   constexpr int D = 16 * ND;
-  const ChunkFn item_fn = avx512 ? &chunk_avx512<ND> : &chunk_avx2<ND>;
+  ChunkFn item_fn = avx512 ? &chunk_avx512<ND> : &chunk_avx2<ND>;
+  if constexpr (ND % 2 == 0) {
+    if (bf16) item_fn = &chunk_bf16<ND>;
+  }
   const int64_t most = *std::max_element(rows.visible.begin(), rows.visible.end());
   const int64_t n_chunks = std::max<int64_t>(1, (most + pb.chunk - 1) / pb.chunk);
   const int64_t items = pb.Hkv * n_chunks, groups = pb.H / pb.Hkv;
@@ -478,6 +632,7 @@ void run(const Problem& pb, const Rows& rows, int threads, bool avx512) {
     sc.scores.resize(static_cast<size_t>(groups * pb.T * pb.chunk));
     sc.direct.resize(kLanes * D);
     sc.gathered.resize(kLanes * D);
+    sc.query.resize(static_cast<size_t>(groups * pb.T * D / 2));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item)
       item_fn(pb, rows, item / n_chunks, item % n_chunks, n_chunks, sc, partial.data());
@@ -492,8 +647,10 @@ void run(const Problem& pb, const Rows& rows, int threads, bool avx512) {
 void tree_attention(uintptr_t q, int64_t q_head, int64_t q_tok, uintptr_t k, uintptr_t v, int64_t kv_head, int kind,
                     int64_t H, int64_t Hkv, int64_t T, int64_t D, int64_t P, uintptr_t mask, double scale,
                     uintptr_t out, int64_t chunk, int threads, const std::string& isa) {
-  if (isa != "avx512" && isa != "avx2") throw std::invalid_argument("isa must be 'avx512' or 'avx2', not '" + isa + "'");
-  const bool avx512 = isa == "avx512";
+  if (isa != "avx512bf16" && isa != "avx512" && isa != "avx2")
+    throw std::invalid_argument("isa must be 'avx512bf16', 'avx512' or 'avx2', not '" + isa + "'");
+  const bool avx512 = isa != "avx2";
+  if (isa == "avx512bf16" && !has_avx512bf16()) throw std::runtime_error("this CPU lacks AVX512-BF16 (or BW, VL)");
   if (!(avx512 ? has_avx512() : has_avx2()))
     throw std::runtime_error(avx512 ? "this CPU lacks AVX-512F" : "this CPU lacks AVX2, FMA or F16C");
   if (kind < kF32 || kind > kBF16) throw std::invalid_argument("kind must be 0 (fp32), 1 (fp16) or 2 (bf16)");
@@ -505,11 +662,12 @@ void tree_attention(uintptr_t q, int64_t q_head, int64_t q_tok, uintptr_t k, uin
   py::gil_scoped_release release;
   const Rows rows(reinterpret_cast<const uint8_t*>(mask), T, P);
   threads = threads > 0 ? threads : 1;
+  const bool bf16 = isa == "avx512bf16" && kind == kBF16;  // head dim 16 keeps the fp32 path
   switch (D) {
-    case 16: run<1>(pb, rows, threads, avx512); break;
-    case 32: run<2>(pb, rows, threads, avx512); break;
-    case 64: run<4>(pb, rows, threads, avx512); break;
-    case 128: run<8>(pb, rows, threads, avx512); break;
+    case 16: run<1>(pb, rows, threads, avx512, false); break;
+    case 32: run<2>(pb, rows, threads, avx512, bf16); break;
+    case 64: run<4>(pb, rows, threads, avx512, bf16); break;
+    case 128: run<8>(pb, rows, threads, avx512, bf16); break;
     default: throw std::invalid_argument("head dim must be 16, 32, 64 or 128");
   }
 }
@@ -517,7 +675,7 @@ void tree_attention(uintptr_t q, int64_t q_head, int64_t q_tok, uintptr_t k, uin
 }  // namespace
 
 PYBIND11_MODULE(_attn, m) {
-  m.doc() = "Tree attention over fp32/fp16/bf16 KV for CPU verification steps (AVX-512 or AVX2)";
+  m.doc() = "Tree attention over fp32/fp16/bf16 KV for CPU verification steps (AVX-512 (+BF16) or AVX2)";
   m.def("cpu_isas", &cpu_isas, "The instruction sets this CPU can run the kernel with, best first");
   m.def("tree_attention", &tree_attention, py::arg("q"), py::arg("q_head"), py::arg("q_tok"), py::arg("k"),
         py::arg("v"), py::arg("kv_head"), py::arg("kind"), py::arg("H"), py::arg("Hkv"), py::arg("T"), py::arg("D"),

@@ -3,13 +3,20 @@
 One call per layer attends ``T`` query tokens (a verification step's tree, or a causal prefill
 chunk) over the committed prefix (no mask) and the step's own keys (under a ``[T, T]`` mask), with
 grouped-query heads sharing their kv head's reads: each K/V row is read once per step for all
-query rows. 16-bit KV is widened to fp32 in registers; all arithmetic is fp32.
+query rows. fp16 KV is widened to fp32 in registers and the arithmetic is fp32.
 
 The kernel runs with AVX-512F or, on CPUs without it (AMD Zen 2/3, most Intel client CPUs), with
 AVX2 + FMA + F16C: :func:`kernel_isa` picks the best this CPU has, or the one the environment
-variable ``AGENTSPEC_CPU_ISA`` (``avx512`` or ``avx2``, read once) names. The two perform the same
+variable ``AGENTSPEC_CPU_ISA`` (one of :data:`ISAS`, read once) names. The two perform the same
 fp32 operations in the same order and give the same bits (the tests check it on CPUs that have
 both), so outputs do not depend on which one ran.
+
+bf16 KV on a CPU with AVX512-BF16 (``avx512bf16``: AMD Zen 4/5, Intel Cooper Lake, Sapphire Rapids
+and later; head dims 32, 64, 128) runs attention in bf16, as GPUs do: the query and the softmax
+weights are rounded to bf16 and multiplied with ``vdpbf16ps`` (two products per fp32 lane, fp32
+sums), about half the multiply work per key and query row. That is a different rounding from the
+fp32 arithmetic the other instruction sets run on bf16 KV (``AGENTSPEC_CPU_ISA=avx512`` keeps it),
+so outputs differ between such CPUs, while on each a verification step still equals plain decoding.
 
 A row's result depends only on the keys it sees (fixed chunks and blocks along that sequence,
 per-row accumulators): a row computed inside a step of ``T`` tokens is bit-identical to the same
@@ -28,7 +35,7 @@ CHUNK = 256  # keys per partial softmax; the folding order depends on it, never 
 KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 HEAD_DIMS = (16, 32, 64, 128)
-ISAS = ("avx512", "avx2")  # the kernel's instruction sets, best first
+ISAS = ("avx512bf16", "avx512", "avx2")  # the kernel's instruction sets, best first
 ISA_ENV = "AGENTSPEC_CPU_ISA"
 
 
@@ -61,6 +68,11 @@ def kernel_isa() -> str | None:
 def attention_available() -> bool:
     """True when the compiled kernel is built and this CPU has AVX-512F or AVX2 + FMA + F16C."""
     return kernel_isa() is not None
+
+
+def bf16_dot_products(kv_dtype: torch.dtype | None) -> bool:
+    """True when the kernel multiplies KV of ``kv_dtype`` in bf16 here (bf16 KV, ``avx512bf16``)."""
+    return kv_dtype == torch.bfloat16 and kernel_isa() == "avx512bf16"
 
 
 def narrow_kv_dtype(name: str | torch.dtype | None) -> torch.dtype | None:

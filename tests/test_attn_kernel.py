@@ -3,7 +3,8 @@
 The kernel must match the fp64 reference to rounding, and give each query row the very same bits
 whether it is computed inside a step of T tokens or alone once its ancestors are committed (that
 is what makes a verification step equal plain decoding). Each test runs once per instruction set
-(AVX-512, AVX2) this CPU has; the two must agree bit for bit.
+(AVX-512 with BF16, AVX-512, AVX2) this CPU has; AVX-512 and AVX2 must agree bit for bit, and the
+BF16 one with them except on bf16 KV (which it multiplies in bf16).
 """
 
 from __future__ import annotations
@@ -69,31 +70,44 @@ def test_kernel_matches_the_fp64_reference(isa, dtype, tree, prefix):
     q = torch.randn(1, 9, t, 64, generator=torch.Generator().manual_seed(prefix))
     k, v = _kv(3, prefix + t, 64, dtype, prefix + 1)
     got = tree_attention_rows(q, k, v, mask, 0.125, isa=isa)
-    torch.testing.assert_close(got, _reference(q, k, v, mask, prefix, 0.125), atol=2e-6, rtol=2e-5)
+    if isa == "avx512bf16" and dtype == torch.bfloat16:  # the query and the softmax weights rounded to bf16
+        reference = _reference(q.bfloat16().float(), k, v, mask, prefix, 0.125)
+        torch.testing.assert_close(got, reference, atol=8e-3, rtol=1e-2)
+        assert not torch.equal(got, tree_attention_rows(q, k, v, mask, 0.125, isa="avx512")) or prefix + t < 2
+    else:
+        torch.testing.assert_close(got, _reference(q, k, v, mask, prefix, 0.125), atol=2e-6, rtol=2e-5)
 
 
 @EACH_ISA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("head_dim", [16, 32, 128])
-def test_kernel_covers_each_head_dim(isa, head_dim):
+def test_kernel_covers_each_head_dim(isa, dtype, head_dim):
     mask = ancestor_mask([-1, 0, 0])
     q = torch.randn(1, 4, 4, head_dim)
-    k, v = _kv(2, 40 + 4, head_dim, torch.float32, 0)
+    k, v = _kv(2, 40 + 4, head_dim, dtype, 0)
     got = tree_attention_rows(q, k, v, mask, head_dim**-0.5, isa=isa)
-    torch.testing.assert_close(got, _reference(q, k, v, mask, 40, head_dim**-0.5), atol=2e-6, rtol=2e-5)
+    if isa == "avx512bf16" and dtype == torch.bfloat16 and head_dim > 16:
+        reference = _reference(q.bfloat16().float(), k, v, mask, 40, head_dim**-0.5)
+        torch.testing.assert_close(got, reference, atol=8e-3, rtol=1e-2)
+    else:
+        torch.testing.assert_close(got, _reference(q, k, v, mask, 40, head_dim**-0.5), atol=2e-6, rtol=2e-5)
 
 
-@pytest.mark.skipif(set(ISAS) - set(cpu_isas()), reason="needs a CPU with both AVX-512 and AVX2")
+@pytest.mark.skipif({"avx512", "avx2"} - set(cpu_isas()), reason="needs a CPU with both AVX-512 and AVX2")
 @pytest.mark.parametrize("dtype", KV_DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
 def test_avx2_and_avx512_give_the_same_bits(dtype, head_dim):
-    """Same operations in the same order: a row's result does not depend on the instruction set."""
+    """Same operations in the same order: a row's result does not depend on the instruction set (nor
+    on BF16 support, except for bf16 KV with head dims of 32 and up, which that multiplies in bf16)."""
     for prefix, tree in [(0, "chain of 8"), (300, "branching 9"), (1000, "one token"), (600, "chain of 16")]:
         mask = ancestor_mask(TREES[tree])
         t = mask.shape[0]
         q = 4 * torch.randn(1, 6, t, head_dim, generator=torch.Generator().manual_seed(prefix))  # wide score ranges
         k, v = _kv(2, prefix + t, head_dim, dtype, prefix + 2)
-        wide, narrow = (tree_attention_rows(q, k, v, mask, head_dim**-0.5, isa=isa) for isa in ISAS)
+        wide, narrow = (tree_attention_rows(q, k, v, mask, head_dim**-0.5, isa=isa) for isa in ("avx512", "avx2"))
         assert torch.equal(wide, narrow), f"{tree} after {prefix} keys: AVX2 differs from AVX-512"
+        if "avx512bf16" in cpu_isas() and (dtype != torch.bfloat16 or head_dim == 16):
+            assert torch.equal(wide, tree_attention_rows(q, k, v, mask, head_dim**-0.5, isa="avx512bf16"))
 
 
 def _alone(q, k, v, mask, prefix, row, scale, **kwargs):

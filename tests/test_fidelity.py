@@ -87,7 +87,8 @@ def test_greedy_identical_to_hf_on_real_prompts(default_engine):
 N_KV_PROMPTS = 12
 
 
-@pytest.mark.parametrize("kv_dtype,matmul", [("float16", "float32"), ("float32", "int8"), ("float16", "int8")])
+@pytest.mark.parametrize("kv_dtype,matmul", [("float16", "float32"), ("float32", "int8"), ("float16", "int8"),
+                                            ("bfloat16", "int8")])
 def test_greedy_with_16_bit_kv_or_int8_matmul_equals_its_own_plain_decoding(kv_dtype, matmul):
     """With a 16-bit KV cache, or int8-rounded matmul inputs, the reference is plain decoding with that
     same KV precision and matmul mode: the tree-attention kernel and the block kernel give each row of a

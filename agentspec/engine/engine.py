@@ -45,7 +45,7 @@ from agentspec.engine.quantize import quantize_model
 from agentspec.engine.radix import KVPool, PrefixMatch, RadixCache
 from agentspec.engine.search import SearchConfig, run_search
 from agentspec.engine.verify import accept_greedy, accept_sampling, ancestor_mask, sample_token
-from agentspec.kernels.attention import narrow_kv_dtype
+from agentspec.kernels.attention import bf16_dot_products, narrow_kv_dtype
 from agentspec.lookahead import CostCurve, LookaheadPolicy
 from agentspec.search import Scorer, SearchResult
 from agentspec.search.selection import CLUSTER_DISTANCE
@@ -246,7 +246,8 @@ class Engine:
         if speculation.adaptive:
             device = model_device(hf_model)
             # v4: the lean forward, the GGUF-block kernel and the tree-attention kernel; bump when the forward changes
-            precision = f"{quantize or dtype}{f'-kv{kv_dtype}' if kv else ''}{'-int8act' if matmul == 'int8' else ''}"
+            precision = (f"{quantize or dtype}{f'-kv{kv_dtype}' if kv else ''}"
+                         f"{'-bf16dot' if bf16_dot_products(kv) else ''}{'-int8act' if matmul == 'int8' else ''}")
             key = f"{source.name}-{precision}-{device}-t{torch.get_num_threads()}-v4"
             probe = cost_probe(backend, hf_model.config.num_hidden_layers, kv_dtype=kv)
             curve = CostCurve.cached(key, probe)
