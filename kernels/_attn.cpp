@@ -426,6 +426,17 @@ struct Scratch {
   const float* gptr[kLanes];
 };
 
+constexpr int kAhead = 2;  // blocks a walk asks the memory for ahead of their use
+
+// Ask for the rows [b0, b0 + n) of kv head g (base: K or V, elem bytes each) ahead of their use; a
+// streaming walk otherwise waits on each block in turn.
+inline void prefetch_rows(const Problem& pb, const void* base, int64_t g, int64_t b0, int64_t n) {
+  if (n <= 0) return;
+  const int64_t elem = pb.kind == kF32 ? 4 : 2;
+  const char* first = static_cast<const char*>(base) + (g * pb.kv_head + b0 * pb.D) * elem;
+  for (int64_t offset = 0; offset < n * pb.D * elem; offset += 64) __builtin_prefetch(first + offset, 0, 3);
+}
+
 // Pointers to the fp32 rows of keys [b0, b0 + n) of kv head g as the cache holds them in order.
 template <class V>
 void direct_rows(const Problem& pb, const void* base, int64_t g, int64_t b0, int n, Scratch& sc) {
@@ -459,7 +470,8 @@ template <class V, class F>
 void for_each_block(const Problem& pb, const Rows& rows, const void* base, int64_t g, int64_t c0, int64_t reach,
                     Scratch& sc, F&& fn) {
   for (int64_t b = 0; b * kLanes < reach; ++b) {
-    const int64_t b0 = c0 + b * kLanes;
+    const int64_t b0 = c0 + b * kLanes, ahead = (b + kAhead) * kLanes;
+    if (ahead < reach) prefetch_rows(pb, base, g, c0 + ahead, std::min<int64_t>(kLanes, reach - ahead));
     direct_rows<V>(pb, base, g, b0, static_cast<int>(std::min<int64_t>(kLanes, pb.P + pb.T - b0)), sc);
     for (int64_t t = 0; t < pb.T; ++t) {
       const int n = static_cast<int>(std::min<int64_t>(kLanes, rows.visible[t] - b0));
@@ -529,7 +541,8 @@ BF16_FN __attribute__((flatten)) void chunk_bf16(const Problem& pb, const Rows& 
     return gathered;
   };
   for (int64_t b = 0; b * kLanes < reach; ++b) {
-    const int64_t b0 = c0 + b * kLanes;
+    const int64_t b0 = c0 + b * kLanes, ahead = (b + kAhead) * kLanes;
+    if (ahead < reach) prefetch_rows(pb, pb.k, g, c0 + ahead, std::min<int64_t>(kLanes, reach - ahead));
     const int in_cache = static_cast<int>(std::min<int64_t>(kLanes, pb.P + pb.T - b0));
     for (int j = 0; j < in_cache; ++j) direct[j] = keys + (b0 + j) * D;
     for (int64_t t = 0; t < T; ++t) {
@@ -555,7 +568,8 @@ BF16_FN __attribute__((flatten)) void chunk_bf16(const Problem& pb, const Rows& 
   __m512i* paired = reinterpret_cast<__m512i*>(sc.direct.data());  // the block's rows in cache order
   __m512i* own = reinterpret_cast<__m512i*>(sc.gathered.data());   // a token's own visible rows
   for (int64_t b = 0; b * kLanes < reach; ++b) {
-    const int64_t b0 = c0 + b * kLanes;
+    const int64_t b0 = c0 + b * kLanes, ahead = (b + kAhead) * kLanes;
+    if (ahead < reach) prefetch_rows(pb, pb.v, g, c0 + ahead, std::min<int64_t>(kLanes, reach - ahead));
     const int in_cache = static_cast<int>(std::min<int64_t>(kLanes, pb.P + pb.T - b0));
     for (int j = 0; j < in_cache; ++j) direct[j] = values + (b0 + j) * D;
     bool paired_ready = false;
