@@ -258,3 +258,19 @@ def test_a_long_prefill_gives_its_last_token_the_bits_of_that_token_run_alone(bl
     forward.prefill(prompt[:-1], part)
     one = forward.verify(torch.tensor(prompt[-1:]), torch.tensor([699]), torch.ones(1, 1, dtype=torch.bool), part)
     assert torch.equal(logits, one[0])
+
+
+@needs_int8
+def test_a_search_multiplies_in_the_engines_mode_and_equals_its_plain_greedy(block_model, default_tokenizer,
+                                                                              monkeypatch):
+    engine = int8_engine(block_model, tokenizer=default_tokenizer)
+    engine.eos_ids = set()
+    prompt = list(range(3, 60))
+    plain = engine.generate(prompt, max_new_tokens=16, speculate=False).token_ids
+    modes = []
+    real = cpu_fast.block_linear
+    monkeypatch.setattr(cpu_fast, "block_linear",
+                        lambda x, blocks, int8=False: modes.append(int8) or real(x, blocks, int8=int8))
+    result = engine.search(prompt, width=3, policy="rebase", temperature=0.0, max_new_tokens=16, max_step_tokens=4)
+    assert modes and all(modes), "the search's layers and head must run the engine's int8 mode"
+    assert len(result.trajectories) == 3 and all(t.token_ids == plain for t in result.trajectories)

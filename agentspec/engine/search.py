@@ -258,6 +258,7 @@ class TreeSearch:
         config.validate()
         self.engine, self.config = engine, config
         self.prompt_ids, self.prompt_text = prompt_ids, prompt_text
+        self.matmul: str = getattr(engine, "matmul", "float32")  # the engine's matmul mode, for every forward here
         model = engine.model
         if isinstance(engine.forward, LeanForward):  # the engine's own lean forward and packed head
             self.step, self.head = engine.forward.step, engine.forward.head
@@ -395,7 +396,7 @@ class TreeSearch:
             positions += [leaf.length - 1, *(leaf.length - 1 + d for d in tree.depths())]
         slots = self._alloc(len(ids))
         hidden = self._run(ids, positions, slots, self._leaf_attention(leaves, trees, starts, slots))
-        with torch.no_grad():
+        with torch.no_grad(), fast_linears(self.matmul):  # the head as the engine's own steps run it
             logits = self.head(hidden).float()  # [T, V]
             lse = torch.logsumexp(logits, dim=-1)
         self.stats.forwards += 1
@@ -547,7 +548,7 @@ class TreeSearch:
     def _run(self, ids: list[int], positions: list[int], slots: torch.Tensor, attend: Attend) -> torch.Tensor:
         """One forward of ``ids`` writing their KV to ``slots``, attending through ``attend``."""
         device = self.engine.device
-        with torch.no_grad(), fast_linears():
+        with torch.no_grad(), fast_linears(self.matmul):
             return self.step._run(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
                                   _PoolView(self.pool, slots), attend)
 
