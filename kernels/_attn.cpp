@@ -31,8 +31,10 @@
 // ISAs run on bf16 KV, so outputs differ from those CPUs' (as int8 matmul inputs do).
 //
 // Layout: q fp32 with strides (head, token), head dim contiguous; k/v [Hkv, S, D] rows contiguous
-// (stride D), kv-head stride given; fp32, fp16 or bf16. mask [T, T] uint8 (1 = token i sees token
-// j). out [T, H, D] fp32 contiguous (what the output projection reads).
+// (stride D), kv-head stride given; fp32, fp16 or bf16. The prefix is rows prefix_start ..
+// prefix_start + P - 1; the step's U keys are rows slots[0..U-1] (no slots: rows prefix_start + P +
+// j, U = T). mask [T, U] uint8 (1 = token i sees step key j); a token sees the step keys it sees in
+// the order of j. out [T, H, D] fp32 contiguous (what the output projection reads).
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -90,31 +92,38 @@ struct Problem {
   int64_t H, Hkv, T, D, P, chunk;
   float scale;
   float* out;
+  int64_t prefix_start;  // the row of prefix key 0
 };
 
-// Per query token: how many keys it sees, how many of those lie where the cache holds them in
-// order (prefix then step keys 0, 1, 2, ...: a chain or a causal chunk), and the step keys it sees.
+// Per query token: how many keys it sees, how many of those lie in consecutive rows from the
+// prefix's first (the prefix, then step keys seen in order right after it: a chain or a causal
+// chunk in a cache), and the rows of the step keys it sees.
 struct Rows {
   std::vector<int64_t> visible, direct;
-  std::vector<std::vector<int64_t>> tree;  // absolute key indices (P + j)
+  std::vector<std::vector<int64_t>> tree;  // rows of the step keys each token sees, in order
+  int64_t start, most_direct = 0;          // the prefix's first row; the largest direct
 
-  Rows(const uint8_t* mask, int64_t T, int64_t P) : visible(T), direct(T), tree(T) {
+  Rows(const uint8_t* mask, int64_t T, int64_t U, int64_t P, int64_t start, const int64_t* slots)
+      : visible(T), direct(T), tree(T), start(start) {
     for (int64_t t = 0; t < T; ++t) {
       bool in_order = true;
       int64_t run = 0;
-      for (int64_t j = 0; j < T; ++j) {
-        if (!mask[t * T + j]) {
-          in_order = false;
-          continue;
-        }
-        tree[t].push_back(P + j);
+      for (int64_t j = 0; j < U; ++j) {
+        if (!mask[t * U + j]) continue;
+        const int64_t row = slots ? slots[j] : start + P + j;
+        in_order = in_order && row == start + P + static_cast<int64_t>(tree[t].size());
+        tree[t].push_back(row);
         if (in_order) run = static_cast<int64_t>(tree[t].size());
       }
       visible[t] = P + static_cast<int64_t>(tree[t].size());
       direct[t] = P + run;
+      most_direct = std::max(most_direct, direct[t]);
     }
   }
-  int64_t key(int64_t t, int64_t i, int64_t P) const { return i < P ? i : tree[t][i - P]; }
+  // The row of token t's visible key i.
+  int64_t key(int64_t t, int64_t i, int64_t P) const { return i < P ? start + i : tree[t][i - P]; }
+  // How many of the keys [b0, b0 + 16) some token reads from consecutive rows.
+  int direct_in_block(int64_t b0) const { return static_cast<int>(std::clamp<int64_t>(most_direct - b0, 0, 16)); }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -433,7 +442,7 @@ constexpr int kAhead = 2;  // blocks a walk asks the memory for ahead of their u
 inline void prefetch_rows(const Problem& pb, const void* base, int64_t g, int64_t b0, int64_t n) {
   if (n <= 0) return;
   const int64_t elem = pb.kind == kF32 ? 4 : 2;
-  const char* first = static_cast<const char*>(base) + (g * pb.kv_head + b0 * pb.D) * elem;
+  const char* first = static_cast<const char*>(base) + (g * pb.kv_head + (pb.prefix_start + b0) * pb.D) * elem;
   for (int64_t offset = 0; offset < n * pb.D * elem; offset += 64) __builtin_prefetch(first + offset, 0, 3);
 }
 
@@ -441,7 +450,7 @@ inline void prefetch_rows(const Problem& pb, const void* base, int64_t g, int64_
 template <class V>
 void direct_rows(const Problem& pb, const void* base, int64_t g, int64_t b0, int n, Scratch& sc) {
   for (int j = 0; j < n; ++j) {
-    const int64_t offset = g * pb.kv_head + (b0 + j) * V::D;
+    const int64_t offset = g * pb.kv_head + (pb.prefix_start + b0 + j) * V::D;
     if (pb.kind == kF32) {
       sc.dptr[j] = static_cast<const float*>(base) + offset;
     } else {
@@ -471,8 +480,8 @@ void for_each_block(const Problem& pb, const Rows& rows, const void* base, int64
                     Scratch& sc, F&& fn) {
   for (int64_t b = 0; b * kLanes < reach; ++b) {
     const int64_t b0 = c0 + b * kLanes, ahead = (b + kAhead) * kLanes;
-    if (ahead < reach) prefetch_rows(pb, base, g, c0 + ahead, std::min<int64_t>(kLanes, reach - ahead));
-    direct_rows<V>(pb, base, g, b0, static_cast<int>(std::min<int64_t>(kLanes, pb.P + pb.T - b0)), sc);
+    if (ahead < reach) prefetch_rows(pb, base, g, c0 + ahead, rows.direct_in_block(c0 + ahead));
+    direct_rows<V>(pb, base, g, b0, rows.direct_in_block(b0), sc);
     for (int64_t t = 0; t < pb.T; ++t) {
       const int n = static_cast<int>(std::min<int64_t>(kLanes, rows.visible[t] - b0));
       if (n > 0) fn(b, t, rows_for<V>(pb, rows, base, g, t, b0, n, sc), n);
@@ -542,9 +551,9 @@ BF16_FN __attribute__((flatten)) void chunk_bf16(const Problem& pb, const Rows& 
   };
   for (int64_t b = 0; b * kLanes < reach; ++b) {
     const int64_t b0 = c0 + b * kLanes, ahead = (b + kAhead) * kLanes;
-    if (ahead < reach) prefetch_rows(pb, pb.k, g, c0 + ahead, std::min<int64_t>(kLanes, reach - ahead));
-    const int in_cache = static_cast<int>(std::min<int64_t>(kLanes, pb.P + pb.T - b0));
-    for (int j = 0; j < in_cache; ++j) direct[j] = keys + (b0 + j) * D;
+    if (ahead < reach) prefetch_rows(pb, pb.k, g, c0 + ahead, rows.direct_in_block(c0 + ahead));
+    const int in_cache = rows.direct_in_block(b0);
+    for (int j = 0; j < in_cache; ++j) direct[j] = keys + (pb.prefix_start + b0 + j) * D;
     for (int64_t t = 0; t < T; ++t) {
       const int n = static_cast<int>(std::min<int64_t>(kLanes, rows.visible[t] - b0));
       if (n <= 0) continue;
@@ -569,9 +578,9 @@ BF16_FN __attribute__((flatten)) void chunk_bf16(const Problem& pb, const Rows& 
   __m512i* own = reinterpret_cast<__m512i*>(sc.gathered.data());   // a token's own visible rows
   for (int64_t b = 0; b * kLanes < reach; ++b) {
     const int64_t b0 = c0 + b * kLanes, ahead = (b + kAhead) * kLanes;
-    if (ahead < reach) prefetch_rows(pb, pb.v, g, c0 + ahead, std::min<int64_t>(kLanes, reach - ahead));
-    const int in_cache = static_cast<int>(std::min<int64_t>(kLanes, pb.P + pb.T - b0));
-    for (int j = 0; j < in_cache; ++j) direct[j] = values + (b0 + j) * D;
+    if (ahead < reach) prefetch_rows(pb, pb.v, g, c0 + ahead, rows.direct_in_block(c0 + ahead));
+    const int in_cache = rows.direct_in_block(b0);
+    for (int j = 0; j < in_cache; ++j) direct[j] = values + (pb.prefix_start + b0 + j) * D;
     bool paired_ready = false;
     for (int64_t t = 0; t < T; ++t) {
       const int n = static_cast<int>(std::min<int64_t>(kLanes, rows.visible[t] - b0));
@@ -660,7 +669,8 @@ void run(const Problem& pb, const Rows& rows, int threads, bool avx512, bool bf1
 
 void tree_attention(uintptr_t q, int64_t q_head, int64_t q_tok, uintptr_t k, uintptr_t v, int64_t kv_head, int kind,
                     int64_t H, int64_t Hkv, int64_t T, int64_t D, int64_t P, uintptr_t mask, double scale,
-                    uintptr_t out, int64_t chunk, int threads, const std::string& isa) {
+                    uintptr_t out, int64_t chunk, int threads, const std::string& isa, int64_t prefix_start,
+                    int64_t U, uintptr_t slots) {
   if (isa != "avx512bf16" && isa != "avx512" && isa != "avx2")
     throw std::invalid_argument("isa must be 'avx512bf16', 'avx512' or 'avx2', not '" + isa + "'");
   const bool avx512 = isa != "avx2";
@@ -668,13 +678,16 @@ void tree_attention(uintptr_t q, int64_t q_head, int64_t q_tok, uintptr_t k, uin
   if (!(avx512 ? has_avx512() : has_avx2()))
     throw std::runtime_error(avx512 ? "this CPU lacks AVX-512F" : "this CPU lacks AVX2, FMA or F16C");
   if (kind < kF32 || kind > kBF16) throw std::invalid_argument("kind must be 0 (fp32), 1 (fp16) or 2 (bf16)");
-  if (H <= 0 || Hkv <= 0 || H % Hkv || T <= 0 || P < 0) throw std::invalid_argument("bad head or token counts");
+  if (H <= 0 || Hkv <= 0 || H % Hkv || T <= 0 || P < 0 || prefix_start < 0)
+    throw std::invalid_argument("bad head or token counts");
+  if (U < 0) U = T;
+  if (slots == 0 && U != T) throw std::invalid_argument("without slots the mask is [T, T]");
   if (chunk <= 0 || chunk % kLanes) throw std::invalid_argument("chunk must be a positive multiple of 16");
   const Problem pb{reinterpret_cast<const float*>(q), q_head, q_tok, reinterpret_cast<const void*>(k),
                    reinterpret_cast<const void*>(v), kv_head, kind, H, Hkv, T, D, P, chunk,
-                   static_cast<float>(scale), reinterpret_cast<float*>(out)};
+                   static_cast<float>(scale), reinterpret_cast<float*>(out), prefix_start};
   py::gil_scoped_release release;
-  const Rows rows(reinterpret_cast<const uint8_t*>(mask), T, P);
+  const Rows rows(reinterpret_cast<const uint8_t*>(mask), T, U, P, prefix_start, reinterpret_cast<const int64_t*>(slots));
   threads = threads > 0 ? threads : 1;
   const bool bf16 = isa == "avx512bf16" && kind == kBF16;  // head dim 16 keeps the fp32 path
   switch (D) {
@@ -694,5 +707,6 @@ PYBIND11_MODULE(_attn, m) {
   m.def("tree_attention", &tree_attention, py::arg("q"), py::arg("q_head"), py::arg("q_tok"), py::arg("k"),
         py::arg("v"), py::arg("kv_head"), py::arg("kind"), py::arg("H"), py::arg("Hkv"), py::arg("T"), py::arg("D"),
         py::arg("P"), py::arg("mask"), py::arg("scale"), py::arg("out"), py::arg("chunk"), py::arg("threads"),
-        py::arg("isa"), "out[T, H, D] = attention of q over k/v (pointers of tensors laid out as the module doc says)");
+        py::arg("isa"), py::arg("prefix_start") = 0, py::arg("U") = -1, py::arg("slots") = 0,
+        "out[T, H, D] = attention of q over k/v (pointers of tensors laid out as the module doc says)");
 }

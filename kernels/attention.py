@@ -93,26 +93,41 @@ def kernel_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
 def tree_attention_rows(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_mask: torch.Tensor, scale: float, *,
     chunk: int = CHUNK, threads: int | None = None, isa: str | None = None,
+    slots: torch.Tensor | None = None, prefix: tuple[int, int] = (0, 0),
 ) -> torch.Tensor:
     """Attention of q ``[1, H, T, D]`` (fp32) over k/v ``[1, Hkv, P + T, D]`` (the step's own keys
     last; rows contiguous, as a :class:`~agentspec.engine.kvcache.TreeKVCache` view holds them):
     every token sees the ``P`` prefix keys and the step's keys ``tree_mask [T, T]`` (bool) allows.
     Returns ``[1, T, H * D]`` fp32 (what the output projection reads). Needs :func:`kernel_fits`.
     ``isa``: one of :func:`cpu_isas` (default :func:`kernel_isa`).
+
+    With ``slots`` (int64 ``[U]``), k/v ``[1, Hkv, S, D]`` is a pool of rows: every token sees the
+    prefix rows ``prefix = (first, count)`` and those of the rows ``slots`` that ``tree_mask [T, U]``
+    allows, in the order of ``slots`` (a search's leaves, each over its own path).
     """
     from . import _attn  # optional compiled extension
 
     _, h, t, d = q.shape
-    hkv, p = k.shape[1], k.shape[2] - t
+    hkv, span = k.shape[1], k.shape[2]
     if q.stride(-1) != 1:
         q = q.contiguous()
     if v.dtype != k.dtype or v.stride() != k.stride():
         raise ValueError("k and v must share dtype and layout")
+    start, p = prefix
+    if slots is None:
+        start, p, u, slot_ptr = 0, span - t, t, 0
+    else:
+        slots = slots.to(torch.int64).contiguous()
+        u, slot_ptr = slots.numel(), slots.data_ptr()
+        if start < 0 or p < 0 or start + p > span or (u and not 0 <= int(slots.min()) <= int(slots.max()) < span):
+            raise ValueError(f"prefix {prefix} and slots must lie in the {span} rows of k/v")
+    if tuple(tree_mask.shape) != (t, u):
+        raise ValueError(f"tree_mask must be [{t}, {u}], got {list(tree_mask.shape)}")
     mask = tree_mask.to(torch.uint8).contiguous()
     out = torch.empty(t, h, d, dtype=torch.float32)
     _attn.tree_attention(q.data_ptr(), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(), k.stride(1),
                          _KINDS[k.dtype], h, hkv, t, d, p, mask.data_ptr(), scale, out.data_ptr(), chunk,
-                         threads or torch.get_num_threads(), isa or kernel_isa())
+                         threads or torch.get_num_threads(), isa or kernel_isa(), start, u, slot_ptr)
     return out.view(1, t, h * d)
 
 

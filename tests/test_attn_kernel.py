@@ -138,6 +138,36 @@ def test_a_row_inside_a_step_is_bit_identical_to_the_token_decoded_alone(isa, dt
 
 
 @EACH_ISA
+@pytest.mark.parametrize("dtype", KV_DTYPES, ids=str)
+def test_rows_read_from_a_pool_by_slot_equal_the_same_keys_held_in_order(isa, dtype):
+    """A search's leaves: each token sees the prefix rows and its own leaf's rows, scattered in a pool
+    (shared ancestors, a path right after the prefix, one long enough to cross a 256-key chunk)."""
+    k, v = _kv(3, 900, 64, dtype, 12)
+    start, count = 40, 300  # prefix rows 40..339
+    leaves = [([340, 341, 342, 700], [850, 851]), ([340, 341, 342, 650], [852]),
+              ([800, *range(3, 40, 2)], [853, 854, 855])]
+    slots, owners = [], []
+    for w, (path, new) in enumerate(leaves):
+        slots += path + new
+        owners += [(w, i) for i in range(len(path) + len(new))]
+    rows = [(w, i) for w, (path, new) in enumerate(leaves) for i in range(len(path), len(path) + len(new))]
+    mask = torch.tensor([[ow == w and oi <= i for ow, oi in owners] for w, i in rows])
+    q = torch.randn(1, 9, len(rows), 64, generator=torch.Generator().manual_seed(13))
+    got = tree_attention_rows(q, k, v, mask, 0.125, isa=isa, slots=torch.tensor(slots), prefix=(start, count))
+    for r in range(len(rows)):
+        seen = list(range(start, start + count)) + [s for s, m in zip(slots, mask[r].tolist()) if m]
+        keep = torch.tensor(seen)
+        k1, v1 = k.index_select(2, keep).contiguous(), v.index_select(2, keep).contiguous()
+        alone = tree_attention_rows(q[:, :, r : r + 1], k1, v1, torch.ones(1, 1, dtype=torch.bool), 0.125, isa=isa)
+        assert torch.equal(got[:, r], alone[:, 0]), f"row {r} differs from its keys held in order"
+    outside = torch.tensor(slots[:-1] + [900])
+    with pytest.raises(ValueError, match="rows of k/v"):
+        tree_attention_rows(q, k, v, mask, 0.125, isa=isa, slots=outside, prefix=(start, count))
+    with pytest.raises(ValueError, match="tree_mask must be"):
+        tree_attention_rows(q, k, v, mask[:, :-1], 0.125, isa=isa, slots=torch.tensor(slots), prefix=(start, count))
+
+
+@EACH_ISA
 def test_a_token_that_sees_nothing_gets_zeros_and_a_chunk_size_must_fit_blocks(isa):
     q = torch.randn(1, 2, 2, 16)
     k, v = _kv(1, 2, 16, torch.float32, 0)

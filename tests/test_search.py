@@ -7,11 +7,13 @@ import random
 
 import pytest
 import torch
+from agentspec.kernels.attention import attention_available
 from doubles import tiny_llama
 
 from agentspec.config import SamplingParams, SpeculationConfig
 from agentspec.draft.base import DraftTree
 from agentspec.engine import Engine
+from agentspec.engine import search as search_module
 from agentspec.engine.search import SearchConfig, TreeSearch
 from agentspec.engine.verify import process_logits
 
@@ -94,10 +96,19 @@ def test_a_16_bit_kv_engine_searches_in_its_own_precision(peaky_model, default_t
 
 
 
-@pytest.mark.parametrize("attention", ["split", "gather", "pool"])
-def test_every_row_of_the_shared_forward_equals_its_own_forward(engine, peaky_model, attention):
+@pytest.mark.parametrize("attention", ["split", "gather", "pool", "split-torch", "gather-torch"])
+def test_every_row_of_the_shared_forward_equals_its_own_forward(engine, peaky_model, attention, monkeypatch):
     """Leaves at different depths of the KV tree, with random draft trees, in one forward: each row's
-    logits equal a plain forward of that row's own context (prompt + path + draft path)."""
+    logits equal a plain forward of that row's own context (prompt + path + draft path). ``-torch``:
+    torch's fused kernel over gathered rows instead of the compiled kernel reading the pool in place."""
+    attention, _, torch_only = attention.partition("-")
+    kernel_calls = []
+    if torch_only:
+        monkeypatch.setattr(search_module, "kernel_fits", lambda q, k: False)
+    else:
+        real = search_module.tree_attention_rows
+        monkeypatch.setattr(search_module, "tree_attention_rows",
+                            lambda *args, **kwargs: kernel_calls.append(1) or real(*args, **kwargs))
     rng = random.Random(0)
     seen = []
 
@@ -137,6 +148,7 @@ def test_every_row_of_the_shared_forward_equals_its_own_forward(engine, peaky_mo
             with torch.no_grad():
                 want = peaky_model(torch.tensor([context + path[::-1]])).logits[0, -1]
             torch.testing.assert_close(rows[r], want, atol=2e-4, rtol=1e-4)
+    assert bool(kernel_calls) == (attention != "pool" and not torch_only and attention_available())
 
 
 def test_sampling_follows_the_model_distribution(engine, peaky_model):

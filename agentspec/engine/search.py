@@ -47,6 +47,7 @@ from agentspec.engine.forward import LeanForward
 from agentspec.engine.radix import KVPool
 from agentspec.engine.step_forward import LlamaStepForward
 from agentspec.engine.verify import ancestor_mask, process_logits
+from agentspec.kernels.attention import heads_first, kernel_fits, tree_attention_rows
 from agentspec.kernels.cpu import flash_attention, folded_tree_attention, prefix_attention
 from agentspec.kernels.reference import merge_attention, partial_attention
 from agentspec.lookahead.policy import CostCurve
@@ -98,9 +99,14 @@ class PathAttention:
     ``masks[w]``: ``[rows_w, len(own[w])]``, which of them each row sees; the leaves' rows are
     consecutive in the forward, in order. ``shared``: slots every row sees (the prompt), attended
     once for all rows without a mask and merged with the leaves' part by log-sum-exp; None when the
-    prompt is part of ``own``. Per layer, rows and keys are gathered into ``[W, ...]`` blocks padded
-    to the longest leaf (padding points at a real slot and is masked), through torch's fused kernel
-    with grouped-query heads folded into the query axis (K and V never repeated)::
+    prompt is part of ``own``.
+
+    Where the compiled tree-attention kernel runs (and the shared rows are one run of slots), every
+    row reads the prompt's rows and its own leaf's slots from the pool in place, in one call per
+    layer: each row then gets the bits the engine's plain decoding of that trajectory gives. Else,
+    per layer, rows and keys are gathered into ``[W, ...]`` blocks padded to the longest leaf
+    (padding points at a real slot and is masked), through torch's fused kernel with grouped-query
+    heads folded into the query axis (K and V never repeated)::
 
         q   [1, H, T, D]   -> [W, Hkv, G * R, D]          R: most rows of a leaf, G = H / Hkv
         k/v [1, Hkv, S, D] -> [W, Hkv, L, D]              L: most keys of a leaf
@@ -126,8 +132,21 @@ class PathAttention:
         self.shared: torch.Tensor | slice | None = shared
         if shared is not None and shared.numel() and bool((shared.diff() == 1).all()):
             self.shared = slice(int(shared[0]), int(shared[-1]) + 1)  # the prompt's rows in one run: a view
+        # for the compiled kernel: the prompt's run of rows, every leaf's slots, which of them each row sees
+        self.prefix = ((0, 0) if shared is None or not shared.numel() else
+                       (self.shared.start, self.shared.stop - self.shared.start) if isinstance(self.shared, slice)
+                       else None)
+        self.slots = torch.cat(own)
+        self.visible = torch.zeros(int(self.valid.numel()), int(self.slots.numel()), dtype=torch.bool)
+        row = col = 0
+        for m in masks:
+            self.visible[row : row + m.shape[0], col : col + m.shape[1]] = m
+            row, col = row + m.shape[0], col + m.shape[1]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.prefix is not None and kernel_fits(q, k):
+            out = tree_attention_rows(q, k, v, self.visible, scale, slots=self.slots, prefix=self.prefix)
+            return heads_first(out, q)
         _, h, _, d = q.shape
         hkv = k.shape[1]
         w, r_max = self.rows.shape
