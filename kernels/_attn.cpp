@@ -489,6 +489,26 @@ void for_each_block(const Problem& pb, const Rows& rows, const void* base, int64
   }
 }
 
+// The softmax numerators of a work item's rows from their scores: m, p = exp(s - m) in place, l = sum
+// p into the row's partial (slot(h, t)), whose acc is zeroed; rows that see no key of the chunk get l = 0.
+template <class V, class Slot, class ScoreRow>
+void softmax_rows(const Problem& pb, const Rows& rows, int64_t g, int64_t c0, Slot&& slot, ScoreRow&& score_row) {
+  const int64_t groups = pb.H / pb.Hkv;
+  for (int64_t t = 0; t < pb.T; ++t) {
+    const int64_t len = std::min(pb.chunk, rows.visible[t] - c0);
+    for (int64_t j = 0; j < groups; ++j) {
+      float* out = slot(g * groups + j, t);
+      if (len <= 0) {
+        out[0] = kNegInf;
+        out[1] = 0.0f;
+        continue;
+      }
+      V::softmax(score_row(j, t), (len + kLanes - 1) / kLanes, out);
+      std::memset(out + kAcc, 0, V::D * sizeof(float));
+    }
+  }
+}
+
 // One work item: chunk c of kv head g for all its groups x T query rows; partial[row][c] = (m, l, acc[D]).
 template <class V>
 void chunk_item(const Problem& pb, const Rows& rows, int64_t g, int64_t c, int64_t n_chunks, Scratch& sc,
@@ -504,19 +524,7 @@ void chunk_item(const Problem& pb, const Rows& rows, int64_t g, int64_t c, int64
       V::score(pb.q + h * pb.q_head + t * pb.q_tok, k, n, pb.scale, score_row(j, t) + b * kLanes);
     }
   });
-  for (int64_t t = 0; t < T; ++t) {  // softmax numerators per row: m, p = exp(s - m), l = sum p
-    const int64_t len = std::min(C, rows.visible[t] - c0);
-    for (int64_t j = 0; j < groups; ++j) {
-      float* out = slot(g * groups + j, t);
-      if (len <= 0) {
-        out[0] = kNegInf;
-        out[1] = 0.0f;
-        continue;
-      }
-      V::softmax(score_row(j, t), (len + kLanes - 1) / kLanes, out);
-      std::memset(out + kAcc, 0, V::D * sizeof(float));
-    }
-  }
+  softmax_rows<V>(pb, rows, g, c0, slot, score_row);
   for_each_block<V>(pb, rows, pb.v, g, c0, reach, sc, [&](int64_t b, int64_t t, const float* const* v, int n) {
     for (int64_t j = 0; j < groups; ++j)
       V::accumulate(score_row(j, t) + b * kLanes, v, n, slot(g * groups + j, t) + kAcc);
@@ -561,19 +569,7 @@ BF16_FN __attribute__((flatten)) void chunk_bf16(const Problem& pb, const Rows& 
       for (int64_t j = 0; j < groups; ++j) B::score(qb + (j * T + t) * W, k, n, pb.scale, score_row(j, t) + b * kLanes);
     }
   }
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t len = std::min(C, rows.visible[t] - c0);
-    for (int64_t j = 0; j < groups; ++j) {
-      float* out = slot(g * groups + j, t);
-      if (len <= 0) {
-        out[0] = kNegInf;
-        out[1] = 0.0f;
-        continue;
-      }
-      Avx512<ND>::softmax(score_row(j, t), (len + kLanes - 1) / kLanes, out);
-      std::memset(out + kAcc, 0, D * sizeof(float));
-    }
-  }
+  softmax_rows<Avx512<ND>>(pb, rows, g, c0, slot, score_row);
   __m512i* paired = reinterpret_cast<__m512i*>(sc.direct.data());  // the block's rows in cache order
   __m512i* own = reinterpret_cast<__m512i*>(sc.gathered.data());   // a token's own visible rows
   for (int64_t b = 0; b * kLanes < reach; ++b) {
