@@ -3,7 +3,8 @@
 One call per layer attends ``T`` query tokens (a verification step's tree, or a causal prefill
 chunk) over the committed prefix (no mask) and the step's own keys (under a ``[T, T]`` mask), with
 grouped-query heads sharing their kv head's reads: each K/V row is read once per step for all
-query rows. fp16 KV is widened to fp32 in registers and the arithmetic is fp32.
+query rows. The keys may also be read by slot from a pool of rows (a search's leaves, each over its
+own path: see :func:`tree_attention_rows`). fp16 KV is widened to fp32 in registers and the arithmetic is fp32.
 
 The kernel runs with AVX-512F or, on CPUs without it (AMD Zen 2/3, most Intel client CPUs), with
 AVX2 + FMA + F16C: :func:`kernel_isa` picks the best this CPU has, or the one the environment
