@@ -103,7 +103,8 @@ class PathAttention:
 
     Where the compiled tree-attention kernel runs (and the shared rows are one run of slots), every
     row reads the prompt's rows and its own leaf's slots from the pool in place, in one call per
-    layer: each row then gets the bits the engine's plain decoding of that trajectory gives. Else,
+    layer: each row's attention then has the bits of the engine's plain decoding of that trajectory
+    (the whole row too where the matmuls are row-independent, as in int8 mode). Else,
     per layer, rows and keys are gathered into ``[W, ...]`` blocks padded to the longest leaf
     (padding points at a real slot and is masked), through torch's fused kernel with grouped-query
     heads folded into the query axis (K and V never repeated)::
