@@ -255,11 +255,13 @@ def test_cli_search_and_bench_search(tiny_engine, tmp_path, monkeypatch):
     save_tasks([ANY, NEVER], tmp_path / "tasks.jsonl")
     out = runner.invoke(app, ["bench", "--search", "--tasks", str(tmp_path / "tasks.jsonl"), "--limit", "1",
                               "--width", "2", "--max-new-tokens", "4", "--methods", "hf,best_of_n",
+                              "--temperature", "0.5",
                               "--report", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")])
     assert out.exit_code == 0, out.output
-    assert "tasks: 1 from" in out.output and "tokens/s" in out.output
+    assert "tasks: 1 from" in out.output and "tokens/s" in out.output and "temperature 0.5" in out.output
     saved = json.loads((tmp_path / "r.json").read_text())
     assert [r["method"] for r in saved["runs"]] == ["hf", "best_of_n"] and (tmp_path / "p.png").exists()
+    assert saved["config"]["temperature"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------- n > 1

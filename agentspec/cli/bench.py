@@ -27,9 +27,12 @@ def register(app: typer.Typer) -> None:
                                            "../shared/data)."),
         simulate: bool = typer.Option(False, "--simulate", help="Teacher-forced drafting only: no model forward."),
         search: bool = typer.Option(False, "--search", help="The tree-search benchmark on checkable tasks "
-                                    "(--tasks, --width, --limit, --methods, --max-new-tokens, --report, --plot)."),
+                                    "(--tasks, --width, --temperature, --limit, --methods, --max-new-tokens, "
+                                    "--report, --plot)."),
         tasks: Path = typer.Option(None, "--tasks", help="Search: task file (default: the bundled set)."),
         width: int = typer.Option(16, "--width", help="Search: trajectories per task."),
+        temperature: float = typer.Option(1.0, "--temperature", min=0.0,
+                                          help="Search: sampling temperature of every method (0: greedy)."),
         plot: Path = typer.Option(None, "--plot", help="Search: accuracy against KV held, as an image."),
         limit: int = typer.Option(None, help="Sessions per path (default: live 2, simulate all)."),
         calls: int = typer.Option(None, help="Calls per session (default: live 4, simulate all)."),
@@ -72,7 +75,8 @@ def register(app: typer.Typer) -> None:
             return
         if search:
             bench_search(options.engine(MEMORY), tasks_path=tasks, limit=limit, width=width, methods=methods,
-                         max_new_tokens=max_new_tokens, report_path=report, plot_path=plot, as_json=as_json)
+                         max_new_tokens=max_new_tokens, report_path=report, plot_path=plot, as_json=as_json,
+                         temperature=temperature)
             return
         if simulate:
             sessions = read_sessions(paths, list(DEFAULT_DATA), limit=limit, per_path=True, calls=calls)

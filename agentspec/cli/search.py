@@ -86,7 +86,8 @@ def stats_table(stats, finished: int) -> Table:
 
 
 def bench_search(engine, *, tasks_path: Path | None, limit: int | None, width: int, max_new_tokens: int,
-                 methods: str | None, report_path: Path | None, plot_path: Path | None, as_json: bool) -> None:
+                 methods: str | None, report_path: Path | None, plot_path: Path | None, as_json: bool,
+                 temperature: float = 1.0) -> None:
     """``agentspec bench --search``: every method on every task, a progress bar, a table, a plot."""
     from tqdm import tqdm
 
@@ -107,7 +108,7 @@ def bench_search(engine, *, tasks_path: Path | None, limit: int | None, width: i
     path = tasks_path or DEFAULT_TASKS
     tasks = load_tasks(path, limit)
     console.print(f"tasks: {len(tasks)} from {path}")
-    config = SearchBenchConfig(width=width, max_new_tokens=max_new_tokens)
+    config = SearchBenchConfig(width=width, max_new_tokens=max_new_tokens, temperature=temperature)
     report = SearchBenchReport(str(path), config)
     with tqdm(total=len(tasks) * len(chosen), desc="search bench", unit="run", file=console.file) as bar:
         def tick(run) -> None:
