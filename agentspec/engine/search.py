@@ -115,52 +115,69 @@ class PathAttention:
 
     def __init__(self, own: list[torch.Tensor], masks: list[torch.Tensor], shared: torch.Tensor | None,
                  groups: int, dtype: torch.dtype) -> None:
-        w, r_max, l_max = len(own), max(m.shape[0] for m in masks), max(o.numel() for o in own)
-        self.rows = torch.empty(w, r_max, dtype=torch.long)
-        self.keys = torch.empty(w, l_max, dtype=torch.long)
-        allowed = torch.zeros(w, r_max, l_max, dtype=torch.bool)
-        valid, start = [], 0
-        for i, (slots, m) in enumerate(zip(own, masks)):
-            n, length = m.shape
-            self.keys[i, :length], self.keys[i, length:] = slots, slots[0]
-            self.rows[i, :n], self.rows[i, n:] = torch.arange(start, start + n), start
-            allowed[i, :n, :length], allowed[i, n:, :length] = m, m[0]
-            valid.append(torch.arange(i * r_max, i * r_max + n))
-            start += n
-        self.valid = torch.cat(valid)
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
-        self.mask = mask.repeat(1, groups, 1)[:, None]  # [W, 1, G * R, L]: folded query index r * R + row
+        self.own, self.masks, self.groups, self.dtype = own, masks, groups, dtype
         self.shared: torch.Tensor | slice | None = shared
         if shared is not None and shared.numel() and bool((shared.diff() == 1).all()):
             self.shared = slice(int(shared[0]), int(shared[-1]) + 1)  # the prompt's rows in one run: a view
-        # for the compiled kernel: the prompt's run of rows, every leaf's slots, which of them each row sees
+        # for the compiled kernel: the prompt's run of rows (None: the prompt's slots are not one run)
         self.prefix = ((0, 0) if shared is None or not shared.numel() else
                        (self.shared.start, self.shared.stop - self.shared.start) if isinstance(self.shared, slice)
                        else None)
-        self.slots = torch.cat(own)
-        self.visible = torch.zeros(int(self.valid.numel()), int(self.slots.numel()), dtype=torch.bool)
-        row = col = 0
-        for m in masks:
-            self.visible[row : row + m.shape[0], col : col + m.shape[1]] = m
-            row, col = row + m.shape[0], col + m.shape[1]
+        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # built by the first call that needs it
+        self._padded: tuple[torch.Tensor, ...] | None = None
+
+    def _kernel_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every leaf's slots, one after another, and which of them each row sees (uint8 ``[T, U]``)."""
+        if self._kernel is None:
+            slots = torch.cat(self.own)
+            visible = torch.zeros(sum(m.shape[0] for m in self.masks), slots.numel(), dtype=torch.uint8)
+            row = col = 0
+            for m in self.masks:
+                visible[row : row + m.shape[0], col : col + m.shape[1]] = m
+                row, col = row + m.shape[0], col + m.shape[1]
+            self._kernel = slots, visible
+        return self._kernel
+
+    def _padded_inputs(self) -> tuple[torch.Tensor, ...]:
+        """For torch's kernel: rows ``[W, R]`` and keys ``[W, L]`` per leaf (padded), the rows that are
+        real, and the additive mask ``[W, 1, G * R, L]``."""
+        if self._padded is None:
+            own, masks = self.own, self.masks
+            w, r_max, l_max = len(own), max(m.shape[0] for m in masks), max(o.numel() for o in own)
+            rows = torch.empty(w, r_max, dtype=torch.long)
+            keys = torch.empty(w, l_max, dtype=torch.long)
+            allowed = torch.zeros(w, r_max, l_max, dtype=torch.bool)
+            valid, start = [], 0
+            for i, (slots, m) in enumerate(zip(own, masks)):
+                n, length = m.shape
+                keys[i, :length], keys[i, length:] = slots, slots[0]
+                rows[i, :n], rows[i, n:] = torch.arange(start, start + n), start
+                allowed[i, :n, :length], allowed[i, n:, :length] = m, m[0]
+                valid.append(torch.arange(i * r_max, i * r_max + n))
+                start += n
+            mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))
+            # [W, 1, G * R, L]: folded query index r * R + row
+            self._padded = rows, keys, torch.cat(valid), mask.repeat(1, self.groups, 1)[:, None]
+        return self._padded
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         if self.prefix is not None and kernel_fits(q, k):
-            out = tree_attention_rows(q, k, v, self.visible, scale, slots=self.slots, prefix=self.prefix)
-            return heads_first(out, q)
+            slots, visible = self._kernel_inputs()
+            return heads_first(tree_attention_rows(q, k, v, visible, scale, slots=slots, prefix=self.prefix), q)
+        rows, keys, valid, mask = self._padded_inputs()
         _, h, _, d = q.shape
         hkv = k.shape[1]
-        w, r_max = self.rows.shape
-        l_max = self.keys.shape[1]
-        qb = q[0].index_select(1, self.rows.view(-1)).view(h, w, r_max, d).transpose(0, 1)
+        w, r_max = rows.shape
+        l_max = keys.shape[1]
+        qb = q[0].index_select(1, rows.view(-1)).view(h, w, r_max, d).transpose(0, 1)
         qb = qb.reshape(w, hkv, (h // hkv) * r_max, d)
-        kb, vb = (x[0].index_select(1, self.keys.view(-1)).view(hkv, w, l_max, d).transpose(0, 1)
+        kb, vb = (x[0].index_select(1, keys.view(-1)).view(hkv, w, l_max, d).transpose(0, 1)
                   .to(q.dtype).contiguous() for x in (k, v))
-        out, lse = flash_attention(qb, kb, vb, self.mask, scale)
-        out = out.reshape(w, h, r_max, d).transpose(0, 1).reshape(h, w * r_max, d)[:, self.valid][None]
+        out, lse = flash_attention(qb, kb, vb, mask, scale)
+        out = out.reshape(w, h, r_max, d).transpose(0, 1).reshape(h, w * r_max, d)[:, valid][None]
         if self.shared is None:
             return out
-        lse = lse.reshape(w, h, r_max).transpose(0, 1).reshape(h, w * r_max)[:, self.valid][None]
+        lse = lse.reshape(w, h, r_max).transpose(0, 1).reshape(h, w * r_max)[:, valid][None]
         o_shared, lse_shared = prefix_attention(q, k[:, :, self.shared].to(q.dtype), v[:, :, self.shared].to(q.dtype),
                                                 scale)
         merged, _ = merge_attention(o_shared, lse_shared, out.float(), lse.float())
