@@ -697,6 +697,95 @@ void tree_attention(uintptr_t q, int64_t q_head, int64_t q_tok, uintptr_t k, uin
   }
 }
 
+// Rotary embedding of one step's q and k, and the KV write, in one pass (the lean forward's
+// per-layer glue: about twenty torch ops a layer otherwise). qkv [T, (H + 2 Hkv) D] fp32 rows as the
+// fused q/k/v projection leaves them; cos, sin [T, D]. q_out [T, H, D] gets the rotated queries;
+// the rotated keys and the values go to rows rows[t] (or t) of k/v [Hkv, S, D] (rows contiguous,
+// kv-head stride given), rounded to fp16 / bf16 to nearest even as torch's conversion rounds. The rotation is
+// torch's (x * cos) + (rotate_half(x) * sin), one IEEE multiply and add per term (no fused
+// multiply-add: -ffp-contract=off), so the results are bit-identical to those ops.
+uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if (std::isnan(x)) return 0x7FC0;
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+AVX2_FN uint16_t f16_bits(float x) {
+  return static_cast<uint16_t>(_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(x), _MM_FROUND_TO_NEAREST_INT), 0));
+}
+
+void rotate(const float* x, const float* c, const float* s, int64_t D, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i] * c[i], b = -x[i + half] * s[i];
+    out[i] = a + b;
+  }
+  for (int64_t i = half; i < D; ++i) {
+    const float a = x[i] * c[i], b = x[i - half] * s[i];
+    out[i] = a + b;
+  }
+}
+
+void store(const float* x, int64_t D, int kind, void* dst) {
+  if (kind == kF32) {
+    std::memcpy(dst, x, D * sizeof(float));
+  } else {
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < D; ++i) d[i] = kind == kBF16 ? bf16_bits(x[i]) : f16_bits(x[i]);
+  }
+}
+
+void rope_store(uintptr_t qkv, uintptr_t cos, uintptr_t sin, uintptr_t q_out, uintptr_t k, uintptr_t v,
+                int64_t kv_head, int kind, int64_t H, int64_t Hkv, int64_t T, int64_t D, uintptr_t rows, int64_t S,
+                int threads) {
+  if (kind < kF32 || kind > kBF16) throw std::invalid_argument("kind must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+  if (H <= 0 || Hkv <= 0 || T <= 0 || D <= 0 || D % 2 || D > 256) throw std::invalid_argument("bad head or token counts");
+  const int64_t* row = reinterpret_cast<const int64_t*>(rows);
+  for (int64_t t = 0; t < T; ++t)
+    if ((row ? row[t] : t) < 0 || (row ? row[t] : t) >= S) throw std::invalid_argument("a row lies outside k/v");
+  if (kind == kF16 && !has_avx2()) throw std::runtime_error("fp16 KV needs F16C");
+  const float* src = reinterpret_cast<const float*>(qkv);
+  const float* cs = reinterpret_cast<const float*>(cos);
+  const float* sn = reinterpret_cast<const float*>(sin);
+  float* qo = reinterpret_cast<float*>(q_out);
+  const int64_t width = (H + 2 * Hkv) * D, bytes = kind == kF32 ? 4 : 2;
+  char* kb = reinterpret_cast<char*>(k);
+  char* vb = reinterpret_cast<char*>(v);
+  py::gil_scoped_release release;
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) if (T >= 32)
+  for (int64_t t = 0; t < T; ++t) {
+    const float *x = src + t * width, *c = cs + t * D, *s = sn + t * D;
+    for (int64_t h = 0; h < H; ++h) rotate(x + h * D, c, s, D, qo + (t * H + h) * D);
+    const int64_t r = row ? row[t] : t;
+    float key[256];
+    for (int64_t g = 0; g < Hkv; ++g) {
+      const int64_t at = (g * kv_head + r * D) * bytes;
+      rotate(x + (H + g) * D, c, s, D, key);
+      store(key, D, kind, kb + at);
+      store(x + (H + Hkv + g) * D, D, kind, vb + at);
+    }
+  }
+}
+
+// RMSNorm's scaling, given each row's mean square (torch computes that reduction, so its summation
+// order stays torch's): out[t, i] = w[i] * (x[t, i] * (1 / sqrt(ms[t] + eps))), the rounding of each
+// operation as torch's `weight * (x * rsqrt(ms + eps))` (torch's rsqrt is a correctly rounded
+// 1 / sqrt), bit for bit, in one call instead of four.
+void rms_scale(uintptr_t x, uintptr_t ms, uintptr_t w, uintptr_t out, int64_t T, int64_t N, double eps) {
+  if (T <= 0 || N <= 0) throw std::invalid_argument("bad row counts");
+  const float* xs = reinterpret_cast<const float*>(x);
+  const float* m = reinterpret_cast<const float*>(ms);
+  const float* ws = reinterpret_cast<const float*>(w);
+  float* o = reinterpret_cast<float*>(out);
+  const float e = static_cast<float>(eps);
+  py::gil_scoped_release release;
+  for (int64_t t = 0; t < T; ++t) {
+    const float r = 1.0f / std::sqrt(m[t] + e);
+    for (int64_t i = 0; i < N; ++i) o[t * N + i] = ws[i] * (xs[t * N + i] * r);
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_attn, m) {
@@ -707,4 +796,10 @@ PYBIND11_MODULE(_attn, m) {
         py::arg("P"), py::arg("mask"), py::arg("scale"), py::arg("out"), py::arg("chunk"), py::arg("threads"),
         py::arg("isa"), py::arg("prefix_start") = 0, py::arg("U") = -1, py::arg("slots") = 0,
         "out[T, H, D] = attention of q over k/v (pointers of tensors laid out as the module doc says)");
+  m.def("rope_store", &rope_store, py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("q_out"), py::arg("k"),
+        py::arg("v"), py::arg("kv_head"), py::arg("kind"), py::arg("H"), py::arg("Hkv"), py::arg("T"), py::arg("D"),
+        py::arg("rows"), py::arg("S"), py::arg("threads"),
+        "Rotate q and k of a step (torch's rotary, bit for bit) and write k and v to their cache rows");
+  m.def("rms_scale", &rms_scale, py::arg("x"), py::arg("ms"), py::arg("w"), py::arg("out"), py::arg("T"),
+        py::arg("N"), py::arg("eps"), "out = w * (x * rsqrt(ms + eps)), as torch rounds it");
 }

@@ -136,3 +136,54 @@ def heads_first(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """:func:`tree_attention_rows`' ``[1, T, H * D]`` as a ``[1, H, T, D]`` view, the layout of ``q`` (no copy)."""
     _, h, t, d = q.shape
     return out.view(1, t, h, d).transpose(1, 2)
+
+
+
+def rope_store(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, k: torch.Tensor,
+    v: torch.Tensor, rows: torch.Tensor | None = None, *, threads: int | None = None,
+) -> torch.Tensor:
+    """One step's rotary embedding and KV write in one call: the rotated queries ``[1, H, T, D]``
+    (a view of a new ``[T, H, D]`` tensor, the layout :func:`tree_attention_rows` reads).
+
+    ``qkv``: ``[1, T, (H + 2 Hkv) D]`` fp32, contiguous (the fused q/k/v projection's output);
+    ``cos``/``sin``: ``[T, D]`` fp32, contiguous (the model's rotary embedding of the positions). The
+    rotated keys and the values go to rows ``rows`` (int64 ``[T]``; default ``0..T-1``) of ``k``/``v``
+    ``[Hkv, S, D]`` (rows contiguous; fp32, or fp16 / bf16 rounded to nearest even). Bit-identical
+    to torch's ``(x * cos) + (rotate_half(x) * sin)`` followed by a copy into the cache. Needs
+    :func:`attention_available`; called once per layer, so it checks only what the kernel cannot.
+    """
+    from . import _attn  # optional compiled extension
+
+    t, d = cos.shape
+    if (qkv.dtype != torch.float32 or qkv.shape[-1] != (heads + 2 * kv_heads) * d or qkv.numel() != t * qkv.shape[-1]
+            or not qkv.is_contiguous() or cos.dtype != torch.float32 or sin.shape != cos.shape
+            or not (cos.is_contiguous() and sin.is_contiguous())):
+        raise ValueError("qkv must be contiguous fp32 [1, T, (H + 2 Hkv) D] and cos/sin contiguous fp32 [T, D]")
+    if k.dtype not in _KINDS or v.dtype != k.dtype or v.stride() != k.stride() or k.stride(-1) != 1 \
+            or k.stride(-2) != d or k.shape[-3] != kv_heads or k.shape[-1] != d:
+        raise ValueError("k and v must be [Hkv, S, D] buffers of one dtype and layout, rows contiguous")
+    if rows is not None and (rows.dtype != torch.int64 or rows.numel() != t or not rows.is_contiguous()):
+        raise ValueError(f"rows must be {t} contiguous int64 row indices")
+    q = torch.empty(t, heads, d, dtype=torch.float32)
+    _attn.rope_store(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                     k.stride(-3), _KINDS[k.dtype], heads, kv_heads, t, d, 0 if rows is None else rows.data_ptr(),
+                     k.shape[-2], threads or torch.get_num_threads())
+    return q.view(1, t, heads, d).transpose(1, 2)
+
+
+def rms_scale(x: torch.Tensor, mean_square: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm's scaling in one call: ``weight * (x * rsqrt(mean_square + eps))``, bit-identical to
+    those torch ops (``mean_square``, ``x``'s mean of squares over its last dim, comes from torch, so
+    the reduction order stays torch's). fp32, contiguous; needs :func:`attention_available`."""
+    from . import _attn  # optional compiled extension
+
+    n = x.shape[-1]
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or mean_square.dtype != torch.float32
+            or weight.numel() != n or mean_square.numel() * n != x.numel()
+            or not (x.is_contiguous() and weight.is_contiguous() and mean_square.is_contiguous())):
+        raise ValueError("x [..., N], mean_square [..., 1] and weight [N] must be contiguous fp32")
+    out = torch.empty_like(x)
+    _attn.rms_scale(x.data_ptr(), mean_square.data_ptr(), weight.data_ptr(), out.data_ptr(), mean_square.numel(), n,
+                    eps)
+    return out

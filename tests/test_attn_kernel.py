@@ -21,6 +21,8 @@ from agentspec.kernels.attention import (
     cpu_isas,
     kernel_isa,
     narrow_kv_dtype,
+    rms_scale,
+    rope_store,
     tree_attention_rows,
 )
 from agentspec.kernels.blockq import blocks_available
@@ -33,6 +35,7 @@ from agentspec.engine.cpu_fast import fast_linears
 from agentspec.engine.forward import select_forward
 from agentspec.engine.kvcache import TreeKVCache
 from agentspec.engine.quantize import quantize_model
+from agentspec.engine.step_forward import _rotate_half
 from agentspec.engine.verify import ancestor_mask
 
 needs_kernel = pytest.mark.skipif(not attention_available(), reason="the _attn extension is not built or no AVX2")
@@ -293,3 +296,90 @@ def test_tree_attention_dispatch_runs_the_kernel_on_a_cpu():
     alone = tree_attention_rows(q, k, v, tree, 64**-0.5).view(1, 5, 6, 64).transpose(1, 2)
     assert torch.equal(got, alone)
     torch.testing.assert_close(got, masked_attention(q, k, v, tree, 40), atol=1e-5, rtol=1e-5)
+
+
+def _rotary(t: int, d: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's cos/sin ``[T, D]`` for positions ``start ..``."""
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    angles = torch.arange(start, start + t).float()[:, None] * inv[None]
+    emb = torch.cat((angles, angles), -1)
+    return emb.cos(), emb.sin()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+@pytest.mark.parametrize("t", [1, 9, 40])  # 40: the threaded loop
+@pytest.mark.parametrize("by_slot", [False, True])
+def test_rope_store_equals_torchs_rotary_and_cache_write_bit_for_bit(dtype, t, by_slot):
+    h, hkv, d, span = 9, 3, 64, 64
+    g = torch.Generator().manual_seed(t)
+    qkv = torch.randn(1, t, (h + 2 * hkv) * d, generator=g) * 4
+    cos, sin = _rotary(t, d, 1000)
+    q, k, v = (x.view(1, t, -1, d).transpose(1, 2) for x in qkv.split((h * d, hkv * d, hkv * d), -1))
+    c, s = cos[None, None], sin[None, None]
+    want_q, want_k = (q * c) + (_rotate_half(q) * s), (k * c) + (_rotate_half(k) * s)
+    k_buf, v_buf = torch.zeros(hkv, span, d, dtype=dtype), torch.zeros(hkv, span, d, dtype=dtype)
+    rows = torch.randperm(span, generator=g)[:t] if by_slot else None
+    got = rope_store(qkv, cos, sin, h, hkv, k_buf, v_buf, rows)
+    at = rows if by_slot else torch.arange(t)
+    assert torch.equal(got, want_q)
+    assert torch.equal(k_buf[:, at], want_k[0].to(dtype)) and torch.equal(v_buf[:, at], v[0].to(dtype))
+    untouched = torch.ones(span, dtype=torch.bool)
+    untouched[at] = False
+    assert not k_buf[:, untouched].any() and not v_buf[:, untouched].any()
+
+
+@needs_kernel
+def test_rope_store_rejects_what_it_cannot_write():
+    cos, sin = _rotary(2, 16, 0)
+    qkv, k = torch.randn(1, 2, 4 * 16), torch.zeros(1, 8, 16)
+    with pytest.raises(ValueError, match="qkv"):
+        rope_store(qkv[..., :-1].contiguous(), cos, sin, 2, 1, k, k.clone())
+    with pytest.raises(ValueError, match="k and v"):
+        rope_store(qkv, cos, sin, 2, 1, k, k.half())
+    with pytest.raises(ValueError, match="rows"):
+        rope_store(qkv, cos, sin, 2, 1, k, k.clone(), torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="outside"):
+        rope_store(qkv, cos, sin, 2, 1, k, k.clone(), torch.tensor([0, 8]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("kv", [None, torch.bfloat16])
+def test_the_fused_step_equals_the_torch_ops_bit_for_bit(int8_model, kv, monkeypatch):
+    if not blocks_available():
+        pytest.skip("the fused path needs the block kernel's fused q/k/v projection")
+    engine = Engine(int8_model, None, speculation=SpeculationConfig(adaptive=False), matmul="int8")
+    step, layers = engine.forward.step, int8_model.config.num_hidden_layers
+    assert all(w is not None for w in step.qkv)  # q/k/v fused as blocks: the path under test runs
+    ids, mask = torch.randint(3, 500, (12,)), ancestor_mask([-1, 0, 1, 0, 3, 3, 5, 6, 7, 8, 9])
+    positions = 40 + mask.sum(-1) - 1
+
+    def run() -> tuple[torch.Tensor, TreeKVCache]:
+        cache = TreeKVCache(layers, dtype=kv)
+        step.prefill(torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(1)), cache)
+        return step(ids, positions, mask, cache), cache
+
+    calls = []
+    monkeypatch.setattr("agentspec.engine.step_forward.rope_store",
+                        lambda *a, **k: calls.append(1) or rope_store(*a, **k))
+    with fast_linears("int8"):
+        fused, fused_cache = run()
+        assert len(calls) == 2 * layers  # the prefill and the step, every layer
+        monkeypatch.setattr("agentspec.engine.step_forward.attention_available", lambda: False)  # torch's ops
+        plain, plain_cache = run()
+    assert len(calls) == 2 * layers and torch.equal(fused, plain)
+    for a, b in zip(fused_cache.layers, plain_cache.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_rms_scale_equals_torchs_rms_norm_ops_bit_for_bit(rows):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(1, rows, 576, generator=g) * torch.rand(1, rows, 1, generator=g) * 20
+    weight = torch.randn(576, generator=g)
+    mean_square = x.pow(2).mean(-1, keepdim=True)
+    want = weight * (x * torch.rsqrt(mean_square + 1e-5))
+    assert torch.equal(rms_scale(x, mean_square, weight, 1e-5), want)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        rms_scale(x, mean_square, weight[:-1], 1e-5)

@@ -73,6 +73,14 @@ class TreeKVLayer(DynamicLayer):
         self._refresh_views()
         return self._k[..., start : self.length, :], self._v[..., start : self.length, :]
 
+    def claim_rows(
+        self, n: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """:meth:`claim` as ``[kv_heads, n, head_dim]`` buffers (rows ``0..n-1``) for a kernel that writes
+        K/V itself (:func:`agentspec.kernels.attention.rope_store`); ``keys``/``values`` then include them."""
+        k, v = self.claim(n, kv_heads, head_dim, dtype, device)
+        return k[0], v[0], None
+
     def get_seq_length(self) -> int:
         return self.length
 

@@ -15,7 +15,8 @@ For each context length ``P`` and tree size ``k`` (a chain of ``k`` tokens, as
   matmul         the decoder's linear layers (q/k/v, o, gate/up, down): GGUF blocks or fp32
   head           the output projection (the largest matrix of a small model)
   attention      the attention call over ``P + k`` keys per layer (and the tree mask, where torch runs it)
-  kv_write       copying the step's keys and values into the cache
+  kv_write       copying the step's keys and values into the cache (where a kernel call rotates and
+                 writes them at once, that call is charged to rotary)
   norm           RMSNorm, twice per layer and once at the end
   rotary         cos/sin for the positions and the rotation of q and k
   elementwise    embedding lookup, SiLU x up, residual adds
@@ -49,6 +50,7 @@ from agentspec.engine.forward import LeanForward
 from agentspec.engine.kvcache import TreeKVCache
 from agentspec.engine.step_forward import LlamaStepForward, _rms_norm, _rotate_half
 from agentspec.engine.verify import ancestor_mask
+from agentspec.kernels.attention import rope_store
 
 PARTS = ("matmul", "head", "attention", "kv_write", "norm", "rotary", "elementwise", "glue")
 DEFAULT_CONTEXTS = (1000, 3000, 6000)
@@ -221,29 +223,44 @@ def timed_step(step: LlamaStepForward, head, ids: torch.Tensor, positions: torch
     x = step.embed(ids[None])
     lap("elementwise")
     cos, sin = step.rotary(x, position_ids=positions[None])
+    fused = blocks_fit(t)
+    rows_cos = rows_sin = None
+    if fused and step._rope_fits(x, cos, cache):
+        rows_cos, rows_sin = cos[0].contiguous(), sin[0].contiguous()
     cos, sin = cos[:, None], sin[:, None]
     lap("rotary")
     shape = (1, t, -1, step.head_dim)
-    fused = blocks_fit(t)
     for i, layer in enumerate(step.layers):
         attn, mlp = layer.self_attn, layer.mlp
         lap("glue")
         h = _rms_norm(x, layer.input_layernorm)
         lap("norm")
-        if fused and step.qkv[i] is not None:
+        if rows_cos is not None and step.qkv[i] is not None:  # rotary and the KV write in one kernel call
             qkv = block_matmul(h, step.qkv[i])
             lap("matmul")
-            q, k, v = qkv.split((attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features), dim=-1)
+            layer_cache = cache.layers[i]
+            k_rows, v_rows, rows = layer_cache.claim_rows(t, step.kv_heads, step.head_dim, x.dtype, x.device)
+            lap("glue")
+            q = rope_store(qkv, rows_cos, rows_sin, step.heads, step.kv_heads, k_rows, v_rows, rows)
+            lap("rotary")
+            keys, values = layer_cache.keys, layer_cache.values
+            lap("kv_write")
         else:
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-            lap("matmul")
-        q, k, v = (y.view(shape).transpose(1, 2) for y in (q, k, v))
-        lap("glue")
-        q = (q * cos) + (_rotate_half(q) * sin)
-        k = (k * cos) + (_rotate_half(k) * sin)
-        lap("rotary")
-        keys, values = cache.layers[i].update(k, v)
-        lap("kv_write")
+            if fused and step.qkv[i] is not None:
+                qkv = block_matmul(h, step.qkv[i])
+                lap("matmul")
+                q, k, v = qkv.split((attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features),
+                                    dim=-1)
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+                lap("matmul")
+            q, k, v = (y.view(shape).transpose(1, 2) for y in (q, k, v))
+            lap("glue")
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+            lap("rotary")
+            keys, values = cache.layers[i].update(k, v)
+            lap("kv_write")
         out = attend(q, keys, values, attn.scaling)
         lap("attention")
         out = out.transpose(1, 2).reshape(1, t, -1)

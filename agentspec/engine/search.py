@@ -75,7 +75,19 @@ class _PoolLayer:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.k.index_copy_(1, self.slots, key_states[0].to(self.k.dtype))
         self.v.index_copy_(1, self.slots, value_states[0].to(self.v.dtype))
-        return self.k[None], self.v[None]
+        return self.keys, self.values
+
+    def claim_rows(self, n: int, *_) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pool's buffers and the rows (``slots``) where a kernel writes the new K/V itself."""
+        return self.k, self.v, self.slots
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.k[None]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.v[None]
 
 
 class _PoolView:

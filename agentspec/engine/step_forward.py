@@ -22,7 +22,14 @@ import torch.nn.functional as F
 
 from agentspec.engine.cpu_fast import block_matmul, blocks_fit
 from agentspec.engine.kvcache import TreeKVCache
-from agentspec.kernels.attention import heads_first, kernel_fits, tree_attention_rows
+from agentspec.kernels.attention import (
+    attention_available,
+    heads_first,
+    kernel_fits,
+    rms_scale,
+    rope_store,
+    tree_attention_rows,
+)
 from agentspec.kernels.blockq import BlockWeight, concat_blocks
 from agentspec.kernels.cpu import causal_chunk_attention, folded_tree_attention, folded_tree_mask
 
@@ -32,10 +39,15 @@ KERNEL_PREFILL_ROWS = 512
 
 
 def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
-    """``LlamaRMSNorm.forward``, op for op."""
+    """``LlamaRMSNorm.forward``, op for op (in fp32 on a CPU the scaling is one kernel call with the
+    same roundings: :func:`~agentspec.kernels.attention.rms_scale`)."""
     dtype = x.dtype
     h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    mean_square = h.pow(2).mean(-1, keepdim=True)
+    if (dtype == torch.float32 and norm.weight.dtype == torch.float32 and h.device.type == "cpu"
+            and h.is_contiguous() and attention_available()):
+        return rms_scale(h, mean_square, norm.weight, norm.variance_epsilon)
+    h = h * torch.rsqrt(mean_square + norm.variance_epsilon)
     return norm.weight * h.to(dtype)
 
 
@@ -71,7 +83,8 @@ class LlamaStepForward:
         self.norm = decoder.norm
         self.head_dim = self.layers[0].self_attn.head_dim
         config = model.config
-        self.groups = config.num_attention_heads // config.num_key_value_heads  # query heads per kv head
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.groups = self.heads // self.kv_heads  # query heads per kv head
         # where the projections are GGUF blocks (see agentspec.engine.cpu_fast.skinny_linears), q/k/v and
         # gate/up each run as one kernel call on small inputs
         self.qkv = [_fuse((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
@@ -139,25 +152,42 @@ class LlamaStepForward:
 
         return self._run(input_ids, positions, cache, attend)
 
+    def _rope_fits(self, x: torch.Tensor, cos: torch.Tensor, cache) -> bool:
+        """Whether :func:`~agentspec.kernels.attention.rope_store` can rotate and write this step's q/k/v
+        (the compiled kernel, fp32 on a CPU, full-width rotary, a cache that lends its rows)."""
+        return (attention_available() and x.device.type == "cpu" and x.dtype == torch.float32
+                and cos.dtype == torch.float32 and cos.shape[-1] == self.head_dim
+                and hasattr(cache.layers[0], "claim_rows"))
+
     def _run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: TreeKVCache, attend) -> torch.Tensor:
         t = input_ids.shape[0]
         x = self.embed(input_ids[None])
         cos, sin = self.rotary(x, position_ids=position_ids[None])
+        fused = blocks_fit(t)
+        rows_cos = rows_sin = None  # [T, D] where rotary and the KV write run as one kernel call a layer
+        if fused and self._rope_fits(x, cos, cache):
+            rows_cos, rows_sin = cos[0].contiguous(), sin[0].contiguous()
         cos, sin = cos[:, None], sin[:, None]
         shape = (1, t, -1, self.head_dim)
-        fused = blocks_fit(t)
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = _rms_norm(x, layer.input_layernorm)
-            if fused and self.qkv[i] is not None:
-                q, k, v = block_matmul(h, self.qkv[i]).split(
-                    (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features), dim=-1)
+            if rows_cos is not None and self.qkv[i] is not None:
+                layer_cache = cache.layers[i]
+                k_rows, v_rows, rows = layer_cache.claim_rows(t, self.kv_heads, self.head_dim, x.dtype, x.device)
+                q = rope_store(block_matmul(h, self.qkv[i]), rows_cos, rows_sin, self.heads, self.kv_heads,
+                               k_rows, v_rows, rows)
+                keys, values = layer_cache.keys, layer_cache.values
             else:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-            q, k, v = (y.view(shape).transpose(1, 2) for y in (q, k, v))
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
-            keys, values = cache.layers[i].update(k, v)
+                if fused and self.qkv[i] is not None:
+                    q, k, v = block_matmul(h, self.qkv[i]).split(
+                        (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features), dim=-1)
+                else:
+                    q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+                q, k, v = (y.view(shape).transpose(1, 2) for y in (q, k, v))
+                q = (q * cos) + (_rotate_half(q) * sin)
+                k = (k * cos) + (_rotate_half(k) * sin)
+                keys, values = cache.layers[i].update(k, v)
             out = attend(q, keys, values, attn.scaling)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(1, t, -1))
             h = _rms_norm(x, layer.post_attention_layernorm)
