@@ -768,21 +768,28 @@ void rope_store(uintptr_t qkv, uintptr_t cos, uintptr_t sin, uintptr_t q_out, ui
   }
 }
 
-// RMSNorm's scaling, given each row's mean square (torch computes that reduction, so its summation
-// order stays torch's): out[t, i] = w[i] * (x[t, i] * (1 / sqrt(ms[t] + eps))), the rounding of each
-// operation as torch's `weight * (x * rsqrt(ms + eps))` (torch's rsqrt is a correctly rounded
-// 1 / sqrt), bit for bit, in one call instead of four.
-void rms_scale(uintptr_t x, uintptr_t ms, uintptr_t w, uintptr_t out, int64_t T, int64_t N, double eps) {
+// RMSNorm of T rows of N: out[t, i] = w[i] * (x[t, i] * (1 / sqrt(mean(x[t]^2) + eps))), in one call
+// instead of six torch ops. The mean of squares is summed in 16 interleaved partial sums folded in a
+// fixed order, so a row's result depends on that row alone (a row inside a step equals it alone);
+// the order differs from torch's reduction, so the output may differ from torch's in the last bit.
+void rms_norm(uintptr_t x, uintptr_t w, uintptr_t out, int64_t T, int64_t N, double eps) {
   if (T <= 0 || N <= 0) throw std::invalid_argument("bad row counts");
   const float* xs = reinterpret_cast<const float*>(x);
-  const float* m = reinterpret_cast<const float*>(ms);
   const float* ws = reinterpret_cast<const float*>(w);
   float* o = reinterpret_cast<float*>(out);
   const float e = static_cast<float>(eps);
   py::gil_scoped_release release;
   for (int64_t t = 0; t < T; ++t) {
-    const float r = 1.0f / std::sqrt(m[t] + e);
-    for (int64_t i = 0; i < N; ++i) o[t * N + i] = ws[i] * (xs[t * N + i] * r);
+    const float* row = xs + t * N;
+    float acc[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= N; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) acc[j] += row[i + j] * row[i + j];
+    for (int j = 0; i < N; ++i, ++j) acc[j] += row[i] * row[i];
+    for (int width = kLanes / 2; width > 0; width /= 2)
+      for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
+    const float r = 1.0f / std::sqrt(acc[0] / static_cast<float>(N) + e);
+    for (int64_t k = 0; k < N; ++k) o[t * N + k] = ws[k] * (row[k] * r);
   }
 }
 
@@ -800,6 +807,6 @@ PYBIND11_MODULE(_attn, m) {
         py::arg("v"), py::arg("kv_head"), py::arg("kind"), py::arg("H"), py::arg("Hkv"), py::arg("T"), py::arg("D"),
         py::arg("rows"), py::arg("S"), py::arg("threads"),
         "Rotate q and k of a step (torch's rotary, bit for bit) and write k and v to their cache rows");
-  m.def("rms_scale", &rms_scale, py::arg("x"), py::arg("ms"), py::arg("w"), py::arg("out"), py::arg("T"),
-        py::arg("N"), py::arg("eps"), "out = w * (x * rsqrt(ms + eps)), as torch rounds it");
+  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("w"), py::arg("out"), py::arg("T"), py::arg("N"), py::arg("eps"),
+        "out = w * (x * rsqrt(mean(x^2) + eps)) per row of N");
 }

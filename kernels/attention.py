@@ -172,18 +172,18 @@ def rope_store(
     return q.view(1, t, heads, d).transpose(1, 2)
 
 
-def rms_scale(x: torch.Tensor, mean_square: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm's scaling in one call: ``weight * (x * rsqrt(mean_square + eps))``, bit-identical to
-    those torch ops (``mean_square``, ``x``'s mean of squares over its last dim, comes from torch, so
-    the reduction order stays torch's). fp32, contiguous; needs :func:`attention_available`."""
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in one call: ``weight * (x * rsqrt(mean(x^2) + eps))``, fp32,
+    contiguous; needs :func:`attention_available`. Each row depends on that row alone; its mean of
+    squares is summed in a fixed order of its own (not torch's), so the result may differ from
+    torch's ops in the last bit, as any other summation order would."""
     from . import _attn  # optional compiled extension
 
     n = x.shape[-1]
-    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or mean_square.dtype != torch.float32
-            or weight.numel() != n or mean_square.numel() * n != x.numel()
-            or not (x.is_contiguous() and weight.is_contiguous() and mean_square.is_contiguous())):
-        raise ValueError("x [..., N], mean_square [..., 1] and weight [N] must be contiguous fp32")
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.numel() != n
+            or not (x.is_contiguous() and weight.is_contiguous())):
+        raise ValueError("x [..., N] and weight [N] must be contiguous fp32")
     out = torch.empty_like(x)
-    _attn.rms_scale(x.data_ptr(), mean_square.data_ptr(), weight.data_ptr(), out.data_ptr(), mean_square.numel(), n,
-                    eps)
+    _attn.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps)
     return out

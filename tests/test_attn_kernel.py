@@ -21,7 +21,7 @@ from agentspec.kernels.attention import (
     cpu_isas,
     kernel_isa,
     narrow_kv_dtype,
-    rms_scale,
+    rms_norm,
     rope_store,
     tree_attention_rows,
 )
@@ -35,7 +35,7 @@ from agentspec.engine.cpu_fast import fast_linears
 from agentspec.engine.forward import select_forward
 from agentspec.engine.kvcache import TreeKVCache
 from agentspec.engine.quantize import quantize_model
-from agentspec.engine.step_forward import _rotate_half
+from agentspec.engine.step_forward import LlamaStepForward, _rotate_half
 from agentspec.engine.verify import ancestor_mask
 
 needs_kernel = pytest.mark.skipif(not attention_available(), reason="the _attn extension is not built or no AVX2")
@@ -345,7 +345,7 @@ def test_rope_store_rejects_what_it_cannot_write():
 
 @needs_kernel
 @pytest.mark.parametrize("kv", [None, torch.bfloat16])
-def test_the_fused_step_equals_the_torch_ops_bit_for_bit(int8_model, kv, monkeypatch):
+def test_the_fused_rotary_step_equals_the_torch_ops_bit_for_bit(int8_model, kv, monkeypatch):
     if not blocks_available():
         pytest.skip("the fused path needs the block kernel's fused q/k/v projection")
     engine = Engine(int8_model, None, speculation=SpeculationConfig(adaptive=False), matmul="int8")
@@ -365,7 +365,7 @@ def test_the_fused_step_equals_the_torch_ops_bit_for_bit(int8_model, kv, monkeyp
     with fast_linears("int8"):
         fused, fused_cache = run()
         assert len(calls) == 2 * layers  # the prefill and the step, every layer
-        monkeypatch.setattr("agentspec.engine.step_forward.attention_available", lambda: False)  # torch's ops
+        monkeypatch.setattr(LlamaStepForward, "_rope_fits", lambda *a: False)  # torch's rotary ops and cache write
         plain, plain_cache = run()
     assert len(calls) == 2 * layers and torch.equal(fused, plain)
     for a, b in zip(fused_cache.layers, plain_cache.layers):
@@ -373,13 +373,14 @@ def test_the_fused_step_equals_the_torch_ops_bit_for_bit(int8_model, kv, monkeyp
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 7, 300])
-def test_rms_scale_equals_torchs_rms_norm_ops_bit_for_bit(rows):
-    g = torch.Generator().manual_seed(rows)
-    x = torch.randn(1, rows, 576, generator=g) * torch.rand(1, rows, 1, generator=g) * 20
-    weight = torch.randn(576, generator=g)
-    mean_square = x.pow(2).mean(-1, keepdim=True)
-    want = weight * (x * torch.rsqrt(mean_square + 1e-5))
-    assert torch.equal(rms_scale(x, mean_square, weight, 1e-5), want)
+@pytest.mark.parametrize("n", [576, 100])  # 100: a tail after the 16-wide partial sums
+def test_rms_norm_matches_torchs_and_a_row_is_the_same_alone(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(1, 300, n, generator=g) * torch.rand(1, 300, 1, generator=g) * 20
+    weight = torch.randn(n, generator=g)
+    got = rms_norm(x, weight, 1e-5)
+    want = weight * (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)).float()
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    assert all(torch.equal(rms_norm(x[:, t:t + 1].contiguous(), weight, 1e-5)[0, 0], got[0, t]) for t in (0, 17, 299))
     with pytest.raises(ValueError, match="contiguous fp32"):
-        rms_scale(x, mean_square, weight[:-1], 1e-5)
+        rms_norm(x, weight[:-1], 1e-5)

@@ -26,7 +26,7 @@ from agentspec.kernels.attention import (
     attention_available,
     heads_first,
     kernel_fits,
-    rms_scale,
+    rms_norm,
     rope_store,
     tree_attention_rows,
 )
@@ -39,15 +39,14 @@ KERNEL_PREFILL_ROWS = 512
 
 
 def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
-    """``LlamaRMSNorm.forward``, op for op (in fp32 on a CPU the scaling is one kernel call with the
-    same roundings: :func:`~agentspec.kernels.attention.rms_scale`)."""
+    """``LlamaRMSNorm.forward``: in fp32 on a CPU one kernel call
+    (:func:`~agentspec.kernels.attention.rms_norm`, its own summation order), else op for op."""
     dtype = x.dtype
+    if (dtype == torch.float32 and norm.weight.dtype == torch.float32 and x.device.type == "cpu"
+            and x.is_contiguous() and attention_available()):
+        return rms_norm(x, norm.weight, norm.variance_epsilon)
     h = x.to(torch.float32)
-    mean_square = h.pow(2).mean(-1, keepdim=True)
-    if (dtype == torch.float32 and norm.weight.dtype == torch.float32 and h.device.type == "cpu"
-            and h.is_contiguous() and attention_available()):
-        return rms_scale(h, mean_square, norm.weight, norm.variance_epsilon)
-    h = h * torch.rsqrt(mean_square + norm.variance_epsilon)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     return norm.weight * h.to(dtype)
 
 
