@@ -245,10 +245,10 @@ class Engine:
         curve = None
         if speculation.adaptive:
             device = model_device(hf_model)
-            # v5: the attention kernel prefetches (v4: the lean forward and kernels); bump on forward changes
+            # v6: rotary, KV write and RMSNorm fused (v5: the attention kernel prefetches); bump on forward changes
             precision = (f"{quantize or dtype}{f'-kv{kv_dtype}' if kv else ''}"
                          f"{'-bf16dot' if bf16_dot_products(kv) else ''}{'-int8act' if matmul == 'int8' else ''}")
-            key = f"{source.name}-{precision}-{device}-t{torch.get_num_threads()}-v5"
+            key = f"{source.name}-{precision}-{device}-t{torch.get_num_threads()}-v6"
             probe = cost_probe(backend, hf_model.config.num_hidden_layers, kv_dtype=kv)
             curve = CostCurve.cached(key, probe)
 
