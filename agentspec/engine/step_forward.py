@@ -3,8 +3,10 @@
 A verification step runs 1 to ~64 tokens through the decoder. At that size transformers'
 per-call machinery (mask construction, cache bookkeeping, output capture, keyword plumbing
 through 30 layers) costs as much as a fifth of the step on a CPU. :class:`LlamaStepForward`
-runs the same modules and the same tensor operations as ``LlamaModel.forward`` (RMSNorm,
-rotary embedding, grouped-query attention, SiLU MLP, residuals). Attention (CPU): a step is one
+runs the same modules and arithmetic as ``LlamaModel.forward`` (RMSNorm, rotary embedding,
+grouped-query attention, SiLU MLP, residuals); where the compiled kernels are built, the rotation of
+q and k with the KV write is one call a layer (bit-identical to torch's ops) and so is each RMSNorm
+(its own summation order, row by row). Attention (CPU): a step is one
 call per layer of the compiled tree-attention kernel (:mod:`agentspec.kernels.attention`: each
 KV row read once for all the step's query rows, fp32/fp16/bf16 KV, each row bit-identical to
 the same token decoded alone); without it, one call of torch's fused kernel over prefix and tree
