@@ -23,6 +23,10 @@ A row's result depends only on the keys it sees (fixed chunks and blocks along t
 per-row accumulators): a row computed inside a step of ``T`` tokens is bit-identical to the same
 token computed alone once its ancestors are committed, so speculative decoding equals plain
 decoding through this kernel, whatever the tree or the thread count.
+
+The extension also holds the lean forward's per-layer glue around attention, one call each instead
+of a dozen torch ops: :func:`rope_store` (rotary embedding of q and k and the KV write) and
+:func:`rms_norm`.
 """
 
 from __future__ import annotations
