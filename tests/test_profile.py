@@ -1,4 +1,4 @@
-"""The step profile: its timed twin computes what the forward computes, and the bytes add up."""
+"""The step profile: its timed run computes what the forward computes, and the bytes add up."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def engine(tiny_model):
 
 
 @pytest.mark.parametrize("parents", [[-1, 0, 1], [], [-1, 0, 0, 1, -1]])
-def test_the_timed_twin_computes_exactly_what_the_forward_computes(engine, parents):
+def test_the_timed_step_computes_exactly_what_the_forward_computes(engine, parents):
     step, head = engine.forward.step, engine.forward.head
     cache = _random_cache(step, 37, 8)
     k = len(parents) + 1

@@ -6,10 +6,9 @@ For each context length ``P`` and tree size ``k`` (a chain of ``k`` tokens, as
 
 * the engine's own verification forward (:class:`agentspec.engine.forward.LeanForward`), fastest
   of ``repeats``: the *step* time;
-* a timed twin of :class:`agentspec.engine.step_forward.LlamaStepForward` that runs the very same
-  operations in the same order (its logits equal the forward's bit for bit, a test pins that)
-  with a clock between them, so each part's time is wall time including its own dispatch (each
-  part's fastest over the repeats, so that a run preempted on a busy machine inflates nothing):
+* the same forward's code with a clock at its laps (``LlamaStepForward._run(..., lap=...)``), so each
+  part's time is wall time including its own dispatch (each part's fastest over the repeats, so that
+  a run preempted on a busy machine inflates nothing; its logits equal the step's, a test pins that):
 
   =============  ==============================================================================
   matmul         the decoder's linear layers (q/k/v, o, gate/up, down): GGUF blocks or fp32
@@ -43,14 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from agentspec.engine.cpu_fast import block_matmul, blocks_fit, fast_linears
+from agentspec.engine.cpu_fast import blocks_fit, fast_linears
 from agentspec.engine.forward import LeanForward
 from agentspec.engine.kvcache import TreeKVCache
-from agentspec.engine.step_forward import LlamaStepForward, _rms_norm, _rotate_half
+from agentspec.engine.step_forward import LlamaStepForward
 from agentspec.engine.verify import ancestor_mask
-from agentspec.kernels.attention import rope_store
 
 PARTS = ("matmul", "head", "attention", "kv_write", "norm", "rotary", "elementwise", "glue")
 DEFAULT_CONTEXTS = (1000, 3000, 6000)
@@ -65,7 +62,7 @@ class StepProfile:
     context: int
     tree: int
     step_seconds: float  # the engine's forward + output head, fastest of the repeats
-    parts: dict[str, float]  # seconds per part (:data:`PARTS`): each part's fastest over the twin's repeats
+    parts: dict[str, float]  # seconds per part (:data:`PARTS`): each part's fastest over the timed repeats
     bytes: dict[str, int]  # bytes read per part
     ops: int  # top-level torch ops dispatched by one step
     dispatch_seconds: float  # ops x the cost of one trivial op (already inside the parts)
@@ -107,7 +104,7 @@ class ProfileReport:
 
         table = Table(title=f"verification step profile: {self.info.get('model', 'model')}, {self.threads} threads, "
                             f"memory bandwidth {self.bandwidth / 1e9:.1f} GB/s",
-                      caption="ms per step; parts from a timed twin of the forward (same operations, each part's "
+                      caption="ms per step; parts from the same forward timed at its laps (each part's "
                               "fastest of the repeats); dispatch = "
                               "torch ops x one trivial op, spread over the parts; floor = bytes read / bandwidth")
         columns = ["context", "tree", "step ms", "vs tree 1", *PARTS, "dispatch", "MB read", "floor ms", "step/floor"]
@@ -214,78 +211,13 @@ class _Clock:
 
 def timed_step(step: LlamaStepForward, head, ids: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor,
                cache: TreeKVCache, clock: _Clock) -> torch.Tensor:
-    """The operations of ``head(step(ids, positions, tree_mask, cache))`` in the same order, each
-    part charged to ``clock``: logits ``[k, vocab]`` (fp32), and the step's KV written to ``cache``."""
-    lap = clock.lap
-    t = ids.shape[0]
+    """``head(step(ids, positions, tree_mask, cache))`` with each part charged to ``clock`` (the
+    forward's own code, timed at its laps): logits ``[k, vocab]`` (fp32), the step's KV written to ``cache``."""
     attend = step.tree_attention(tree_mask, cache.length)
-    lap("attention")
-    x = step.embed(ids[None])
-    lap("elementwise")
-    cos, sin = step.rotary(x, position_ids=positions[None])
-    fused = blocks_fit(t)
-    rows_cos = rows_sin = None
-    if fused and step._rope_fits(x, cos, cache):
-        rows_cos, rows_sin = cos[0].contiguous(), sin[0].contiguous()
-    cos, sin = cos[:, None], sin[:, None]
-    lap("rotary")
-    shape = (1, t, -1, step.head_dim)
-    for i, layer in enumerate(step.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        lap("glue")
-        h = _rms_norm(x, layer.input_layernorm)
-        lap("norm")
-        if rows_cos is not None and step.qkv[i] is not None:  # rotary and the KV write in one kernel call
-            qkv = block_matmul(h, step.qkv[i])
-            lap("matmul")
-            layer_cache = cache.layers[i]
-            k_rows, v_rows, rows = layer_cache.claim_rows(t, step.kv_heads, step.head_dim, x.dtype, x.device)
-            lap("glue")
-            q = rope_store(qkv, rows_cos, rows_sin, step.heads, step.kv_heads, k_rows, v_rows, rows)
-            lap("rotary")
-            keys, values = layer_cache.keys, layer_cache.values
-            lap("kv_write")
-        else:
-            if fused and step.qkv[i] is not None:
-                qkv = block_matmul(h, step.qkv[i])
-                lap("matmul")
-                q, k, v = qkv.split((attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features),
-                                    dim=-1)
-            else:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-                lap("matmul")
-            q, k, v = (y.view(shape).transpose(1, 2) for y in (q, k, v))
-            lap("glue")
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
-            lap("rotary")
-            keys, values = cache.layers[i].update(k, v)
-            lap("kv_write")
-        out = attend(q, keys, values, attn.scaling)
-        lap("attention")
-        out = out.transpose(1, 2).reshape(1, t, -1)
-        lap("glue")
-        out = attn.o_proj(out)
-        lap("matmul")
-        x = x + out
-        lap("elementwise")
-        h = _rms_norm(x, layer.post_attention_layernorm)
-        lap("norm")
-        if fused and step.gate_up[i] is not None:
-            gate, up = block_matmul(h, step.gate_up[i]).chunk(2, dim=-1)
-        else:
-            gate, up = mlp.gate_proj(h), mlp.up_proj(h)
-        lap("matmul")
-        h = F.silu(gate) * up
-        lap("elementwise")
-        h = mlp.down_proj(h)
-        lap("matmul")
-        x = x + h
-        lap("elementwise")
-    hidden = _rms_norm(x, step.norm)[0]
-    lap("norm")
+    clock.lap("attention")
+    hidden = step._run(ids, positions, cache, attend, lap=clock.lap)
     logits = head(hidden).float()
-    lap("head")
+    clock.lap("head")
     return logits
 
 

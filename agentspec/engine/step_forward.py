@@ -19,6 +19,8 @@ prefix. 16-bit KV is stored rounded; torch's kernels read it widened to fp32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -50,6 +52,10 @@ def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     return norm.weight * h.to(dtype)
+
+
+def _no_lap(part: str) -> None:
+    """A :meth:`LlamaStepForward._run` lap that times nothing."""
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -160,24 +166,34 @@ class LlamaStepForward:
                 and cos.dtype == torch.float32 and cos.shape[-1] == self.head_dim
                 and hasattr(cache.layers[0], "claim_rows"))
 
-    def _run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: TreeKVCache, attend) -> torch.Tensor:
+    def _run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: TreeKVCache, attend,
+             lap: Callable[[str], None] = _no_lap) -> torch.Tensor:
+        """The decoder over ``input_ids``; ``lap(part)`` is called after each part of the work (the step
+        profile charges the time since the previous call to that part; see :mod:`agentspec.engine.profile`)."""
         t = input_ids.shape[0]
         x = self.embed(input_ids[None])
+        lap("elementwise")
         cos, sin = self.rotary(x, position_ids=position_ids[None])
         fused = blocks_fit(t)
         rows_cos = rows_sin = None  # [T, D] where rotary and the KV write run as one kernel call a layer
         if fused and self._rope_fits(x, cos, cache):
             rows_cos, rows_sin = cos[0].contiguous(), sin[0].contiguous()
         cos, sin = cos[:, None], sin[:, None]
+        lap("rotary")
         shape = (1, t, -1, self.head_dim)
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
+            lap("glue")
             h = _rms_norm(x, layer.input_layernorm)
+            lap("norm")
             if rows_cos is not None and self.qkv[i] is not None:
+                qkv = block_matmul(h, self.qkv[i])
+                lap("matmul")
                 layer_cache = cache.layers[i]
                 k_rows, v_rows, rows = layer_cache.claim_rows(t, self.kv_heads, self.head_dim, x.dtype, x.device)
-                q = rope_store(block_matmul(h, self.qkv[i]), rows_cos, rows_sin, self.heads, self.kv_heads,
-                               k_rows, v_rows, rows)
+                lap("glue")
+                q = rope_store(qkv, rows_cos, rows_sin, self.heads, self.kv_heads, k_rows, v_rows, rows)
+                lap("rotary")
                 keys, values = layer_cache.keys, layer_cache.values
             else:
                 if fused and self.qkv[i] is not None:
@@ -185,16 +201,35 @@ class LlamaStepForward:
                         (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features), dim=-1)
                 else:
                     q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+                lap("matmul")
                 q, k, v = (y.view(shape).transpose(1, 2) for y in (q, k, v))
+                lap("glue")
                 q = (q * cos) + (_rotate_half(q) * sin)
                 k = (k * cos) + (_rotate_half(k) * sin)
+                lap("rotary")
                 keys, values = cache.layers[i].update(k, v)
+            lap("kv_write")
             out = attend(q, keys, values, attn.scaling)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(1, t, -1))
+            lap("attention")
+            out = out.transpose(1, 2).reshape(1, t, -1)
+            lap("glue")
+            out = attn.o_proj(out)
+            lap("matmul")
+            x = x + out
+            lap("elementwise")
             h = _rms_norm(x, layer.post_attention_layernorm)
+            lap("norm")
             if fused and self.gate_up[i] is not None:
                 gate, up = block_matmul(h, self.gate_up[i]).chunk(2, dim=-1)
             else:
                 gate, up = mlp.gate_proj(h), mlp.up_proj(h)
-            x = x + mlp.down_proj(F.silu(gate) * up)
-        return _rms_norm(x, self.norm)[0]
+            lap("matmul")
+            h = F.silu(gate) * up
+            lap("elementwise")
+            h = mlp.down_proj(h)
+            lap("matmul")
+            x = x + h
+            lap("elementwise")
+        x = _rms_norm(x, self.norm)[0]
+        lap("norm")
+        return x
