@@ -76,6 +76,20 @@ class BlockWeight:
         """The blocks re-arranged for the int8 kernel (made on first use, then kept)."""
         return Int8Layout.of(self)
 
+    @functools.cached_property
+    def _fp32_call(self) -> tuple:
+        """What :func:`block_linear` passes the fp32 kernel for this weight (gathered once, not per call)."""
+        from . import _blockq
+
+        return _call_args(_blockq.block_linear, self.bits, self.shape, self)
+
+    @functools.cached_property
+    def _int8_call(self) -> tuple:
+        """As :attr:`_fp32_call`, for the int8 kernel and :attr:`int8_layout`."""
+        from . import _blockq
+
+        return _call_args(_blockq.block_linear_int8, self.bits, self.shape, self.int8_layout)
+
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight ``[N, K]``."""
         if self.bits == 4:
@@ -165,17 +179,20 @@ def _pack_q8_0(blocks: torch.Tensor) -> BlockWeight | None:
 def block_linear(x: torch.Tensor, weight: BlockWeight, *, int8: bool = False) -> torch.Tensor:
     """``x @ W^T`` for fp32 CPU ``x [..., K]`` with ``W`` a :class:`BlockWeight` (needs :func:`blocks_available`);
     ``int8``: each row of ``x`` rounded to int8 blocks, integer dot products (needs :func:`int8_available`)."""
-    from . import _blockq
+    kernel, bits, n, k, packed, scale, mins, _ = weight._int8_call if int8 else weight._fp32_call
+    _check_input(x, k)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    out = torch.empty((*x.shape[:-1], n), dtype=torch.float32)
+    kernel(bits, x.data_ptr(), x.numel() // k, k, packed, scale, mins, n, out.data_ptr(), torch.get_num_threads())
+    return out
 
-    n, k = weight.shape
-    rows = _rows(x, k)
-    out = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    blocks = weight.int8_layout if int8 else weight
+
+def _call_args(kernel, bits: int, shape: tuple[int, int], blocks) -> tuple:
+    """``(kernel, bits, N, K, packed, scale, min pointers, blocks)`` for a block kernel call; the last
+    item keeps the tensors behind the pointers alive."""
     mins = blocks.min.data_ptr() if blocks.min is not None else 0
-    kernel = _blockq.block_linear_int8 if int8 else _blockq.block_linear
-    kernel(weight.bits, rows.data_ptr(), rows.shape[0], k, blocks.packed.data_ptr(), blocks.scale.data_ptr(),
-           mins, n, out.data_ptr(), torch.get_num_threads())
-    return out.reshape(*x.shape[:-1], n)
+    return kernel, bits, shape[0], shape[1], blocks.packed.data_ptr(), blocks.scale.data_ptr(), mins, blocks
 
 
 def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,11 +209,16 @@ def round_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return q.reshape(x.shape), d.reshape(*x.shape[:-1], -1), s.reshape(*x.shape[:-1], -1)
 
 
-def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    """``x [..., k]`` as contiguous fp32 rows ``[rows, k]``, or ValueError."""
+def _check_input(x: torch.Tensor, k: int) -> None:
+    """ValueError unless ``x`` is an fp32 CPU ``[..., k]`` (``k`` a multiple of the block)."""
     if x.dtype != torch.float32 or x.shape[-1] != k or x.device.type != "cpu" or k % BLOCK:
         raise ValueError(f"expected an fp32 CPU input [..., {k}] (a multiple of {BLOCK}); got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``x [..., k]`` as contiguous fp32 rows ``[rows, k]``, or ValueError."""
+    _check_input(x, k)
     return x.reshape(-1, k).contiguous()
 
 

@@ -58,6 +58,13 @@ def _no_lap(part: str) -> None:
     """A :meth:`LlamaStepForward._run` lap that times nothing."""
 
 
+def _project(linear: torch.nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``linear(x)``; straight on the block kernel where the layer's weight is blocks and the rows fit it
+    (what :class:`~agentspec.engine.cpu_fast.SkinnyLinear` would do, without its per-call dispatch)."""
+    blocks = getattr(linear, "blocks", None)
+    return block_matmul(x, blocks) if fused and blocks is not None else linear(x)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -213,7 +220,7 @@ class LlamaStepForward:
             lap("attention")
             out = out.transpose(1, 2).reshape(1, t, -1)
             lap("glue")
-            out = attn.o_proj(out)
+            out = _project(attn.o_proj, out, fused)
             lap("matmul")
             x = x + out
             lap("elementwise")
@@ -226,7 +233,7 @@ class LlamaStepForward:
             lap("matmul")
             h = F.silu(gate) * up
             lap("elementwise")
-            h = mlp.down_proj(h)
+            h = _project(mlp.down_proj, h, fused)
             lap("matmul")
             x = x + h
             lap("elementwise")
