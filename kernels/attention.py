@@ -128,12 +128,13 @@ def tree_attention_rows(
             raise ValueError(f"prefix {prefix} and slots must lie in the {span} rows of k/v")
     if tuple(tree_mask.shape) != (t, u):
         raise ValueError(f"tree_mask must be [{t}, {u}], got {list(tree_mask.shape)}")
-    mask = tree_mask.to(torch.uint8).contiguous()
-    out = torch.empty(t, h, d, dtype=torch.float32)
+    mask = tree_mask if tree_mask.dtype == torch.uint8 and tree_mask.is_contiguous() else \
+        tree_mask.to(torch.uint8).contiguous()
+    out = torch.empty(1, t, h * d, dtype=torch.float32)
     _attn.tree_attention(q.data_ptr(), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(), k.stride(1),
                          _KINDS[k.dtype], h, hkv, t, d, p, mask.data_ptr(), scale, out.data_ptr(), chunk,
                          threads or torch.get_num_threads(), isa or kernel_isa(), start, u, slot_ptr)
-    return out.view(1, t, h * d)
+    return out
 
 
 def heads_first(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

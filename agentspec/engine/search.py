@@ -47,7 +47,7 @@ from agentspec.engine.forward import LeanForward
 from agentspec.engine.radix import KVPool
 from agentspec.engine.step_forward import LlamaStepForward
 from agentspec.engine.verify import ancestor_mask, process_logits
-from agentspec.kernels.attention import heads_first, kernel_fits, tree_attention_rows
+from agentspec.kernels.attention import kernel_fits, tree_attention_rows
 from agentspec.kernels.cpu import flash_attention, folded_tree_attention, prefix_attention
 from agentspec.kernels.reference import merge_attention, partial_attention
 from agentspec.lookahead.policy import CostCurve
@@ -57,7 +57,8 @@ from agentspec.search.types import Scorer
 
 logger = logging.getLogger(__name__)
 
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]  # (q, k, v, scale) -> out
+# (q, k, v, scale) -> out, [1, H, T, D] or (the compiled kernel's layout) [1, T, H * D]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 PREFILL_CHUNK = 512  # prompt rows per prefill forward (bounds the mask: rows x pool span)
 DRAFT_PER_LEAF = 16  # draft nodes a leaf may propose before the shared budget prunes them
@@ -175,7 +176,7 @@ class PathAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         if self.prefix is not None and kernel_fits(q, k):
             slots, visible = self._kernel_inputs()
-            return heads_first(tree_attention_rows(q, k, v, visible, scale, slots=slots, prefix=self.prefix), q)
+            return tree_attention_rows(q, k, v, visible, scale, slots=slots, prefix=self.prefix)  # [1, T, H * D]
         rows, keys, valid, mask = self._padded_inputs()
         _, h, _, d = q.shape
         hkv = k.shape[1]

@@ -140,7 +140,7 @@ class LlamaStepForward:
         def attend(q, k, v, scale):
             nonlocal mask
             if kernel_fits(q, k):
-                return heads_first(tree_attention_rows(q, k, v, visible, scale), q)
+                return tree_attention_rows(q, k, v, visible, scale)  # [1, T, H * D]: what o_proj reads
             if mask is None:
                 mask = folded_tree_mask(tree_mask, past, self.groups, q.dtype)
             return folded_tree_attention(q, k.to(q.dtype), v.to(q.dtype), mask, scale)
@@ -156,7 +156,7 @@ class LlamaStepForward:
 
         def attend(q, k, v, scale):
             if causal is not None and kernel_fits(q, k):
-                return heads_first(tree_attention_rows(q, k, v, causal, scale), q)
+                return tree_attention_rows(q, k, v, causal, scale)
             out = causal_chunk_attention(q, k.to(q.dtype), v.to(q.dtype), past, scale)
             if kernel_fits(q, k):  # the last token's row as the kernel gives it alone: a later call that reuses
                 # this prompt's KV runs just that token again (for its logits), and then gets the same bits
@@ -218,7 +218,8 @@ class LlamaStepForward:
             lap("kv_write")
             out = attend(q, keys, values, attn.scaling)
             lap("attention")
-            out = out.transpose(1, 2).reshape(1, t, -1)
+            if out.dim() == 4:  # [1, H, T, D] from torch's attention; the kernel gives [1, T, H * D]
+                out = out.transpose(1, 2).reshape(1, t, -1)
             lap("glue")
             out = _project(attn.o_proj, out, fused)
             lap("matmul")
