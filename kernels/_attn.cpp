@@ -740,7 +740,7 @@ void rope_store(uintptr_t qkv, uintptr_t cos, uintptr_t sin, uintptr_t q_out, ui
                 int64_t kv_head, int kind, int64_t H, int64_t Hkv, int64_t T, int64_t D, uintptr_t rows, int64_t S,
                 int threads) {
   if (kind < kF32 || kind > kBF16) throw std::invalid_argument("kind must be 0 (fp32), 1 (fp16) or 2 (bf16)");
-  if (H <= 0 || Hkv <= 0 || T <= 0 || D <= 0 || D % 2 || D > 256) throw std::invalid_argument("bad head or token counts");
+  if (H <= 0 || Hkv <= 0 || T < 0 || D <= 0 || D % 2 || D > 256) throw std::invalid_argument("bad head or token counts");
   const int64_t* row = reinterpret_cast<const int64_t*>(rows);
   for (int64_t t = 0; t < T; ++t)
     if ((row ? row[t] : t) < 0 || (row ? row[t] : t) >= S) throw std::invalid_argument("a row lies outside k/v");
@@ -773,7 +773,7 @@ void rope_store(uintptr_t qkv, uintptr_t cos, uintptr_t sin, uintptr_t q_out, ui
 // fixed order, so a row's result depends on that row alone (a row inside a step equals it alone);
 // the order differs from torch's reduction, so the output may differ from torch's in the last bit.
 void rms_norm(uintptr_t x, uintptr_t w, uintptr_t out, int64_t T, int64_t N, double eps) {
-  if (T <= 0 || N <= 0) throw std::invalid_argument("bad row counts");
+  if (T < 0 || N <= 0) throw std::invalid_argument("bad row counts");
   const float* xs = reinterpret_cast<const float*>(x);
   const float* ws = reinterpret_cast<const float*>(w);
   float* o = reinterpret_cast<float*>(out);

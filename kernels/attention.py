@@ -143,7 +143,6 @@ def heads_first(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return out.view(1, t, h, d).transpose(1, 2)
 
 
-
 def rope_store(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, k: torch.Tensor,
     v: torch.Tensor, rows: torch.Tensor | None = None, *, threads: int | None = None,
@@ -175,7 +174,6 @@ def rope_store(
                      k.stride(-3), _KINDS[k.dtype], heads, kv_heads, t, d, 0 if rows is None else rows.data_ptr(),
                      k.shape[-2], threads or torch.get_num_threads())
     return q.view(1, t, heads, d).transpose(1, 2)
-
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

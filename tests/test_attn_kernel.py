@@ -384,3 +384,12 @@ def test_rms_norm_matches_torchs_and_a_row_is_the_same_alone(n):
     assert all(torch.equal(rms_norm(x[:, t:t + 1].contiguous(), weight, 1e-5)[0, 0], got[0, t]) for t in (0, 17, 299))
     with pytest.raises(ValueError, match="contiguous fp32"):
         rms_norm(x, weight[:-1], 1e-5)
+
+
+@needs_kernel
+def test_the_glue_kernels_take_a_step_of_no_tokens_as_torchs_ops_do():
+    assert rms_norm(torch.empty(1, 0, 32), torch.ones(32), 1e-5).shape == (1, 0, 32)
+    k = torch.zeros(1, 4, 16)
+    cos, sin = _rotary(0, 16, 0)
+    assert rope_store(torch.empty(1, 0, 4 * 16), cos, sin, 2, 1, k, k.clone()).shape == (1, 2, 0, 16)
+    assert not k.any()
