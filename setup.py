@@ -1,4 +1,9 @@
-"""Builds the compiled parts of agentspec; all metadata lives in pyproject.toml.
+"""The package layout and the compiled parts of agentspec; all other metadata lives in pyproject.toml.
+
+The source tree is a ``src`` layout: ``src/agentspec`` is the core and ``src/stores``, ``src/kernels`` and
+``src/integrations`` are installed as ``agentspec.stores``, ``agentspec.kernels`` and ``agentspec.integrations``
+(CONTRIBUTING.md says why). The package list is derived from the folders (every folder with an ``__init__.py``),
+never kept by hand.
 
 * ``agentspec.draft._suffix_core`` -- the drafting core (suffix trees and the scorer). **Required**:
   it has no second implementation in the package, so when it cannot be built (no C++17 compiler, no
@@ -14,18 +19,28 @@
 from __future__ import annotations
 
 from pybind11.setup_helpers import Pybind11Extension  # a build requirement (pyproject.toml)
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# import name -> folder; each folder's sub-packages are found below it
+PACKAGE_ROOTS = {
+    "agentspec": "src/agentspec",
+    "agentspec.stores": "src/stores",
+    "agentspec.kernels": "src/kernels",
+    "agentspec.integrations": "src/integrations",
+}
+PACKAGES = [name for root, folder in PACKAGE_ROOTS.items()
+            for name in (root, *(f"{root}.{sub}" for sub in find_packages(folder)))]
 
 ext_modules = [
     Pybind11Extension(
         "agentspec.draft._suffix_core",
-        ["agentspec/draft/_suffix_core.cpp"],
+        ["src/agentspec/draft/_suffix_core.cpp"],
         cxx_std=17,
         extra_compile_args=["-O3"],
     ),
     Pybind11Extension(
         "agentspec.kernels._blockq",
-        ["kernels/_blockq.cpp"],
+        ["src/kernels/_blockq.cpp"],
         cxx_std=17,
         extra_compile_args=["-O3", "-fopenmp"],  # AVX2/FMA per function, chosen at run time
         extra_link_args=["-fopenmp"],
@@ -33,7 +48,7 @@ ext_modules = [
     ),
     Pybind11Extension(
         "agentspec.kernels._attn",
-        ["kernels/_attn.cpp"],
+        ["src/kernels/_attn.cpp"],
         cxx_std=17,
         # AVX-512 or AVX2 per function, chosen at run time; no fused multiply-adds but the written ones
         extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
@@ -42,4 +57,4 @@ ext_modules = [
     ),
 ]
 
-setup(ext_modules=ext_modules)
+setup(ext_modules=ext_modules, package_dir=PACKAGE_ROOTS, packages=PACKAGES)

@@ -1,7 +1,7 @@
 """Forced tool calls on recorded tau-bench prompts: valid share, fidelity and speed with and without constraints.
 
 For each recorded assistant turn that called a tool, the prompt is the conversation before it with the
-airline tools' schemas (``agentspec/samples/tau_bench_airline_tools.json``), and ``tool_choice`` forces
+airline tools' schemas (``src/agentspec/samples/tau_bench_airline_tools.json``), and ``tool_choice`` forces
 the tool the recording called. Three generations per prompt, greedy, with speculation unless said:
 
 * ``free``: today's forcing (the call's opening in the prompt, stop strings, repair of the braces);
@@ -27,7 +27,7 @@ from agentspec import Engine
 from agentspec.chat import fit_messages
 from agentspec.replay.trajectories import default_data_dir, load_sessions
 
-TOOLS = Path(__file__).resolve().parents[1] / "agentspec" / "samples" / "tau_bench_airline_tools.json"
+TOOLS = Path(__file__).resolve().parents[1] / "src" / "agentspec" / "samples" / "tau_bench_airline_tools.json"
 
 
 def forced_calls(path: Path, n: int, tokenizer, tools: list[dict], max_context: int) -> list[tuple[list, str]]:

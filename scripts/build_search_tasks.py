@@ -8,26 +8,26 @@ the arguments). Each candidate is sampled ``--samples`` times (HF ``generate`` w
 pass@1 lies in [--min-pass1, --max-pass1] and pass@k exceeds pass@1 by at least --min-gain::
 
     python scripts/build_search_tasks.py --tau PATH/tau_bench/gpt-4o-airline.json \
-        --out agentspec/samples/search_tasks.jsonl
+        --out src/agentspec/samples/search_tasks.jsonl
 
 The bundled set was built in two runs (the second added to the first)::
 
     python scripts/build_search_tasks.py --threads 1 --arithmetic 15 --strings 8 --tool-calls 14 \
-        --max-new-tokens 40 --tau PATH/tau_bench/gpt-4o-airline.json --out agentspec/samples/search_tasks.jsonl
+        --max-new-tokens 40 --tau PATH/tau_bench/gpt-4o-airline.json --out src/agentspec/samples/search_tasks.jsonl
     python scripts/build_search_tasks.py --threads 1 --kinds arithmetic,tau --seed 1 --arithmetic 10 \
         --tool-calls 12 --max-new-tokens 40 --tau PATH/tau_bench/gpt-4o-airline.json --append \
-        --out agentspec/samples/search_tasks.jsonl
+        --out src/agentspec/samples/search_tasks.jsonl
 
-The multi-step set (``agentspec/samples/search_tasks_steps.jsonl``: word problems answered in
+The multi-step set (``src/agentspec/samples/search_tasks_steps.jsonl``: word problems answered in
 several steps, generated and from GSM8K through Spec-Bench's ``math_reasoning`` questions) was built
 in two runs through ``engine.search`` best-of-N, then each kept line given ``"scorer": "arithmetic"``::
 
     python scripts/build_search_tasks.py --threads 1 --engine --kinds words,gsm8k --word-problems 12 \
         --gsm8k PATH/spec_bench/question.jsonl --gsm8k-count 8 --max-new-tokens 160 \
-        --out agentspec/samples/search_tasks_steps.jsonl
+        --out src/agentspec/samples/search_tasks_steps.jsonl
     python scripts/build_search_tasks.py --threads 1 --engine --kinds words,gsm8k --seed 1 --word-problems 12 \
         --gsm8k PATH/spec_bench/question.jsonl --gsm8k-skip 8 --gsm8k-count 8 --max-new-tokens 160 --append \
-        --out agentspec/samples/search_tasks_steps.jsonl
+        --out src/agentspec/samples/search_tasks_steps.jsonl
 
 (the first run had only the first four word-problem forms; the kept word-0 is the same under six).
 They kept 3 of 20 and 2 of 20: the 135M default model rarely solves a multi-step problem.
@@ -239,7 +239,7 @@ def measure_search(engine, task: SearchTask, samples: int, max_new_tokens: int, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tau", type=Path, help="tau-bench airline trajectories (gpt-4o-airline.json)")
-    parser.add_argument("--out", type=Path, default=Path("agentspec/samples/search_tasks.jsonl"))
+    parser.add_argument("--out", type=Path, default=Path("src/agentspec/samples/search_tasks.jsonl"))
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--arithmetic", type=int, default=25)
     parser.add_argument("--strings", type=int, default=16)

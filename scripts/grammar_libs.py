@@ -18,7 +18,7 @@ import torch
 
 from agentspec.engine.model import load_tokenizer
 
-TOOLS = Path(__file__).parents[1] / "agentspec" / "samples" / "tau_bench_airline_tools.json"
+TOOLS = Path(__file__).parents[1] / "src" / "agentspec" / "samples" / "tau_bench_airline_tools.json"
 ARGS = {"user_id": "mia_li_3668", "origin": "JFK", "destination": "SEA", "flight_type": "one_way",
         "cabin": "economy", "flights": [{"flight_number": "HAT136", "date": "2024-05-20"},
                                          {"flight_number": "HAT039", "date": "2024-05-20"}],

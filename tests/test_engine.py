@@ -278,11 +278,11 @@ def test_lean_step_forward_equals_transformers_forward(tiny_model, gguf_blocks):
     with torch.no_grad():
         for _ in range(2):
             cache = TreeKVCache(layers)
-            tiny_model.model(input_ids=torch.tensor([prefix]), past_key_values=cache, use_cache=True)
+            tiny_model.model(input_ids=torch.tensor([prefix]), cache=cache, use_cache=True)
             caches.append(cache)
         inputs = tree_inputs(7, tree, len(prefix), torch.float32)
         want = tiny_model.model(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
-                                attention_mask=inputs.attention_mask, past_key_values=caches[0],
+                                attention_mask=inputs.attention_mask, cache=caches[0],
                                 use_cache=True).last_hidden_state[0]
         with fast_linears():
             got = step(inputs.input_ids[0], inputs.position_ids[0], ancestor_mask(parents), caches[1])

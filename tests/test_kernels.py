@@ -269,9 +269,9 @@ def _prefill_then_tree(model, prompt, tree_ids, positions, mask, spy=None):
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        first = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits
+        first = model(input_ids=prompt, cache=cache, use_cache=True).logits
         second = model(input_ids=tree_ids, position_ids=positions, attention_mask=mask,
-                       past_key_values=cache, use_cache=True).logits
+                       cache=cache, use_cache=True).logits
     return first, second
 
 
@@ -321,8 +321,8 @@ def test_registered_attention_bool_mask_and_padding_fallback(tiny_model, tree_mo
 
         cache = DynamicCache(config=m.config)
         with torch.no_grad():
-            first = m(input_ids=ids[:, :9], attention_mask=pad[:, :9], past_key_values=cache).logits
-            step = m(input_ids=ids[:, 9:], attention_mask=pad, past_key_values=cache).logits
+            first = m(input_ids=ids[:, :9], attention_mask=pad[:, :9], cache=cache).logits
+            step = m(input_ids=ids[:, 9:], attention_mask=pad, cache=cache).logits
         return first, step
 
     (want_1, want_2), (got_1, got_2) = prefill_and_step(tiny_model), prefill_and_step(model)

@@ -328,7 +328,7 @@ def load_sessions(
 def default_data_dir() -> Path:
     """Where trajectories live: ``$AGENTSPEC_DATA``, else ``../shared/data`` next to the repo or
     the working directory, else the small samples in ``tests/data`` (or the bundled sample)."""
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]  # src/agentspec/replay/ -> the checkout
     candidates = [os.environ.get(DATA_ENV), repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
                   Path.cwd() / "shared" / "data"]
     for candidate in candidates:

@@ -96,7 +96,7 @@ class HFForward:
                 hidden = self.decoder(
                     input_ids=torch.tensor([chunk], device=self.device),
                     position_ids=torch.arange(past, past + len(chunk), device=self.device)[None],
-                    past_key_values=cache, use_cache=True,
+                    cache=cache, use_cache=True,
                 ).last_hidden_state
             return self.head(hidden[0, -1:])[0].float().cpu()
 
@@ -110,7 +110,7 @@ class HFForward:
             with attention(self.model, self.attention if kwargs else None):
                 out = self.decoder(input_ids=input_ids.to(self.device)[None],
                                    position_ids=position_ids.to(self.device)[None],
-                                   past_key_values=cache, use_cache=True, **kwargs)
+                                   cache=cache, use_cache=True, **kwargs)
             # the engine accepts, samples and applies processors on the host: one copy of the logits per step
             return self.head(out.last_hidden_state[0]).float().cpu()
 
