@@ -3,7 +3,7 @@
 The source tree is a ``src`` layout: ``src/agentspec`` is the core and ``src/stores``, ``src/kernels`` and
 ``src/integrations`` are installed as ``agentspec.stores``, ``agentspec.kernels`` and ``agentspec.integrations``
 (CONTRIBUTING.md says why). The package list is derived from the folders (every folder with an ``__init__.py``),
-never kept by hand.
+never kept by hand; data folders (``agentspec/samples``) count as packages.
 
 * ``agentspec.draft._suffix_core`` -- the drafting core (suffix trees and the scorer). **Required**:
   it has no second implementation in the package, so when it cannot be built (no C++17 compiler, no
@@ -19,7 +19,7 @@ never kept by hand.
 from __future__ import annotations
 
 from pybind11.setup_helpers import Pybind11Extension  # a build requirement (pyproject.toml)
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 # import name -> folder; each folder's sub-packages are found below it
 PACKAGE_ROOTS = {
@@ -28,8 +28,13 @@ PACKAGE_ROOTS = {
     "agentspec.kernels": "src/kernels",
     "agentspec.integrations": "src/integrations",
 }
-PACKAGES = [name for root, folder in PACKAGE_ROOTS.items()
-            for name in (root, *(f"{root}.{sub}" for sub in find_packages(folder)))]
+
+def _packages(root: str, folder: str) -> list[str]:
+    """``root`` and every folder below ``folder`` (data folders such as ``samples`` too), as import names."""
+    return [root, *(f"{root}.{sub}" for sub in find_namespace_packages(folder, exclude=["*__pycache__*"]))]
+
+
+PACKAGES = [name for root, folder in PACKAGE_ROOTS.items() for name in _packages(root, folder)]
 
 ext_modules = [
     Pybind11Extension(
