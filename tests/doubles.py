@@ -41,6 +41,29 @@ def tiny_llama(init: float = 0.02):
     return model
 
 
+def tiny_decoder(model_type: str = "llama", init: float = 0.02):
+    """:func:`tiny_llama`'s sizes in another Llama-family architecture: ``"qwen2"`` (q/k/v biases, rope theta
+    1e6) or ``"qwen3"`` (per-head q/k RMSNorm); biases random, so a forward that drops them differs."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model_type == "llama":
+        return tiny_llama(init)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, initializer_range=init, rope_theta=1e6,
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.5)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
 class CharTokenizer:
     """One token per character (code point); a ChatML-like template."""
 

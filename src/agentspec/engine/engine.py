@@ -185,8 +185,8 @@ class Engine:
         self.matmul: str = getattr(self.forward, "matmul", "float32")
         self.kv_dtype = narrow_kv_dtype(kv_dtype)  # None: as the model computes it
         if self.kv_dtype is not None and not isinstance(self.forward, LeanForward):
-            raise ValueError(f"kv_dtype={kv_dtype!r} needs the lean CPU forward (a plain Llama on a CPU); this "
-                             f"engine runs {getattr(self.forward, 'name', type(self.forward).__name__)!r}")
+            raise ValueError(f"kv_dtype={kv_dtype!r} needs the lean CPU forward (a Llama, Qwen2 or Qwen3 on a CPU); "
+                             f"this engine runs {getattr(self.forward, 'name', type(self.forward).__name__)!r}")
         self.prefix_cache = _prefix_cache(model, self.speculation.prefix_cache_bytes, self.kv_dtype)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._tenants = tenants

@@ -3,7 +3,7 @@
 The engine needs two forwards (:class:`ForwardBackend`); which code runs them depends on the
 model and the device, and is decided once, at construction (:func:`select_forward`):
 
-* :class:`LeanForward` -- CPU, plain Llama architectures: agentspec's own lean decoder forward
+* :class:`LeanForward` -- CPU, Llama-family models (Llama, Qwen2, Qwen3): agentspec's own lean decoder forward
   (:mod:`agentspec.engine.step_forward`) with the CPU fast paths (:mod:`agentspec.engine.cpu_fast`);
 * :class:`HFForward` -- any other model: transformers' own decoder with a 4D tree mask. With
   ``attention="agentspec_tree"`` tree steps go through :func:`agentspec.kernels.tree_attention`,
@@ -124,7 +124,7 @@ def select_forward(model: Any, *, fast_cpu: bool = True, matmul: str = "float32"
     """The backend for ``model`` on its device, decided once.
 
     CUDA: transformers' forward with tree steps through the Triton tree-attention kernel (the torch
-    reference where triton is missing). CPU: the lean Llama forward where it applies, else
+    reference where triton is missing). CPU: the lean Llama-family forward where it applies, else
     transformers' forward with the CPU tree attention; ``fast_cpu=False`` keeps the stock
     CPU layers and attention (a reference for tests). ``matmul="int8"``: the CPU block weights take
     int8-rounded inputs (see :mod:`agentspec.engine.cpu_fast`; fp32 where the CPU cannot).

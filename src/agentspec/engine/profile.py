@@ -148,8 +148,8 @@ def profile_steps(
     context length and tree size; ``bandwidth`` (bytes/s) skips the measurement (tests)."""
     forward = engine.forward
     if not isinstance(forward, LeanForward):
-        raise ValueError(f"the step profile needs the lean CPU forward (a plain Llama on a CPU); this engine "
-                         f"runs {getattr(forward, 'name', type(forward).__name__)!r}")
+        raise ValueError(f"the step profile needs the lean CPU forward (a Llama, Qwen2 or Qwen3 on a CPU); "
+                         f"this engine runs {getattr(forward, 'name', type(forward).__name__)!r}")
     report = ProfileReport(bandwidth or memory_bandwidth(bandwidth_bytes), op_seconds(), torch.get_num_threads(),
                            info={"model": getattr(engine, "model_name", "model"), "repeats": repeats,
                                  "matmul": forward.matmul, "kv_dtype": str(getattr(engine, "kv_dtype", None)),

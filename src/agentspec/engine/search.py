@@ -45,7 +45,7 @@ from agentspec.draft.core import SuffixTree
 from agentspec.engine.cpu_fast import fast_linears
 from agentspec.engine.forward import LeanForward
 from agentspec.engine.radix import KVPool
-from agentspec.engine.step_forward import LlamaStepForward
+from agentspec.engine.step_forward import LEAN_ARCHITECTURES, LlamaStepForward, covers
 from agentspec.engine.verify import ancestor_mask, process_logits
 from agentspec.kernels.attention import kernel_fits, tree_attention_rows
 from agentspec.kernels.cpu import flash_attention, folded_tree_attention, prefix_attention
@@ -744,10 +744,10 @@ class TreeSearch:
 
 
 def _lean_forward(model: Any) -> LlamaStepForward:
-    """The engine's lean Llama forward for ``model`` on any device (the search runs its own masks)."""
-    config = model.config
-    if getattr(config, "model_type", None) != "llama" or getattr(config, "hidden_act", None) != "silu":
-        raise ValueError(f"tree search needs a Llama-architecture model, got {getattr(config, 'model_type', None)!r}")
+    """The engine's lean forward for ``model`` on any device (the search runs its own masks)."""
+    if not covers(model):
+        raise ValueError(f"tree search needs a Llama-family model ({', '.join(LEAN_ARCHITECTURES)}, full attention), "
+                         f"got {getattr(model.config, 'model_type', None)!r}")
     return LlamaStepForward(model)
 
 

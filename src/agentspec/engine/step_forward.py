@@ -1,4 +1,11 @@
-"""A lean forward for verification steps and prefill of Llama-architecture models on a CPU.
+"""A lean forward for verification steps and prefill of Llama-family models on a CPU.
+
+It covers the Llama family as transformers defines it, wherever the layers are the same shape
+(:data:`LEAN_ARCHITECTURES`): Llama (optional q/k/v/o and MLP biases), Qwen2 (q/k/v biases, rope theta
+1e6) and Qwen3 (an RMSNorm on each head of q and k before the rotation), all with full attention in every
+layer. Left out: Gemma 3 (scaled embeddings, a GeLU MLP, four norms a layer, and sliding-window layers
+between the global ones, which the tree KV cache does not window) and any model whose config turns
+sliding windows on; those run transformers' own forward.
 
 A verification step runs 1 to ~64 tokens through the decoder. At that size transformers'
 per-call machinery (mask construction, cache bookkeeping, output capture, keyword plumbing
@@ -37,6 +44,9 @@ from agentspec.kernels.attention import (
 from agentspec.kernels.blockq import BlockWeight, concat_blocks
 from agentspec.kernels.cpu import causal_chunk_attention, folded_tree_attention, folded_tree_mask
 
+# model_type -> what the lean forward runs of it; anything else keeps transformers' forward
+LEAN_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
 # prefill chunks of up to this many tokens attend through the compiled kernel (faster there: 512 tokens
 # after 1,500, 1 thread, 22 vs 26 ms a layer); longer ones through torch's fused kernel (2,048 tokens: 64 vs 89 ms)
 KERNEL_PREFILL_ROWS = 512
@@ -62,7 +72,25 @@ def _project(linear: torch.nn.Module, x: torch.Tensor, fused: bool) -> torch.Ten
     """``linear(x)``; straight on the block kernel where the layer's weight is blocks and the rows fit it
     (what :class:`~agentspec.engine.cpu_fast.SkinnyLinear` would do, without its per-call dispatch)."""
     blocks = getattr(linear, "blocks", None)
-    return block_matmul(x, blocks) if fused and blocks is not None else linear(x)
+    if not (fused and blocks is not None):
+        return linear(x)
+    out = block_matmul(x, blocks)
+    return out if linear.bias is None else out + linear.bias
+
+
+def _fused_bias(projections) -> torch.Tensor | None:
+    """The projections' biases side by side (zeros for one without), or None when none has a bias."""
+    if all(p.bias is None for p in projections):
+        return None
+    return torch.cat([p.bias.detach() if p.bias is not None else p.weight.new_zeros(p.out_features)
+                      for p in projections])
+
+
+def _head_norm(x: torch.Tensor, norm: torch.nn.Module | None, head_dim: int) -> torch.Tensor:
+    """Qwen3's per-head RMSNorm of q or k: ``x [1, T, heads * D]`` normed over each head's D values."""
+    if norm is None:
+        return x
+    return _rms_norm(x.reshape(-1, head_dim), norm).view(x.shape)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +108,20 @@ def _fuse(projections) -> BlockWeight | None:
     for projection, part in zip(projections, parts):
         projection.blocks = part
     return weight
+
+
+def covers(model) -> bool:
+    """Whether the lean forward runs ``model`` (any device): a :data:`LEAN_ARCHITECTURES` model with a SiLU
+    MLP and full attention in every layer."""
+    config = model.config
+    if getattr(config, "model_type", None) not in LEAN_ARCHITECTURES or getattr(config, "hidden_act", None) != "silu":
+        return False
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return False
+    if getattr(config, "use_sliding_window", False):
+        return False
+    decoder = model.get_decoder()
+    return all(hasattr(decoder, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm"))
 
 
 class LlamaStepForward:
@@ -104,22 +146,20 @@ class LlamaStepForward:
         self.qkv = [_fuse((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
                     for layer in self.layers]
         self.gate_up = [_fuse((layer.mlp.gate_proj, layer.mlp.up_proj)) for layer in self.layers]
+        # biases of the fused calls (Qwen2's q/k/v, Llama's optional ones): added after the block kernel
+        self.qkv_bias = [_fused_bias((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
+                         for layer in self.layers]
+        self.gate_up_bias = [_fused_bias((layer.mlp.gate_proj, layer.mlp.up_proj)) for layer in self.layers]
+        # Qwen3: each head of q and k is RMS-normed before the rotation
+        self.q_norms = [getattr(layer.self_attn, "q_norm", None) for layer in self.layers]
+        self.k_norms = [getattr(layer.self_attn, "k_norm", None) for layer in self.layers]
 
     @classmethod
     def for_model(cls, model) -> LlamaStepForward | None:
-        """The lean forward for ``model``, or None unless it is a plain Llama (SiLU MLP, no biases) on a CPU."""
-        config = model.config
-        if getattr(config, "model_type", None) != "llama" or getattr(config, "hidden_act", None) != "silu":
-            return None
+        """The lean forward for ``model``, or None unless it is one of :data:`LEAN_ARCHITECTURES` on a CPU."""
         if next(model.parameters()).device.type != "cpu":
             return None
-        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-            return None
-        decoder = model.get_decoder()
-        needed = ("embed_tokens", "rotary_emb", "layers", "norm")
-        if not all(hasattr(decoder, name) for name in needed):
-            return None
-        return cls(model)
+        return cls(model) if covers(model) else None
 
     def __call__(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor, cache: TreeKVCache
@@ -188,6 +228,7 @@ class LlamaStepForward:
         cos, sin = cos[:, None], sin[:, None]
         lap("rotary")
         shape = (1, t, -1, self.head_dim)
+        q_end, k_end = self.heads * self.head_dim, (self.heads + self.kv_heads) * self.head_dim
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             lap("glue")
@@ -195,6 +236,12 @@ class LlamaStepForward:
             lap("norm")
             if rows_cos is not None and self.qkv[i] is not None:
                 qkv = block_matmul(h, self.qkv[i])
+                if self.qkv_bias[i] is not None:
+                    qkv = qkv + self.qkv_bias[i]
+                if self.q_norms[i] is not None:
+                    qkv = torch.cat((_head_norm(qkv[..., :q_end], self.q_norms[i], self.head_dim),
+                                     _head_norm(qkv[..., q_end:k_end], self.k_norms[i], self.head_dim),
+                                     qkv[..., k_end:]), dim=-1)
                 lap("matmul")
                 layer_cache = cache.layers[i]
                 k_rows, v_rows, rows = layer_cache.claim_rows(t, self.kv_heads, self.head_dim, x.dtype, x.device)
@@ -204,10 +251,14 @@ class LlamaStepForward:
                 keys, values = layer_cache.keys, layer_cache.values
             else:
                 if fused and self.qkv[i] is not None:
-                    q, k, v = block_matmul(h, self.qkv[i]).split(
-                        (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features), dim=-1)
+                    qkv = block_matmul(h, self.qkv[i])
+                    if self.qkv_bias[i] is not None:
+                        qkv = qkv + self.qkv_bias[i]
+                    q, k, v = qkv.split((q_end, k_end - q_end, qkv.shape[-1] - k_end), dim=-1)
                 else:
                     q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+                q = _head_norm(q, self.q_norms[i], self.head_dim)
+                k = _head_norm(k, self.k_norms[i], self.head_dim)
                 lap("matmul")
                 q, k, v = (y.view(shape).transpose(1, 2) for y in (q, k, v))
                 lap("glue")
@@ -228,7 +279,10 @@ class LlamaStepForward:
             h = _rms_norm(x, layer.post_attention_layernorm)
             lap("norm")
             if fused and self.gate_up[i] is not None:
-                gate, up = block_matmul(h, self.gate_up[i]).chunk(2, dim=-1)
+                gate_up = block_matmul(h, self.gate_up[i])
+                if self.gate_up_bias[i] is not None:
+                    gate_up = gate_up + self.gate_up_bias[i]
+                gate, up = gate_up.chunk(2, dim=-1)
             else:
                 gate, up = mlp.gate_proj(h), mlp.up_proj(h)
             lap("matmul")
