@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${AGENTSPEC_VENV:-.venv}
-CONSTRAINTS=${AGENTSPEC_CONSTRAINTS:-constraints.txt}
+CONSTRAINTS=${AGENTSPEC_CONSTRAINTS-constraints.txt}  # set and empty: the newest releases
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 if [ -n "$CONSTRAINTS" ]; then
