@@ -274,6 +274,6 @@ def test_the_pulled_qwen_model_loads_and_generates():
         pytest.skip(f"{QWEN} is not pulled (agentspec models pull {QWEN})")
     engine = Engine.from_pretrained(QWEN, store="memory")
     assert engine.model.config.model_type == "qwen2" and engine.model.config.num_hidden_layers == 24
-    result = engine.generate("def fib(n):", max_new_tokens=16)
+    result = engine.generate("def fib(n):", max_new_tokens=16)  # as a user message, in Qwen's chat template
     assert result.stats.output_tokens == 16
-    assert "fib(n - 1) + fib(n - 2)" in result.text or "fib(n-1) + fib(n-2)" in result.text
+    assert result.text.startswith("Certainly! Here's a Python function") and "Fibonacci" in result.text
