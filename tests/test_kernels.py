@@ -461,6 +461,8 @@ def test_pack_blocks_recovers_gguf_blocks_bit_for_bit_and_refuses_other_weights(
     assert packed.nbytes() < w.numel() * w.element_size() / (5 if bits == 4 else 3.5)
     assert pack_blocks(torch.randn(48, 96)) is None  # ordinary fp32 weights are left alone
     assert pack_blocks(w[:, :80]) is None  # not whole blocks
+    w[-1, 5] += 1e-3
+    assert pack_blocks(w) is None  # exact blocks in the first row (checked first) but not in the last
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -75,7 +75,8 @@ class ChatAgentSpec(BaseChatModel):
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
 
     model: str | None = None
-    """Local HF model directory or .gguf file; ``None`` = SmolLM2-135M-Instruct."""
+    """A catalog name (``agentspec models list``), a local HF model directory or a .gguf file;
+    ``None`` = SmolLM2-135M-Instruct."""
     engine: Any = Field(default=None, exclude=True)
     """A ready :class:`~agentspec.engine.Engine`; ``None`` = a shared engine built on first use."""
     dtype: str = "float32"

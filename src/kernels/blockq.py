@@ -145,7 +145,10 @@ def pack_blocks(weight: torch.Tensor) -> BlockWeight | None:
         return None
     n, k = weight.shape
     blocks = weight.detach().reshape(n, k // BLOCK, BLOCK)
-    return _pack_q4_1(blocks) or _pack_q8_0(blocks)
+    for pack in (_pack_q4_1, _pack_q8_0):  # the whole weight checked only where its first row fits (seconds a layer)
+        if pack(blocks[:1]) is not None and (packed := pack(blocks)) is not None:
+            return packed
+    return None
 
 
 def _pack_q4_1(blocks: torch.Tensor) -> BlockWeight | None:

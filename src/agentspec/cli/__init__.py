@@ -38,7 +38,7 @@ def _options(version: bool = typer.Option(False, "--version", callback=_version,
 
 
 # one module per concern; each defines register(app: typer.Typer)
-COMMAND_MODULES = ("run", "bench", "replay", "search", "sessions", "serve")
+COMMAND_MODULES = ("run", "bench", "replay", "search", "sessions", "serve", "models")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"{__name__}.{_name}").register(app)

@@ -72,7 +72,8 @@ class ModelOptions:
 
 _PARAMS = [
     inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
-        None, "--model", "-m", help="Local HF model directory or .gguf file (default: SmolLM2-135M-Instruct).")),
+        None, "--model", "-m", help="A catalog name (`agentspec models list`; pulled with `agentspec models pull "
+        "NAME`), a local HF model directory or a .gguf file (default: smollm2-135m-instruct).")),
     inspect.Parameter("dtype", inspect.Parameter.KEYWORD_ONLY, annotation=Dtype, default=typer.Option(
         "float32", help="Weights dtype.")),
     inspect.Parameter("quantize", inspect.Parameter.KEYWORD_ONLY, annotation=Quantize, default=typer.Option(

@@ -213,7 +213,7 @@ class Engine:
         kv_dtype: str = "float32",
         matmul: str = "float32",
     ) -> Engine:
-        """Load ``model`` (default SmolLM2-135M-Instruct, or a local dir / .gguf) and compose its parts.
+        """Load ``model`` (a catalog name, default SmolLM2-135M-Instruct, or a local dir / .gguf) and compose its parts.
 
         ``device``: ``"cuda"`` (tree steps through the Triton tree-attention kernel) or ``"cpu"`` (the
         lean CPU forward and its kernels); default: CUDA when torch sees a GPU.

