@@ -220,7 +220,7 @@ def test_v4_store_loses_the_recycled_counter_and_keeps_its_totals(url):
         conn.execute(sa.text("UPDATE agentspec_schema SET version = 4"))
     engine.dispose()
     store = open_store(url)
-    assert store.schema_version() == SCHEMA_VERSION == 5
+    assert store.schema_version() == SCHEMA_VERSION == 6
     engine = sa.create_engine(url)
     columns = {c["name"] for c in sa.inspect(engine).get_columns("agentspec_stats")}
     engine.dispose()

@@ -163,22 +163,35 @@ def register(app: typer.Typer) -> None:
         console.print(f"exported {n} calls of {session_id} to {path}")
 
     @sessions.command("check")
-    def check(store: str = typer.Option(None, help=STORE_HELP)) -> None:
-        """Check the whole store: the database file (SQLite: PRAGMA integrity_check) and every stored
-        call's checksums. Exit status 1 when anything is damaged, with the way out."""
+    def check(store: str = typer.Option(None, help=STORE_HELP),
+              repair: bool = typer.Option(False, "--repair", help="Rebuild damaged session headers and totals from "
+                                                                  "the calls, and accept lost commits.")) -> None:
+        """Check the whole store: the database file (SQLite: PRAGMA integrity_check, the commit counter),
+        every session header and running total, and every stored call's checksums. Exit status 1 when
+        anything is damaged (after --repair: anything left damaged), with the way out."""
+        from agentspec.stores.repair import repair as rebuild
         from agentspec.stores.repair import scan
 
         opened = _open(store, check=False)
         report = _scanned(lambda: scan(opened))
-        for line in report.problems + report.bad[:20]:
+        where = opened._safe_url()
+        for line in report.damage(where) + report.bad[:20]:
             console.print(f"[red]damaged:[/red] {line}")
         if len(report.bad) > 20:
             console.print(f"... and {len(report.bad) - 20} more damaged records")
         console.print(f"{report.records} calls in {len(report.sessions)} sessions read back intact, "
                       f"{len(report.bad)} damaged")
+        if repair and not report.ok:
+            for line in _scanned(lambda: rebuild(opened, report)):
+                console.print(f"[green]repair:[/green] {line}")
+            report = _scanned(lambda: scan(opened))
+            console.print("after the repair: " + ("intact" if report.ok else "still damaged"))
+        if report.problems or report.bad:
+            console.print(f"save what can still be read into a new store: agentspec sessions export --into "
+                          f"sqlite:///NEW.db --store {where}")
+        elif not report.ok:
+            console.print(f"repair it: agentspec sessions check --repair --store {where}")
         if not report.ok:
-            console.print("save what can still be read into a new store: agentspec sessions export --into "
-                          f"sqlite:///NEW.db --store {opened._safe_url()}")
             raise typer.Exit(1)
 
     @sessions.command("import")
