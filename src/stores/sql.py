@@ -158,7 +158,7 @@ class SqlStore:
         self._header = sa.select(s).where(s.c.namespace == sa.bindparam("ns"), s.c.session_id == sa.bindparam("sid"))
         self._totals = (sa.select(t).where(t.c.namespace == sa.bindparam("ns"), t.c.session_id == sa.bindparam("sid"))
                         .with_for_update())
-        self._new_totals = self._insert(t).on_conflict_do_nothing(index_elements=_KEY)
+        self._new_totals = self._insert(t).on_conflict_do_nothing(index_elements=_KEY).returning(t.c.calls)
         self._set_totals = t.update().where(t.c.namespace == sa.bindparam("ns"), t.c.session_id == sa.bindparam("sid"))
 
     def _create_tables(self, engine: sa.Engine) -> None:
@@ -315,7 +315,7 @@ class SqlStore:
         row = conn.execute(self._totals, key).mappings().one_or_none()
         if row is None:
             new = checked(stats_table, {"namespace": self.namespace, "session_id": session_id, **increments})
-            if conn.execute(self._new_totals, new).rowcount == 1:
+            if conn.execute(self._new_totals, new).first() is not None:  # (rowcount: -1 on psycopg)
                 return
             row = conn.execute(self._totals, key).mappings().one()  # another process created them first
         if not intact(stats_table, row):
