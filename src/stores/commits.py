@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -41,6 +42,9 @@ class CommitCounter:
 
     def __init__(self, store_file: Path) -> None:
         self.path = counter_path(store_file)
+        self._lock = threading.Lock()  # flock does not exclude the threads that share a descriptor
+        self._fd: int | None = None
+        self._pid = 0  # the process that opened ``_fd`` (a forked child opens its own)
 
     def read(self) -> int | None:
         """The commits made so far; None when there is no counter (or it is unreadable)."""
@@ -62,16 +66,24 @@ class CommitCounter:
         """Set the count to ``commits`` (a new store file, or a loss accepted by a repair)."""
         self._write(commits, lower=True)
 
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None and self._pid == os.getpid():
+                os.close(self._fd)
+            self._fd = None
+
     def _write(self, commits: int, lower: bool) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # opened each time: a forked child has its own
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            current = _decode(os.pread(fd, _FORMAT.size, 0))
-            if lower or current is None or commits > current:
-                body = _FORMAT.pack(_MAGIC, commits, 0)[:12]
-                os.pwrite(fd, body + struct.pack("<I", zlib.crc32(body)), 0)
-        finally:
-            os.close(fd)
+        with self._lock:
+            if self._fd is None or self._pid != os.getpid():
+                self._fd, self._pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                current = _decode(os.pread(self._fd, _FORMAT.size, 0))
+                if lower or current is None or commits > current:
+                    body = _FORMAT.pack(_MAGIC, commits, 0)[:12]
+                    os.pwrite(self._fd, body + struct.pack("<I", zlib.crc32(body)), 0)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
 def _decode(data: bytes) -> int | None:

@@ -79,12 +79,13 @@ CHECKED = {table.name: [c for c in table.c if c.name not in ("checksum", "record
            for table in (sessions_table, records_table, stats_table)}  # the columns a row checksum covers
 
 
+_AS_TYPE = {table: [(c.name, c.type.python_type) for c in columns] for table, columns in CHECKED.items()}
+
+
 def row_checksum(table: sa.Table, row) -> int:
     """The checksum of a row (a mapping of column name to value) of ``table``: its values other
     than the record id and the payloads, each as its column's type."""
-    return checksum_of([float(row[c.name]) if c.type.python_type is float else
-                        int(row[c.name]) if c.type.python_type is int else str(row[c.name])
-                        for c in CHECKED[table.name]])
+    return checksum_of([as_type(row[name]) for name, as_type in _AS_TYPE[table.name]])
 
 
 def checked(table: sa.Table, row: dict) -> dict:

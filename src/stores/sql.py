@@ -81,7 +81,7 @@ CHECK_SECONDS = 2.0  # the most the integrity check may take when a SQLite store
 KNOWN_SESSIONS = 1024  # sessions whose header this process remembers (the append fast path)
 _SCHEMA_LOCK = 0x61676E7473706563  # PostgreSQL advisory lock key while creating or migrating tables
 _INSERT_RECORD = records_table.insert()
-_COUNT_COMMIT = schema_table.update().values(commits=schema_table.c.commits + 1).returning(schema_table.c.commits)
+_COUNT_COMMIT = "UPDATE agentspec_schema SET commits = commits + 1 RETURNING commits"  # SQLite files
 _KEY = ["namespace", "session_id"]
 _RECORD_COLUMNS = (records_table.c.record_id, records_table.c.namespace, records_table.c.session_id,
                    records_table.c.fingerprint, records_table.c.created_at, records_table.c.prompt_tokens,
@@ -238,7 +238,7 @@ class SqlStore:
             with self._writer.begin() as conn:
                 yield conn
                 if self._counter is not None:
-                    commits = conn.execute(_COUNT_COMMIT).scalar_one()
+                    commits = conn.exec_driver_sql(_COUNT_COMMIT).scalar_one()
         except DATABASE_ERRORS as exc:
             raise self._error(exc, "write to") from exc
         if commits is not None:
@@ -270,6 +270,8 @@ class SqlStore:
     def close(self) -> None:
         """Close the connections (of every view of this store)."""
         self.engine.dispose()
+        if self._counter is not None:
+            self._counter.close()
 
     # ------------------------------------------------------------------ writing
     def open_session(self, session_id: str, fingerprint: str) -> SessionInfo:
