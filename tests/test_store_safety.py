@@ -236,6 +236,21 @@ def test_an_altered_record_time_is_a_counted_skip(url):
     assert "fail their checksum" in loaded.errors[0]
 
 
+def test_a_value_altered_into_another_type_is_damage(tmp_path):
+    url = f"sqlite:///{tmp_path / 'typed.db'}"  # SQLite keeps a value's type in the row: a flip can change it
+    store = open_store(url)
+    store.append("s", [1], [2, 3], {"steps": 1}, fingerprint="fp")
+    store.append("s", [1], [4], {"steps": 1}, fingerprint="fp")
+    _tamper(url, "UPDATE agentspec_stats SET steps = x''")
+    _tamper(url, "UPDATE agentspec_records SET output_tokens = x'02' WHERE output_tokens = 2")
+    reader = open_store(url)
+    with pytest.raises(SessionDamagedError, match="totals of session 's'"):
+        reader.session_stats()
+    history = reader.recent_outputs("fp", 100)
+    assert history.outputs == [[4]] and history.skipped == 1
+    assert reader.load_session("s").skipped == 1
+
+
 def test_every_flipped_byte_of_a_stats_payload_is_caught():
     payload = encode_stats({"steps": 12, "accepted_tokens": 30, "accepted_by_source": {"session": 30},
                             "decode_seconds": 0.25})

@@ -95,7 +95,10 @@ def checked(table: sa.Table, row: dict) -> dict:
 
 def intact(table: sa.Table, row) -> bool:
     """Whether a row read back (a mapping with its ``checksum``) still matches its checksum."""
-    return row["checksum"] == row_checksum(table, row)
+    try:
+        return row["checksum"] == row_checksum(table, row)
+    except (TypeError, ValueError, OverflowError):  # a value altered into another type (text, a blob)
+        return False
 
 
 def stats_row(prompt_tokens: int, output_tokens: int, stats: dict, sources: tuple[str, ...] = SOURCES) -> dict:

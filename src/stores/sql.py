@@ -442,10 +442,14 @@ class SqlStore:
         with self._read() as conn:
             for row in conn.execute(query):
                 history.newest_id = max(history.newest_id, row.record_id)
+                try:
+                    check_record(row)  # first: its token count is one of the values checked
+                except CorruptRecordError:
+                    history.skipped += 1
+                    continue
                 if total + row.output_tokens > max_tokens and history.outputs:
                     break
                 try:
-                    check_record(row)
                     history.outputs.append(decode_counted(row.output, row.output_tokens, "output"))
                 except CorruptRecordError:
                     history.skipped += 1
