@@ -225,6 +225,16 @@ def test_damaged_totals_are_reported_and_rebuilt_from_the_calls(url):
     assert rebuilt["accepted_by_source"]["session"] == 5
 
 
+def test_a_version_altered_back_to_5_does_not_seal_damaged_rows(url):
+    store = open_store(url)
+    store.append("s", [1], [2], fingerprint="fp")
+    store.close()
+    _tamper(url, "UPDATE agentspec_stats SET output_tokens = 99")
+    _tamper(url, "UPDATE agentspec_schema SET version = 5")  # the upgrade to v6 runs again
+    with pytest.raises(SessionDamagedError):
+        open_store(url).session_stats()
+
+
 def test_an_altered_record_time_is_a_counted_skip(url):
     store = open_store(url)
     store.append("s", [1], [2], fingerprint="fp")

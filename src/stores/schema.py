@@ -189,7 +189,7 @@ def _migrate_4_to_5(conn: Connection) -> None:
 
 def _migrate_5_to_6(conn: Connection) -> None:
     """v6 adds a checksum to every row of the sessions, records and statistics tables (computed
-    here for the rows there are) and the commit counter of the schema row. A store upgraded
+    here for the rows there are, 0 until then) and the commit counter of the schema row. A store upgraded
     through :func:`_migrate_3_to_4` has the columns already (zero)."""
     for table in (schema_table, sessions_table, records_table, stats_table):
         present = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
@@ -199,7 +199,8 @@ def _migrate_5_to_6(conn: Connection) -> None:
     for table in (sessions_table, records_table, stats_table):
         keys = list(table.primary_key.columns)
         columns = {c.name: c for c in (*keys, *CHECKED[table.name])}.values()
-        rows = conn.execute(sa.select(*columns)).mappings().all()
+        # rows without one only: a version altered back to 5 must not seal rows damaged since
+        rows = conn.execute(sa.select(*columns).where(table.c.checksum == 0)).mappings().all()
         if rows:
             update = (table.update().where(*(c == sa.bindparam(f"k_{c.name}") for c in keys))
                       .values(checksum=sa.bindparam("sum")))
