@@ -176,11 +176,17 @@ class SqlStore:
 
     def _check_commits(self) -> None:
         """Refuse a file that holds fewer commits than were made to it (see :mod:`.commits`)."""
-        made = self._counter.read()  # first: a count read before the database's can only be lower
+        try:
+            made = self._counter.read()  # first: a count read before the database's can only be lower
+        except OSError as exc:
+            logger.warning("cannot read the commit counter %s (%s): lost commits go unreported", self._counter.path,
+                           exc)
+            return
         with self.engine.connect() as conn:
             held = conn.execute(sa.select(schema_table.c.commits)).scalar() or 0
         if made is None:
-            self._counter.advance(held)
+            with contextlib.suppress(OSError):  # (a write after each commit warns, see _write)
+                self._counter.advance(held)
         elif made > held:
             message = lost_commits(made, held, self._safe_url())
             self._damage.append(message)
