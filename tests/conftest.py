@@ -30,6 +30,14 @@ def pytest_unconfigure(config) -> None:
     shutil.rmtree(_TEST_HOME, ignore_errors=True)
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test on the real default model must say so (``@pytest.mark.model``), so that the fast suite
+    (``-m "not model"``) never loads it: one that does not fails here, before the model loads."""
+    if "default_engine" in getattr(item, "fixturenames", ()) and item.get_closest_marker("model") is None:
+        pytest.fail(f"{item.nodeid} uses the real default model (default_engine) but is not marked "
+                    "@pytest.mark.model", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """A tiny randomly initialised Llama (fp32, eval mode, SDPA) with a 512-token vocab."""

@@ -13,6 +13,7 @@ from agentspec.integrations import langchain as lc
 from agentspec.integrations.langchain import ChatAgentSpec
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
+from agentspec.engine import Engine
 from agentspec.lookahead import CostCurve, LookaheadPolicy
 from agentspec.lookahead.cost import FP32_CPU_CURVE
 
@@ -22,10 +23,28 @@ WEAK = "SmolLM2-135M cannot do this task reliably"
 
 @pytest.fixture(autouse=True, scope="module")
 def _share_default_engine(default_engine):
-    """Every ChatAgentSpec built with default settings uses the session's one engine."""
-    lc.ENGINES[(None, "float32", None, None)] = default_engine
-    yield
-    lc.ENGINES.pop((None, "float32", None, None), None)
+    """Every ChatAgentSpec built with default settings runs on the session's one engine, whatever
+    key ``shared_engine`` files it under; building any other real model in this module fails at
+    once (not a second model loaded in silence)."""
+    signature = inspect.signature(Engine.from_pretrained)
+
+    def from_pretrained(*args, **kwargs):
+        settings = signature.bind(*args, **kwargs).arguments
+        if any(value != signature.parameters[name].default for name, value in settings.items()):
+            raise AssertionError(f"a second real model would load here: Engine.from_pretrained({settings})")
+        return default_engine
+
+    engines = dict(lc.ENGINES)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Engine, "from_pretrained", from_pretrained)
+        yield
+    lc.ENGINES.clear()
+    lc.ENGINES.update(engines)
+
+
+def test_default_settings_run_on_the_sessions_one_engine(default_engine) -> None:
+    assert ChatAgentSpec().get_engine() is default_engine
+    assert ChatAgentSpec(max_tokens=16).get_engine() is default_engine
 
 
 _SCHEMA_ARGUMENT_TESTS = [

@@ -63,6 +63,7 @@ def test_conversion_cache_is_keyed_by_content_not_by_path(tmp_path, monkeypatch)
     assert len(digests) == 3  # each file version hashed once
 
 
+@pytest.mark.model
 def test_default_model_loads_from_cache_and_generates(default_engine):
     result = default_engine.generate("What is 2 + 2? Answer with a number.", max_new_tokens=8)
     assert result.token_ids and result.stats.output_tokens == len(result.token_ids)

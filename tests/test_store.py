@@ -18,7 +18,10 @@ from agentspec.stores import (
     StoreError,
     TokenizerMismatchError,
     open_store,
+    sqlite,
 )
+from agentspec.stores.commits import CommitCounter, counter_path
+from agentspec.stores.repair import scan
 from agentspec.stores.schema import records_table
 
 PG_URL = os.environ.get("AGENTSPEC_TEST_PG_URL")
@@ -220,7 +223,7 @@ def test_v4_store_loses_the_recycled_counter_and_keeps_its_totals(url):
         conn.execute(sa.text("UPDATE agentspec_schema SET version = 4"))
     engine.dispose()
     store = open_store(url)
-    assert store.schema_version() == SCHEMA_VERSION == 5
+    assert store.schema_version() == SCHEMA_VERSION == 6
     engine = sa.create_engine(url)
     columns = {c["name"] for c in sa.inspect(engine).get_columns("agentspec_stats")}
     engine.dispose()
@@ -230,6 +233,31 @@ def test_v4_store_loses_the_recycled_counter_and_keeps_its_totals(url):
     assert totals["accepted_by_source"] == {"request": 0, "session": 2, "global": 0}
     store.append("s", [1], [2], {"steps": 1}, fingerprint="fp")
     assert store.session_stats("s")["s"]["steps"] == 3
+
+
+def test_v5_store_gets_its_row_checksums_and_commit_counter(url):
+    store = open_store(url)
+    store.append("s", [1, 2], [3, 4, 5], {"steps": 2, "decode_seconds": 0.5}, fingerprint="fp")
+    store.scoped("t").append("s", [1], [2], fingerprint="fp")
+    before = (store.list_sessions(), store.session_stats(), store.load_session("s").calls)
+    store.close()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # back to v5's layout: no checksums, no commit counter
+        for table in ("agentspec_sessions", "agentspec_records", "agentspec_stats"):
+            conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN checksum"))
+        conn.execute(sa.text("ALTER TABLE agentspec_schema DROP COLUMN commits"))
+        conn.execute(sa.text("UPDATE agentspec_schema SET version = 5"))
+    engine.dispose()
+    if url.startswith("sqlite"):
+        counter_path(sqlite.file_path(url)).unlink()  # a v5 store has none
+    store = open_store(url)
+    assert store.schema_version() == SCHEMA_VERSION == 6
+    assert (store.list_sessions(), store.session_stats(), store.load_session("s").calls) == before
+    assert scan(store).ok
+    store.append("s", [1], [2], fingerprint="fp")
+    assert store.session_stats("s")["s"]["calls"] == 2 and scan(store).ok
+    if url.startswith("sqlite"):
+        assert CommitCounter(sqlite.file_path(url)).read() == 1  # counted from the upgrade on
 
 
 def test_read_only_folder_is_a_clear_error(tmp_path):

@@ -8,6 +8,7 @@ from .base import (
     LoadedSession,
     OutputHistory,
     SchemaVersionError,
+    SessionDamagedError,
     SessionInfo,
     StoreDamagedError,
     StoreError,
@@ -19,6 +20,6 @@ from .sql import SqlStore, default_url, open_store
 
 __all__ = [
     "NAMESPACE_LIMIT", "SESSION_ID_LIMIT", "CallRecord", "CorruptRecordError", "LoadedSession", "OutputHistory",
-    "SchemaVersionError", "SessionInfo", "StoreDamagedError", "StoreError", "TokenizerMismatchError", "check_name",
-    "SCHEMA_VERSION", "SqlStore", "default_url", "open_store",
+    "SchemaVersionError", "SessionDamagedError", "SessionInfo", "StoreDamagedError", "StoreError",
+    "TokenizerMismatchError", "check_name", "SCHEMA_VERSION", "SqlStore", "default_url", "open_store",
 ]

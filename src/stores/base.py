@@ -55,6 +55,11 @@ class StoreDamagedError(StoreError):
     """The database file is damaged; the message names the damage and how to save what is readable."""
 
 
+class SessionDamagedError(StoreDamagedError):
+    """A session's header (tokenizer, times) or running totals fail their checksum: reported as
+    damage, never taken for a tokenizer mismatch; ``agentspec sessions check --repair`` restores them."""
+
+
 class CorruptRecordError(StoreError):
     """A stored payload does not decode (truncated, altered)."""
 

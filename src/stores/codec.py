@@ -3,7 +3,8 @@
 Envelope: ``{"v": 1, "w": 2|4, "n": count, "z": zlib(bytes), "c": crc32(bytes)}``. Ids under
 65536 take 2 bytes before compression (about 1-1.5 bytes per token after, on agent traffic).
 A call's statistics: ``{"v": 1, "m": msgpack(map), "c": crc32(m)}``. The checksums turn a
-truncated or altered payload into :class:`CorruptRecordError`.
+truncated or altered payload into :class:`CorruptRecordError`. A table row's own values are
+checked by :func:`checksum_of` (see :func:`.schema.row_checksum`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def decode_tokens(payload: bytes) -> list[int]:
     if zlib.crc32(raw) != env.get("c") or env.get("w") not in (2, 4) or len(raw) != env.get("n", -1) * env["w"]:
         raise CorruptRecordError("token payload checksum or length mismatch")
     return np.frombuffer(raw, dtype="<u2" if env["w"] == 2 else "<u4").astype(np.int64).tolist()
+
+
+def checksum_of(values: Sequence[int | float | str]) -> int:
+    """The CRC-32 of a row's values, packed the one way msgpack packs them."""
+    return zlib.crc32(msgpack.packb(list(values)))
 
 
 def encode_stats(stats: dict) -> bytes:

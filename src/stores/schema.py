@@ -1,8 +1,13 @@
-"""The store's tables (schema v5) and the in-place upgrades of older stores.
+"""The store's tables (schema v6) and the in-place upgrades of older stores.
 
 Every table is keyed by ``(namespace, session_id)``: a namespace is a tenant's own set of sessions
 (:meth:`SqlStore.scoped`); the unscoped store is namespace ``""``. Record ids only ever grow
 (SQLite ``AUTOINCREMENT``, a PostgreSQL sequence), so a reader's cursor never skips a new call.
+
+Every row of the sessions, records and statistics tables carries a ``checksum`` of its values
+(:func:`row_checksum`; the token and statistics payloads have their own, see :mod:`.codec`), so an
+altered header, total or call is found when it is read, never returned as it is. The schema row
+counts the store's write transactions (``commits``: see :mod:`.commits`).
 """
 
 from __future__ import annotations
@@ -11,16 +16,21 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .base import NAMESPACE_LIMIT, SESSION_ID_LIMIT, CorruptRecordError, SchemaVersionError
-from .codec import decode_legacy_stats, encode_stats
+from .codec import checksum_of, decode_legacy_stats, encode_stats
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SOURCES = ("request", "session", "global")  # SpecStats.accepted_by_source keys
 V3_SOURCES = (*SOURCES, "recycled")  # v3 and v4 also counted Token Recycling's drafts (removed since)
 COUNTERS = ("prompt_tokens", "prefill_tokens", "output_tokens", "steps", "drafted_tokens", "accepted_tokens")
 TABLES = ("agentspec_sessions", "agentspec_records", "agentspec_stats")
 
 metadata = sa.MetaData()
-schema_table = sa.Table("agentspec_schema", metadata, sa.Column("version", sa.Integer, nullable=False))
+ZERO = sa.text("0")
+schema_table = sa.Table(
+    "agentspec_schema", metadata,
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("commits", sa.BigInteger, nullable=False, server_default=ZERO),  # added in schema v6
+)
 sessions_table = sa.Table(
     "agentspec_sessions", metadata,
     sa.Column("namespace", sa.String(NAMESPACE_LIMIT), primary_key=True),  # added in schema v4
@@ -28,6 +38,7 @@ sessions_table = sa.Table(
     sa.Column("fingerprint", sa.String(64), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),  # added in schema v2
+    sa.Column("checksum", sa.BigInteger, nullable=False, server_default=ZERO),  # added in schema v6
 )
 records_table = sa.Table(
     "agentspec_records", metadata,
@@ -41,6 +52,7 @@ records_table = sa.Table(
     sa.Column("prompt", sa.LargeBinary, nullable=False),
     sa.Column("output", sa.LargeBinary, nullable=False),
     sa.Column("stats", sa.LargeBinary, nullable=False),  # checksummed since v4 (NULL allowed before)
+    sa.Column("checksum", sa.BigInteger, nullable=False, server_default=ZERO),  # added in schema v6
     sa.ForeignKeyConstraint(["namespace", "session_id"],
                             ["agentspec_sessions.namespace", "agentspec_sessions.session_id"], ondelete="CASCADE"),
     sa.Index("ix_agentspec_records_by_session", "namespace", "session_id", "record_id"),
@@ -56,9 +68,37 @@ stats_table = sa.Table(  # added in schema v3: running totals per session, kept 
     *(sa.Column(f"accepted_{src}", sa.BigInteger, nullable=False) for src in SOURCES),
     sa.Column("prefill_seconds", sa.Float, nullable=False),
     sa.Column("decode_seconds", sa.Float, nullable=False),
+    sa.Column("checksum", sa.BigInteger, nullable=False, server_default=ZERO),  # added in schema v6
     sa.ForeignKeyConstraint(["namespace", "session_id"],
                             ["agentspec_sessions.namespace", "agentspec_sessions.session_id"], ondelete="CASCADE"),
 )
+
+
+PAYLOADS = ("prompt", "output", "stats")  # checksummed on their own
+CHECKED = {table.name: [c for c in table.c if c.name not in ("checksum", "record_id", *PAYLOADS)]
+           for table in (sessions_table, records_table, stats_table)}  # the columns a row checksum covers
+
+
+_AS_TYPE = {table: [(c.name, c.type.python_type) for c in columns] for table, columns in CHECKED.items()}
+
+
+def row_checksum(table: sa.Table, row) -> int:
+    """The checksum of a row (a mapping of column name to value) of ``table``: its values other
+    than the record id and the payloads, each as its column's type."""
+    return checksum_of([as_type(row[name]) for name, as_type in _AS_TYPE[table.name]])
+
+
+def checked(table: sa.Table, row: dict) -> dict:
+    """``row`` with its checksum."""
+    return {**row, "checksum": row_checksum(table, row)}
+
+
+def intact(table: sa.Table, row) -> bool:
+    """Whether a row read back (a mapping with its ``checksum``) still matches its checksum."""
+    try:
+        return row["checksum"] == row_checksum(table, row)
+    except (TypeError, ValueError, OverflowError):  # a value altered into another type (text, a blob)
+        return False
 
 
 def stats_row(prompt_tokens: int, output_tokens: int, stats: dict, sources: tuple[str, ...] = SOURCES) -> dict:
@@ -129,7 +169,7 @@ def _migrate_3_to_4(conn: Connection) -> None:
             pass  # left as it was: still undecodable (and counted) when read
     if sealed:
         conn.execute(sa.text("UPDATE agentspec_records SET stats = :s WHERE record_id = :i"), sealed)
-    stat_columns = ", ".join(c.name for c in stats_table.c if c.name not in ("namespace", "session_id"))
+    stat_columns = ", ".join(c.name for c in stats_table.c if c.name not in ("namespace", "session_id", "checksum"))
     conn.execute(sa.text(f"INSERT INTO agentspec_stats (namespace, session_id, {stat_columns}) "
                          f"SELECT '', session_id, {stat_columns} FROM agentspec_stats_v3"))
     for name in reversed(TABLES):  # children first
@@ -147,8 +187,29 @@ def _migrate_4_to_5(conn: Connection) -> None:
         conn.execute(sa.text("ALTER TABLE agentspec_stats DROP COLUMN accepted_recycled"))
 
 
+def _migrate_5_to_6(conn: Connection) -> None:
+    """v6 adds a checksum to every row of the sessions, records and statistics tables (computed
+    here for the rows there are, 0 until then) and the commit counter of the schema row. A store upgraded
+    through :func:`_migrate_3_to_4` has the columns already (zero)."""
+    for table in (schema_table, sessions_table, records_table, stats_table):
+        present = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+        for column in ("commits", "checksum"):
+            if column in table.c and column not in present:
+                conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0"))
+    for table in (sessions_table, records_table, stats_table):
+        keys = list(table.primary_key.columns)
+        columns = {c.name: c for c in (*keys, *CHECKED[table.name])}.values()
+        # rows without one only: a version altered back to 5 must not seal rows damaged since
+        rows = conn.execute(sa.select(*columns).where(table.c.checksum == 0)).mappings().all()
+        if rows:
+            update = (table.update().where(*(c == sa.bindparam(f"k_{c.name}") for c in keys))
+                      .values(checksum=sa.bindparam("sum")))
+            conn.execute(update, [{**{f"k_{c.name}": row[c.name] for c in keys}, "sum": row_checksum(table, row)}
+                                  for row in rows])
+
+
 # from version -> to version + 1
-MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4, 4: _migrate_4_to_5}
+MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4, 4: _migrate_4_to_5, 5: _migrate_5_to_6}
 
 
 def prepare_schema(conn: Connection, where: str) -> None:

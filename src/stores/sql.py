@@ -21,7 +21,10 @@ and global history are its own. The namespace is a key column, not a prefix of t
 Damage is never silent: a damaged SQLite file is refused when it opens (``PRAGMA integrity_check``,
 bounded by :data:`CHECK_SECONDS`: about 0.5 ms on a 1M-token store) or as soon as a read meets it, with a
 :class:`StoreDamagedError` saying how to save what can still be read (:mod:`.repair`); a corrupt
-record is skipped and counted; every database error surfaces as :class:`StoreError`.
+record is skipped and counted; a session header or total that fails its checksum is a
+:class:`SessionDamagedError` (``agentspec sessions check --repair`` restores it); commits lost from a
+damaged ``-wal`` file are found when the store opens (:mod:`.commits`); every database error
+surfaces as :class:`StoreError`.
 
 Durability: a call is there once :meth:`SqlStore.append` returns (SQLite: WAL with
 ``synchronous=NORMAL`` survives a killed process; a power cut may lose the last few commits).
@@ -33,6 +36,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -48,6 +52,7 @@ from .base import (
     CorruptRecordError,
     LoadedSession,
     OutputHistory,
+    SessionDamagedError,
     SessionInfo,
     StoreDamagedError,
     StoreError,
@@ -55,10 +60,13 @@ from .base import (
     check_name,
 )
 from .codec import decode_stats, decode_tokens, encode_stats, encode_tokens
+from .commits import CommitCounter
 from .schema import (
     COUNTERS,
     SCHEMA_VERSION,
     SOURCES,
+    checked,
+    intact,
     prepare_schema,
     records_table,
     schema_table,
@@ -73,6 +81,11 @@ CHECK_SECONDS = 2.0  # the most the integrity check may take when a SQLite store
 KNOWN_SESSIONS = 1024  # sessions whose header this process remembers (the append fast path)
 _SCHEMA_LOCK = 0x61676E7473706563  # PostgreSQL advisory lock key while creating or migrating tables
 _INSERT_RECORD = records_table.insert()
+_COUNT_COMMIT = "UPDATE agentspec_schema SET commits = commits + 1 RETURNING commits"  # SQLite files
+_KEY = ["namespace", "session_id"]
+_RECORD_COLUMNS = (records_table.c.record_id, records_table.c.namespace, records_table.c.session_id,
+                   records_table.c.fingerprint, records_table.c.created_at, records_table.c.prompt_tokens,
+                   records_table.c.output_tokens, records_table.c.checksum)
 DATABASE_ERRORS = (sa.exc.SQLAlchemyError, UnicodeDecodeError)  # the driver decodes damaged text itself
 
 
@@ -105,13 +118,15 @@ class SqlStore:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.namespace = ""
-        self._known: OrderedDict[str, str] = OrderedDict()  # session id -> fingerprint (append fast path)
+        self._known: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (tokenizer, created): fast path
         self._damage: list[str] = []  # damage met so far (shared by the scoped views): writes are refused
         try:
             self._connect(create, damaged=not check)
             if check and self.is_sqlite:
                 self._check_at_open()
             self._prepare_schema()
+            if check and self._counter is not None:
+                self._check_commits()
         except DATABASE_ERRORS as exc:
             error = self._error(exc, "open")
             if check or not isinstance(error, StoreDamagedError):
@@ -123,21 +138,28 @@ class SqlStore:
         return sa.engine.make_url(self.url).render_as_string(hide_password=True)
 
     def _connect(self, create: bool, damaged: bool) -> None:
+        self._counter: CommitCounter | None = None  # SQLite files: the count of commits kept beside the file
         if not self.is_sqlite:
             self.engine = sa.create_engine(self.url, pool_pre_ping=True, connect_args={"connect_timeout": 10}
                                            if self.url.startswith("postgresql") else {})
         else:
             file = sqlite.file_path(self.url)
-            if file is not None and sqlite.check_file(file, create):
-                sqlite.create_file(file, self._create_tables)
+            if file is not None:
+                self._counter = CommitCounter(file)
+                if sqlite.check_file(file, create) and sqlite.create_file(file, self._create_tables):
+                    self._counter.reset(0)  # a new file: a counter left by a store once there is not its own
             self.engine = sqlite.engine_for(file, self.url, damaged)
         self._writer = self.engine.execution_options(**{sqlite.WRITE: True})
-        self._add_stats = self._stats_upsert()  # statements are built once; appends only bind values
-        self._touch = (sessions_table.update()
-                       .where(sessions_table.c.namespace == sa.bindparam("ns"),
-                              sessions_table.c.session_id == sa.bindparam("sid"),
-                              sessions_table.c.fingerprint == sa.bindparam("fp"))
-                       .values(updated_at=sa.bindparam("now")))
+        # statements are built once; appends only bind values
+        s, t = sessions_table, stats_table
+        self._touch = (s.update().where(s.c.namespace == sa.bindparam("ns"), s.c.session_id == sa.bindparam("sid"),
+                                        s.c.fingerprint == sa.bindparam("fp"), s.c.created_at == sa.bindparam("at"))
+                       .values(updated_at=sa.bindparam("now"), checksum=sa.bindparam("sum")))
+        self._header = sa.select(s).where(s.c.namespace == sa.bindparam("ns"), s.c.session_id == sa.bindparam("sid"))
+        self._totals = (sa.select(t).where(t.c.namespace == sa.bindparam("ns"), t.c.session_id == sa.bindparam("sid"))
+                        .with_for_update())
+        self._new_totals = self._insert(t).on_conflict_do_nothing(index_elements=_KEY).returning(t.c.calls)
+        self._set_totals = t.update().where(t.c.namespace == sa.bindparam("ns"), t.c.session_id == sa.bindparam("sid"))
 
     def _create_tables(self, engine: sa.Engine) -> None:
         with engine.execution_options(**{sqlite.WRITE: True}).begin() as conn:
@@ -151,6 +173,24 @@ class SqlStore:
                            "run `agentspec sessions check` to check it whole", self._safe_url(), CHECK_SECONDS)
         elif problems:
             raise StoreDamagedError(f"cannot open the store at {self._safe_url()}: {self._damaged(problems)}")
+
+    def _check_commits(self) -> None:
+        """Refuse a file that holds fewer commits than were made to it (see :mod:`.commits`)."""
+        try:
+            made = self._counter.read()  # first: a count read before the database's can only be lower
+        except OSError as exc:
+            logger.warning("cannot read the commit counter %s (%s): lost commits go unreported", self._counter.path,
+                           exc)
+            return
+        with self.engine.connect() as conn:
+            held = conn.execute(sa.select(schema_table.c.commits)).scalar() or 0
+        if made is None:
+            with contextlib.suppress(OSError):  # (a write after each commit warns, see _write)
+                self._counter.advance(held)
+        elif made > held:
+            message = lost_commits(made, held, self._safe_url())
+            self._damage.append(message)
+            raise StoreDamagedError(f"cannot open the store at {self._safe_url()}: {message}")
 
     def _damaged(self, problems: Sequence[str]) -> str:
         """What is damaged and the way out (also remembered: no more writes into this file)."""
@@ -199,11 +239,20 @@ class SqlStore:
         """A write transaction, committed when the block ends; refused once the file is known damaged."""
         if self._damage:
             raise StoreDamagedError(f"cannot write to the store at {self._safe_url()}: {self._damage[0]}")
+        commits = None
         try:
             with self._writer.begin() as conn:
                 yield conn
+                if self._counter is not None:
+                    commits = conn.exec_driver_sql(_COUNT_COMMIT).scalar_one()
         except DATABASE_ERRORS as exc:
             raise self._error(exc, "write to") from exc
+        if commits is not None:
+            try:
+                self._counter.advance(commits)  # after the commit: a writer killed before it leaves the count low
+            except OSError as exc:
+                logger.warning("cannot update the commit counter %s (%s): lost commits may go unreported",
+                               self._counter.path, exc)
 
     def scoped(self, namespace: str) -> SqlStore:
         """A view of this store in which session ids, listings, exports, statistics and the global
@@ -227,6 +276,8 @@ class SqlStore:
     def close(self) -> None:
         """Close the connections (of every view of this store)."""
         self.engine.dispose()
+        if self._counter is not None:
+            self._counter.close()
 
     # ------------------------------------------------------------------ writing
     def open_session(self, session_id: str, fingerprint: str) -> SessionInfo:
@@ -237,27 +288,50 @@ class SqlStore:
         assert info is not None
         return info
 
-    def _ensure_session(self, conn: Connection, session_id: str, fingerprint: str, now: float) -> None:
-        insert = self._insert(sessions_table).values(
-            namespace=self.namespace, session_id=session_id, fingerprint=fingerprint, created_at=now, updated_at=now)
-        conn.execute(insert.on_conflict_do_nothing(index_elements=["namespace", "session_id"]))  # races
-        self._check_tokenizer(conn, session_id, fingerprint)
+    def _ensure_session(self, conn: Connection, session_id: str, fingerprint: str, now: float) -> float:
+        """Create the session if new (its creation time is returned), or check its tokenizer."""
+        row = checked(sessions_table, dict(namespace=self.namespace, session_id=session_id, fingerprint=fingerprint,
+                                           created_at=now, updated_at=now))
+        conn.execute(self._insert(sessions_table).values(row).on_conflict_do_nothing(index_elements=_KEY))  # races
+        created = self._check_tokenizer(conn, session_id, fingerprint)
+        return now if created is None else created
 
-    def _check_tokenizer(self, conn: Connection, session_id: str, fingerprint: str) -> None:
-        s = sessions_table
-        existing = conn.execute(sa.select(s.c.fingerprint).where(
-            s.c.namespace == self.namespace, s.c.session_id == session_id)).scalar()
-        if existing is not None and existing != fingerprint:
+    def _check_tokenizer(self, conn: Connection, session_id: str, fingerprint: str) -> float | None:
+        """The session's creation time (None: no such session); :class:`TokenizerMismatchError` when it
+        belongs to another tokenizer, :class:`SessionDamagedError` when its header is damaged."""
+        row = conn.execute(self._header, {"ns": self.namespace, "sid": session_id}).mappings().one_or_none()
+        if row is None:
+            return None
+        self._check_header(row)
+        if row["fingerprint"] != fingerprint:
             raise TokenizerMismatchError(
-                f"session {session_id!r} holds tokens of tokenizer {existing}, not {fingerprint}; "
+                f"session {session_id!r} holds tokens of tokenizer {row['fingerprint']}, not {fingerprint}; "
                 "token ids of different tokenizers are never mixed: use another session id for this model")
+        return row["created_at"]
 
-    def _stats_upsert(self):
-        """``INSERT ... ON CONFLICT DO UPDATE`` adding one call's increments (built once)."""
-        insert = self._insert(stats_table)
-        columns = [c.name for c in stats_table.c if c.name not in ("namespace", "session_id")]
-        return insert.on_conflict_do_update(index_elements=["namespace", "session_id"],
-                                            set_={c: stats_table.c[c] + insert.excluded[c] for c in columns})
+    def _check_header(self, row) -> None:
+        if not intact(sessions_table, row):
+            raise SessionDamagedError(
+                f"the header of session {row['session_id']!r} in {self._safe_url()} is damaged (its tokenizer or "
+                f"times fail their checksum); restore it from its calls with `agentspec sessions check --repair "
+                f"--store {self._safe_url()}`")
+
+    def _add_totals(self, conn: Connection, session_id: str, increments: dict) -> None:
+        """Add one call's increments to the session's running totals (read, checked, written back);
+        totals that fail their checksum are left as they are, to be rebuilt by a repair."""
+        key = {"ns": self.namespace, "sid": session_id}
+        row = conn.execute(self._totals, key).mappings().one_or_none()
+        if row is None:
+            new = checked(stats_table, {"namespace": self.namespace, "session_id": session_id, **increments})
+            if conn.execute(self._new_totals, new).first() is not None:  # (rowcount: -1 on psycopg)
+                return
+            row = conn.execute(self._totals, key).mappings().one()  # another process created them first
+        if not intact(stats_table, row):
+            logger.warning("the totals of session %r in %s are damaged and were not updated; rebuild them with "
+                           "`agentspec sessions check --repair`", session_id, self._safe_url())
+            return
+        new = checked(stats_table, {**row, **{name: row[name] + value for name, value in increments.items()}})
+        conn.execute(self._set_totals, {**key, **{name: new[name] for name in (*increments, "checksum")}})
 
     def _insert(self, table: sa.Table):
         if self.is_sqlite:
@@ -273,7 +347,6 @@ class SqlStore:
         check_name(session_id)
         with self._write() as conn:
             record_id = self._append(conn, session_id, prompt_ids, output_ids, stats or {}, fingerprint)
-        self._known[session_id] = fingerprint
         self._known.move_to_end(session_id)
         if len(self._known) > KNOWN_SESSIONS:
             self._known.popitem(last=False)
@@ -282,18 +355,27 @@ class SqlStore:
     def _append(self, conn: Connection, session_id: str, prompt_ids: Sequence[int], output_ids: Sequence[int],
                 stats: dict, fingerprint: str) -> int:
         now = time.time()
-        touch = {"ns": self.namespace, "sid": session_id, "fp": fingerprint, "now": now}
-        # fast path: a session this process has written to, still there with the same tokenizer
-        if not (self._known.get(session_id) == fingerprint and conn.execute(self._touch, touch).rowcount == 1):
-            self._ensure_session(conn, session_id, fingerprint, now)
-            conn.execute(self._touch, touch)
-        row = dict(namespace=self.namespace, session_id=session_id, fingerprint=fingerprint, created_at=now,
-                   prompt_tokens=len(prompt_ids), output_tokens=len(output_ids),
-                   prompt=encode_tokens(prompt_ids), output=encode_tokens(output_ids), stats=encode_stats(stats))
+        # fast path: a session this process has written to, still there with the same tokenizer and creation
+        known = self._known.get(session_id)
+        if known is None or known[0] != fingerprint or self._touch_session(conn, session_id, fingerprint,
+                                                                           known[1], now) != 1:
+            created = self._ensure_session(conn, session_id, fingerprint, now)
+            self._touch_session(conn, session_id, fingerprint, created, now)
+            self._known[session_id] = (fingerprint, created)
+        row = checked(records_table, dict(
+            namespace=self.namespace, session_id=session_id, fingerprint=fingerprint, created_at=now,
+            prompt_tokens=len(prompt_ids), output_tokens=len(output_ids)))
+        row.update(prompt=encode_tokens(prompt_ids), output=encode_tokens(output_ids), stats=encode_stats(stats))
         record_id = conn.execute(_INSERT_RECORD, row).inserted_primary_key[0]
-        conn.execute(self._add_stats, {"namespace": self.namespace, "session_id": session_id,
-                                       **stats_row(len(prompt_ids), len(output_ids), stats)})
+        self._add_totals(conn, session_id, stats_row(len(prompt_ids), len(output_ids), stats))
         return int(record_id)
+
+    def _touch_session(self, conn: Connection, session_id: str, fingerprint: str, created: float, now: float) -> int:
+        """Set the session's last-use time (and its header's checksum); the rows changed (0 or 1)."""
+        header = checked(sessions_table, dict(namespace=self.namespace, session_id=session_id,
+                                              fingerprint=fingerprint, created_at=created, updated_at=now))
+        return conn.execute(self._touch, {"ns": self.namespace, "sid": session_id, "fp": fingerprint, "at": created,
+                                          "now": now, "sum": header["checksum"]}).rowcount
 
     # ------------------------------------------------------------------ reading
     def session_info(self, session_id: str) -> SessionInfo | None:
@@ -302,19 +384,24 @@ class SqlStore:
     def list_sessions(self, session_id: str | None = None) -> list[SessionInfo]:
         """Sessions with call and token totals, most recently used first."""
         r, s = records_table, sessions_table
+        header = (s.c.namespace, s.c.session_id, s.c.fingerprint, s.c.created_at, s.c.updated_at, s.c.checksum)
         query = (
-            sa.select(s.c.session_id, s.c.fingerprint, s.c.created_at, s.c.updated_at,
-                      sa.func.count(r.c.record_id), sa.func.coalesce(sa.func.sum(r.c.prompt_tokens), 0),
-                      sa.func.coalesce(sa.func.sum(r.c.output_tokens), 0))
+            sa.select(*header, sa.func.count(r.c.record_id).label("calls"),
+                      sa.func.coalesce(sa.func.sum(r.c.prompt_tokens), 0).label("prompt_tokens"),
+                      sa.func.coalesce(sa.func.sum(r.c.output_tokens), 0).label("output_tokens"))
             .select_from(s.outerjoin(r, (r.c.namespace == s.c.namespace) & (r.c.session_id == s.c.session_id)))
             .where(s.c.namespace == self.namespace)
-            .group_by(s.c.session_id, s.c.fingerprint, s.c.created_at, s.c.updated_at)
+            .group_by(*header)
             .order_by(s.c.updated_at.desc())
         )
         if session_id is not None:
             query = query.where(s.c.session_id == check_name(session_id))
         with self._read() as conn:
-            return [SessionInfo(*row[:4], int(row[4]), int(row[5]), int(row[6])) for row in conn.execute(query)]
+            rows = conn.execute(query).mappings().all()
+        for row in rows:
+            self._check_header(row)
+        return [SessionInfo(row["session_id"], row["fingerprint"], row["created_at"], row["updated_at"],
+                            int(row["calls"]), int(row["prompt_tokens"]), int(row["output_tokens"])) for row in rows]
 
     def load_session(self, session_id: str, with_prompts: bool = True, fingerprint: str | None = None) -> LoadedSession:
         """All readable calls of a session in append order; corrupt records are skipped and counted.
@@ -331,8 +418,8 @@ class SqlStore:
         With ``fingerprint``: only that tokenizer's calls, and :class:`TokenizerMismatchError` if the
         session now belongs to another tokenizer (dropped and re-created by another model)."""
         r = records_table
-        query = (sa.select(r.c.record_id, r.c.created_at, r.c.prompt_tokens, r.c.output_tokens,
-                           r.c.prompt if with_prompts else sa.null(), r.c.output, r.c.stats)
+        query = (sa.select(*_RECORD_COLUMNS, (r.c.prompt if with_prompts else sa.null()).label("prompt"), r.c.output,
+                           r.c.stats)
                  .where(r.c.namespace == self.namespace, r.c.session_id == check_name(session_id),
                         r.c.record_id > after).order_by(r.c.record_id))
         if fingerprint is not None:
@@ -344,7 +431,7 @@ class SqlStore:
             for row in conn.execute(query):
                 loaded.newest_id = row.record_id
                 try:
-                    loaded.calls.append(decode_call(session_id, *row))
+                    loaded.calls.append(decode_call(row))
                 except CorruptRecordError as exc:
                     loaded.skipped += 1
                     loaded.errors.append(f"record {row.record_id}: {exc}")
@@ -354,36 +441,47 @@ class SqlStore:
         """Outputs of the newest calls of all sessions of this tokenizer (record ids above ``after``),
         up to ``max_tokens`` tokens, oldest first."""
         r = records_table
-        query = (sa.select(r.c.record_id, r.c.session_id, r.c.output, r.c.output_tokens)
+        query = (sa.select(*_RECORD_COLUMNS, r.c.output)
                  .where(r.c.namespace == self.namespace, r.c.fingerprint == fingerprint, r.c.record_id > after)
                  .order_by(r.c.record_id.desc()))
         history, total = OutputHistory([], [], [], 0, after), 0
         with self._read() as conn:
-            for record_id, sid, output, n in conn.execute(query):
-                history.newest_id = max(history.newest_id, record_id)
-                if total + n > max_tokens and history.outputs:
-                    break
+            for row in conn.execute(query):
+                history.newest_id = max(history.newest_id, row.record_id)
                 try:
-                    history.outputs.append(decode_counted(output, n, "output"))
+                    check_record(row)  # first: its token count is one of the values checked
                 except CorruptRecordError:
                     history.skipped += 1
                     continue
-                history.record_ids.append(record_id)
-                history.session_ids.append(sid)
-                total += n
+                if total + row.output_tokens > max_tokens and history.outputs:
+                    break
+                try:
+                    history.outputs.append(decode_counted(row.output, row.output_tokens, "output"))
+                except CorruptRecordError:
+                    history.skipped += 1
+                    continue
+                history.record_ids.append(row.record_id)
+                history.session_ids.append(row.session_id)
+                total += row.output_tokens
         for column in (history.outputs, history.record_ids, history.session_ids):
             column.reverse()
         return history
 
     def session_stats(self, session_id: str | None = None) -> dict[str, dict]:
         """Running totals per session (all calls ever appended, pruned ones included):
-        ``{session id: {"calls": n, <SpecStats counters>, "accepted_by_source": {...}}}``."""
+        ``{session id: {"calls": n, <SpecStats counters>, "accepted_by_source": {...}}}``; totals that fail
+        their checksum raise :class:`SessionDamagedError`."""
         query = sa.select(stats_table).where(stats_table.c.namespace == self.namespace)
         if session_id is not None:
             query = query.where(stats_table.c.session_id == check_name(session_id))
         out: dict[str, dict] = {}
         with self._read() as conn:
             for row in conn.execute(query).mappings():
+                if not intact(stats_table, row):
+                    raise SessionDamagedError(
+                        f"the totals of session {row['session_id']!r} in {self._safe_url()} are damaged (they fail "
+                        f"their checksum); rebuild them from the stored calls with `agentspec sessions check "
+                        f"--repair --store {self._safe_url()}`")
                 d = {k: row[k] for k in ("calls", *COUNTERS, "prefill_seconds", "decode_seconds")}
                 d["accepted_by_source"] = {src: int(row[f"accepted_{src}"]) for src in SOURCES}
                 out[row["session_id"]] = d
@@ -422,11 +520,12 @@ class SqlStore:
         return len(doomed)
 
     def export_session(self, session_id: str, path: str | Path) -> int:
-        """Write a session as JSON lines (a header, then one call per line); returns the call count."""
+        """Write a session as JSON lines (a header, then one call per line; a new file is private,
+        0600, like the store); returns the call count."""
         loaded = self.load_session(session_id)
         if loaded.info is None:
             raise KeyError(f"no session {session_id!r} in {self._safe_url()}")
-        with open(path, "w") as f:
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             info = loaded.info
             f.write(json.dumps({"agentspec_session": info.session_id, "fingerprint": info.fingerprint,
                                 "created_at": info.created_at}) + "\n")
@@ -485,9 +584,25 @@ def decode_counted(payload: bytes, count: int, what: str) -> list[int]:
     return ids
 
 
-def decode_call(session_id: str, record_id: int, created_at: float, prompt_tokens: int, output_tokens: int,
-                prompt: bytes | None, output: bytes, stats: bytes) -> CallRecord:
-    """One stored row as a :class:`CallRecord` (no prompt ids when ``prompt`` is None);
-    ``CorruptRecordError`` when any part of it does not check out."""
-    return CallRecord(record_id, session_id, decode_counted(prompt, prompt_tokens, "prompt") if prompt is not None
-                      else [], decode_counted(output, output_tokens, "output"), decode_stats(stats), created_at)
+def check_record(row) -> None:
+    """``CorruptRecordError`` when a record row's own values (not its payloads) fail their checksum."""
+    if not intact(records_table, row._mapping):
+        raise CorruptRecordError("the record's session, tokenizer, time or token counts fail their checksum")
+
+
+def decode_call(row) -> CallRecord:
+    """One stored records row (its checked columns, ``prompt``, ``output`` and ``stats``) as a
+    :class:`CallRecord` (no prompt ids when ``prompt`` is None); ``CorruptRecordError`` when any
+    part of it does not check out."""
+    check_record(row)
+    prompt = decode_counted(row.prompt, row.prompt_tokens, "prompt") if row.prompt is not None else []
+    return CallRecord(row.record_id, row.session_id, prompt, decode_counted(row.output, row.output_tokens, "output"),
+                      decode_stats(row.stats), row.created_at)
+
+
+def lost_commits(made: int, held: int, where: str) -> str:
+    """What a store file that holds fewer commits than were made to it has lost, and the ways on."""
+    return (f"the last {made - held} of the {made} commits made to it are missing (its -wal file was damaged or "
+            "removed before they reached the database file, or the file was replaced by an older copy); what is "
+            "left is every call committed before them. Accept the loss and go on with `agentspec sessions check "
+            f"--repair --store {where}`")

@@ -67,9 +67,9 @@ def check_file(file: Path, create: bool) -> bool:
     return True
 
 
-def create_file(file: Path, initialise: Callable[[Engine], None]) -> None:
-    """Build a new store in a private temporary file next to ``file`` and link it into place
-    (when another process got there first, theirs is kept)."""
+def create_file(file: Path, initialise: Callable[[Engine], None]) -> bool:
+    """Build a new store in a private temporary file next to ``file`` and link it into place; False
+    when another process got there first (theirs is kept)."""
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".new")  # mode 0600
     os.close(fd)
     try:
@@ -80,8 +80,9 @@ def create_file(file: Path, initialise: Callable[[Engine], None]) -> None:
             engine.dispose()  # the last connection checkpoints the WAL into the file
         try:
             os.link(tmp, file)
+            return True
         except FileExistsError:
-            pass
+            return False
         except OSError as exc:
             raise StoreError(f"cannot create the store {file}: {exc}") from exc
     finally:

@@ -67,7 +67,7 @@ def _stats_table(rows: dict[str, dict]) -> Table:
     return table
 
 
-def _scanned(run):
+def _plainly(run):
     """``run()`` with store errors said plainly."""
     from agentspec.stores import StoreError
 
@@ -82,7 +82,7 @@ def _export_into(url: str | None, into: str) -> None:
     from agentspec.stores.repair import salvage
 
     source, target = _open(url, check=False), _open(into, create=True)
-    report = _scanned(lambda: salvage(source, target))
+    report = _plainly(lambda: salvage(source, target))
     for line in report.bad[:20]:
         err.print(f"[yellow]not saved:[/yellow] {line}")
     console.print(f"saved {report.records} calls of {len(report.sessions)} sessions into {target._safe_url()}; "
@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
               as_json: bool = typer.Option(False, "--json", help="JSON on stdout.")) -> None:
         """Every session with its calls and tokens, most recently used first."""
         opened = _open(store, tenant)
-        infos = opened.list_sessions()
+        infos = _plainly(opened.list_sessions)
         if as_json:
             print(json.dumps([i.__dict__ for i in infos], indent=2))
             return
@@ -118,7 +118,8 @@ def register(app: typer.Typer) -> None:
     def show(session_id: str, store: str = typer.Option(None, help=STORE_HELP),
              tenant: str = typer.Option(None, help=TENANT_HELP)) -> None:
         """A session's calls: tokens and speculation figures per call."""
-        loaded = _open(store, tenant).load_session(session_id)
+        opened = _open(store, tenant)
+        loaded = _plainly(lambda: opened.load_session(session_id))
         if loaded.info is None:
             err.print(f"[red]error:[/red] no session {session_id!r}")
             raise typer.Exit(1)
@@ -155,30 +156,44 @@ def register(app: typer.Typer) -> None:
             return
         if session_id is None or path is None:
             raise typer.BadParameter("give SESSION_ID and PATH, or --into URL")
+        opened = _open(store, tenant, check=False)
         try:
-            n = _open(store, tenant, check=False).export_session(session_id, path)
+            n = _plainly(lambda: opened.export_session(session_id, path))
         except KeyError as exc:
             err.print(f"[red]error:[/red] {exc.args[0]}")
             raise typer.Exit(1) from exc
         console.print(f"exported {n} calls of {session_id} to {path}")
 
     @sessions.command("check")
-    def check(store: str = typer.Option(None, help=STORE_HELP)) -> None:
-        """Check the whole store: the database file (SQLite: PRAGMA integrity_check) and every stored
-        call's checksums. Exit status 1 when anything is damaged, with the way out."""
+    def check(store: str = typer.Option(None, help=STORE_HELP),
+              repair: bool = typer.Option(False, "--repair", help="Rebuild damaged session headers and totals from "
+                                                                  "the calls, and accept lost commits.")) -> None:
+        """Check the whole store: the database file (SQLite: PRAGMA integrity_check, the commit counter),
+        every session header and running total, and every stored call's checksums. Exit status 1 when
+        anything is damaged (after --repair: anything left damaged), with the way out."""
+        from agentspec.stores.repair import repair as rebuild
         from agentspec.stores.repair import scan
 
         opened = _open(store, check=False)
-        report = _scanned(lambda: scan(opened))
-        for line in report.problems + report.bad[:20]:
+        report = _plainly(lambda: scan(opened))
+        where = opened._safe_url()
+        for line in report.damage(where) + report.bad[:20]:
             console.print(f"[red]damaged:[/red] {line}")
         if len(report.bad) > 20:
             console.print(f"... and {len(report.bad) - 20} more damaged records")
         console.print(f"{report.records} calls in {len(report.sessions)} sessions read back intact, "
                       f"{len(report.bad)} damaged")
+        if repair and not report.ok:
+            for line in _plainly(lambda: rebuild(opened, report)):
+                console.print(f"[green]repair:[/green] {line}")
+            report = _plainly(lambda: scan(opened))
+            console.print("after the repair: " + ("intact" if report.ok else "still damaged"))
+        if report.problems or report.bad:
+            console.print(f"save what can still be read into a new store: agentspec sessions export --into "
+                          f"sqlite:///NEW.db --store {where}")
+        elif not report.ok:
+            console.print(f"repair it: agentspec sessions check --repair --store {where}")
         if not report.ok:
-            console.print("save what can still be read into a new store: agentspec sessions export --into "
-                          f"sqlite:///NEW.db --store {opened._safe_url()}")
             raise typer.Exit(1)
 
     @sessions.command("import")
@@ -239,7 +254,8 @@ def register(app: typer.Typer) -> None:
         """Cache hit rates per session and overall: calls, tokens, drafted and accepted tokens, acceptance,
         tokens per verification step, share of output from drafts, and which tree the drafts came from.
         Totals count every call ever stored, including calls `agentspec prune` has deleted since."""
-        rows = session_totals(_open(store, tenant), session)
+        opened = _open(store, tenant)
+        rows = _plainly(lambda: session_totals(opened, session))
         if session is not None and not rows:
             err.print(f"[red]error:[/red] no session {session!r}")
             raise typer.Exit(1)
