@@ -105,7 +105,17 @@ def check_text(value: Any, where: str = "body") -> None:
 
 
 def session_id(header: str | None, user: str | None) -> str | None:
-    """The session named by the ``X-Session-Id`` header, else by ``user``; 400 if a store cannot keep it."""
+    """The session named by the ``X-Session-Id`` header, else by ``user``; 400 if a store cannot keep it.
+
+    The header arrives as Latin-1 text (HTTP's default); its bytes are read again as UTF-8, so a limit
+    counts characters the client sent, not bytes.
+    """
+    if header:
+        try:
+            header = header.encode("latin-1").decode("utf-8")
+        except UnicodeError as exc:
+            raise APIError(400, f"X-Session-Id is not valid UTF-8: {exc}", param="X-Session-Id",
+                           code="invalid_session_id") from exc
     value, param = (header, "X-Session-Id") if header else (user, "user")
     if not value:
         return None
