@@ -54,7 +54,7 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
-        self.logit_bias = _logit_bias(self.logit_bias, vocab_size)
+        self.logit_bias = check_logit_bias(self.logit_bias, vocab_size)
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"top logprobs must be in [0, 20], got {self.logprobs!r}")
         if isinstance(self.stop, str):
@@ -66,8 +66,9 @@ class SamplingParams:
         return self.temperature < TEMPERATURE_FLOOR
 
 
-def _logit_bias(bias: dict | None, vocab_size: int | None) -> dict[int, float] | None:
-    """``{token id: bias}`` with int ids (JSON keys are strings); ``ValueError`` for an id or bias out of range."""
+def check_logit_bias(bias: dict | None, vocab_size: int | None) -> dict[int, float] | None:
+    """``{token id: bias}`` with int ids (JSON keys are strings); ``ValueError`` for an id outside
+    ``[0, vocab_size)`` or a bias outside ``[-100, 100]``."""
     out: dict[int, float] = {}
     for key, value in (bias or {}).items():
         try:
