@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from agentspec.cli.options import ModelOptions, model_options
+from agentspec.engine.grammar_budget import GrammarLimits
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -56,7 +57,6 @@ def register(app: typer.Typer) -> None:
         try:
             import uvicorn
 
-            from agentspec.engine.grammar_budget import GrammarLimits
             from agentspec.integrations.middleware import parse_api_keys
             from agentspec.integrations.server import create_app
         except ImportError as exc:

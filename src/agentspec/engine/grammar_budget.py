@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+MAX_SIZING_STEPS = 100_000
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 _SCHEMA_VALUES = ("items", "additionalProperties", "contains", "not", "if", "then", "else", "propertyNames")
@@ -126,7 +127,9 @@ class _MinSize:
     def __init__(self, root: Any) -> None:
         self.root = root
         self._memo: dict[int, float] = {}
-        self._open: set[int] = set()
+        self._open: dict[int, int] = {}  # subschemas being sized -> their depth on the stack
+        self._low = math.inf  # the shallowest open subschema the current one met (its size depends on it)
+        self._steps = 0
 
     def of(self, node: Any) -> float:
         if node is True or not isinstance(node, dict):
@@ -135,13 +138,20 @@ class _MinSize:
         if key in self._memo:
             return self._memo[key]
         if key in self._open:
+            self._low = min(self._low, self._open[key])
             return math.inf
-        self._open.add(key)
+        self._steps += 1
+        if self._steps > MAX_SIZING_STEPS:
+            raise GrammarBudgetError("max_nodes", "the schema's references are too tangled to size")
+        depth, outer = len(self._open), self._low
+        self._open[key], self._low = depth, math.inf
         try:
             size = self._size(node)
         finally:
-            self._open.discard(key)
-        self._memo[key] = size
+            del self._open[key]
+        if self._low >= depth:  # not sized under the assumption that an enclosing subschema is infinite
+            self._memo[key] = size
+        self._low = min(outer, self._low)
         return size
 
     def _required(self, node: Any) -> float:

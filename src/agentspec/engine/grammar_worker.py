@@ -6,7 +6,7 @@ twice: first here, in a spawned process under ``RLIMIT_AS`` (memory) and a deadl
 kills it on time-out or when the request is cancelled), then, once it finished within budget, by
 the caller in its own process, where the same input does the same bounded work::
 
-    caller                                worker (python -m, RLIMIT_AS = its size + memory budget)
+    caller                                worker (a new python, RLIMIT_AS = its size + memory budget)
       check(kind, source) --------------->  compile_fn(compiler, kind, source)
       poll every 50 ms: deadline? cancel?   <--- ("ok", bytes) | ("error", message)
       on either: kill, start a fresh worker (in the background), raise GrammarBudgetError
@@ -58,7 +58,7 @@ def _address_space() -> int:
 
 
 def main() -> None:
-    """The worker (``python -m agentspec.engine.grammar_worker MODULE:FUNCTION MEMORY_BYTES``): compile each
+    """The worker (``python -c '...main()' MODULE:FUNCTION MEMORY_BYTES``): compile each
     ``(kind, source)`` read from stdin with ``FUNCTION(xgr, compiler, kind, source)``, answer its size or error."""
     import xgrammar as xgr  # deferred: only the worker process needs it at import time
 
@@ -71,8 +71,9 @@ def main() -> None:
     except (EOFError, pickle.UnpicklingError):  # the caller went away while this worker started
         return
     compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
     limit = _address_space() + memory_bytes
-    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
     _send(stdout, ("ready", 0))
     while True:
         try:
@@ -150,7 +151,7 @@ class CompileWorker:
     def _start(self) -> None:
         """A fresh worker (a new interpreter: no copy of the caller's threads or memory)."""
         self._stop()
-        command = [sys.executable, "-m", "agentspec.engine.grammar_worker", self._compile_fn,
+        command = [sys.executable, "-c", "from agentspec.engine.grammar_worker import main; main()", self._compile_fn,
                    str(self._limits.compile_memory_bytes)]
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         _send(process.stdin, self._info)
@@ -177,6 +178,3 @@ class CompileWorker:
     def _restart_async(self) -> None:
         threading.Thread(target=self._start_locked, daemon=True, name="agentspec-grammar-worker").start()
 
-
-if __name__ == "__main__":
-    main()
