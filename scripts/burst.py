@@ -26,9 +26,10 @@ def rss(pid: int) -> int:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
 
-async def one(client: httpx.AsyncClient, url: str, cancel_after: int | None, i: int) -> str:
+async def one(client: httpx.AsyncClient, url: str, cancel_after: int | None, i: int, topic: int | None) -> str:
+    number = i if topic is None else topic
     body = {"model": "m", "stream": True, "max_tokens": 32, "temperature": 0.7, "seed": i,
-            "messages": [{"role": "user", "content": f"Write a short poem about the number {i}."}]}
+            "messages": [{"role": "user", "content": f"Write a short poem about the number {number}."}]}
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
@@ -44,11 +45,12 @@ async def one(client: httpx.AsyncClient, url: str, cancel_after: int | None, i: 
         return type(exc).__name__
 
 
-async def burst(url: str, n: int, cancel_share: float, rnd: random.Random) -> dict[str, int]:
+async def burst(url: str, n: int, cancel_share: float, rnd: random.Random, same: bool = False) -> dict[str, int]:
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         plans = [rnd.randint(2, 4) if rnd.random() < cancel_share else None for _ in range(n)]
-        outcomes = await asyncio.gather(*(one(client, url, plan, i) for i, plan in enumerate(plans)))
+        outcomes = await asyncio.gather(*(one(client, url, plan, i, 7 if same else None)
+                                          for i, plan in enumerate(plans)))
     counts: dict[str, int] = {}
     for outcome in outcomes:
         counts[outcome] = counts.get(outcome, 0) + 1
@@ -72,6 +74,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--cancel-share", type=float, default=0.9, help="share of streams cancelled after 2-4 events")
+    parser.add_argument("--same-prompt", action="store_true",
+                        help="every request the same prompt (the prefix-KV cache then holds one; by default each "
+                             "prompt is new and the cache fills up to its budget)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds idle before reading RSS after a round")
     args, serve_args = parser.parse_known_args()
     with socket.socket() as sock:
@@ -106,7 +111,7 @@ def main() -> None:
         print(f"warm-up {warm}; RSS before: {before / 2**20:.0f} MiB", flush=True)
         rnd = random.Random(1)
         for r in range(args.rounds):
-            counts = asyncio.run(burst(url, args.concurrency, args.cancel_share, rnd))
+            counts = asyncio.run(burst(url, args.concurrency, args.cancel_share, rnd, args.same_prompt))
             wait_idle(url)
             time.sleep(args.settle)
             print(f"round {r + 1}: {counts}; RSS after {rss(server.pid) / 2**20:.0f} MiB, peak so far "

@@ -14,6 +14,7 @@ import resource
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -165,14 +166,16 @@ def server():
     command = [sys.executable, "-m", "agentspec.cli", "serve", "--port", str(port), "--served-model-name", "m",
                "--api-key", f"team={KEY}", "--share-global", "--max-request-tokens", str(MAX_REQUEST_TOKENS),
                "--max-queue", "8", "--max-tokens", "4"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_limit_address_space,
+    log = tempfile.TemporaryFile()  # a pipe nobody reads could fill and block the server
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_limit_address_space,
                                env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     try:
         for _ in range(600):
             if process.poll() is not None:
-                pytest.fail(f"the server exited: {process.stderr.read().decode()[-2000:]}")
+                log.seek(0)
+                pytest.fail(f"the server exited: {log.read().decode()[-2000:]}")
             try:
                 client.get("/health")
                 break
@@ -186,6 +189,7 @@ def server():
         client.close()
         process.terminate()
         process.wait(30)
+        log.close()
 
 
 def _chat(content: str = "Say hi.", **fields) -> dict:
@@ -261,7 +265,8 @@ def test_distinct_schemas_do_not_grow_memory_without_bound(server) -> None:
     before = _rss(pid)
     for i in range(24):
         schema = {"type": "object", "properties": {f"k{i}_{j}": {"type": "integer"} for j in range(40)}}
-        response = client.post("/v1/chat/completions", json=_chat(max_tokens=1, response_format=response_format(schema)))
+        body = _chat(max_tokens=1, response_format=response_format(schema))
+        response = client.post("/v1/chat/completions", json=body)
         assert response.status_code == 200, response.text[:300]
     assert client.get("/health").json()["status"] == "ok"
     assert _rss(pid) - before < 200 * 2**20

@@ -22,6 +22,8 @@ generations advance in turn. A streaming client that disconnects cancels its gen
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import json
 import threading
 import time
@@ -97,6 +99,12 @@ class Admission:
         return await asyncio.wrap_future(self.executor.submit(fn, *args))
 
 
+    def idle(self) -> None:
+        """The last request in flight finished: hand freed heap memory back to the system (in a thread)."""
+        if _LIBC is not None:
+            self.executor.submit(_LIBC.malloc_trim, 0)
+
+
 class Ticket:
     """A place in flight; ``release()`` gives it back (idempotent)."""
 
@@ -109,6 +117,29 @@ class Ticket:
             self._held = False
             self._admission.in_flight -= 1
             self._admission.served += 1
+            if self._admission.in_flight == 0:
+                self._admission.idle()
+
+
+def _glibc() -> Any:
+    """glibc through ctypes (``None`` elsewhere: musl, macOS), for ``malloc_trim`` and ``mallopt``."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes, libc.mallopt.argtypes = [ctypes.c_size_t], [ctypes.c_int, ctypes.c_int]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _glibc()
+M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas (one per thread by default, up to 8 per core): memory a burst of requests
+    freed in one arena is not reused by another, so many arenas keep a burst's peak. Call at start-up."""
+    if _LIBC is not None:
+        _LIBC.mallopt(M_ARENA_MAX, arenas)
 
 
 class _EngineStream:

@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
             import uvicorn
 
             from agentspec.integrations.middleware import parse_api_keys
-            from agentspec.integrations.server import create_app
+            from agentspec.integrations.server import create_app, limit_malloc_arenas
         except ImportError as exc:
             typer.echo(f"error: the server needs its extra: pip install 'agentspec[server]' ({exc})", err=True)
             raise typer.Exit(2) from exc
@@ -73,6 +73,7 @@ def register(app: typer.Typer) -> None:
                        err=True)
         limits = GrammarLimits(max_schema_bytes=grammar_max_schema_bytes, compile_timeout_s=grammar_timeout,
                                compile_memory_bytes=grammar_memory_mb * 2**20, cache_bytes=grammar_cache_mb * 2**20)
+        limit_malloc_arenas()  # before the engine's threads allocate: see scripts/burst.py
         sock = _bind(host, port)  # before the model loads: a busy port fails in a second, not after loading
         engine = options.engine()
         app = create_app(engine, model_name=served_model_name, api_keys=keys, share_global=share_global,
