@@ -270,3 +270,29 @@ def test_distinct_schemas_do_not_grow_memory_without_bound(server) -> None:
         assert response.status_code == 200, response.text[:300]
     assert client.get("/health").json()["status"] == "ok"
     assert _rss(pid) - before < 200 * 2**20
+
+
+def _children(pid: int) -> set[int]:
+    """Child processes of ``pid``, started by any of its threads."""
+    out = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as children:
+            out |= {int(p) for p in children.read().split()}
+    return out
+
+
+@pytest.mark.model
+def test_client_that_leaves_stops_its_grammar_compile(server) -> None:
+    client, pid = server
+    workers = _children(pid)
+    assert len(workers) == 1  # the grammar compile worker
+    slow_schema = {"type": "object", "properties": {k: properties(250) for k in "abc"}}  # seconds to compile here
+    slow = _chat(response_format=response_format(slow_schema))
+    with pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/chat/completions", json=slow, timeout=0.3)
+    for _ in range(100):  # the server notices the disconnect within its 0.1 s poll
+        if not workers & _children(pid):
+            break
+        time.sleep(0.1)
+    assert not workers & _children(pid), "the compile worker of the cancelled request still runs"
+    assert client.get("/health").json()["in_flight"] == 0
