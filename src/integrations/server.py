@@ -17,6 +17,11 @@ is checked before the body is read.
 Admission: at most ``max_queue + 1`` generations are in flight (more get 503 with
 ``Retry-After``); the engine's own lock serialises the model, step by step, so admitted
 generations advance in turn. A streaming client that disconnects cancels its generation.
+
+Limits one request cannot pass: the compute cap ``n`` x (prompt tokens + ``max_tokens``)
+(``max_request_tokens``; the engine serves one request at a time, so this bounds everyone's wait),
+and the grammar budgets (:class:`~agentspec.engine.grammar_budget.GrammarLimits`): a grammar is
+compiled before generating, in a worker process a disconnecting client stops. Each is a 400 naming it.
 """
 
 from __future__ import annotations
@@ -65,6 +70,28 @@ DEFAULT_MAX_REQUEST_TOKENS = 16384  # n x (prompt tokens + max_tokens): the comp
 _DONE = object()
 
 
+# ---------------------------------------------------------------------------------------- memory
+def _glibc() -> Any:
+    """glibc through ctypes (``None`` elsewhere: musl, macOS), for ``malloc_trim`` and ``mallopt``."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes, libc.mallopt.argtypes = [ctypes.c_size_t], [ctypes.c_int, ctypes.c_int]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _glibc()
+M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas (one per thread by default, up to 8 per core): memory a burst of requests
+    freed in one arena is not reused by another, so many arenas keep a burst's peak. Call at start-up."""
+    if _LIBC is not None:
+        _LIBC.mallopt(M_ARENA_MAX, arenas)
+
+
 # ---------------------------------------------------------------------------------------- admission
 class QueueFull(Exception):
     pass
@@ -98,7 +125,6 @@ class Admission:
         """``fn(*args)`` in an engine thread."""
         return await asyncio.wrap_future(self.executor.submit(fn, *args))
 
-
     def idle(self) -> None:
         """The last request in flight finished: hand freed heap memory back to the system (in a thread)."""
         if _LIBC is not None:
@@ -119,27 +145,6 @@ class Ticket:
             self._admission.served += 1
             if self._admission.in_flight == 0:
                 self._admission.idle()
-
-
-def _glibc() -> Any:
-    """glibc through ctypes (``None`` elsewhere: musl, macOS), for ``malloc_trim`` and ``mallopt``."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim.argtypes, libc.mallopt.argtypes = [ctypes.c_size_t], [ctypes.c_int, ctypes.c_int]
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_LIBC = _glibc()
-M_ARENA_MAX = -8
-
-
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas (one per thread by default, up to 8 per core): memory a burst of requests
-    freed in one arena is not reused by another, so many arenas keep a burst's peak. Call at start-up."""
-    if _LIBC is not None:
-        _LIBC.mallopt(M_ARENA_MAX, arenas)
 
 
 class _EngineStream:
@@ -352,7 +357,8 @@ def _check_compute(n: int, prompt_tokens: int, max_tokens: int, context_window: 
     if cap is not None and work > cap:
         raise APIError(400, f"this request asks for {work} tokens of compute (n {n} x (prompt {prompt_tokens} + "
                             f"max_tokens {generated})), over this server's cap of {cap} (max_request_tokens)",
-                       param="n" if n > 1 else "max_tokens", code="over_compute_cap")
+                       param="n" if n > 1 else "prompt" if prompt_tokens > generated else "max_tokens",
+                       code="over_compute_cap")
 
 
 async def _compile_grammar(admission: Admission, engine: Any, grammar: Any, request: Request, param: str) -> None:
