@@ -127,6 +127,17 @@ def test_cancelled_compile_stops_its_worker(slow_compiler) -> None:
     assert slow_compiler._worker.restarts == restarts + 1
 
 
+def test_compiled_grammar_over_its_bytes_is_refused(default_tokenizer) -> None:
+    compiler = GrammarCompiler(default_tokenizer, len(default_tokenizer), [2], GrammarLimits(max_compiled_bytes=10**5))
+    try:
+        compiler.compile(Grammar.json_schema(properties(3)))  # tens of kB
+        with pytest.raises(GrammarBudgetError, match="max_compiled_bytes"):
+            compiler.compile(Grammar.json_schema(properties(100)))  # about 300 kB
+        assert compiler.cached[0] == 1
+    finally:
+        compiler.close()
+
+
 def test_compiled_grammar_cache_is_bounded(default_tokenizer) -> None:
     limits = GrammarLimits(cache_entries=3, cache_bytes=2**30)
     compiler = GrammarCompiler(default_tokenizer, len(default_tokenizer), [2], limits)

@@ -192,11 +192,14 @@ class GrammarCompiler:
             raise ValueError(f"grammar kind must be json_schema, json_object, ebnf or tool_calls, got {grammar.kind!r}")
         check_budget(grammar, self.limits)
         try:
-            self._worker.check(grammar.kind, grammar.source, cancel)  # bounded in time and memory, killable
+            size = self._worker.check(grammar.kind, grammar.source, cancel)  # bounded in time and memory, killable
         except GrammarBudgetError:
             raise
         except ValueError as exc:  # xgrammar's RuntimeError for a bad schema, as the worker reports it
             raise ValueError(f"invalid {grammar.kind} grammar: {exc}") from exc
+        if size > self.limits.max_compiled_bytes:
+            raise GrammarBudgetError("max_compiled_bytes", f"the compiled {grammar.kind} grammar takes {size} bytes, "
+                                                           f"over the limit of {self.limits.max_compiled_bytes}")
         compiled = compile_grammar(self._xgr, self._compiler, grammar.kind, grammar.source)  # proven bounded
         self._keep(grammar, compiled)
         return compiled

@@ -36,6 +36,7 @@ class GrammarLimits:
     max_nodes: int = 1024  # subschemas + enum values in one grammar (all tools together)
     max_object_properties: int = 256  # properties of one object (optional ones cost the compiler most)
     max_forced_chars: int = 16384  # the smallest instance of any subschema (a string decoding may be forced to)
+    max_compiled_bytes: int = 64 * 2**20  # one compiled grammar's memory (xgrammar's count of its states' masks)
     compile_timeout_s: float = 5.0  # a compile taking longer is killed (it runs in a worker process)
     compile_memory_bytes: int = 2**30  # address space the worker may add while compiling
     cache_entries: int = 64  # compiled grammars kept (least recently used dropped first)
