@@ -187,7 +187,7 @@ def test_constrained_greedy_equals_plain_constrained_decoding(tiny_model, defaul
     truth = plain_constrained(tiny_model, tiny_vocab, GRAMMARS[name], prompt, 40)
     engine = make_engine(tiny_model, default_tokenizer, ScriptedDrafter(truth, 512, seed=seed), prefix_cache_bytes=0)
     engine.eos_ids = {2}
-    engine._grammars = tiny_vocab
+    engine._grammars.compiler = tiny_vocab
     result = engine.generate(prompt, max_new_tokens=40, grammar=GRAMMARS[name])
     assert result.token_ids == truth
     assert result.stats.steps < len(truth)  # drafts (the drafter's and the grammar's) were accepted
@@ -198,7 +198,7 @@ def test_constrained_greedy_equals_plain_constrained_decoding(tiny_model, defaul
 def test_schema_output_parses_and_grammar_drafts_are_accepted(tiny_model, default_tokenizer, tiny_vocab):
     engine = make_engine(tiny_model, default_tokenizer, ScriptedDrafter([], 512), prefix_cache_bytes=0)
     engine.eos_ids = {2}
-    engine._grammars = tiny_vocab
+    engine._grammars.compiler = tiny_vocab
     result = engine.generate([5, 6, 7], max_new_tokens=200, grammar={"type": "json_schema",
                                                                      "json_schema": {"name": "x", "schema": SCHEMA}})
     assert result.finish_reason == "stop"
@@ -243,7 +243,7 @@ def test_constrained_sampling_matches_plain_distribution(tiny_model, default_tok
         trees[a] = tree
     engine = make_engine(tiny_model, default_tokenizer, ContextTreeDrafter(trees), prefix_cache_bytes=0)
     engine.eos_ids = {2}
-    engine._grammars = tiny_vocab
+    engine._grammars.compiler = tiny_vocab
     n = 600
     counts: dict[tuple[int, int], int] = {}
     accepted = 0

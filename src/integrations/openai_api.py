@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentspec import chat
+from agentspec.config import REPETITION_PENALTY_RANGE, TEMPERATURE_FLOOR, check_logit_bias
 from agentspec.engine.constraints import Grammar
 
 
@@ -105,7 +106,17 @@ def check_text(value: Any, where: str = "body") -> None:
 
 
 def session_id(header: str | None, user: str | None) -> str | None:
-    """The session named by the ``X-Session-Id`` header, else by ``user``; 400 if a store cannot keep it."""
+    """The session named by the ``X-Session-Id`` header, else by ``user``; 400 if a store cannot keep it.
+
+    The header arrives as Latin-1 text (HTTP's default); its bytes are read again as UTF-8, so a limit
+    counts characters the client sent, not bytes.
+    """
+    if header:
+        try:
+            header = header.encode("latin-1").decode("utf-8")
+        except UnicodeError as exc:
+            raise APIError(400, f"X-Session-Id is not valid UTF-8: {exc}", param="X-Session-Id",
+                           code="invalid_session_id") from exc
     value, param = (header, "X-Session-Id") if header else (user, "user")
     if not value:
         return None
@@ -181,7 +192,8 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2, description="Omitted: 0 (greedy decoding).")
+    temperature: float | None = Field(default=None, ge=0, le=2,
+                                      description="Omitted, 0 or below 1e-5: greedy decoding.")
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0, description="extra_body: keep the k most likely tokens (0 = off).")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
@@ -189,8 +201,9 @@ class _Sampling(_Strict):
     n: int | None = Field(default=None, ge=1, le=128)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(default=None, gt=0, description="extra_body; 1 = off.")
-    logit_bias: dict[str, float] | None = None
+    repetition_penalty: float | None = Field(default=None, ge=REPETITION_PENALTY_RANGE[0],
+                                             le=REPETITION_PENALTY_RANGE[1], description="extra_body; 1 = off.")
+    logit_bias: dict[str, float] | None = Field(default=None, description="Token id -> bias in [-100, 100].")
     user: str | None = None
 
 
@@ -219,11 +232,12 @@ class CompletionRequest(_Sampling):
 
 # ---------------------------------------------------------------------------------------- translation
 def sampling_options(body: ChatCompletionRequest | CompletionRequest, *, default_max_tokens: int,
-                     max_tokens_cap: int | None) -> dict[str, Any]:
+                     max_tokens_cap: int | None, vocab_size: int | None = None) -> dict[str, Any]:
     """:meth:`Engine.stream` keyword arguments for ``body`` (400 for what the engine cannot do yet).
 
-    ``temperature`` omitted means greedy decoding (0), as in every other agentspec entry point;
-    so ``n`` > 1 needs a ``temperature`` > 0 (and no streaming).
+    ``temperature`` omitted means greedy decoding (0), as in every other agentspec entry point, and
+    so does a temperature below 1e-5 (dividing logits by it overflows); so ``n`` > 1 needs a
+    ``temperature`` >= 1e-5 (and no streaming). ``logit_bias`` ids must be in ``[0, vocab_size)``.
     """
     unsupported = _not_supported_yet(body)
     if unsupported:
@@ -238,11 +252,11 @@ def sampling_options(body: ChatCompletionRequest | CompletionRequest, *, default
     default = default_max_tokens if max_tokens_cap is None else min(default_max_tokens, max_tokens_cap)
     return {
         "max_new_tokens": requested or default,
-        "temperature": 0.0 if body.temperature is None else body.temperature,
+        "temperature": 0.0 if body.temperature is None or body.temperature < TEMPERATURE_FLOOR else body.temperature,
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "top_k": body.top_k or 0,
         "seed": body.seed,
-        **_processing(body),
+        **_processing(body, vocab_size),
         **_logprobs(body),
     }
 
@@ -261,7 +275,7 @@ def _logprobs(body: ChatCompletionRequest | CompletionRequest) -> dict[str, int]
     return {} if body.logprobs is None else {"logprobs": body.logprobs}
 
 
-def _processing(body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+def _processing(body: ChatCompletionRequest | CompletionRequest, vocab_size: int | None = None) -> dict[str, Any]:
     """Logits processors and the response_format grammar, only those the request sets."""
     out: dict[str, Any] = {}
     for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -269,9 +283,9 @@ def _processing(body: ChatCompletionRequest | CompletionRequest) -> dict[str, An
             out[name] = getattr(body, name)
     if body.logit_bias:
         try:
-            out["logit_bias"] = {int(k): v for k, v in body.logit_bias.items()}
+            out["logit_bias"] = check_logit_bias(body.logit_bias, vocab_size)
         except ValueError as exc:
-            raise APIError(400, f"logit_bias keys must be token ids: {exc}", param="logit_bias") from exc
+            raise APIError(400, str(exc), param="logit_bias", code="invalid_logit_bias") from exc
     response_format = getattr(body, "response_format", None)
     if response_format is not None and response_format.type != "text":
         try:
@@ -285,9 +299,9 @@ def _check_n(body: ChatCompletionRequest | CompletionRequest) -> None:
     """``n`` > 1 samples its choices together: it needs a temperature (greedy would repeat one answer n times)."""
     if (body.n or 1) == 1:
         return
-    if not body.temperature:
-        raise APIError(400, f"n is {body.n} but temperature is {body.temperature or 0} (omitted means greedy "
-                            "decoding here): n > 1 samples, set temperature > 0", param="temperature",
+    if not body.temperature or body.temperature < TEMPERATURE_FLOOR:
+        raise APIError(400, f"n is {body.n} but temperature is {body.temperature or 0} (omitted or below 1e-5 means "
+                            "greedy decoding here): n > 1 samples, set temperature >= 1e-5", param="temperature",
                        code="n_needs_temperature")
     if body.top_p not in (None, 1.0) or body.top_k:
         param = "top_k" if body.top_k else "top_p"

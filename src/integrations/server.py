@@ -17,11 +17,18 @@ is checked before the body is read.
 Admission: at most ``max_queue + 1`` generations are in flight (more get 503 with
 ``Retry-After``); the engine's own lock serialises the model, step by step, so admitted
 generations advance in turn. A streaming client that disconnects cancels its generation.
+
+Limits one request cannot pass: the compute cap ``n`` x (prompt tokens + ``max_tokens``)
+(``max_request_tokens``; the engine serves one request at a time, so this bounds everyone's wait),
+and the grammar budgets (:class:`~agentspec.engine.grammar_budget.GrammarLimits`): a grammar is
+compiled before generating, in a worker process a disconnecting client stops. Each is a 400 naming it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import json
 import threading
 import time
@@ -38,6 +45,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from agentspec.engine.grammar_budget import GrammarBudgetError, GrammarLimits
+from agentspec.engine.grammar_worker import CompileCancelled
 
 from .choices import Choices, sample_choices
 from .common import PreparedPrompt, ToolCallSplitter, openai_logprobs, prepare_prompt, raw_block
@@ -56,7 +66,30 @@ from .openai_api import (
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 DEFAULT_MAX_QUEUE = 16
+DEFAULT_MAX_REQUEST_TOKENS = 16384  # n x (prompt tokens + max_tokens): the compute one request may hold
 _DONE = object()
+
+
+# ---------------------------------------------------------------------------------------- memory
+def _glibc() -> Any:
+    """glibc through ctypes (``None`` elsewhere: musl, macOS), for ``malloc_trim`` and ``mallopt``."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes, libc.mallopt.argtypes = [ctypes.c_size_t], [ctypes.c_int, ctypes.c_int]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _glibc()
+M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas (one per thread by default, up to 8 per core): memory a burst of requests
+    freed in one arena is not reused by another, so many arenas keep a burst's peak. Call at start-up."""
+    if _LIBC is not None:
+        _LIBC.mallopt(M_ARENA_MAX, arenas)
 
 
 # ---------------------------------------------------------------------------------------- admission
@@ -92,6 +125,11 @@ class Admission:
         """``fn(*args)`` in an engine thread."""
         return await asyncio.wrap_future(self.executor.submit(fn, *args))
 
+    def idle(self) -> None:
+        """The last request in flight finished: hand freed heap memory back to the system (in a thread)."""
+        if _LIBC is not None:
+            self.executor.submit(_LIBC.malloc_trim, 0)
+
 
 class Ticket:
     """A place in flight; ``release()`` gives it back (idempotent)."""
@@ -105,6 +143,8 @@ class Ticket:
             self._held = False
             self._admission.in_flight -= 1
             self._admission.served += 1
+            if self._admission.in_flight == 0:
+                self._admission.idle()
 
 
 class _EngineStream:
@@ -144,6 +184,8 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     default_max_tokens: int = 512,
+    max_request_tokens: int | None = DEFAULT_MAX_REQUEST_TOKENS,
+    grammar_limits: GrammarLimits | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``engine`` under ``model_name`` (default: the engine's name).
 
@@ -151,9 +193,13 @@ def create_app(
     :func:`~agentspec.integrations.middleware.parse_api_keys`); every ``/v1`` request then needs
     ``Authorization: Bearer <key>``. ``share_global``: tenants draft from one pooled global tree.
     ``hide_stats``: no speculation statistics in responses. ``max_tokens_cap``: a request asking
-    for more tokens gets a 400 naming the cap.
+    for more tokens gets a 400 naming the cap. ``max_request_tokens``: the compute cap, ``n`` x
+    (prompt tokens + max_tokens) of one request (more is a 400 naming it; ``None``: no cap).
+    ``grammar_limits``: budgets on the grammar work of structured output and tool calls.
     """
     keys = parse_api_keys([api_keys]) if isinstance(api_keys, str) else dict(api_keys or {})
+    if grammar_limits is not None:
+        engine.set_grammar_limits(grammar_limits)
     tenants = {name: engine.for_tenant(name, share_global=share_global)
                for name in sorted({n for n in keys.values() if n is not None})}
     served = model_name or engine.model_name
@@ -195,11 +241,20 @@ def create_app(
 
     async def run(body: Any, request: Request, header_session: str | None, prepared: PreparedPrompt,
             kind: Literal["chat", "text"]) -> Any:
-        params = {**sampling_options(body, **limits), "stop": prepared.stop,
-                  "session": session_id(header_session, body.user)}
-        if prepared.grammar is not None:  # a forced or chosen tool call's grammar comes first
-            params["grammar"] = prepared.grammar
         target = tenant_engine(request)
+        params = {**sampling_options(body, **limits, vocab_size=getattr(target, "vocab_size", None)),
+                  "stop": prepared.stop, "session": session_id(header_session, body.user)}
+        grammar_param = "response_format"
+        if prepared.grammar is not None:  # a forced or chosen tool call's grammar comes first
+            params["grammar"], grammar_param = prepared.grammar, "tools"
+        _check_compute(body.n or 1, len(prepared.prompt_ids), params["max_new_tokens"], target.context_window,
+                       max_request_tokens)
+        if "grammar" in params and (body.n or 1) == 1:
+            ticket = _reserve(admission)  # the compile holds a place: the queue bounds compiles too
+            try:
+                await _compile_grammar(admission, target, params["grammar"], request, grammar_param)
+            finally:
+                ticket.release()
 
         def token_text(token: int) -> str:
             with tokenizer_lock:
@@ -292,6 +347,43 @@ def _reserve(admission: Admission) -> Ticket:
     except QueueFull as exc:
         raise APIError(503, f"the server is busy: {admission.limit} requests are already in flight, retry later",
                        "server_busy", code="queue_full", headers={"Retry-After": "1"}) from exc
+
+
+def _check_compute(n: int, prompt_tokens: int, max_tokens: int, context_window: int, cap: int | None) -> None:
+    """400 when ``n`` x (prompt tokens + max_tokens) is over the compute cap (the engine serves one request
+    at a time, so this bounds how long one request holds every other client)."""
+    generated = max(1, min(max_tokens, context_window - prompt_tokens))
+    work = n * (prompt_tokens + generated)
+    if cap is not None and work > cap:
+        raise APIError(400, f"this request asks for {work} tokens of compute (n {n} x (prompt {prompt_tokens} + "
+                            f"max_tokens {generated})), over this server's cap of {cap} (max_request_tokens)",
+                       param="n" if n > 1 else "prompt" if prompt_tokens > generated else "max_tokens",
+                       code="over_compute_cap")
+
+
+async def _compile_grammar(admission: Admission, engine: Any, grammar: Any, request: Request, param: str) -> None:
+    """Compile ``grammar`` before generating (the engine then finds it cached): over a budget or invalid,
+    a 400 naming it; a client that goes away stops the compile (its worker process is killed)."""
+    compiler_of = getattr(engine, "grammar_compiler", None)
+    if compiler_of is None:  # an engine without grammars (test doubles) checks nothing here
+        return
+    cancel = threading.Event()
+    done = asyncio.wrap_future(admission.executor.submit(lambda: compiler_of().compile(grammar, cancel)))
+    try:
+        while not done.done():
+            await asyncio.wait({done}, timeout=0.1)
+            if not done.done() and await request.is_disconnected():
+                cancel.set()
+        done.result()
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
+    except CompileCancelled:
+        raise APIError(499, "the client went away while its grammar compiled", code="cancelled") from None
+    except GrammarBudgetError as exc:
+        raise APIError(400, str(exc), param=param, code="grammar_over_budget") from exc
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=param, code="invalid_grammar") from exc
 
 
 def _model_card(name: str) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from agentspec.cli.options import ModelOptions, model_options
+from agentspec.engine.grammar_budget import GrammarLimits
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -37,6 +38,16 @@ def register(app: typer.Typer) -> None:
         max_queue: int = typer.Option(16, min=0, help="Requests allowed to wait; more get 503 + Retry-After."),
         max_body_bytes: int = typer.Option(4 * 2**20, min=1, help="Largest request body accepted (else 413)."),
         max_tokens: int = typer.Option(512, min=1, help="Default max_tokens when a request sets none."),
+        max_request_tokens: int = typer.Option(
+            16384, min=0, help="Compute cap: n x (prompt tokens + max_tokens) of one request; more is a 400 naming "
+                               "it (0: no cap). The engine serves one request at a time: this bounds the wait."),
+        grammar_timeout: float = typer.Option(
+            5.0, min=0.01, help="Seconds a new grammar (response_format, tools) may take to compile; the compile "
+                                "runs in a worker process that is killed then (a 400 naming the budget)."),
+        grammar_memory_mb: int = typer.Option(1024, min=16, help="Memory a grammar compile may add (worker limit)."),
+        grammar_max_schema_bytes: int = typer.Option(
+            65536, min=1, help="Largest response_format schema, or all tools' parameters together, in bytes."),
+        grammar_cache_mb: int = typer.Option(256, min=1, help="Memory kept by compiled grammars (LRU)."),
         options: ModelOptions = None,
     ) -> None:
         """Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics.
@@ -47,7 +58,7 @@ def register(app: typer.Typer) -> None:
             import uvicorn
 
             from agentspec.integrations.middleware import parse_api_keys
-            from agentspec.integrations.server import create_app
+            from agentspec.integrations.server import create_app, limit_malloc_arenas
         except ImportError as exc:
             typer.echo(f"error: the server needs its extra: pip install 'agentspec[server]' ({exc})", err=True)
             raise typer.Exit(2) from exc
@@ -60,11 +71,15 @@ def register(app: typer.Typer) -> None:
         if host not in LOOPBACK and not keys:
             typer.echo(f"warning: binding {host} without --api-key: anyone who can reach it can use the model",
                        err=True)
+        limits = GrammarLimits(max_schema_bytes=grammar_max_schema_bytes, compile_timeout_s=grammar_timeout,
+                               compile_memory_bytes=grammar_memory_mb * 2**20, cache_bytes=grammar_cache_mb * 2**20)
+        limit_malloc_arenas()  # before the engine's threads allocate: see scripts/burst.py
         sock = _bind(host, port)  # before the model loads: a busy port fails in a second, not after loading
         engine = options.engine()
         app = create_app(engine, model_name=served_model_name, api_keys=keys, share_global=share_global,
                          hide_stats=hide_stats, max_tokens_cap=max_tokens_cap, max_queue=max_queue,
-                         max_body_bytes=max_body_bytes, default_max_tokens=max_tokens)
+                         max_body_bytes=max_body_bytes, default_max_tokens=max_tokens,
+                         max_request_tokens=max_request_tokens or None, grammar_limits=limits)
         tenants = sorted({t for t in keys.values() if t})
         typer.echo(f"agentspec serving {app.state.model_name!r} on http://{host}:{port}/v1"
                    + (f" for tenants {', '.join(tenants)}" if tenants else ""))

@@ -33,6 +33,8 @@ own ancestors), so acceptance picks exactly the token plain constrained decoding
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +43,8 @@ import numpy as np
 import torch
 
 from agentspec.draft.base import DraftTree, Source
+from agentspec.engine.grammar_budget import GrammarBudgetError, GrammarLimits, check_schemas
+from agentspec.engine.grammar_worker import CompileWorker
 
 JUMP_PROB = 0.9  # acceptance estimate per token of a forced string's usual tokenization
 
@@ -152,49 +156,104 @@ def _tool_calls_grammar(xgr: Any, spec: dict) -> Any:
 
 
 class GrammarCompiler:
-    """Compiles :class:`Grammar` specs for one tokenizer and vocabulary; caches the results.
+    """Compiles :class:`Grammar` specs for one tokenizer and vocabulary, within :class:`GrammarLimits`.
 
     ``vocab_size`` is the model's logits width (it may exceed the tokenizer's vocabulary);
-    ``stop_ids`` the tokens that end a generation (allowed once the grammar is complete).
+    ``stop_ids`` the tokens that end a generation (allowed once the grammar is complete). A new
+    grammar is checked against the static budgets, compiled once in a worker process under the time
+    and memory budgets (:class:`~agentspec.engine.grammar_worker.CompileWorker`), then here; compiled
+    grammars are kept in an LRU bounded by count and by bytes. Safe to call from several threads.
     """
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: Sequence[int],
+                 limits: GrammarLimits | None = None) -> None:
         import xgrammar as xgr  # deferred: compiled library, imported on the first constrained request
 
         self._xgr = xgr
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.limits = limits or GrammarLimits()
+        self.limits.validate()
         self.info = _tokenizer_info(xgr, tokenizer, vocab_size, sorted(stop_ids))
-        self._compiler = xgr.GrammarCompiler(self.info)
-        self._cache: dict[Grammar, Any] = {}
+        self._compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)  # the LRU caches
+        self._cache: OrderedDict[Grammar, tuple[Any, int]] = OrderedDict()
+        self._cache_bytes = 0
+        self._lock = threading.Lock()
+        self._worker = CompileWorker(self.info.serialize_json(), self.limits, f"{__name__}:compile_grammar")
 
-    def compile(self, grammar: Grammar) -> Any:
-        """The xgrammar ``CompiledGrammar`` of ``grammar`` (``ValueError`` for an invalid one)."""
-        if grammar not in self._cache:
-            xgr = self._xgr
-            try:
-                if grammar.kind == "json_schema":
-                    compiled = self._compiler.compile_grammar(_schema_grammar(xgr, json.loads(grammar.source)))
-                elif grammar.kind == "json_object":
-                    compiled = self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
-                elif grammar.kind == "ebnf":
-                    compiled = self._compiler.compile_grammar(grammar.source)
-                elif grammar.kind == "tool_calls":
-                    compiled = self._compiler.compile_grammar(_tool_calls_grammar(xgr, json.loads(grammar.source)))
-                else:
-                    raise ValueError(f"grammar kind must be json_schema, json_object, ebnf or tool_calls, "
-                                     f"got {grammar.kind!r}")
-            except RuntimeError as exc:  # xgrammar reports schema / grammar errors as RuntimeError
-                raise ValueError(f"invalid {grammar.kind} grammar: {exc}") from exc
-            self._cache[grammar] = compiled
-        return self._cache[grammar]
+    def compile(self, grammar: Grammar, cancel: threading.Event | None = None) -> Any:
+        """The xgrammar ``CompiledGrammar`` of ``grammar``: ``ValueError`` for an invalid one,
+        :class:`GrammarBudgetError` over a budget, :class:`CompileCancelled` once ``cancel`` is set."""
+        with self._lock:
+            if grammar in self._cache:
+                self._cache.move_to_end(grammar)
+                return self._cache[grammar][0]
+        if grammar.kind not in ("json_schema", "json_object", "ebnf", "tool_calls"):
+            raise ValueError(f"grammar kind must be json_schema, json_object, ebnf or tool_calls, got {grammar.kind!r}")
+        check_budget(grammar, self.limits)
+        try:
+            size = self._worker.check(grammar.kind, grammar.source, cancel)  # bounded in time and memory, killable
+        except GrammarBudgetError:
+            raise
+        except ValueError as exc:  # xgrammar's RuntimeError for a bad schema, as the worker reports it
+            raise ValueError(f"invalid {grammar.kind} grammar: {exc}") from exc
+        if size > self.limits.max_compiled_bytes:
+            raise GrammarBudgetError("max_compiled_bytes", f"the compiled {grammar.kind} grammar takes {size} bytes, "
+                                                           f"over the limit of {self.limits.max_compiled_bytes}")
+        compiled = compile_grammar(self._xgr, self._compiler, grammar.kind, grammar.source)  # proven bounded
+        self._keep(grammar, compiled)
+        return compiled
+
+    def _keep(self, grammar: Grammar, compiled: Any) -> None:
+        size = int(compiled.memory_size_bytes)
+        with self._lock:
+            if grammar in self._cache:
+                return
+            self._cache[grammar] = (compiled, size)
+            self._cache_bytes += size
+            while len(self._cache) > 1 and (len(self._cache) > self.limits.cache_entries
+                                            or self._cache_bytes > self.limits.cache_bytes):
+                _, (_, dropped) = self._cache.popitem(last=False)
+                self._cache_bytes -= dropped
+
+    @property
+    def cached(self) -> tuple[int, int]:
+        """``(compiled grammars kept, their bytes)``."""
+        with self._lock:
+            return len(self._cache), self._cache_bytes
 
     def matcher(self, grammar: Grammar) -> TreeMatcher:
         """A fresh matcher at the start of ``grammar``."""
         return TreeMatcher(self._xgr.GrammarMatcher(self.compile(grammar)), self.vocab_size, self._encode)
 
+    def close(self) -> None:
+        """Stop the compile worker."""
+        self._worker.close()
+
     def _encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False)
+
+
+def check_budget(grammar: Grammar, limits: GrammarLimits) -> None:
+    """:class:`GrammarBudgetError` when ``grammar``'s text or schemas are over a static budget."""
+    if len(grammar.source) > limits.max_schema_bytes:
+        raise GrammarBudgetError("max_schema_bytes", f"the {grammar.kind} grammar is {len(grammar.source)} bytes, "
+                                                     f"over the limit of {limits.max_schema_bytes}")
+    if grammar.kind == "json_schema":
+        check_schemas([json.loads(grammar.source)], limits, "response_format schema")
+    elif grammar.kind == "tool_calls":
+        check_schemas([t["parameters"] for t in json.loads(grammar.source)["tools"]], limits, "tools' parameters")
+
+
+def compile_grammar(xgr: Any, compiler: Any, kind: str, source: str) -> Any:
+    """Compile a grammar spec with an xgrammar ``GrammarCompiler`` (here, or in the compile worker)."""
+    if kind == "json_schema":
+        return compiler.compile_grammar(_schema_grammar(xgr, json.loads(source)))
+    if kind == "json_object":
+        return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+    if kind == "ebnf":
+        return compiler.compile_grammar(source)
+    return compiler.compile_grammar(_tool_calls_grammar(xgr, json.loads(source)))
 
 
 def _tokenizer_info(xgr: Any, tokenizer: Any, vocab_size: int, stop_ids: list[int]) -> Any:

@@ -38,6 +38,7 @@ from agentspec.draft.builder import SuffixDrafter
 from agentspec.engine.constraints import Grammar, GrammarCompiler
 from agentspec.engine.cpu_fast import narrow_matmul
 from agentspec.engine.forward import ForwardBackend, LeanForward, model_device, select_forward
+from agentspec.engine.grammar_budget import GrammarLimits
 from agentspec.engine.kvcache import TreeKVCache
 from agentspec.engine.model import default_device, load_model, resolve_model
 from agentspec.engine.processors import LogitsPipeline, TokenLogprob
@@ -51,7 +52,7 @@ from agentspec.search import Scorer, SearchResult
 from agentspec.search.selection import CLUSTER_DISTANCE
 from agentspec.sessions import StoreSessions
 from agentspec.stats import SpecStats
-from agentspec.stores import StoreError, open_store
+from agentspec.stores import SESSION_ID_LIMIT, StoreError, check_name, open_store
 from agentspec.tokens import common_prefix
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ class Engine:
         self._lock = threading.RLock()
         self._request_ids = itertools.count()
         self._fingerprint: str | None = None
-        self._grammars: GrammarCompiler | None = None  # built on the first constrained request
+        self._grammars = _GrammarSlot()  # the compiler, built on the first constrained request; shared with tenants
         self._spare_kv = _SpareKV()  # shared with the tenants (see for_tenant)
 
     # ------------------------------------------------------------------ construction
@@ -285,6 +286,19 @@ class Engine:
             tenant.drafter, tenant.sessions = parts.drafter, parts.sessions
         return tenant
 
+    def _scoped_session(self, session: str) -> str:
+        """The stored id of a session of this (``share_global``) tenant: ``tenant/`` + its id.
+
+        The tenant prefix must not eat into the id length a store keeps (:data:`SESSION_ID_LIMIT`): a
+        prefixed id over it keeps its head and ends in a hash of the whole id, so it stays distinct.
+        """
+        check_name(session)
+        scoped = self._session_prefix + session
+        if len(scoped) <= SESSION_ID_LIMIT:
+            return scoped
+        digest = "#" + hashlib.sha256(session.encode()).hexdigest()[:32]
+        return scoped[: SESSION_ID_LIMIT - len(digest)] + digest
+
     @property
     def fingerprint(self) -> str:
         """Stable hash of the tokenizer's vocabulary: token ids are only shared between equal ones."""
@@ -334,7 +348,7 @@ class Engine:
         """
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, stop, seed, repetition_penalty,
                                 presence_penalty, frequency_penalty, logit_bias, logprobs)
-        params.validate()
+        params.validate(self.vocab_size)
         if isinstance(grammar, dict):
             grammar = Grammar.from_response_format(grammar)
         matcher = self.grammar_compiler().matcher(grammar) if grammar is not None else None
@@ -345,16 +359,27 @@ class Engine:
             )
         spec = self.speculation.enabled if speculate is None else speculate
         if session is not None:
-            session = self._session_prefix + session
+            session = self._scoped_session(session)
         pipeline = LogitsPipeline(params, prompt_ids, matcher)
         return GenerationStream(self._text_deltas(prompt_ids, session, params, spec and self.drafter is not None,
                                                   pipeline))
 
     def grammar_compiler(self) -> GrammarCompiler:
         """Compiles grammars for this engine's tokenizer and vocabulary (built once, on first use)."""
-        if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_ids))
-        return self._grammars
+        slot = self._grammars
+        with slot.lock:
+            if slot.compiler is None:
+                slot.compiler = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_ids), slot.limits)
+            return slot.compiler
+
+    def set_grammar_limits(self, limits: GrammarLimits) -> None:
+        """Bound the grammar work of constrained requests (this engine's and its tenants')."""
+        limits.validate()
+        slot = self._grammars
+        with slot.lock:
+            if slot.compiler is not None:
+                slot.compiler.close()
+            slot.limits, slot.compiler = limits, None
 
     def search(
         self,
@@ -388,7 +413,7 @@ class Engine:
         first, and statistics. ``ValueError`` for bad arguments.
         """
         if session is not None:
-            session = self._session_prefix + session
+            session = self._scoped_session(session)
         config = SearchConfig(width, policy, scorer, step_stop, max_step_tokens, max_new_tokens, temperature,
                               seed, session, lambda_kv, lambda_cover, draft, cluster_distance)
         config.validate()
@@ -642,6 +667,15 @@ def check_token_ids(ids: list, vocab_size: int) -> list[int]:
         if not 0 <= tok < vocab_size:
             raise ValueError(f"token id {i} is {tok}, outside the vocabulary [0, {vocab_size})")
     return ids
+
+
+class _GrammarSlot:
+    """An engine's grammar compiler and its limits, shared with its tenants (``copy.copy`` keeps the slot)."""
+
+    def __init__(self) -> None:
+        self.limits = GrammarLimits()
+        self.compiler: GrammarCompiler | None = None
+        self.lock = threading.Lock()
 
 
 class _SpareKV:
