@@ -11,7 +11,7 @@ import os
 
 import pytest
 from agentspec.integrations.server import create_app
-from agentspec.stores import TokenizerMismatchError
+from agentspec.stores import SessionDamagedError, TokenizerMismatchError
 from doubles import ScriptedEngine
 from fastapi.testclient import TestClient
 
@@ -123,6 +123,18 @@ def test_reproductions_are_clear_400s(path: str, body: dict, headers: dict, stat
     r = c.post(path, content=content, headers={**AUTH, **headers, "Content-Type": "application/json"})
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
+
+
+def test_damaged_session_is_a_503_naming_the_repair() -> None:
+    engine = ScriptedEngine([REPLY])
+    engine.session_errors["hurt"] = SessionDamagedError("session 'hurt': its header fails its checksum")
+    c = TestClient(_app(engine))
+    r = c.post(CHAT, json=_chat(user="hurt"), headers=AUTH)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "session_damaged"
+    assert "sessions check --repair" in r.json()["error"]["message"]
+    r = c.post(CHAT, json=_chat(user="hurt", stream=True), headers=AUTH)
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "session_damaged"
 
 
 def test_session_of_another_tokenizer_is_a_400_or_an_error_event() -> None:

@@ -63,7 +63,7 @@ ERROR_DESCRIPTIONS = {
     400: "Bad request (malformed JSON, prompt over the context window, bad tool_choice, invalid text, "
          "a parameter not supported yet, max_tokens over the cap, a session of another tokenizer)",
     401: "Missing or wrong API key", 404: "Unknown model", 413: "Request body too large",
-    422: "Invalid request fields", 503: "Queue full; see Retry-After",
+    422: "Invalid request fields", 503: "Queue full (see Retry-After), or the session is damaged in the store",
 }
 
 

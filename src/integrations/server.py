@@ -39,7 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
-from agentspec.stores import TokenizerMismatchError
+from agentspec.stores import SessionDamagedError, TokenizerMismatchError
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -447,6 +447,10 @@ def _request_errors(session: str | None) -> Iterator[None]:
     except TokenizerMismatchError as exc:
         raise APIError(400, f"session {session!a} was written by another tokenizer: {exc}",
                        param="user", code="session_tokenizer_mismatch") from exc
+    except SessionDamagedError as exc:  # the store's fault, not the request's: the operator repairs it
+        raise APIError(503, f"session {session!a} is damaged in the session store ({exc}); the server's operator "
+                       "can rebuild it with `agentspec sessions check --repair`", param="user",
+                       code="session_damaged") from exc
     except ValueError as exc:
         raise APIError(400, str(exc), code="invalid_request") from exc
 
