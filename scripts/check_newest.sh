@@ -7,7 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AGENTSPEC_VENV=.venv-newest AGENTSPEC_CONSTRAINTS="" bash scripts/setup.sh
-.venv-newest/bin/python -m pip list --format=freeze 2>/dev/null | grep -v '^agentspec' > .venv-newest/versions.txt
-echo "versions that differ from constraints.txt:"
-diff <(grep -v '^#' constraints.txt | sort -f) <(sort -f .venv-newest/versions.txt) | grep '^[<>]' || echo "  (none)"
+.venv-newest/bin/python -m pip list --format=freeze 2>/dev/null | grep -v '^agentspec' \
+    | sed 's/+cpu$//' > .venv-newest/versions.txt
+echo "versions that differ from constraints.txt (< pinned, > newest):"
+pinned=$(grep -v '^#' constraints.txt | grep -viE '^(pip|setuptools|wheel|pybind11)==' | sort -f)
+newest=$(grep -viE '^(pip|setuptools|wheel|pybind11)==' .venv-newest/versions.txt | sort -f)
+diff <(echo "$pinned") <(echo "$newest") | grep '^[<>]' || echo "  (none)"
 .venv-newest/bin/python -m pytest -q -m "not model" -p no:cacheprovider "$@"
