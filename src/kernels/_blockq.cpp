@@ -226,7 +226,7 @@ void over_columns(int64_t N, int threads, const Fn& fn) {
 // Q6_K (bits 6) is Q8_0's layout with a scale per 16 values: in a group, steps 0-3 (values 0..15) and 4-7
 // (16..31) go into two int32 sums per lane, each scaled by its half's dw (and each starting at -128 times
 // the sum of its half's activations); in a pair each lane already holds values of one half. Its scales
-// [N, 2 * padded]: per group 16 first-half then 16 second-half scales, per pair the 16 lanes' scales.
+// [N, 32 * groups + 16 * pairs]: per group 16 first-half then 16 second-half scales, per pair each lane's.
 
 struct Int8Plan {  // how the blocks of a row are cut: groups of 16, then pairs
   int64_t blocks, groups, pairs, padded;
@@ -289,7 +289,7 @@ void quantize_rows(const float* x, int64_t rows, int64_t K, const Int8Plan& plan
           int lo = 0;
           for (int j = 0; j < 16; ++j) lo += nat[j];
           bias[(g * R + i) * 16 + lane] = -128 * lo;
-          a.bias_hi[(g * R + i) * 16 + lane] = -128 * (sum - lo);
+          a.bias_hi[r0 * units * 16 + (g * R + i) * 16 + lane] = -128 * (sum - lo);
         } else {
           bias[(g * R + i) * 16 + lane] = -128 * sum;
         }
@@ -331,7 +331,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_int8(const Int8
   // Q6_K: chain 0 the first half of each block, chain 1 the second
   constexpr int kChains = kHalves ? 2 : R <= 2 ? 4 : R <= 4 ? 2 : 1;
   const int64_t groups = plan.groups, pairs = plan.pairs, padded = plan.padded, wrow = padded * kBytes;
-  const int64_t srow = kHalves ? 2 * padded : padded;  // scales per weight row
+  const int64_t srow = kHalves ? 32 * groups + 16 * pairs : padded;  // scales per weight row
   // a pair's two scales -> its lanes (see the layout above)
   const __m512i spread = kQ4 ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
                              : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);

@@ -49,6 +49,17 @@ def blocks_available() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
+def fp32_isas() -> tuple[str, ...]:
+    """The fp32 kernel's code paths this CPU can run (names of :data:`ISAS`), best first; none without the kernel."""
+    try:
+        from . import _blockq
+    except ImportError:
+        return ()
+    usable = {"avx512": _blockq.avx512_available(), "avx2": _blockq.avx2_available(), "scalar": True}
+    return tuple(name for name in ISAS if usable[name])
+
+
+@functools.lru_cache(maxsize=1)
 def int8_available() -> bool:
     """True when the compiled kernel is built and this CPU has AVX-512 BW and VNNI (int8 activations)."""
     try:
