@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 BLOCK = 32
@@ -288,6 +289,8 @@ def unpack_gguf(raw, qtype: int, k: int) -> BlockWeight | None:
     if qtype not in _BLOCK_BYTES or k % _BLOCK_BYTES[qtype][0]:
         return None
     per, nbytes = _BLOCK_BYTES[qtype]
+    if isinstance(raw, np.ndarray) and not raw.flags.writeable:  # a memory-mapped file: torch wants its own bytes
+        raw = raw.copy()
     raw = torch.as_tensor(raw).view(torch.uint8)
     blocks = raw.reshape(raw.shape[0], k // per, nbytes)
     if blocks.shape[0] * k // per * nbytes != raw.numel():

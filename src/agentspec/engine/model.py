@@ -206,8 +206,9 @@ def attach_gguf_tensors(model, path: Path) -> int:
                 data = data.reshape(heads, -1, 2, data.shape[-1]).swapaxes(2, 1).reshape(data.shape)
             module.gguf_tensor = GgufTensor(data, int(tensor.tensor_type))
             found += 1
-    head = model.get_output_embeddings()
-    tensor = tensors.get("output.weight", tensors.get("token_embd.weight"))  # tied: the embedding is the head
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    tensor = tensors.get("token_embd.weight" if tied else "output.weight")
     if head is not None and tensor is not None:
         head.gguf_tensor = GgufTensor(tensor.data, int(tensor.tensor_type))
         found += 1
