@@ -237,3 +237,55 @@ def test_every_linear_layer_of_a_kquant_model_runs_on_blocks():
         got = head(model.get_decoder()(ids).last_hidden_state[0, -1:])[0]
     torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3)
     assert int(got.argmax()) == int(want.argmax())
+
+
+# ---------------------------------------------------------------------------------------------- the loader
+def test_the_loader_finds_each_layers_blocks_in_the_gguf_file(tmp_path):
+    """A tiny Llama whose weights are those transformers loads from a GGUF file (q and k rows permuted back):
+    the loader attaches each layer's raw blocks and every linear layer and the tied head run on them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from agentspec.engine.cpu_fast import BlockHead, fast_linears, output_head, skinny_linears
+    from agentspec.engine.model import GGUF_LINEARS, attach_gguf_tensors
+
+    config = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    unpermute = LlamaTensorProcessor(config=config.to_dict())
+    writer = gguf.GGUFWriter(tmp_path / "tiny.gguf", "llama")
+    kinds = iter(["Q4_K", "Q6_K", "Q5_0", "Q8_0"] * 4)
+    weights = {"token_embd.weight": (model.get_input_embeddings(), "Q8_0")}
+    for i, layer in enumerate(model.model.layers):
+        weights.update({f"blk.{i}.{name}.weight": (layer.get_submodule(attribute), next(kinds))
+                        for name, attribute in GGUF_LINEARS.items()})
+    for seed, (name, (module, kind)) in enumerate(weights.items()):
+        n, k = module.weight.shape
+        raw = random_raw(kind, n, k, seed)
+        values = gguf.dequantize(raw, GGUF_TYPES[kind]).reshape(n, k)
+        values = unpermute.process(weights=values, name=name).weights  # as transformers loads it
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(np.ascontiguousarray(values)))
+        writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(GGUF_TYPES[kind]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    assert attach_gguf_tensors(model, tmp_path / "tiny.gguf") == 7 * 2 + 1
+    assert skinny_linears(model) == (14, 14)
+    assert {m.blocks.bits for m in model.model.modules() if getattr(m, "blocks", None) is not None} == {4, 6, 8}
+    head = output_head(model)
+    assert isinstance(head, BlockHead) and head.blocks.bits == 8
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        want = model(ids).logits[0]
+        with fast_linears():
+            got = head(model.model(ids).last_hidden_state[0])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    q_proj = model.model.layers[0].self_attn.q_proj  # a weight that is not the file's any more: fp32 path
+    with torch.no_grad():
+        q_proj.weight[0, 0] += 1.0
+    assert skinny_linears(model) == (14, 13) and q_proj.blocks is None
