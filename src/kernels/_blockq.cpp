@@ -1,6 +1,7 @@
 // y = x @ W^T for a few rows of x, with W stored as GGUF-style blocks of 32 input columns, three layouts:
 //   bits 4 (Q4_1, Q4_K): w = fma(d, q, m), q in 0..15 (two per byte)
-//   bits 8 (Q8_0, Q5_0): w = d * q, q in -127..127 (Q5_0: -16..15)
+//   bits 8 (Q8_0):       w = d * q, q in -127..127
+//   bits 5 (Q5_0):       w = d * q, q = (low 4 bits | high bit << 4) - 16 in -16..15
 //   bits 6 (Q6_K):       w = d * q, q in -32..31, one d per 16 values
 // Weights are de-quantized in registers so that each one equals the fp32 value gguf's own
 // de-quantization computes: its d (and m) are fp32 values made exactly from the file's fp16 scales
@@ -10,7 +11,8 @@
 // GEMM on those weights.
 //
 // Layout (all contiguous): bits 4 packed [N, K/32, 16] bytes, byte i of a block = q[i] | q[i + 16] << 4;
-// bits 8 and 6 packed [N, K/32, 32] int8; scale [N, K/32] fp32 ([N, K/16] for bits 6); min [N, K/32]
+// bits 5 packed [N, K/32, 20] bytes as in the GGUF file: 32 high bits (bit i of byte i / 8 for value i), then 16
+// bytes as bits 4's; bits 8 and 6 packed [N, K/32, 32] int8; scale [N, K/32] fp32 ([N, K/16] for bits 6); min [N, K/32]
 // fp32 (bits 4 only); x [rows, K] fp32; out [rows, N] fp32.
 
 #include <pybind11/pybind11.h>
@@ -56,6 +58,47 @@ struct Q4 {
     w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), dd, mm);
     w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), dd, mm);
     w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), dd, mm);
+  }
+};
+
+struct Q5 {
+  static constexpr int kBytes = 20, kScales = 1;
+  static uint32_t high_bits(const uint8_t* p) {
+    uint32_t h;
+    std::memcpy(&h, p, 4);
+    return h;
+  }
+  static float weight(const uint8_t* p, int i, const float* s, const float*) {
+    const int low = i < 16 ? (p[4 + i] & 0x0F) : (p[4 + i - 16] >> 4);
+    const int high = static_cast<int>(high_bits(p) >> i & 1);
+    return s[0] * static_cast<float>((low | high << 4) - 16);
+  }
+  __attribute__((target("avx512f"))) static void wide(const uint8_t* p, const float* s, const float*, __m512* w) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 4));
+    const uint32_t h = high_bits(p);
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    const __m512 dd = _mm512_set1_ps(s[0]);
+    const __m128i halves[2] = {_mm_and_si128(v, low4), _mm_and_si128(_mm_srli_epi16(v, 4), low4)};
+    for (int k = 0; k < 2; ++k) {
+      const __m512i q = _mm512_cvtepu8_epi32(halves[k]);  // + 16 where the high bit is set, then - 16
+      const __m512i with_high = _mm512_mask_add_epi32(q, static_cast<__mmask16>(h >> (16 * k)), q, sixteen);
+      w[k] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(with_high, sixteen)), dd);
+    }
+  }
+  __attribute__((target("avx2,fma"))) static void narrow(const uint8_t* p, const float* s, const float*, __m256* w) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 4));
+    const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+    const __m256i h = _mm256_set1_epi32(static_cast<int>(high_bits(p))), one = _mm256_set1_epi32(1);
+    const __m256i sixteen = _mm256_set1_epi32(16), lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m128i bytes[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    const __m256 dd = _mm256_set1_ps(s[0]);
+    for (int k = 0; k < 4; ++k) {  // values 8k..8k+7
+      const __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(h, _mm256_add_epi32(lanes, _mm256_set1_epi32(8 * k))), one);
+      const __m256i q = _mm256_or_si256(_mm256_cvtepu8_epi32(bytes[k]), _mm256_slli_epi32(bit, 4));
+      w[k] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, sixteen)), dd);
+    }
   }
 };
 
@@ -438,12 +481,15 @@ bool int8_available() {
 
 void check_shape(int bits, int64_t K) {
   if (K % kBlock != 0) throw std::invalid_argument("K must be a multiple of 32");
-  if (bits != 4 && bits != 8 && bits != 6) throw std::invalid_argument("bits must be 4 (Q4_1), 8 (Q8_0) or 6 (Q6_K)");
+  if (bits != 4 && bits != 8 && bits != 6 && bits != 5) {
+    throw std::invalid_argument("bits must be 4 (Q4_1), 8 (Q8_0), 5 (Q5_0) or 6 (Q6_K)");
+  }
 }
 
 void block_linear_int8(int bits, uintptr_t x_ptr, int64_t rows, int64_t K, uintptr_t packed_ptr,
                        uintptr_t scale_ptr, uintptr_t min_ptr, int64_t N, uintptr_t out_ptr, int threads) {
   check_shape(bits, K);
+  if (bits == 5) throw std::invalid_argument("int8 activations take Q5_0 in the Q8_0 layout (bits 8)");
   if (!int8_available()) throw std::runtime_error("int8 activations need AVX-512 BW and VNNI on this CPU");
   if (bits == 4 && min_ptr == 0) throw std::invalid_argument("Q4_1 weights need their min");
   const auto* x = reinterpret_cast<const float*>(x_ptr);
@@ -507,6 +553,8 @@ void block_linear(int bits, uintptr_t x_ptr, int64_t rows, int64_t K, uintptr_t 
       columns<Q4>(x, rows, w, n0, n1, out, isa);
     } else if (bits == 6) {
       columns<Q6>(x, rows, w, n0, n1, out, isa);
+    } else if (bits == 5) {
+      columns<Q5>(x, rows, w, n0, n1, out, isa);
     } else {
       columns<Q8>(x, rows, w, n0, n1, out, isa);
     }

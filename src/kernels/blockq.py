@@ -15,8 +15,9 @@ verification steps, where reading the weights is the cost).
 The k-quants and Q5_0 of other GGUF files are read from the file's raw blocks instead
 (:func:`unpack_gguf`, :func:`pack_gguf`) into the same three layouts: Q4_K as Q4_1 (per 32
 values ``w = a * q - b`` with ``a = d * sc`` and ``b = dmin * m`` exact fp32 products of the
-fp16 and 6-bit scales), Q5_0 as Q8_0 (q in -16..15) and Q6_K in its own (q in -32..31 as int8,
-``a = d * sc`` per 16 values). Each value equals ``gguf.quants.dequantize``'s bit for bit.
+fp16 and 6-bit scales), Q5_0 in its own (the file's 5-bit quants; Q8_0's layout for int8 inputs) and
+Q6_K in its own (q in -32..31 as int8, ``a = d * sc`` per 16 values). Each value equals
+``gguf.quants.dequantize``'s bit for bit.
 
 ``block_linear(x, w, int8=True)`` rounds each row of ``x`` to int8 per block of 32 first (one fp32
 scale per block, as llama.cpp's Q8_1) and multiplies with integer dot products (AVX-512 VNNI):
@@ -73,7 +74,8 @@ def int8_available() -> bool:
 @dataclass(frozen=True)
 class BlockWeight:
     """A ``[N, K]`` weight as blocks of 32: ``bits`` 4 (Q4_1, Q4_K: packed ``[N, K/32, 16]`` uint8, two
-    values per byte, ``w = scale * q + min``), 8 (Q8_0, Q5_0: ``[N, K/32, 32]`` int8, ``w = scale * q``)
+    values per byte, ``w = scale * q + min``), 8 (Q8_0: ``[N, K/32, 32]`` int8, ``w = scale * q``),
+    5 (Q5_0: ``[N, K/32, 20]`` uint8, the file's 32 high bits then 16 bytes of low nibbles, q in -16..15)
     or 6 (Q6_K: ``[N, K/32, 32]`` int8, one scale per 16 values); scale ``[N, K/32]`` fp32 (``[N, K/16]``
     for 6), min ``[N, K/32]`` fp32 for 4, else None."""
 
@@ -112,10 +114,23 @@ class BlockWeight:
         """As :attr:`_fp32_call`, for the int8 kernel and :attr:`int8_layout`."""
         from . import _blockq
 
-        return _call_args(_blockq.block_linear_int8, self.bits, self.shape, self.int8_layout)
+        bits = 8 if self.bits == 5 else self.bits  # Q5_0's int8 layout is Q8_0's
+        return _call_args(_blockq.block_linear_int8, bits, self.shape, self.int8_layout)
+
+    def quants(self) -> torch.Tensor:
+        """The integer quants ``[N, K/32, 32]`` (uint8 0..15 for bits 4, else int8)."""
+        if self.bits == 4:
+            return _nibbles(self.packed)
+        if self.bits == 5:
+            n, nb = self.packed.shape[:2]
+            high = (self.packed[..., :4, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # bit i of byte i // 8
+            return (_nibbles(self.packed[..., 4:]) | (high.reshape(n, nb, BLOCK) << 4)).to(torch.int8) - 16
+        return self.packed
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight ``[N, K]``."""
+        if self.bits == 5:
+            return (self.quants().float() * self.scale[..., None]).reshape(self.shape)
         if self.bits == 4:
             q = torch.cat((self.packed & 0x0F, self.packed >> 4), dim=-1).float()
             return (q * self.scale[..., None] + self.min[..., None]).reshape(self.shape)
@@ -143,9 +158,9 @@ class Int8Layout:
         grouped = nb // 16 * 16
         padded = grouped + (nb - grouped + 1) // 2 * 2
         if weight.bits == 4:
-            q = torch.cat((weight.packed & 0x0F, weight.packed >> 4), dim=-1)  # [N, nb, 32] values 0..15
+            q = weight.quants()  # [N, nb, 32] values 0..15
         else:
-            q = (weight.packed.view(torch.uint8) ^ 0x80)  # qw + 128 (Q8_0, Q5_0, Q6_K)
+            q = (weight.quants().view(torch.uint8) ^ 0x80)  # qw + 128 (Q8_0, Q5_0, Q6_K)
         q = torch.cat((q, q.new_zeros(n, padded - nb, BLOCK)), dim=1)
         groups = q[:, :grouped].reshape(n, -1, 16, 8, 4).transpose(2, 3)  # [N, g, step j, lane L, 4 values]
         if weight.bits == 4:  # lanes 0-7 in the low nibbles, 8-15 in the high ones: 32 bytes a step
@@ -329,9 +344,7 @@ def _q8_0(blocks: torch.Tensor) -> BlockWeight:
 
 def _q5_0(blocks: torch.Tensor) -> BlockWeight:
     """Q5_0: d fp16, 32 high bits (little-endian), 16 bytes of low nibbles; q = (low | high << 4) - 16."""
-    high = (blocks[..., 2:6, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # bit i of byte i // 8: value i
-    q = (_nibbles(blocks[..., 6:]) | (high.reshape(*blocks.shape[:2], BLOCK) << 4)).to(torch.int8) - 16
-    return BlockWeight(8, q.contiguous(), _fp16(blocks, 0), None)
+    return BlockWeight(5, blocks[..., 2:].contiguous(), _fp16(blocks, 0), None)
 
 
 def _q4_k(blocks: torch.Tensor) -> BlockWeight:
