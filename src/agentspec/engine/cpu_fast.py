@@ -10,7 +10,8 @@
   small-M GEMM above) costs up to 3x more on this CPU (measured over the default model's 210
   linear layers, 2 threads: 1 row 40 ms -> 18 ms padded to 2, 2-4 rows 55-65 ms -> 18-29 ms);
 * where those weights are exactly GGUF blocks (the default model comes from a Q4_1 GGUF file
-  and is de-quantized on load), the same layers keep a packed 4-bit copy and, for fewer than
+  and is de-quantized on load; k-quants and Q5_0 are taken from the file's raw blocks, see
+  :func:`exact_blocks`), the same layers keep a packed copy and, for fewer than
   :data:`BLOCK_ROWS` rows, run the compiled kernel of :mod:`agentspec.kernels.blockq`: it reads an
   eighth of the bytes and de-quantizes in registers to the very same fp32 weights;
 * verification steps use tree attention (``agentspec.kernels``): the committed prefix through
