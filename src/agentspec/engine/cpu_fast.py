@@ -10,7 +10,8 @@
   small-M GEMM above) costs up to 3x more on this CPU (measured over the default model's 210
   linear layers, 2 threads: 1 row 40 ms -> 18 ms padded to 2, 2-4 rows 55-65 ms -> 18-29 ms);
 * where those weights are exactly GGUF blocks (the default model comes from a Q4_1 GGUF file
-  and is de-quantized on load), the same layers keep a packed 4-bit copy and, for fewer than
+  and is de-quantized on load; k-quants and Q5_0 are taken from the file's raw blocks, see
+  :func:`exact_blocks`), the same layers keep a packed copy and, for fewer than
   :data:`BLOCK_ROWS` rows, run the compiled kernel of :mod:`agentspec.kernels.blockq`: it reads an
   eighth of the bytes and de-quantizes in registers to the very same fp32 weights;
 * verification steps use tree attention (``agentspec.kernels``): the committed prefix through
@@ -38,7 +39,14 @@ import torch
 import torch.nn.functional as F
 
 from agentspec.kernels import register_attention
-from agentspec.kernels.blockq import BlockWeight, block_linear, blocks_available, int8_available, pack_blocks
+from agentspec.kernels.blockq import (
+    BlockWeight,
+    block_linear,
+    blocks_available,
+    int8_available,
+    pack_blocks,
+    pack_gguf,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +109,7 @@ def output_head(model) -> torch.nn.Module:
         fallback = PackedLinear(head)
     except (RuntimeError, NotImplementedError) as exc:  # an old CPU without oneDNN support
         logger.warning("oneDNN output head unavailable (%s); using the stock one", exc)
-    blocks = pack_blocks(head.weight) if blocks_available() else None
+    blocks = exact_blocks(head) if blocks_available() else None
     return BlockHead(blocks, fallback) if blocks is not None else fallback
 
 
@@ -117,6 +125,15 @@ class BlockHead(torch.nn.Module):
         if blocks_fit(x.reshape(-1, x.shape[-1]).shape[0]):
             return block_matmul(x, self.blocks)
         return self.fallback(x)
+
+
+def exact_blocks(linear: torch.nn.Module) -> BlockWeight | None:
+    """``linear``'s weight as GGUF blocks, or None: from the raw blocks the loader attached
+    (``gguf_tensor``, see :func:`agentspec.engine.model.attach_gguf_tensors`; k-quants and Q5_0) where they
+    reproduce the weight bit for bit, else recovered from the fp32 values (Q4_1, Q8_0)."""
+    raw = getattr(linear, "gguf_tensor", None)
+    blocks = pack_gguf(raw.data, raw.qtype, linear.weight) if raw is not None else None
+    return blocks if blocks is not None else pack_blocks(linear.weight)
 
 
 _skinny: contextvars.ContextVar[str | None] = contextvars.ContextVar("agentspec_skinny_linears", default=None)
@@ -160,7 +177,7 @@ class SkinnyLinear(torch.nn.Linear):
 def skinny_linears(model, blocks: bool = True) -> tuple[int, int]:
     """Make the fp32 CPU decoder's ``nn.Linear`` layers :class:`SkinnyLinear` (in place: the
     class changes, the weights and state dict do not); with ``blocks``, those whose weights are
-    exactly GGUF blocks (a model loaded from a Q4_1 GGUF file) also keep a packed copy for the
+    exactly GGUF blocks (a model loaded from a GGUF file: :func:`exact_blocks`) also keep a packed copy for the
     compiled kernel. Idempotent (a second call re-packs from the current weights). Returns
     (layers changed, layers with a block copy)."""
     if model.device.type != "cpu":
@@ -170,7 +187,7 @@ def skinny_linears(model, blocks: bool = True) -> tuple[int, int]:
     for module in model.get_decoder().modules():
         if type(module) in (torch.nn.Linear, SkinnyLinear) and module.weight.dtype == torch.float32:
             module.__class__ = SkinnyLinear
-            module.blocks = pack_blocks(module.weight) if blocks else None
+            module.blocks = exact_blocks(module) if blocks else None
             changed += 1
             packed += module.blocks is not None
     if packed:

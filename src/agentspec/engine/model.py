@@ -6,6 +6,11 @@ and verified by sha256; the default model's file ships inside the package ``llm-
 else is a local path. De-quantising a GGUF file takes seconds to minutes, so the first load converts
 it once into a safetensors cache under ``$AGENTSPEC_HOME/models/<name>-<content digest>`` and later
 loads read that directory. Nothing here ever contacts a model hub.
+
+A model loaded from a GGUF file also keeps, on each linear layer, the file's raw blocks of that
+weight (:func:`attach_gguf_tensors`, memory-mapped): the CPU fast path packs the k-quants and Q5_0
+from those (it cannot recover them from the fp32 values alone), where they reproduce the layer's
+fp32 weight bit for bit.
 """
 
 from __future__ import annotations
@@ -16,11 +21,28 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agentspec.catalog import CATALOG, DEFAULT_MODEL, ModelNotFoundError, require_pulled
 from agentspec.config import agentspec_home
 
 logger = logging.getLogger(__name__)
+
+
+# a decoder layer's linear modules by the llama.cpp tensor names of their weights (blk.N.<name>.weight)
+GGUF_LINEARS = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    """A weight's raw blocks in its GGUF file: ``data`` uint8 ``[N, bytes per row]``, GGML type ``qtype``."""
+
+    data: Any
+    qtype: int
 
 
 @dataclass(frozen=True)
@@ -143,13 +165,47 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = materialize(resolve_model(model))
+    source = resolve_model(model)
+    path = materialize(source)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     hf_model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype, attn_implementation=attn_implementation
     )
     hf_model.eval()
+    if source.is_gguf:
+        attach_gguf_tensors(hf_model, source.path)
     return hf_model, AutoTokenizer.from_pretrained(path)
+
+
+def attach_gguf_tensors(model, path: Path) -> int:
+    """Give each decoder linear layer of ``model`` (and the output head) its weight's raw GGUF blocks as
+    ``module.gguf_tensor`` (a :class:`GgufTensor`, memory-mapped from ``path``); returns how many. Llama's
+    q and k rows are permuted as transformers permutes them on load. Whether the blocks are used is decided
+    later, by comparing them with the fp32 weight (:func:`agentspec.kernels.blockq.pack_gguf`)."""
+    from gguf import GGUFReader  # gguf (with transformers' GGUF support): only for models from a GGUF file
+
+    tensors = {tensor.name: tensor for tensor in GGUFReader(path).tensors}
+    config = model.config
+    found = 0
+    for i, layer in enumerate(model.get_decoder().layers):
+        for name, attribute in GGUF_LINEARS.items():
+            tensor = tensors.get(f"blk.{i}.{name}.weight")
+            module = layer.get_submodule(attribute) if tensor is not None else None
+            if module is None:
+                continue
+            data = tensor.data
+            if getattr(config, "model_type", None) == "llama" and name in ("attn_q", "attn_k"):
+                heads = config.num_attention_heads if name == "attn_q" else config.num_key_value_heads
+                data = data.reshape(heads, -1, 2, data.shape[-1]).swapaxes(2, 1).reshape(data.shape)
+            module.gguf_tensor = GgufTensor(data, int(tensor.tensor_type))
+            found += 1
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    tensor = tensors.get("token_embd.weight" if tied else "output.weight")
+    if head is not None and tensor is not None:
+        head.gguf_tensor = GgufTensor(tensor.data, int(tensor.tensor_type))
+        found += 1
+    return found
 
 
 def default_device() -> str:
