@@ -88,19 +88,24 @@ class Grammar:
         raise ValueError(f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
 
     @classmethod
-    def tool_calls(cls, tools: Sequence[dict], *, mode: str = "auto", prefix: str = "") -> Grammar:
+    def tool_calls(cls, tools: Sequence[dict], *, mode: str = "auto", prefix: str = "",
+                   json_args_keys: Sequence[str] = ()) -> Grammar:
         """Hermes ``<tool_call>`` blocks whose arguments match each tool's ``parameters`` schema.
 
         ``mode="auto"``: free text, and every ``<tool_call>`` the model opens is constrained (a tool
         is *chosen*); ``"required"``: the answer is tool-call blocks only. ``prefix``: the part of the
         first block already in the prompt (a *forced* call, e.g. ``<tool_call>\\n{"name": "f",
-        "arguments": ``); the grammar then starts right after it.
+        "arguments": ``); the grammar then starts right after it. ``json_args_keys`` (auto mode): bare
+        JSON calls too, e.g. ``("arguments",)``: once the free text reads ``{"name": "f", "arguments": ``
+        for a tool ``f``, the arguments follow its schema and the object closes.
         """
         if mode not in ("auto", "required"):
             raise ValueError(f"tool-call grammar mode must be 'auto' or 'required', got {mode!r}")
         functions = [t.get("function", t) for t in tools]
         spec = {"tools": [{"name": f["name"], "parameters": f.get("parameters") or {"type": "object"}}
                           for f in functions], "mode": mode, "prefix": prefix}
+        if json_args_keys and mode == "auto" and not prefix:
+            spec["json_args_keys"] = list(json_args_keys)
         return cls("tool_calls", json.dumps(spec, sort_keys=True))
 
 
@@ -134,7 +139,12 @@ def _tool_calls_grammar(xgr: Any, spec: dict) -> Any:
     if spec["mode"] == "auto" and not prefix:
         tags = [xgr.StructuralTagItem(begin=_CALL_OPEN + _CALL_HEAD + json.dumps(t["name"]) + _CALL_ARGS,
                                       schema=t["parameters"], end=_CALL_END) for t in tools]
-        return xgr.Grammar.from_structural_tag(tags, [_CALL_OPEN])
+        # bare JSON calls: the whole opening up to the arguments is the trigger, so free text (a JSON
+        # answer with a "name" of its own included) is untouched until it has named a tool
+        json_heads = [('{"name": ' + json.dumps(t["name"]) + f', "{key}": ', t)
+                      for key in spec.get("json_args_keys", ()) for t in tools]
+        tags += [xgr.StructuralTagItem(begin=head, schema=t["parameters"], end="}") for head, t in json_heads]
+        return xgr.Grammar.from_structural_tag(tags, [_CALL_OPEN, *(head for head, _ in json_heads)])
     after = prefix[len(_CALL_OPEN):] if prefix.startswith(_CALL_OPEN) else None
     if prefix and after is None:
         raise ValueError(f"a forced tool-call prefix must start with {_CALL_OPEN!r}, got {prefix!r}")
