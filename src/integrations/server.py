@@ -54,6 +54,7 @@ from .openai_api import (
     validation_error,
 )
 from .toolcalls import finish_reason as call_finish_reason
+from .toolcalls import tool_call_format
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 DEFAULT_MAX_QUEUE = 16
@@ -158,6 +159,8 @@ def create_app(
     (:data:`.toolcalls.PARSERS`; ``None`` = the chat template's). ``auto_tool_grammar``: with
     ``tool_choice`` "auto", a call the model starts is held to its tool's schema by the grammar.
     """
+    if tool_call_parser is not None:
+        tool_call_format(tool_call_parser)  # a ValueError naming the parsers, before anything is served
     keys = parse_api_keys([api_keys]) if isinstance(api_keys, str) else dict(api_keys or {})
     tenants = {name: engine.for_tenant(name, share_global=share_global)
                for name in sorted({n for n in keys.values() if n is not None})}

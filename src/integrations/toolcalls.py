@@ -154,7 +154,8 @@ class ToolCallParser:
         pos, after_call = start, None
         while True:
             i, _ = self.next_start(text, pos, final=True, after_call=after_call)
-            pieces.append(text[pos:i])
+            if after_call is None or text[pos:i].strip(" \t\r\n,;"):  # not just separators between calls
+                pieces.append(text[pos:i])
             if i >= len(text):
                 break
             pos = self._read_call(text, i, calls, invalid)
