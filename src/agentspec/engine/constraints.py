@@ -137,14 +137,19 @@ def _tool_calls_grammar(xgr: Any, spec: dict) -> Any:
         return xgr.Grammar.concat(*parts)
 
     if spec["mode"] == "auto" and not prefix:
-        tags = [xgr.StructuralTagItem(begin=_CALL_OPEN + _CALL_HEAD + json.dumps(t["name"]) + _CALL_ARGS,
-                                      schema=t["parameters"], end=_CALL_END) for t in tools]
+        def tag(begin: str, tool: dict, end: str) -> dict:
+            # at most one blank in a row inside the arguments: a small model cannot loop on whitespace
+            content = {"type": "json_schema", "json_schema": tool["parameters"], "max_whitespace_cnt": 1}
+            return {"type": "tag", "begin": begin, "content": content, "end": end}
+
+        tags = [tag(_CALL_OPEN + _CALL_HEAD + json.dumps(t["name"]) + _CALL_ARGS, t, _CALL_END) for t in tools]
         # bare JSON calls: the whole opening up to the arguments is the trigger, so free text (a JSON
         # answer with a "name" of its own included) is untouched until it has named a tool
         json_heads = [('{"name": ' + json.dumps(t["name"]) + f', "{key}": ', t)
                       for key in spec.get("json_args_keys", ()) for t in tools]
-        tags += [xgr.StructuralTagItem(begin=head, schema=t["parameters"], end="}") for head, t in json_heads]
-        return xgr.Grammar.from_structural_tag(tags, [_CALL_OPEN, *(head for head, _ in json_heads)])
+        tags += [tag(head, t, "}") for head, t in json_heads]
+        return xgr.Grammar.from_structural_tag({"type": "structural_tag", "format": {
+            "type": "triggered_tags", "triggers": [_CALL_OPEN, *(head for head, _ in json_heads)], "tags": tags}})
     after = prefix[len(_CALL_OPEN):] if prefix.startswith(_CALL_OPEN) else None
     if prefix and after is None:
         raise ValueError(f"a forced tool-call prefix must start with {_CALL_OPEN!r}, got {prefix!r}")
