@@ -261,6 +261,14 @@ def test_server_call_cut_by_max_tokens_is_length_with_its_partial_text(reply: st
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_server_n_choices_read_calls_as_one_choice_does() -> None:
+    long_call = '{"name": "get_weather", "arguments": {"city": "Paris, Ile-de-France, France"}}'  # over 60 tokens
+    c = TestClient(create_app(ScriptedEngine([f"```\n{ADD}\n```", long_call])))
+    choices = _post(c, n=2, temperature=0.7, max_tokens=60)["choices"]
+    assert _api_calls(choices[0]["message"].get("tool_calls")) == [A] and choices[0]["finish_reason"] == "tool_calls"
+    assert (choices[1]["finish_reason"], choices[1]["message"]["content"]) == ("length", long_call[:60])
+
+
 def test_server_parser_option_and_grammar_option() -> None:
     reply = '<|python_tag|>{"name": "lookup", "parameters": {"q": "x"}}'  # after the marker any name is a call
     engine = ScriptedEngine([reply])
