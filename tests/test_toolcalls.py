@@ -43,6 +43,7 @@ COMMON = [
     ("<tool_call>\nnot json\n</tool_call>", "", [], [None]),
     ('<tool_call>\n{"arguments": {}}\n</tool_call>', "", [], [None]),  # no name
     ('<tool_call>\n{"name": "add", "arguments": {"a": 1', "", [], ["add"]),  # cut off
+    (f"<tool_call>\n{ADD}\n</tool", "", [A], []),  # only the closing tag cut: the call is complete
     ("<tool_tip> is not a tag", "<tool_tip> is not a tag", [], []),
     # bare JSON naming a tool of the request
     (WEATHER, "", [W], []),
@@ -170,15 +171,23 @@ def test_finish_reason(calls: list, engine_reason: str, expected: str) -> None:
     assert finish_reason(calls, engine_reason) == expected
 
 
-def test_forced_call_cut_by_length_is_not_repaired() -> None:
+@pytest.mark.parametrize(
+    ("written", "reason", "args"),
+    [
+        ('{"a": 1, "b": 2', "stop", {"a": 1, "b": 2}),  # cut by the "}}" stop string: closed again
+        ('{"a": 1, "b": 2', "length", None),  # cut by max_tokens inside the arguments: not a call
+        ('{"a": 1, "b": 2}}\n</tool', "length", {"a": 1, "b": 2}),  # only the call's closing was cut
+        ('{"a": 1, "b": 2}', "length", {"a": 1, "b": 2}),
+    ],
+)
+def test_forced_call_cut_by_length_counts_only_with_complete_arguments(written: str, reason: str, args) -> None:
     prefix = '<tool_call>\n{"name": "add", "arguments": '
-    for reason, args in (("stop", {"a": 1, "b": 2}), ("length", None)):
-        splitter = ToolCallSplitter(prefix=prefix, tool_names=NAMES)
-        splitter.feed(prefix + '{"a": 1, "b": 2')
-        _, calls, invalid = splitter.finish(reason)
-        assert (calls[0]["arguments"] if calls else None) == args
-        if reason == "length":
-            assert invalid[0]["error"] == CUT_OFF and invalid[0]["text"] == prefix + '{"a": 1, "b": 2'
+    splitter = ToolCallSplitter(prefix=prefix, tool_names=NAMES)
+    splitter.feed(prefix + written)
+    _, calls, invalid = splitter.finish(reason)
+    assert (calls[0]["arguments"] if calls else None) == args
+    if args is None:
+        assert invalid[0]["error"] == CUT_OFF and invalid[0]["text"] == prefix + written
 
 
 # ---------------------------------------------------------------------------------------- the server

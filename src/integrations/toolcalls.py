@@ -171,7 +171,11 @@ class ToolCallParser:
             close = text.find(TOOL_CLOSE, body_start)
             end = len(text) if close < 0 else close + len(TOOL_CLOSE)
             body = text[body_start:] if close < 0 else text[body_start:close]
-            _collect(body.strip(), text[i:end], calls, invalid, cut=close < 0)
+            body = body.strip()
+            # a body whose closing tag alone was cut is complete: only an unfinished JSON body is cut off
+            body_end = _json_end(body, 0) if close < 0 and body[:1] in ("{", "[") else None
+            cut = close < 0 and body_end is None
+            _collect(body if body_end is None else body[:body_end], text[i:end], calls, invalid, cut=cut)
             return end
         marker = next((m for m in self.format.markers if text.startswith(m, i)), None)
         if marker is not None:
@@ -302,10 +306,12 @@ class ToolCallSplitter:
         """``(rest of the content, tool_calls, invalid_tool_calls)`` once the model is done.
 
         ``engine_reason``: why the model stopped; a forced call cut by a stop string is closed again
-        (a small model's rambling trimmed to its complete members), one cut by ``"length"`` is not.
+        (a small model's rambling trimmed to its complete members); one cut by ``"length"`` counts only
+        when its arguments object is complete (just the call's closing was cut).
         """
-        if self.prefix.endswith(ARGS_OPEN) and self.text.startswith(self.prefix) and engine_reason != "length":
-            args = _close_json(self.text[len(self.prefix) :])
+        if self.prefix.endswith(ARGS_OPEN) and self.text.startswith(self.prefix):
+            written = self.text[len(self.prefix) :]
+            args = _close_json(written) if engine_reason != "length" else _complete_json(written)
             if args is not None:
                 self.text = self.prefix + args + "}\n" + TOOL_CLOSE
         sent, self._sent = self._sent, len(self.text)
@@ -316,6 +322,16 @@ class ToolCallSplitter:
         if rest and self.text[:sent].strip():
             rest = "\n" + rest
         return rest, parsed.calls, parsed.invalid
+
+
+def _complete_json(text: str) -> str | None:
+    """The JSON object ``text`` starts with, if it is complete (normalised), else None."""
+    text = text.lstrip()
+    end = _json_end(text, 0) if text.startswith("{") else None
+    try:
+        return json.dumps(json.loads(text[:end]), ensure_ascii=False) if end is not None else None
+    except ValueError:
+        return None
 
 
 def _close_json(text: str, max_missing: int = 4) -> str | None:
