@@ -21,7 +21,8 @@ import json
 import time
 from pathlib import Path
 
-from agentspec.integrations.common import ToolCallSplitter, prepare_prompt
+from agentspec.integrations.common import prepare_prompt
+from agentspec.integrations.toolcalls import ToolCallSplitter
 
 from agentspec import Engine
 from agentspec.chat import fit_messages

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from agentspec.integrations.toolcalls import parse_tool_calls
 from pydantic import BaseModel
 from test_engine import ContextTreeDrafter, ScriptedDrafter, make_engine
 
@@ -29,6 +30,7 @@ GRAMMARS = {
     "json_object": Grammar.json_object(),
     "tools_required": Grammar.tool_calls(TOOLS, mode="required"),
     "tool_forced": Grammar.tool_calls(TOOLS, prefix='<tool_call>\n{"name": "calculate", "arguments": '),
+    "tools_auto": Grammar.tool_calls(TOOLS, mode="auto", json_args_keys=("arguments",)),
 }
 
 
@@ -147,6 +149,24 @@ def test_auto_tool_calls_constrain_only_inside_a_block(default_tokenizer, full_v
     assert not all(m.accept_token(t) for t in bad)
 
 
+@pytest.mark.parametrize(
+    "text, ok",
+    [
+        ('{"name": "Alice", "age": 30}', True),  # JSON that names no tool: free text
+        ('{"name": "calculate", "arguments": {"expression": "1"}}', True),
+        ('Sure:\n```json\n{"name": "calculate", "arguments": {"expression": "1"}}\n```', True),
+        ('[{"name": "calculate", "arguments": {"expression": "1"}}, {"name": "get_user_details", "arguments": '
+         '{"user_id": "u"}}]', True),
+        ('{"name": "calculate", "arguments": {"expr": "1"}}', False),  # once a tool is named, its schema holds
+        ('{"name": "calculate", "arguments": {"expression": "1"}, "id": 3}', False),  # and the object closes
+    ],
+)
+def test_auto_tool_calls_constrain_bare_json_calls_once_a_tool_is_named(default_tokenizer, full_vocab, text, ok):
+    m = xgr.GrammarMatcher(full_vocab.compile(GRAMMARS["tools_auto"]))
+    ids = default_tokenizer.encode(text, add_special_tokens=False)
+    assert (all(m.accept_token(t) for t in ids) and m.accept_token(2)) == ok
+
+
 def test_grammar_errors_name_the_problem(full_vocab):
     with pytest.raises(ValueError, match="response_format type"):
         Grammar.from_response_format({"type": "yaml"})
@@ -205,6 +225,46 @@ def test_schema_output_parses_and_grammar_drafts_are_accepted(tiny_model, defaul
     value = json.loads(result.text)
     assert list(value) == ["id", "tag", "ok"] and value["tag"] in ("al", "to")
     assert result.stats.accepted_by_source.get("grammar", 0) >= 5  # the keys and quotes came as drafts
+
+
+WEATHER_TOOL = [{"type": "function", "function": {"name": "forecast", "parameters": {
+    "type": "object", "required": ["unit", "days", "alerts"], "properties": {
+        "unit": {"type": "string", "enum": ["C", "F"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "alerts": {"type": "boolean"}}}}}]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_auto_call_started_by_a_model_is_completed_by_the_grammar(tiny_model, tiny_vocab, seed):
+    """Once a model has written ``{"name": "forecast", "arguments": `` in auto mode, the grammar takes over: the
+    tiny random model's greedy continuation is a call that parses and keeps the schema; without it, it is not."""
+    head = 'Checking.\n{"name": "forecast", "arguments": '
+    prompt = [random.Random(seed).randrange(3, 512) for _ in range(12)]
+    texts = {}
+    for constrained in (True, False):
+        m = xgr.GrammarMatcher(tiny_vocab.compile(Grammar.tool_calls(WEATHER_TOOL, json_args_keys=("arguments",))))
+        assert m.accept_string(head)  # the model's own start of the call (its tokens need not be in the tiny vocab)
+        ids, out = list(prompt), []
+        for _ in range(60):
+            with torch.no_grad():
+                logits = tiny_model(torch.tensor([ids])).logits[0, -1:].float()
+            if constrained:
+                mask = xgr.allocate_token_bitmask(1, tiny_vocab.vocab_size)
+                m.fill_next_token_bitmask(mask)
+                xgr.apply_token_bitmask_inplace(logits, mask)
+            tok = int(logits[0].argmax())
+            if constrained:
+                assert m.accept_token(tok)
+            ids.append(tok), out.append(tok)
+            if tok == 2:
+                break
+        texts[constrained] = head + tiny_vocab._tokenizer.decode(out, skip_special_tokens=True)
+    parsed = parse_tool_calls(texts[True], ["forecast"])
+    # (after the call the text is free again: the random model writes what it likes)
+    assert parsed.content.startswith("Checking.") and len(parsed.calls) == 1 and not parsed.invalid, texts[True]
+    args = parsed.calls[0]["arguments"]
+    assert sorted(args) == ["alerts", "days", "unit"] and args["unit"] in ("C", "F") and 1 <= args["days"] <= 7
+    assert isinstance(args["alerts"], bool)
+    assert not parse_tool_calls(texts[False], ["forecast"]).calls  # the random model alone writes no call
 
 
 def test_constrained_sampling_matches_plain_distribution(tiny_model, default_tokenizer, tiny_vocab):

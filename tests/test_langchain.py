@@ -7,8 +7,9 @@ import json
 
 import pytest
 from agentspec.integrations import langchain
-from agentspec.integrations.common import ToolCallSplitter, forced_prefix, normalize_tool_choice
+from agentspec.integrations.common import forced_prefix, normalize_tool_choice
 from agentspec.integrations.langchain import ChatAgentSpec
+from agentspec.integrations.toolcalls import ToolCallSplitter
 from doubles import ScriptedEngine
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.tools import tool

@@ -447,3 +447,5 @@ def test_serve_checks_its_port_before_loading_the_model(monkeypatch, tmp_path) -
     keys.write_text("alice=k1\nalice=k2\n")
     result = CliRunner().invoke(app, ["serve", "--api-keys", str(keys)])
     assert result.exit_code == 2 and "given twice" in result.output
+    result = CliRunner().invoke(app, ["serve", "--tool-call-parser", "pythonic"])
+    assert result.exit_code == 2 and "hermes, llama3_json, mistral, json" in result.output

@@ -1,4 +1,4 @@
-"""Chat messages <-> prompt token ids, tool calls rendered and parsed back.
+"""Chat messages <-> prompt token ids, tool calls rendered (read back by :mod:`agentspec.integrations.toolcalls`).
 
 One place for the conventions every entry point shares (the engine, the trajectory replay,
 the LangChain model and the OpenAI-compatible server):
@@ -18,14 +18,10 @@ the LangChain model and the OpenAI-compatible server):
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 Message = dict[str, Any]
-
-TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 TOOLS_PREAMBLE = (
     "You can call functions. The available functions, as JSON schemas:\n{schemas}\n"
@@ -192,33 +188,3 @@ def fit_messages(
         while len(messages) > keep_head + 1 and messages[keep_head].get("role") == "tool":
             del messages[keep_head]
     return messages
-
-
-def parse_tool_calls(text: str) -> tuple[str, list[dict], list[dict]]:
-    """Split model output into ``(content, tool_calls, invalid_tool_calls)``.
-
-    ``tool_calls`` are ``{"id", "name", "arguments": dict}``; a block whose JSON does not parse,
-    or lacks a name, goes to ``invalid_tool_calls`` as ``{"id", "name", "arguments": str, "error"}``.
-    """
-    calls: list[dict] = []
-    invalid: list[dict] = []
-    for match in TOOL_CALL_RE.finditer(text):
-        raw = match.group(1).strip()
-        call_id = f"call_{uuid.uuid4().hex[:24]}"
-        try:
-            obj = json.loads(raw)
-            name = obj.get("name") if isinstance(obj, dict) else None
-            args = obj.get("arguments", obj.get("parameters", {})) if isinstance(obj, dict) else None
-            if isinstance(args, str):
-                args = json.loads(args)
-            if not isinstance(name, str) or not name or not isinstance(args, dict):
-                raise ValueError("expected {'name': str, 'arguments': object}")
-            calls.append({"id": call_id, "name": name, "arguments": args})
-        except (ValueError, AttributeError) as exc:
-            name = None
-            m = re.search(r'"name"\s*:\s*"([^"]*)"', raw)
-            if m:
-                name = m.group(1)
-            invalid.append({"id": call_id, "name": name, "arguments": raw, "error": str(exc)})
-    content = TOOL_CALL_RE.sub("", text).strip() if (calls or invalid) else text
-    return content, calls, invalid

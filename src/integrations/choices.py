@@ -12,12 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .common import PreparedPrompt, ToolCallSplitter
+from .common import PreparedPrompt
+from .toolcalls import finish_reason as call_finish_reason
 
 
 @dataclass
 class Choice:
-    """One of the ``n`` completions: content and tool calls as :class:`ToolCallSplitter` gives them."""
+    """One of the ``n`` completions: content and tool calls as :class:`.toolcalls.ToolCallSplitter` gives them."""
 
     content: str
     tool_calls: list[dict]  # {"id", "name", "arguments": dict}
@@ -56,8 +57,7 @@ def _choice(prepared: PreparedPrompt, text: str, tokens: int, finish_reason: str
     cuts = [i for i in (text.find(s) for s in prepared.stop if s) if i >= 0]
     if cuts:
         text, finish_reason = text[:min(cuts)], "stop"
-    splitter = ToolCallSplitter(prepared.parse_tools, prepared.prefix)
-    splitter.feed(prepared.prefix)  # as a streamed completion: the forced prefix is not content
+    splitter = prepared.splitter()  # as a streamed completion: the forced prefix is not content
     streamed = splitter.feed(text)
-    rest, calls, invalid = splitter.finish()
-    return Choice(streamed + rest, calls, invalid, "tool_calls" if calls else finish_reason, tokens)
+    rest, calls, invalid = splitter.finish(finish_reason)
+    return Choice(streamed + rest, calls, invalid, call_finish_reason(calls, finish_reason), tokens)

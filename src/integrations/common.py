@@ -2,7 +2,7 @@
 
 Both entry points turn OpenAI-style messages and tools into prompt token ids (through
 :mod:`agentspec.chat`), force a tool call when ``tool_choice`` asks for one, and split the
-model's streamed text into content deltas and parsed ``<tool_call>`` blocks.
+model's streamed text into content deltas and tool calls (:mod:`.toolcalls`, one parser for both).
 
 Forcing a tool call costs nothing at decode time: the assistant answer is started with the
 opening of a Hermes block, e.g. ``<tool_call>\\n{"name": "get_weather", "arguments": `` (its
@@ -20,9 +20,8 @@ from typing import Any, Literal
 from agentspec import chat
 from agentspec.engine.constraints import Grammar
 
-TOOL_OPEN = "<tool_call>"
-TOOL_CLOSE = "</tool_call>"
-ARGS_OPEN = '"arguments": '
+from .toolcalls import ARGS_OPEN, TOOL_CLOSE, TOOL_OPEN, ToolCallSplitter, detect_parser, tool_call_format
+
 FORCED_END = "}}"
 
 
@@ -81,6 +80,14 @@ class PreparedPrompt:
     stop: list[str] = field(default_factory=list)
     parse_tools: bool = True  # False with tool_choice="none": tool-call syntax stays plain text
     grammar: Grammar | None = None  # with constrain=True: tool-call arguments must match their schemas
+    tool_names: list[str] = field(default_factory=list)  # a bare JSON object naming one of them is a call
+    tool_parser: str = "hermes"  # the family's call syntax (:data:`.toolcalls.PARSERS`)
+
+    def splitter(self) -> ToolCallSplitter:
+        """A splitter for this prompt's answer, the forced prefix already fed (it is not content)."""
+        splitter = ToolCallSplitter(self.parse_tools, self.prefix, tool_names=self.tool_names, parser=self.tool_parser)
+        splitter.feed(self.prefix)
+        return splitter
 
 
 def prepare_prompt(
@@ -92,12 +99,16 @@ def prepare_prompt(
     stop: Sequence[str] | str | None = None,
     context_window: int | None = None,
     constrain: bool = False,
+    auto_grammar: bool = True,
+    tool_parser: str | None = None,
 ) -> PreparedPrompt:
     """Prompt ids for OpenAI-style ``messages`` and ``tools`` (``ValueError`` for bad input).
 
-    ``constrain=True``: the answer's ``<tool_call>`` blocks are held to the tools' schemas by a grammar
-    (a forced call from its forced start to ``</tool_call>``; with ``tool_choice="auto"`` every block the
-    model opens), instead of stop strings and repairs after the fact.
+    ``constrain=True``: the answer's tool calls are held to the tools' schemas by a grammar (a forced
+    call from its forced start to ``</tool_call>``; with ``tool_choice="auto"``, unless ``auto_grammar``
+    is False, every call the model starts: a ``<tool_call>`` block, or a bare JSON object once it reads
+    ``{"name": "<a tool>", "arguments": ``), instead of stop strings and repairs after the fact.
+    ``tool_parser``: the call syntax to read (:data:`.toolcalls.PARSERS`); ``None`` = the chat template's.
 
     With ``context_window`` a prompt that does not fit raises ``ValueError`` naming both lengths.
     """
@@ -108,9 +119,11 @@ def prepare_prompt(
     rendered_tools = list(tools) if tools and choice != "none" else None
     ids = chat.prompt_ids(tokenizer, [_as_chat_message(m) for m in messages], rendered_tools)
     prefix = forced_prefix(rendered_tools, choice)
+    parser = tool_call_format(tool_parser or detect_parser(tokenizer))
     grammar = None
-    if constrain and rendered_tools:
-        grammar = Grammar.tool_calls(rendered_tools, mode="required" if prefix else "auto", prefix=prefix)
+    if constrain and rendered_tools and (prefix or auto_grammar):
+        grammar = Grammar.tool_calls(rendered_tools, mode="required" if prefix else "auto", prefix=prefix,
+                                     json_args_keys=() if prefix else parser.args_keys)
     if prefix:
         ids = ids + tokenizer.encode(prefix, add_special_tokens=False)
         # one forced call, then stop; a named call ends at the "}}" closing its arguments and the call
@@ -122,7 +135,8 @@ def prepare_prompt(
         raise ValueError(
             f"prompt is {len(ids)} tokens but the model's context window is {context_window} tokens"
         )
-    return PreparedPrompt(ids, prefix, stops, parse_tools=choice != "none", grammar=grammar)
+    return PreparedPrompt(ids, prefix, stops, parse_tools=choice != "none", grammar=grammar,
+                          tool_names=tool_names(rendered_tools), tool_parser=parser.name)
 
 
 def _as_chat_message(message: dict) -> dict:
@@ -130,108 +144,6 @@ def _as_chat_message(message: dict) -> dict:
     if message.get("role") == "developer":
         return {**message, "role": "system"}
     return message
-
-
-class ToolCallSplitter:
-    """Split streamed model text into content deltas and ``<tool_call>`` blocks.
-
-    Content passes through as it arrives, except that text which may be the start of a
-    ``<tool_call>`` tag, and trailing whitespace, are held back until the next delta shows what
-    they are. From the first block on everything is buffered and parsed in :meth:`finish`.
-    Streaming and non-streaming answers go through the same splitter, so they are identical.
-    """
-
-    def __init__(self, parse_tools: bool = True, prefix: str = "") -> None:
-        self.parse_tools = parse_tools
-        self.prefix = prefix  # a forced start of the answer: fed first, repaired in finish()
-        self.text = ""  # everything the model produced (including a forced prefix)
-        self._sent = 0  # chars of ``text`` already returned as content
-        self._in_call = False
-
-    def feed(self, delta: str) -> str:
-        """Add model text; return the content that is safe to emit now (maybe "")."""
-        self.text += delta
-        if not self.parse_tools:
-            out, self._sent = self.text[self._sent :], len(self.text)
-            return out
-        if self._in_call:
-            return ""
-        end = self.text.find(TOOL_OPEN, self._sent)
-        if end >= 0:
-            self._in_call = True
-        else:
-            end = len(self.text) - _partial_tag(self.text, TOOL_OPEN)
-        while end > self._sent and self.text[end - 1].isspace():
-            end -= 1
-        if end <= self._sent:
-            return ""
-        out, self._sent = self.text[self._sent : end], end
-        return out
-
-    def finish(self) -> tuple[str, list[dict], list[dict]]:
-        """``(rest of the content, tool_calls, invalid_tool_calls)`` once the model is done.
-
-        Tool calls are ``{"id", "name", "arguments": dict}``; invalid ones carry the raw block
-        text in ``"arguments"`` and an ``"error"`` (see :func:`agentspec.chat.parse_tool_calls`).
-        """
-        if self.prefix.endswith(ARGS_OPEN) and self.text.startswith(self.prefix):
-            args = _close_json(self.text[len(self.prefix) :])
-            if args is not None:
-                self.text = self.prefix + args + "}\n" + TOOL_CLOSE
-        sent, self._sent = self._sent, len(self.text)
-        rest = self.text[sent:]
-        if not self.parse_tools or not self._in_call:
-            return rest, [], []
-        _, calls, invalid = chat.parse_tool_calls(rest)
-        rest = chat.TOOL_CALL_RE.sub("", rest).strip()
-        if rest and self.text[:sent].strip():
-            rest = "\n" + rest
-        return rest, calls, invalid
-
-
-def _close_json(text: str, max_missing: int = 4) -> str | None:
-    """The first JSON object in ``text``: as written, with up to ``max_missing`` braces closed that a
-    stop string cut, or else its longest prefix of complete top-level members (a rambling small model)."""
-    text = text.strip()
-    candidates = [text + "}" * missing for missing in range(max_missing + 1)]
-    candidates += [text[:i] + "}" for i in reversed(_top_level_commas(text))]
-    for candidate in candidates:
-        try:
-            obj, _ = json.JSONDecoder().raw_decode(candidate)
-        except ValueError:
-            continue
-        return json.dumps(obj, ensure_ascii=False) if isinstance(obj, dict) else None
-    return None
-
-
-def _top_level_commas(text: str) -> list[int]:
-    """Positions of the commas between the members of the object ``text`` starts with."""
-    out, depth, in_string, escaped = [], 0, False, False
-    for i, c in enumerate(text):
-        if in_string:
-            escaped, in_string = (not escaped and c == "\\"), in_string and (escaped or c != '"')
-        elif c == '"':
-            in_string = True
-        elif c in "{[":
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-        elif c == "," and depth == 1:
-            out.append(i)
-    return out
-
-
-def _partial_tag(text: str, tag: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-k:]):
-            return k
-    return 0
-
-
-def raw_block(invalid_call: dict) -> str:
-    """The ``<tool_call>`` block text of an invalid call (for APIs with no place for invalid calls)."""
-    return f"{TOOL_OPEN}\n{invalid_call['arguments']}\n{TOOL_CLOSE}"
 
 
 def openai_logprobs(kind: Literal["chat", "text"], entries: list | None,

@@ -44,7 +44,8 @@ from agentspec import chat
 from agentspec.engine.constraints import Grammar
 
 from .choices import sample_choices
-from .common import PreparedPrompt, ToolCallSplitter, normalize_tool_choice, openai_logprobs, prepare_prompt
+from .common import PreparedPrompt, normalize_tool_choice, openai_logprobs, prepare_prompt
+from .toolcalls import finish_reason as call_finish_reason
 
 # engines shared by every ChatAgentSpec with the same settings: (model, dtype, quantize, store, kv_dtype, matmul)
 ENGINES: dict[tuple, Any] = {}
@@ -69,7 +70,8 @@ class ChatAgentSpec(BaseChatModel):
 
     Output is exactly what the model generates without speculation (greedy: token for token);
     drafts come from the session's cached prompts and outputs, so agent loops get faster
-    call after call. Tool calls use Hermes-style ``<tool_call>`` blocks (see :mod:`agentspec.chat`).
+    call after call. Tools are described Hermes-style (see :mod:`agentspec.chat`); calls are read in the forms
+    the model's family writes them (:mod:`.toolcalls`), as the server reads them.
     """
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
@@ -111,6 +113,8 @@ class ChatAgentSpec(BaseChatModel):
     """Each output token's log-probability in ``response_metadata["logprobs"]`` (OpenAI's shape)."""
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     """With ``logprobs``: the k most likely alternatives of each token as well."""
+    tool_call_parser: str | None = None
+    """How calls are read from answers: hermes | llama3_json | mistral | json; ``None`` = from the chat template."""
     speculate: bool | None = None
     """``False`` decodes one token per step (baseline); ``None`` = the engine's setting."""
     timeout: float | None = None
@@ -312,8 +316,7 @@ class ChatAgentSpec(BaseChatModel):
         if grammar is not None:
             params["grammar"] = grammar
         session = session_id or self.session_id
-        splitter = ToolCallSplitter(prepared.parse_tools, prepared.prefix)
-        splitter.feed(prepared.prefix)
+        splitter = prepared.splitter()
         # no lock here: the engine's own lock serialises the model (batch() calls interleave step by step)
         stream = engine.stream(prepared.prompt_ids, session=session, stop=prepared.stop, **params)
         try:
@@ -327,11 +330,11 @@ class ChatAgentSpec(BaseChatModel):
         finally:
             stream.close()
         result = stream.result
-        rest, calls, invalid = splitter.finish()
+        rest, calls, invalid = splitter.finish(result.finish_reason)
         if parsed is not None:
             parsed.append((calls, invalid))
         stats = result.stats
-        finish = "tool_calls" if calls else result.finish_reason
+        finish = call_finish_reason(calls, result.finish_reason)
         metadata = {"model_name": engine.model_name, "model_provider": "agentspec", "finish_reason": finish,
                     "session_id": session, "speculation": stats.to_dict()}
         if result.logprobs is not None:
@@ -360,6 +363,7 @@ class ChatAgentSpec(BaseChatModel):
         prepared = prepare_prompt(
             engine.tokenizer, convert_to_openai_messages(messages), tools=tools, tool_choice=tool_choice,
             stop=params.pop("stop"), context_window=engine.context_window, constrain=True,
+            tool_parser=self.tool_call_parser,
         )
         return engine, prepared, params
 

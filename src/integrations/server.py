@@ -50,7 +50,7 @@ from agentspec.engine.grammar_budget import GrammarBudgetError, GrammarLimits
 from agentspec.engine.grammar_worker import CompileCancelled
 
 from .choices import Choices, sample_choices
-from .common import PreparedPrompt, ToolCallSplitter, openai_logprobs, prepare_prompt, raw_block
+from .common import PreparedPrompt, openai_logprobs, prepare_prompt
 from .metrics import RequestMetrics, ServerMetrics
 from .middleware import Authenticate, BodyLimit, parse_api_keys
 from .openai_api import (
@@ -63,6 +63,8 @@ from .openai_api import (
     session_id,
     validation_error,
 )
+from .toolcalls import finish_reason as call_finish_reason
+from .toolcalls import tool_call_format
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 DEFAULT_MAX_QUEUE = 16
@@ -186,6 +188,8 @@ def create_app(
     default_max_tokens: int = 512,
     max_request_tokens: int | None = DEFAULT_MAX_REQUEST_TOKENS,
     grammar_limits: GrammarLimits | None = None,
+    tool_call_parser: str | None = None,
+    auto_tool_grammar: bool = True,
 ) -> FastAPI:
     """The FastAPI app serving ``engine`` under ``model_name`` (default: the engine's name).
 
@@ -196,7 +200,12 @@ def create_app(
     for more tokens gets a 400 naming the cap. ``max_request_tokens``: the compute cap, ``n`` x
     (prompt tokens + max_tokens) of one request (more is a 400 naming it; ``None``: no cap).
     ``grammar_limits``: budgets on the grammar work of structured output and tool calls.
+    ``tool_call_parser``: the call syntax read from answers
+    (:data:`.toolcalls.PARSERS`; ``None`` = the chat template's). ``auto_tool_grammar``: with
+    ``tool_choice`` "auto", a call the model starts is held to its tool's schema by the grammar.
     """
+    if tool_call_parser is not None:
+        tool_call_format(tool_call_parser)  # a ValueError naming the parsers, before anything is served
     keys = parse_api_keys([api_keys]) if isinstance(api_keys, str) else dict(api_keys or {})
     if grammar_limits is not None:
         engine.set_grammar_limits(grammar_limits)
@@ -303,7 +312,8 @@ def create_app(
         try:
             prepared = await admission.run(tokenize(lambda: prepare_prompt(
                 target.tokenizer, messages, tools=tools, tool_choice=tool_choice, stop=body.stop,
-                context_window=target.context_window, constrain=True)))
+                context_window=target.context_window, constrain=True, auto_grammar=auto_tool_grammar,
+                tool_parser=tool_call_parser)))
         except ValueError as exc:
             param = "tool_choice" if "tool_choice" in str(exc) else "messages"
             raise APIError(400, str(exc), param=param, code="invalid_prompt") from exc
@@ -413,8 +423,7 @@ class _Generation:
         """
         t0 = time.perf_counter()
         stream: _EngineStream | None = None
-        splitter = ToolCallSplitter(self.prepared.parse_tools, self.prepared.prefix)
-        splitter.feed(self.prepared.prefix)
+        splitter = self.prepared.splitter()
         try:
             with _request_errors(self.params["session"]):
                 stream = _EngineStream(self.admission, await self.admission.run(
@@ -436,7 +445,7 @@ class _Generation:
                 stream.close()
         result = stream.stream.result
         self.metrics.finished(result.stats)
-        yield (*splitter.finish(), result)
+        yield (*splitter.finish(result.finish_reason), result)
 
 
 @contextmanager
@@ -533,9 +542,10 @@ class _Responses:
 
     @staticmethod
     def content_and_calls(rest: str, calls: list[dict], invalid: list[dict]) -> tuple[str, list[dict]]:
-        """Final content (invalid blocks stay text: OpenAI has no invalid tool calls) and tool calls."""
+        """Final content (invalid calls stay text as the model wrote them: OpenAI has no invalid tool calls;
+        a call cut by max_tokens is its partial text) and tool calls."""
         if invalid:
-            rest = "\n".join(x for x in [rest, *map(raw_block, invalid)] if x)
+            rest = "\n".join(x for x in [rest, *(c["text"] for c in invalid)] if x)
         tool_calls = [{"id": c["id"], "type": "function",
                        "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
                       for c in calls]
@@ -543,7 +553,7 @@ class _Responses:
 
     @staticmethod
     def finish_reason(calls: list[dict], result: Any) -> str:
-        return "tool_calls" if calls else result.finish_reason
+        return call_finish_reason(calls, result.finish_reason)
 
     def full(self, streamed: str, rest: str, calls: list[dict], invalid: list[dict], result: Any) -> dict:
         rest, tool_calls = self.content_and_calls(rest, calls, invalid)

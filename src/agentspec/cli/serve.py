@@ -48,6 +48,11 @@ def register(app: typer.Typer) -> None:
         grammar_max_schema_bytes: int = typer.Option(
             65536, min=1, help="Largest response_format schema, or all tools' parameters together, in bytes."),
         grammar_cache_mb: int = typer.Option(256, min=1, help="Memory kept by compiled grammars (LRU)."),
+        tool_call_parser: str = typer.Option(
+            None, help="How tool calls are read from answers: hermes | llama3_json | mistral | json "
+                       "(default: chosen from the model's chat template)."),
+        auto_tool_grammar: bool = typer.Option(
+            True, help="With tool_choice 'auto', hold a call the model starts to its tool's schema (grammar)."),
         options: ModelOptions = None,
     ) -> None:
         """Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics.
@@ -59,9 +64,14 @@ def register(app: typer.Typer) -> None:
 
             from agentspec.integrations.middleware import parse_api_keys
             from agentspec.integrations.server import create_app, limit_malloc_arenas
+            from agentspec.integrations.toolcalls import PARSERS
         except ImportError as exc:
             typer.echo(f"error: the server needs its extra: pip install 'agentspec[server]' ({exc})", err=True)
             raise typer.Exit(2) from exc
+        if tool_call_parser is not None and tool_call_parser not in PARSERS:
+            typer.echo(f"error: --tool-call-parser must be one of {', '.join(PARSERS)}, got {tool_call_parser!r}",
+                       err=True)
+            raise typer.Exit(2)
         entries = list(api_key or []) + (api_keys.read_text().splitlines() if api_keys else [])
         try:
             keys = parse_api_keys(entries)
@@ -79,7 +89,8 @@ def register(app: typer.Typer) -> None:
         app = create_app(engine, model_name=served_model_name, api_keys=keys, share_global=share_global,
                          hide_stats=hide_stats, max_tokens_cap=max_tokens_cap, max_queue=max_queue,
                          max_body_bytes=max_body_bytes, default_max_tokens=max_tokens,
-                         max_request_tokens=max_request_tokens or None, grammar_limits=limits)
+                         max_request_tokens=max_request_tokens or None, grammar_limits=limits,
+                         tool_call_parser=tool_call_parser, auto_tool_grammar=auto_tool_grammar)
         tenants = sorted({t for t in keys.values() if t})
         typer.echo(f"agentspec serving {app.state.model_name!r} on http://{host}:{port}/v1"
                    + (f" for tenants {', '.join(tenants)}" if tenants else ""))

@@ -92,19 +92,24 @@ class Grammar:
         raise ValueError(f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
 
     @classmethod
-    def tool_calls(cls, tools: Sequence[dict], *, mode: str = "auto", prefix: str = "") -> Grammar:
+    def tool_calls(cls, tools: Sequence[dict], *, mode: str = "auto", prefix: str = "",
+                   json_args_keys: Sequence[str] = ()) -> Grammar:
         """Hermes ``<tool_call>`` blocks whose arguments match each tool's ``parameters`` schema.
 
         ``mode="auto"``: free text, and every ``<tool_call>`` the model opens is constrained (a tool
         is *chosen*); ``"required"``: the answer is tool-call blocks only. ``prefix``: the part of the
         first block already in the prompt (a *forced* call, e.g. ``<tool_call>\\n{"name": "f",
-        "arguments": ``); the grammar then starts right after it.
+        "arguments": ``); the grammar then starts right after it. ``json_args_keys`` (auto mode): bare
+        JSON calls too, e.g. ``("arguments",)``: once the free text reads ``{"name": "f", "arguments": ``
+        for a tool ``f``, the arguments follow its schema and the object closes.
         """
         if mode not in ("auto", "required"):
             raise ValueError(f"tool-call grammar mode must be 'auto' or 'required', got {mode!r}")
         functions = [t.get("function", t) for t in tools]
         spec = {"tools": [{"name": f["name"], "parameters": f.get("parameters") or {"type": "object"}}
                           for f in functions], "mode": mode, "prefix": prefix}
+        if json_args_keys and mode == "auto" and not prefix:
+            spec["json_args_keys"] = list(json_args_keys)
         return cls("tool_calls", json.dumps(spec, sort_keys=True))
 
 
@@ -136,9 +141,19 @@ def _tool_calls_grammar(xgr: Any, spec: dict) -> Any:
         return xgr.Grammar.concat(*parts)
 
     if spec["mode"] == "auto" and not prefix:
-        tags = [xgr.StructuralTagItem(begin=_CALL_OPEN + _CALL_HEAD + json.dumps(t["name"]) + _CALL_ARGS,
-                                      schema=t["parameters"], end=_CALL_END) for t in tools]
-        return xgr.Grammar.from_structural_tag(tags, [_CALL_OPEN])
+        def tag(begin: str, tool: dict, end: str) -> dict:
+            # at most one blank in a row inside the arguments: a small model cannot loop on whitespace
+            content = {"type": "json_schema", "json_schema": tool["parameters"], "max_whitespace_cnt": 1}
+            return {"type": "tag", "begin": begin, "content": content, "end": end}
+
+        tags = [tag(_CALL_OPEN + _CALL_HEAD + json.dumps(t["name"]) + _CALL_ARGS, t, _CALL_END) for t in tools]
+        # bare JSON calls: the whole opening up to the arguments is the trigger, so free text (a JSON
+        # answer with a "name" of its own included) is untouched until it has named a tool
+        json_heads = [('{"name": ' + json.dumps(t["name"]) + f', "{key}": ', t)
+                      for key in spec.get("json_args_keys", ()) for t in tools]
+        tags += [tag(head, t, "}") for head, t in json_heads]
+        return xgr.Grammar.from_structural_tag({"type": "structural_tag", "format": {
+            "type": "triggered_tags", "triggers": [_CALL_OPEN, *(head for head, _ in json_heads)], "tags": tags}})
     after = prefix[len(_CALL_OPEN):] if prefix.startswith(_CALL_OPEN) else None
     if prefix and after is None:
         raise ValueError(f"a forced tool-call prefix must start with {_CALL_OPEN!r}, got {prefix!r}")
