@@ -174,8 +174,8 @@ def test_int8_q6_k_rows_are_independent_of_the_call():
 def gguf_files() -> list[Path]:
     """GGUF files to check: ``$AGENTSPEC_GGUF`` and those under the model catalog's folders."""
     files = [Path(p) for p in os.environ.get("AGENTSPEC_GGUF", "").split(os.pathsep) if p]
-    for folder in (agentspec_home() / "models", Path.home() / ".cache" / "agentspec" / "models"):
-        files += sorted(folder.rglob("*.gguf")) if folder.is_dir() else []
+    folder = agentspec_home() / "models"  # the tests' home links the real home's models folder
+    files += sorted(folder.rglob("*.gguf")) if folder.is_dir() else []
     return sorted({f.resolve() for f in files if f.is_file()})
 
 
