@@ -14,7 +14,9 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from agentspec.integrations.vllm import best_path
 from agentspec.integrations.vllm.plugin import supported_version
@@ -22,6 +24,8 @@ from agentspec.stores import open_store
 
 from agentspec.draft.base import DraftTree
 from agentspec.draft.builder import SuffixDrafter
+from agentspec.sessions import StoreSessions
+from agentspec.stats import SpecStats
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vLLM is not installed: run `bash scripts/setup_vllm.sh`, then "
@@ -55,6 +59,55 @@ def test_adopt_hands_a_session_tree_over_without_reusing_sequence_ids():
     drafter.start_request("r", "s", [8, 1, 2, 3])
     assert drafter.propose("r", 8).tokens[:4] == [4, 5, 6, 7]
     assert "s" not in donor._sessions  # moved, not shared
+
+
+# ---------------------------------------------------------------------- the proposer, driven as vLLM's runner does
+def fake_runner(rows: dict[str, tuple[int, dict]]) -> SimpleNamespace:
+    """What the proposer reads of vLLM's model runner: ``rows`` maps request id -> (prompt length, vllm_xargs)."""
+    params = {rid: SimpleNamespace(extra_args=xargs, max_tokens=100, min_tokens=0, stop_token_ids=[], ignore_eos=True,
+                                   all_stop_token_ids=set()) for rid, (_, xargs) in rows.items()}
+    return SimpleNamespace(
+        input_batch=SimpleNamespace(req_ids=list(rows), num_prompt_tokens=np.array([n for n, _ in rows.values()])),
+        requests={rid: SimpleNamespace(sampling_params=p) for rid, p in params.items()},
+    )
+
+
+@needs_vllm
+def test_proposer_drafts_from_the_stored_session_once_loaded_and_records_finished_calls(tmp_path):
+    from agentspec.integrations.vllm import AgentSpecProposer, ProposerSettings
+    from agentspec.integrations.vllm.proposer import fingerprint_of
+
+    from agentspec.engine.model import materialize, resolve_model
+
+    tokenizer = str(materialize(resolve_model(None)))
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    prompt, output = list(range(10, 60)), list(range(100, 140))
+    StoreSessions(open_store(url), fingerprint_of(tokenizer)).record("S", prompt, output, SpecStats())
+    config = SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=4),
+                             model_config=SimpleNamespace(max_model_len=1024, tokenizer=tokenizer))
+    proposer = AgentSpecProposer(config, ProposerSettings(store_url=url))
+    proposer.load_model(None)
+    runner = fake_runner({"r1": (len(prompt), {"agentspec_session": "S"})})
+    tokens = np.zeros((1, 1024), dtype=np.int32)
+    tokens[0, : len(prompt)] = prompt
+
+    proposer.observe(runner, [])
+    assert proposer.propose([[output[0]]], np.array([len(prompt) + 1]), tokens) == [[]]  # S is being read
+    assert proposer.loader.flush()
+    proposer.observe(runner, [])
+    assert proposer.propose([[output[1]]], np.array([len(prompt) + 2]), tokens) == [output[2:6]]
+    assert proposer.sessions_loaded == 1
+
+    proposer.observe(runner, ["r1"])  # finished: recorded to the store by the store thread
+    assert proposer.loader.flush()
+    assert [c.output_ids for c in open_store(url).load_session("S").calls] == [output, output[:2]]
+
+    # no session id: the held session whose newest prompt this one extends
+    follow_up = prompt + output[:2] + [7, 8, 9]
+    tokens[0, : len(follow_up)] = follow_up
+    proposer.observe(fake_runner({"r2": (len(follow_up), {})}), [])
+    proposer.propose([[output[0]]], np.array([len(follow_up) + 1]), tokens)
+    assert proposer._requests["r2"].session_id == "S"
 
 
 # ---------------------------------------------------------------------- a real vLLM engine
