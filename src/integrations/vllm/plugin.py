@@ -3,9 +3,10 @@
 vLLM's ``custom_class`` proposers get token arrays, no request ids. :func:`register` wraps the model
 runner's per-step state update (``GPUModelRunner._update_states``; the CPU runner inherits it) so that,
 when the runner's drafter is an :class:`~agentspec.integrations.vllm.proposer.AgentSpecProposer`, it
-is handed the runner (``input_batch.req_ids``, ``requests[id].sampling_params.extra_args``) and the
-requests that finished, before the runner forgets them. vLLM loads general plugins in every process;
-the proposer also calls :func:`register` itself, so the entry point is a convenience, not a requirement.
+is handed the runner (``input_batch.req_ids``, ``requests[id].sampling_params.extra_args``), the new
+requests (with their prompts, at their prefill step) and the finished ones, before the runner forgets
+them. vLLM loads general plugins in every process; the proposer also calls :func:`register` itself,
+so the entry point is a convenience, not a requirement.
 
 The wrapped method is private to vLLM: on a version this was not tested with (anything but 0.32.x and
 0.33.x) :func:`register` logs once and patches nothing, and the proposer then drafts nothing.
@@ -50,7 +51,7 @@ def register() -> bool:
         drafter = getattr(runner, "drafter", None)
         observe = getattr(drafter, "observe", None)
         if observe is not None and getattr(drafter, "enabled", False):
-            observe(runner, scheduler_output.finished_req_ids)
+            observe(runner, scheduler_output.finished_req_ids, scheduler_output.scheduled_new_reqs)
         return original(runner, scheduler_output)
 
     GPUModelRunner._update_states = _update_states

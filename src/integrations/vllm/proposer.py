@@ -112,7 +112,7 @@ class AgentSpecProposer:
         if self.enabled:
             self.loader.load(None)  # the global tree
         self.propose_seconds: deque[float] = deque(maxlen=self.settings.timings_kept)
-        self.start_step_seconds: deque[float] = deque(maxlen=self.settings.timings_kept)  # steps starting a request
+        self.start_seconds: deque[float] = deque(maxlen=self.settings.timings_kept)  # request starts (in observe)
         self.sessions_loaded = 0
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
@@ -123,11 +123,16 @@ class AgentSpecProposer:
                            self.settings.startup_wait_s)
 
     # ------------------------------------------------------------------ called by the plugin
-    def observe(self, runner: Any, finished_req_ids: Sequence[str]) -> None:
-        """Before each step's state update: the runner, and the requests that finished."""
+    def observe(self, runner: Any, finished_req_ids: Sequence[str], new_requests: Sequence[Any] = ()) -> None:
+        """Before each step's state update: the runner, the requests that finished and the new ones
+        (``NewRequestData``: id, prompt, sampling parameters). A new request starts here, at its prefill
+        step, so its session is read from the store while its prompt is computed."""
         self.runner = runner
         for req_id in finished_req_ids:
             self._finish(req_id)
+        for new in new_requests:
+            if new.prompt_token_ids is not None and new.req_id not in self._requests:
+                self._start(new.req_id, np.asarray(new.prompt_token_ids), new.sampling_params)
 
     # ------------------------------------------------------------------ called by vLLM
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray, token_ids_cpu: np.ndarray,
@@ -138,16 +143,17 @@ class AgentSpecProposer:
             return [[] for _ in sampled_token_ids]
         self._take_loaded()
         batch = self.runner.input_batch
-        drafts, started = [], False
+        drafts = []
         for row, sampled in enumerate(sampled_token_ids):
             req_id = batch.req_ids[row]
             if not sampled:  # a partial prefill: nothing sampled yet
                 drafts.append([])
                 continue
             req = self._requests.get(req_id)
-            if req is None:
-                req = self._start(req_id, row, batch.num_prompt_tokens[row], token_ids_cpu)
-                started = True
+            if req is None:  # not seen at its prefill (a prompt given as embeddings)
+                state = self.runner.requests.get(req_id)
+                req = self._start(req_id, token_ids_cpu[row, : batch.num_prompt_tokens[row]],
+                                  getattr(state, "sampling_params", None))
             self._accept(req_id, req, sampled)
             if self._ended(req, len(sampled)):  # recorded now: vLLM tells the worker at its next step only
                 self._finish(req_id)
@@ -155,15 +161,14 @@ class AgentSpecProposer:
                 continue
             room = min(self.num_speculative_tokens, self.max_model_len - int(num_tokens_no_spec[row]) - 1)
             drafts.append(self._draft(req_id, req, room))
-        (self.start_step_seconds if started else self.propose_seconds).append(time.perf_counter() - start)
+        self.propose_seconds.append(time.perf_counter() - start)
         return drafts
 
     # ------------------------------------------------------------------ the request lifecycle
-    def _start(self, req_id: str, row: int, num_prompt_tokens: int, token_ids_cpu: np.ndarray) -> _Request:
-        prompt_array = token_ids_cpu[row, :num_prompt_tokens]
+    def _start(self, req_id: str, prompt_array: np.ndarray, params: Any) -> _Request:
+        """Begin a request: name its session, have the store thread read it, build the request's tree."""
+        start = time.perf_counter()
         prompt = prompt_array.tolist()
-        state = self.runner.requests.get(req_id)
-        params = getattr(state, "sampling_params", None)
         extra = getattr(params, "extra_args", None) or {}
         session_id = str(extra.get(self.settings.session_key) or self._match_prefix(prompt_array) or f"vllm-{req_id}")
         if session_id in self._loaded:
@@ -177,6 +182,7 @@ class AgentSpecProposer:
             self._last_prompts.popitem(last=False)
         self.drafter.start_request(req_id, session_id, prompt)
         req = self._requests[req_id] = _Request(session_id, prompt, *_limits(params))
+        self.start_seconds.append(time.perf_counter() - start)
         return req
 
     def _match_prefix(self, prompt: np.ndarray) -> str | None:
@@ -245,21 +251,24 @@ class AgentSpecProposer:
 
     # ------------------------------------------------------------------ measurement
     def summary(self) -> dict[str, float]:
-        """The cost of ``propose`` in ms (p50/p99 over all steps; p99 over the steps that start no request,
-        and the mean of those that do: they build the request's tree from its prompt) and the sessions read."""
-        steady = np.asarray(self.propose_seconds) * 1e3
-        starts = np.asarray(self.start_step_seconds) * 1e3
-        every = np.concatenate([steady, starts])
+        """The cost in ms of ``propose`` (p50/p99/max per step) and of starting a request (mean/max: the
+        request's tree built from its prompt, at its prefill step), and the sessions read from the store."""
+        steps = np.asarray(self.propose_seconds) * 1e3
+        starts = np.asarray(self.start_seconds) * 1e3
 
-        def pct(values: np.ndarray, q: float) -> float:
-            return float(np.percentile(values, q)) if len(values) else 0.0
+        def stat(values: np.ndarray, how: str) -> float:
+            if not len(values):
+                return 0.0
+            return float(values.max() if how == "max" else values.mean() if how == "mean"
+                         else np.percentile(values, 99))
 
         return {
-            "propose_calls": float(len(every)),
-            "propose_ms_p50": pct(every, 50),
-            "propose_ms_p99": pct(every, 99),
-            "propose_ms_p99_no_request_start": pct(steady, 99),
-            "request_start_ms_mean": float(starts.mean()) if len(starts) else 0.0,
+            "propose_calls": float(len(steps)),
+            "propose_ms_p50": float(np.percentile(steps, 50)) if len(steps) else 0.0,
+            "propose_ms_p99": stat(steps, "p99"),
+            "propose_ms_max": stat(steps, "max"),
+            "request_start_ms_mean": stat(starts, "mean"),
+            "request_start_ms_max": stat(starts, "max"),
             "sessions_loaded": float(self.sessions_loaded),
         }
 
