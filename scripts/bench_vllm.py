@@ -63,13 +63,20 @@ def run(python: str, spec: dict, folder: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def summarize(result: dict, reference: dict | None, sessions: list[str]) -> dict:
-    """Tokens per step overall and on each session's 2nd and later calls; decode speed; equality."""
-    def rates(indices: list[int]) -> tuple[float, int]:
-        calls = [result["calls"][i] for i in indices]
-        accepted = sum(c["accepted"] for c in calls)
-        steps = sum(len(c["output_ids"]) for c in calls) - accepted
-        return (accepted / steps if steps else 0.0), steps
+def summarize(result: dict, reference: dict, sessions: list[str]) -> dict:
+    """Tokens per step overall and on each session's 2nd and later calls; decode speed; equality.
+
+    A call's decoding steps are its model steps less its prefill steps, which the ``none`` arm gives
+    (same prompts, same prefix cache, one token per decoding step): accepted tokens per step =
+    (output tokens - 1) / decoding steps - 1."""
+    def rates(indices: list[int]) -> float:
+        tokens = steps = 0
+        for i in indices:
+            call, plain = result["calls"][i], reference["calls"][i]
+            prefill = plain["steps"] - (len(plain["output_ids"]) - 1)
+            tokens += len(call["output_ids"]) - 1
+            steps += call["steps"] - prefill
+        return tokens / steps - 1 if steps else 0.0
 
     seen, later = set(), []
     for i, session in enumerate(sessions):
@@ -80,12 +87,11 @@ def summarize(result: dict, reference: dict | None, sessions: list[str]) -> dict
     decoded = sum(max(len(c["output_ids"]) - 1, 0) for c in calls)
     seconds = sum(c["decode_seconds"] for c in calls)
     summary = {
-        "accepted_per_step": rates(list(range(len(calls))))[0],
-        "accepted_per_step_later_calls": rates(later)[0],
+        "accepted_per_step": rates(list(range(len(calls)))),
+        "accepted_per_step_later_calls": rates(later),
         "decode_tokens_per_s": decoded / seconds if seconds else 0.0,
         "output_tokens": sum(len(c["output_ids"]) for c in calls),
-        "identical_to_none": None if reference is None else
-        [c["output_ids"] for c in calls] == [c["output_ids"] for c in reference["calls"]],
+        "identical_to_none": [c["output_ids"] for c in calls] == [c["output_ids"] for c in reference["calls"]],
     }
     if result.get("proposer"):
         summary.update(result["proposer"])
@@ -102,7 +108,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("-k", "--num-speculative-tokens", type=int, default=8)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--arms", default=",".join(ARMS), help="which arms (none is always run: the reference)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -124,16 +130,17 @@ def main() -> None:
             "agentspec": {**base, "arm": "agentspec", "store_url": warm},
         }
         results: dict[str, dict] = {}
-        for arm in args.arms.split(","):
+        for arm in ["none", *(a for a in args.arms.split(",") if a != "none")]:
             results[arm] = run(args.python, arm_specs[arm], specs)
             print(arm, f"{results[arm]['seconds']:.0f} s", file=sys.stderr, flush=True)
     sessions = [c["session"] for c in calls]
     report = {"calls": len(calls), "prompt_tokens": [len(c["prompt_ids"]) for c in calls],
-              "arms": {arm: summarize(r, results.get("none"), sessions) for arm, r in results.items()}}
+              "arms": {arm: summarize(r, results["none"], sessions) for arm, r in results.items()}}
     arms = report["arms"]
-    if "suffix" in arms and "agentspec" in arms and arms["suffix"]["accepted_per_step_later_calls"]:
-        report["agentspec_over_suffix_later_calls"] = (arms["agentspec"]["accepted_per_step_later_calls"]
-                                                       / arms["suffix"]["accepted_per_step_later_calls"])
+    for arm in ("agentspec", "agentspec-cold"):
+        if "suffix" in arms and arm in arms and arms["suffix"]["accepted_per_step_later_calls"]:
+            report[f"{arm}_over_suffix_later_calls"] = (arms[arm]["accepted_per_step_later_calls"]
+                                                        / arms["suffix"]["accepted_per_step_later_calls"])
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agentspec.integrations.vllm import plugin
 from agentspec.integrations.vllm.proposer import SESSION_KEY, fingerprint_of
 from agentspec.stores import open_store
 from safetensors.torch import load_file, save_file
@@ -50,7 +51,8 @@ class ArmSpec:
 @dataclass
 class CallResult:
     output_ids: list[int]
-    accepted: int  # draft tokens vLLM accepted for this call
+    accepted: int  # draft tokens vLLM accepted for this call (also those past max_tokens, then dropped)
+    steps: int  # model steps the call took, its prefill included
     decode_seconds: float  # first token to last
 
 
@@ -89,12 +91,12 @@ def run_arm(spec: ArmSpec) -> ArmResult:
     for call in spec.calls:
         params = SamplingParams(temperature=0.0, max_tokens=call["max_tokens"],
                                 ignore_eos=call.get("ignore_eos", False), extra_args={SESSION_KEY: call["session"]})
-        before = _accepted(llm)
+        before, steps_before = _accepted(llm), _steps(llm)
         out = llm.generate(TokensPrompt(prompt_token_ids=call["prompt_ids"]), params, use_tqdm=False)[0]
         ids = list(out.outputs[0].token_ids)
         metrics = out.metrics
         decode = (metrics.last_token_ts - metrics.first_token_ts) if metrics is not None else float("nan")
-        result.calls.append(CallResult(ids, _accepted(llm) - before, decode))
+        result.calls.append(CallResult(ids, _accepted(llm) - before, _steps(llm) - steps_before, decode))
         if recorder is not None:
             recorder.record(call["session"], call["prompt_ids"], ids, SpecStats())
     if spec.arm == "agentspec":
@@ -119,6 +121,14 @@ def export_for_vllm(model_dir: str | os.PathLike, target: str | os.PathLike) -> 
 
 def _accepted(llm: Any) -> int:
     return int(sum(m.value for m in llm.get_metrics() if m.name == ACCEPTED_METRIC))
+
+
+def _steps(llm: Any) -> int:
+    return int(llm.collective_rpc(_runner_steps)[0])
+
+
+def _runner_steps(worker: Any) -> int:
+    return plugin.steps()
 
 
 def _proposer_summary(worker: Any) -> dict[str, float]:
