@@ -67,6 +67,7 @@ class _Request:
     stop_ids: frozenset[int]
     output: list[int] = field(default_factory=list)
     path: DraftTree | None = None  # the linear draft sent last step (what vLLM verified)
+    recorded: bool = False  # appended to the store already
 
 
 def best_path(tree: DraftTree, max_tokens: int, min_prob: float) -> DraftTree:
@@ -113,6 +114,8 @@ class AgentSpecProposer:
             self.loader.load(None)  # the global tree
         self.propose_seconds: deque[float] = deque(maxlen=self.settings.timings_kept)
         self.propose_cpu_seconds: deque[float] = deque(maxlen=self.settings.timings_kept)  # this thread's CPU time
+        self.finish_seconds: deque[float] = deque(maxlen=self.settings.timings_kept)  # request ends (in observe)
+        self._ended_ids: list[str] = []  # ended in propose (max_tokens, a stop token): stopped at the next observe
         self.start_seconds: deque[float] = deque(maxlen=self.settings.timings_kept)  # request starts (in observe)
         self.sessions_loaded = 0
 
@@ -129,8 +132,9 @@ class AgentSpecProposer:
         (``NewRequestData``: id, prompt, sampling parameters). A new request starts here, at its prefill
         step, so its session is read from the store while its prompt is computed."""
         self.runner = runner
-        for req_id in finished_req_ids:
+        for req_id in [*self._ended_ids, *finished_req_ids]:
             self._finish(req_id)
+        self._ended_ids.clear()
         for new in new_requests:
             if new.prompt_token_ids is not None and new.req_id not in self._requests:
                 self._start(new.req_id, np.asarray(new.prompt_token_ids), new.sampling_params)
@@ -156,8 +160,9 @@ class AgentSpecProposer:
                 req = self._start(req_id, token_ids_cpu[row, : batch.num_prompt_tokens[row]],
                                   getattr(state, "sampling_params", None))
             self._accept(req_id, req, sampled)
-            if self._ended(req, len(sampled)):  # recorded now: vLLM tells the worker at its next step only
-                self._finish(req_id)
+            if self._ended(req, len(sampled)):  # stored now (vLLM tells the worker at its next step only, if any);
+                self._record(req)  # its trees take it at the next step, off this one
+                self._ended_ids.append(req_id)
                 drafts.append([])
                 continue
             room = min(self.num_speculative_tokens, self.max_model_len - int(num_tokens_no_spec[row]) - 1)
@@ -226,11 +231,17 @@ class AgentSpecProposer:
         req = self._requests.pop(req_id, None)
         if req is None:
             return
+        start = time.perf_counter()
         self.drafter.stop_request(req_id)  # the call joins its session tree and the global tree
         if req.session_id in self._loading:  # the loaded tree will replace this one: add the call again then
             self._loading[req.session_id].append((req.prompt, req.output))
-        if self.records:
+        self._record(req)
+        self.finish_seconds.append(time.perf_counter() - start)
+
+    def _record(self, req: _Request) -> None:
+        if self.records and not req.recorded:
             self.loader.record(req.session_id, req.prompt, req.output)
+        req.recorded = True
 
     def _take_loaded(self) -> None:
         """Adopt what the store thread finished (O(1) per session; increments are one call or a few)."""
@@ -255,7 +266,8 @@ class AgentSpecProposer:
     def summary(self) -> dict[str, float]:
         """The cost in ms of ``propose`` (wall clock p50/p99/max per step, and the p99 of the thread's CPU time,
         which leaves out the time the OS or the GIL gave to others), of starting a request (mean/max: the
-        request's tree built from its prompt, at its prefill step), and the sessions read from the store."""
+        request's tree built from its prompt, at its prefill step) and of ending one (the call added to its
+        session's tree and the global tree, at the next step), and the sessions read from the store."""
         steps = np.asarray(self.propose_seconds) * 1e3
         starts = np.asarray(self.start_seconds) * 1e3
 
@@ -273,6 +285,7 @@ class AgentSpecProposer:
             "propose_cpu_ms_p99": stat(np.asarray(self.propose_cpu_seconds) * 1e3, "p99"),
             "request_start_ms_mean": stat(starts, "mean"),
             "request_start_ms_max": stat(starts, "max"),
+            "request_end_ms_mean": stat(np.asarray(self.finish_seconds) * 1e3, "mean"),
             "sessions_loaded": float(self.sessions_loaded),
         }
 
