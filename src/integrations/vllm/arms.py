@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentspec.integrations.vllm import plugin
 from agentspec.integrations.vllm.proposer import SESSION_KEY, fingerprint_of
 from agentspec.stores import open_store
 from safetensors.torch import load_file, save_file
@@ -46,6 +45,7 @@ class ArmSpec:
     dtype: str = "float32"
     store_url: str | None = None  # the agentspec arm's store (AGENTSPEC_VLLM_STORE)
     record: bool = False  # write each finished call to ``store_url`` under its session (for the ``none`` arm)
+    load_wait_s: float = 0.0  # the agentspec arm: a prefill step may wait this long for its session (tests)
 
 
 @dataclass
@@ -81,22 +81,24 @@ def run_arm(spec: ArmSpec) -> ArmResult:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # pinned spinning threads crawl on a shared CPU
     if spec.store_url:
         os.environ["AGENTSPEC_VLLM_STORE"] = spec.store_url
+    os.environ["AGENTSPEC_VLLM_LOAD_WAIT_S"] = str(spec.load_wait_s)
     from vllm import LLM, SamplingParams  # the optional dependency
     from vllm.inputs import TokensPrompt
 
     llm = LLM(spec.model, max_model_len=spec.max_model_len, dtype=spec.dtype, enforce_eager=True, seed=0,
               speculative_config=speculative_config(spec.arm, spec.num_speculative_tokens), disable_log_stats=False)
+    steps = count_steps(llm)
     recorder = StoreSessions(open_store(spec.store_url), fingerprint_of(spec.model)) if spec.record else None
     result = ArmResult(spec.arm)
     for call in spec.calls:
         params = SamplingParams(temperature=0.0, max_tokens=call["max_tokens"],
                                 ignore_eos=call.get("ignore_eos", False), extra_args={SESSION_KEY: call["session"]})
-        before, steps_before = _accepted(llm), _steps(llm)
+        before, steps_before = _accepted(llm), steps[0]
         out = llm.generate(TokensPrompt(prompt_token_ids=call["prompt_ids"]), params, use_tqdm=False)[0]
         ids = list(out.outputs[0].token_ids)
         metrics = out.metrics
         decode = (metrics.last_token_ts - metrics.first_token_ts) if metrics is not None else float("nan")
-        result.calls.append(CallResult(ids, _accepted(llm) - before, _steps(llm) - steps_before, decode))
+        result.calls.append(CallResult(ids, _accepted(llm) - before, steps[0] - steps_before, decode))
         if recorder is not None:
             recorder.record(call["session"], call["prompt_ids"], ids, SpecStats())
     if spec.arm == "agentspec":
@@ -123,12 +125,19 @@ def _accepted(llm: Any) -> int:
     return int(sum(m.value for m in llm.get_metrics() if m.name == ACCEPTED_METRIC))
 
 
-def _steps(llm: Any) -> int:
-    return int(llm.collective_rpc(_runner_steps)[0])
+def count_steps(llm: Any) -> list[int]:
+    """A counter (``[n]``) of the model steps the engine runs from now: its scheduler's outputs that schedule
+    tokens (the engine in this process). A step yields each decoding request its accepted drafts plus one."""
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    schedule, counter = scheduler.schedule, [0]
 
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        output = schedule(*args, **kwargs)
+        counter[0] += output.total_num_scheduled_tokens > 0
+        return output
 
-def _runner_steps(worker: Any) -> int:
-    return plugin.steps()
+    scheduler.schedule = counted
+    return counter
 
 
 def _proposer_summary(worker: Any) -> dict[str, float]:

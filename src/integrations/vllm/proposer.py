@@ -46,6 +46,8 @@ class ProposerSettings:
     record: bool = True  # AGENTSPEC_VLLM_RECORD=0: read the store, never write it
     timings_kept: int = 100_000  # the newest propose() durations kept (for percentiles)
     startup_wait_s: float = 120.0  # how long vLLM's start may wait for the store thread (load_model)
+    load_wait_s: float = 0.0  # AGENTSPEC_VLLM_LOAD_WAIT_S: a new request's prefill step may wait this long for
+    # its session to be read (0: never wait, the request drafts once it is read; tests wait, to be deterministic)
 
     @classmethod
     def from_env(cls) -> ProposerSettings:
@@ -55,6 +57,7 @@ class ProposerSettings:
             session_key=env.get("AGENTSPEC_VLLM_SESSION_KEY", SESSION_KEY),
             min_path_prob=float(env.get("AGENTSPEC_VLLM_MIN_PROB", "0.1")),
             record=env.get("AGENTSPEC_VLLM_RECORD", "1") != "0",
+            load_wait_s=float(env.get("AGENTSPEC_VLLM_LOAD_WAIT_S", "0")),
         )
 
 
@@ -183,6 +186,8 @@ class AgentSpecProposer:
         elif session_id not in self._loading:
             self._loading[session_id] = []
             self.loader.load(session_id)
+            if self.settings.load_wait_s > 0 and self.loader.flush(self.settings.load_wait_s):
+                self._take_loaded()
         self._last_prompts[session_id] = prompt_array.copy()
         self._last_prompts.move_to_end(session_id)
         while len(self._last_prompts) > self.config.max_sessions:
