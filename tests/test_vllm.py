@@ -195,8 +195,9 @@ def test_a_session_begun_on_one_replica_drafts_from_its_history_on_another(vllm_
     url = os.environ.get("AGENTSPEC_TEST_PG_URL")
     if not url:
         pytest.skip("AGENTSPEC_TEST_PG_URL is not set: `source .ci/postgres.sh` starts a throw-away PostgreSQL")
-    session = f"replicas-{uuid.uuid4().hex[:8]}"
-    calls = agent_calls(session, 2, seed=1)
+    run = uuid.uuid4()
+    session = f"replicas-{run.hex[:8]}"
+    calls = agent_calls(session, 2, seed=run.int % 2**32)  # prompts new to the store's global tree too
     replica_a = run_arm(tmp_path, model=str(vllm_model), arm="agentspec", calls=calls, store_url=url, load_wait_s=60)
     assert len(open_store(url).load_session(session).calls) == 2  # recorded by replica A's proposer
     replica_b = run_arm(tmp_path, model=str(vllm_model), arm="agentspec", calls=calls[1:], store_url=url,
