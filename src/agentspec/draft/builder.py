@@ -204,6 +204,23 @@ class SuffixDrafter:
         if to_global:
             self._add_global(prompt_ids, output_ids)
 
+    def adopt(self, donor: SuffixDrafter, session_id: str | None) -> None:
+        """Take ``donor``'s tree of ``session_id`` (``None``: its global tree) in place of this drafter's, in
+        O(1): a caller builds trees from a slow history on another thread (``add_history`` on a donor with
+        the same config) and hands them over between steps. A session the donor lacks is dropped here."""
+        self._seq_ids = itertools.count(max(next(self._seq_ids), next(donor._seq_ids)))  # no id reused in a tree
+        if session_id is None:
+            self._global = donor._global
+            return
+        sess = donor._sessions.pop(session_id, None)
+        if sess is None:
+            self._sessions.pop(session_id, None)
+            return
+        self._sessions[session_id] = sess
+        self._sessions.move_to_end(session_id)
+        while len(self._sessions) > self.config.max_sessions:
+            self._sessions.popitem(last=False)
+
     def _add_session(self, sess: _Session, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> None:
         """The call's new part (its prompt beyond the previous call's prompt and output) and its output."""
         limit = self.config.session_max_tokens
