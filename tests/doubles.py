@@ -41,6 +41,24 @@ def tiny_llama(init: float = 0.02):
     return model
 
 
+def write_q4_1_blocks(model, seed: int = 1) -> None:
+    """Set every linear weight of ``model``'s decoder layers to exact Q4_1 block values (each block spans
+    its whole 0..15 range, so its scale and minimum are recovered), so the block kernel and the fused
+    q/k/v and gate/up calls run on it."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                n, k = module.weight.shape
+                d = (torch.rand(n, k // 32, 1, generator=g) * 0.02 + 1e-3).half().float()
+                m = (-torch.rand(n, k // 32, 1, generator=g) * 0.1).half().float()
+                q = torch.randint(0, 16, (n, k // 32, 32), generator=g).float()
+                q[..., 0], q[..., 1] = 0, 15
+                module.weight.copy_((d * q + m).reshape(n, k))
+
+
 def tiny_decoder(model_type: str = "llama", init: float = 0.02):
     """:func:`tiny_llama`'s sizes in another Llama-family architecture: ``"qwen2"`` (q/k/v biases, rope theta
     1e6) or ``"qwen3"`` (per-head q/k RMSNorm); biases random, so a forward that drops them differs."""

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 from agentspec.kernels.blockq import blocks_available
-from doubles import tiny_decoder
+from doubles import tiny_decoder, write_q4_1_blocks
 
 from agentspec.config import SpeculationConfig
 from agentspec.draft.base import DraftTree
@@ -31,16 +31,7 @@ def model(request):
 def _as_q4_1_blocks(model):
     """A copy whose linear weights are exact Q4_1 block values, so the block kernel and fused calls run."""
     model = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.model.layers.modules():
-            if isinstance(module, torch.nn.Linear):
-                n, k = module.weight.shape
-                d = (torch.rand(n, k // 32, 1, generator=g) * 0.02 + 1e-3).half().float()
-                m = (-torch.rand(n, k // 32, 1, generator=g) * 0.1).half().float()
-                q = torch.randint(0, 16, (n, k // 32, 32), generator=g).float()
-                q[..., 0], q[..., 1] = 0, 15  # each block spans its whole range, so its d and m are recovered
-                module.weight.copy_((d * q + m).reshape(n, k))
+    write_q4_1_blocks(model)
     assert skinny_linears(model) == (14, 14)
     return model
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from doubles import write_q4_1_blocks
 from sampling_law import chisquare_pvalue, three_token_law
 
 from agentspec.config import SpeculationConfig
@@ -248,16 +249,7 @@ def test_lean_step_forward_equals_transformers_forward(tiny_model, gguf_blocks):
         if not blocks_available():
             pytest.skip("compiled block kernel not built, or no AVX2/FMA on this CPU")
         tiny_model = copy.deepcopy(tiny_model)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for module in tiny_model.model.layers.modules():
-                if isinstance(module, torch.nn.Linear):
-                    n, k = module.weight.shape
-                    d = (torch.rand(n, k // 32, 1, generator=g) * 0.02 + 1e-3).half().float()
-                    m = (-torch.rand(n, k // 32, 1, generator=g) * 0.1).half().float()
-                    q = torch.randint(0, 16, (n, k // 32, 32), generator=g).float()
-                    q[..., 0], q[..., 1] = 0, 15
-                    module.weight.copy_((d * q + m).reshape(n, k))
+        write_q4_1_blocks(tiny_model)
         assert skinny_linears(tiny_model) == (14, 14)
     step = LlamaStepForward.for_model(tiny_model)
     assert step is not None

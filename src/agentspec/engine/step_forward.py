@@ -157,9 +157,9 @@ class LlamaStepForward:
     @classmethod
     def for_model(cls, model) -> LlamaStepForward | None:
         """The lean forward for ``model``, or None unless it is one of :data:`LEAN_ARCHITECTURES` on a CPU."""
-        if next(model.parameters()).device.type != "cpu":
+        if not covers(model) or next(model.parameters()).device.type != "cpu":
             return None
-        return cls(model) if covers(model) else None
+        return cls(model)
 
     def __call__(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor, cache: TreeKVCache
