@@ -141,6 +141,18 @@ def test_grammars_accept_what_the_chat_format_renders(default_tokenizer, full_vo
     assert accepted == ok
 
 
+@pytest.mark.parametrize("order, ok", [(("zone", "amount"), True), (("amount", "zone"), False)])
+def test_tool_call_arguments_keep_the_schemas_key_order(default_tokenizer, full_vocab, order, ok):
+    """A call's arguments follow the tool's own property order (as a json_schema does), not alphabetical."""
+    tool = {"type": "function", "function": {"name": "pay", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "string"}, "amount": {"type": "integer"}},
+        "required": ["zone", "amount"]}}}
+    m = xgr.GrammarMatcher(full_vocab.compile(Grammar.tool_calls([tool], mode="required")))
+    args = {key: ("EU" if key == "zone" else 5) for key in order}
+    ids = default_tokenizer.encode(chat.render_tool_call("pay", args), add_special_tokens=False)
+    assert (all(m.accept_token(t) for t in ids) and m.accept_token(2)) == ok
+
+
 def test_auto_tool_calls_constrain_only_inside_a_block(default_tokenizer, full_vocab):
     m = xgr.GrammarMatcher(full_vocab.compile(Grammar.tool_calls(TOOLS, mode="auto")))
     free = default_tokenizer.encode("Let me check. ", add_special_tokens=False)

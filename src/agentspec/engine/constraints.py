@@ -110,7 +110,7 @@ class Grammar:
                           for f in functions], "mode": mode, "prefix": prefix}
         if json_args_keys and mode == "auto" and not prefix:
             spec["json_args_keys"] = list(json_args_keys)
-        return cls("tool_calls", json.dumps(spec, sort_keys=True))
+        return cls("tool_calls", json.dumps(spec))  # key order kept: xgrammar emits properties in schema order
 
 
 # Hermes tool-call block as agentspec.chat renders it: <tool_call>\n{"name": "f", "arguments": {...}}\n</tool_call>
