@@ -246,10 +246,11 @@ class Engine:
         curve = None
         if speculation.adaptive:
             device = model_device(hf_model)
-            # v6: rotary, KV write and RMSNorm fused (v5: the attention kernel prefetches); bump on forward changes
+            # v7: GGUF k-quant blocks read from the file, Qwen2/Qwen3 on the lean forward (v6: rotary, KV write and
+            # RMSNorm fused); bump on forward changes
             precision = (f"{quantize or dtype}{f'-kv{kv_dtype}' if kv else ''}"
                          f"{'-bf16dot' if bf16_dot_products(kv) else ''}{'-int8act' if matmul == 'int8' else ''}")
-            key = f"{source.name}-{precision}-{device}-t{torch.get_num_threads()}-v6"
+            key = f"{source.name}-{precision}-{device}-t{torch.get_num_threads()}-v7"
             probe = cost_probe(backend, hf_model.config.num_hidden_layers, kv_dtype=kv)
             curve = CostCurve.cached(key, probe)
 
