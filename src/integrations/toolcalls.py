@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,10 +209,11 @@ class ToolCallParser:
         return pos
 
 
-def _json_end(text: str, j: int) -> int | None:
-    """The end of the bracketed JSON value starting at ``text[j]`` (string-aware), or None if it never closes."""
+def _structure(text: str, start: int = 0) -> Iterator[tuple[int, str, int]]:
+    """``(position, character, depth after it)`` for each character of ``text`` from ``start`` that lies
+    outside JSON strings; brackets open and close levels."""
     depth, in_string, escaped = 0, False, False
-    for k in range(j, len(text)):
+    for k in range(start, len(text)):
         c = text[k]
         if in_string:
             if escaped:
@@ -221,15 +222,20 @@ def _json_end(text: str, j: int) -> int | None:
                 escaped = True
             elif c == '"':
                 in_string = False
-        elif c == '"':
+            continue
+        if c == '"':
             in_string = True
-        elif c in "{[":
+            continue
+        if c in "{[":
             depth += 1
         elif c in "}]":
             depth -= 1
-            if depth == 0:
-                return k + 1
-    return None
+        yield k, c, depth
+
+
+def _json_end(text: str, j: int) -> int | None:
+    """The end of the bracketed JSON value starting at ``text[j]`` (string-aware), or None if it never closes."""
+    return next((k + 1 for k, c, depth in _structure(text, j) if c in "}]" and depth == 0), None)
 
 
 def _collect(raw: str, source: str, calls: list[dict], invalid: list[dict], *, cut: bool) -> None:
@@ -351,16 +357,4 @@ def _close_json(text: str, max_missing: int = 4) -> str | None:
 
 def _top_level_commas(text: str) -> list[int]:
     """Positions of the commas between the members of the object ``text`` starts with."""
-    out, depth, in_string, escaped = [], 0, False, False
-    for i, c in enumerate(text):
-        if in_string:
-            escaped, in_string = (not escaped and c == "\\"), in_string and (escaped or c != '"')
-        elif c == '"':
-            in_string = True
-        elif c in "{[":
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-        elif c == "," and depth == 1:
-            out.append(i)
-    return out
+    return [k for k, c, depth in _structure(text) if c == "," and depth == 1]
