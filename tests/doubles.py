@@ -59,6 +59,40 @@ def write_q4_1_blocks(model, seed: int = 1) -> None:
                 module.weight.copy_((d * q + m).reshape(n, k))
 
 
+def assert_step_matches_transformers(model, step) -> None:
+    """One verification step of the lean forward ``step`` over a random 9-token tree after a cached 40-token
+    prefix equals transformers' own forward of ``model`` with the same tree mask: hidden states and KV."""
+    import random
+
+    import torch
+
+    from agentspec.draft.base import DraftTree
+    from agentspec.engine.cpu_fast import fast_linears
+    from agentspec.engine.kvcache import TreeKVCache
+    from agentspec.engine.verify import ancestor_mask, tree_inputs
+
+    rng = random.Random(0)
+    vocab, layers = model.config.vocab_size, model.config.num_hidden_layers
+    prefix = [rng.randrange(vocab) for _ in range(40)]
+    parents = [-1] + [rng.randrange(-1, i) for i in range(1, 9)]
+    tree = DraftTree(tokens=[rng.randrange(vocab) for _ in parents], parents=parents,
+                     probs=[0.5] * len(parents), sources=[0] * len(parents))
+    caches = []
+    with torch.no_grad():
+        for _ in range(2):
+            cache = TreeKVCache(layers)
+            model.model(input_ids=torch.tensor([prefix]), cache=cache, use_cache=True)
+            caches.append(cache)
+        inputs = tree_inputs(7, tree, len(prefix), torch.float32)
+        want = model.model(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
+                           attention_mask=inputs.attention_mask, cache=caches[0], use_cache=True).last_hidden_state[0]
+        with fast_linears():
+            got = step(inputs.input_ids[0], inputs.position_ids[0], ancestor_mask(parents), caches[1])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert caches[1].length == caches[0].length == len(prefix) + 1 + len(parents)
+    torch.testing.assert_close(caches[1].layers[-1].keys, caches[0].layers[-1].keys, atol=1e-5, rtol=1e-5)
+
+
 def tiny_decoder(model_type: str = "llama", init: float = 0.02):
     """:func:`tiny_llama`'s sizes in another Llama-family architecture: ``"qwen2"`` (q/k/v biases, rope theta
     1e6) or ``"qwen3"`` (per-head q/k RMSNorm); biases random, so a forward that drops them differs."""

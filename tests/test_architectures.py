@@ -5,20 +5,17 @@ greedy output equal to plain decoding, and tree search."""
 from __future__ import annotations
 
 import copy
-import random
 
 import pytest
 import torch
 from agentspec.kernels.blockq import blocks_available
-from doubles import tiny_decoder, write_q4_1_blocks
+from doubles import assert_step_matches_transformers, tiny_decoder, write_q4_1_blocks
 
 from agentspec.config import SpeculationConfig
-from agentspec.draft.base import DraftTree
 from agentspec.engine import Engine
-from agentspec.engine.cpu_fast import fast_linears, skinny_linears
+from agentspec.engine.cpu_fast import skinny_linears
 from agentspec.engine.kvcache import TreeKVCache
 from agentspec.engine.step_forward import LlamaStepForward, covers
-from agentspec.engine.verify import ancestor_mask, tree_inputs
 
 ARCHITECTURES = ["qwen2", "qwen3"]
 
@@ -47,25 +44,7 @@ def test_lean_forward_equals_transformers_forward(model, gguf_blocks):
     assert step is not None
     assert all(b is not None for b in step.qkv_bias) == (model.config.model_type == "qwen2")
     assert all(n is not None for n in step.q_norms) == (model.config.model_type == "qwen3")
-    rng = random.Random(0)
-    vocab, layers = model.config.vocab_size, model.config.num_hidden_layers
-    prefix = [rng.randrange(vocab) for _ in range(40)]
-    parents = [-1] + [rng.randrange(-1, i) for i in range(1, 9)]
-    tree = DraftTree(tokens=[rng.randrange(vocab) for _ in parents], parents=parents,
-                     probs=[0.5] * len(parents), sources=[0] * len(parents))
-    caches = []
-    with torch.no_grad():
-        for _ in range(2):
-            cache = TreeKVCache(layers)
-            model.model(input_ids=torch.tensor([prefix]), cache=cache, use_cache=True)
-            caches.append(cache)
-        inputs = tree_inputs(7, tree, len(prefix), torch.float32)
-        want = model.model(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
-                           attention_mask=inputs.attention_mask, cache=caches[0], use_cache=True).last_hidden_state[0]
-        with fast_linears():
-            got = step(inputs.input_ids[0], inputs.position_ids[0], ancestor_mask(parents), caches[1])
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(caches[1].layers[-1].keys, caches[0].layers[-1].keys, atol=1e-5, rtol=1e-5)
+    assert_step_matches_transformers(model, step)
 
 
 def test_the_biases_and_norms_matter(model):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from doubles import write_q4_1_blocks
+from doubles import assert_step_matches_transformers, write_q4_1_blocks
 from sampling_law import chisquare_pvalue, three_token_law
 
 from agentspec.config import SpeculationConfig
@@ -241,9 +241,7 @@ def test_lean_step_forward_equals_transformers_forward(tiny_model, gguf_blocks):
     from agentspec.kernels.blockq import blocks_available
 
     from agentspec.engine.cpu_fast import fast_linears, skinny_linears
-    from agentspec.engine.kvcache import TreeKVCache
     from agentspec.engine.step_forward import LlamaStepForward
-    from agentspec.engine.verify import ancestor_mask, tree_inputs
 
     if gguf_blocks:
         if not blocks_available():
@@ -260,27 +258,7 @@ def test_lean_step_forward_equals_transformers_forward(tiny_model, gguf_blocks):
         h = torch.randn(3, q_proj.in_features)
         with torch.no_grad(), fast_linears():
             torch.testing.assert_close(q_proj(h), F.linear(h, q_proj.weight), atol=1e-5, rtol=1e-5)
-    rng = random.Random(0)
-    vocab, layers = tiny_model.config.vocab_size, tiny_model.config.num_hidden_layers
-    prefix = [rng.randrange(vocab) for _ in range(40)]
-    parents = [-1] + [rng.randrange(-1, i) for i in range(1, 9)]
-    tree = DraftTree(tokens=[rng.randrange(vocab) for _ in parents], parents=parents,
-                     probs=[0.5] * len(parents), sources=[0] * len(parents))
-    caches = []
-    with torch.no_grad():
-        for _ in range(2):
-            cache = TreeKVCache(layers)
-            tiny_model.model(input_ids=torch.tensor([prefix]), cache=cache, use_cache=True)
-            caches.append(cache)
-        inputs = tree_inputs(7, tree, len(prefix), torch.float32)
-        want = tiny_model.model(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
-                                attention_mask=inputs.attention_mask, cache=caches[0],
-                                use_cache=True).last_hidden_state[0]
-        with fast_linears():
-            got = step(inputs.input_ids[0], inputs.position_ids[0], ancestor_mask(parents), caches[1])
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert caches[1].length == caches[0].length == len(prefix) + 1 + len(parents)
-    torch.testing.assert_close(caches[1].layers[-1].keys, caches[0].layers[-1].keys, atol=1e-5, rtol=1e-5)
+    assert_step_matches_transformers(tiny_model, step)
     gpt2 = type("Gpt2", (), {"config": type("Config", (), {"model_type": "gpt2"})()})()
     assert LlamaStepForward.for_model(gpt2) is None
 
